@@ -1,0 +1,274 @@
+"""A backup in three steps that the flow runs as tasks: prepare, store batches, commit.
+
+``prepare`` opens (or creates) the repository, scans the source, picks the
+parent snapshot, diffs, and writes the plan (the diffed scan) as Parquet in a
+local scratch folder. It cuts the files to read into batches bounded in file
+count and bytes; only ``(start, end)`` row ranges travel as task parameters,
+never file lists (Prefect hashes and records task inputs).
+
+``store_range`` reads one range of the plan, stores what is new (see
+store.py), writes the batch's index file, and saves its per-file results in
+the scratch folder.
+
+``commit`` merges the results into the plan, drops files that were skipped,
+merges the run's index files, and writes the manifest: the last write, the
+commit point. Before the manifest exists nothing is visible; the blobs and
+index files already written are reused by the next run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import diff as diffmod
+from . import index as indexmod
+from . import manifest, snapshots, storage
+from .errors import SnapshotNotFoundError
+from .repository import Repository
+from .scan import scan
+from .store import store_batch
+
+MAX_BATCH_FILES = 4096
+MAX_BATCH_BYTES = 128 * 1024 * 1024
+KEEPFLOW_VERSION = "0.1.0"
+
+
+@dataclass
+class BackupPlan:
+    run_id: str
+    repo_url: str
+    source: str                 # normalised: absolute path or URL
+    scratch: str                # local folder with plan.parquet and results
+    host: str
+    start_time: str
+    start_ns: int
+    parent: str | None
+    parent_key: str | None
+    batches: list[tuple[int, int]]
+    files: int
+    dirs: int
+    to_read: int
+    bytes_to_read: int
+    new: int
+    changed: int
+    unchanged: int
+    deleted: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BatchSummary:
+    batch: int
+    files: int
+    bytes_read: int
+    bytes_stored: int
+    blobs_stored: int
+    packs_written: int
+    objects_written: int
+    skipped: list[tuple[str, str]]
+
+
+def normalise_source(source: str) -> str:
+    if "://" in source:
+        return source.rstrip("/")
+    return os.path.abspath(os.path.expanduser(source))
+
+
+def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
+            parent: str | None = None, dry_run=False, storage_options=None,
+            source_options=None) -> BackupPlan:
+    source = normalise_source(source)
+    start = dt.datetime.now(dt.timezone.utc)
+    # A dry run must not create anything: open without creating, and plan
+    # against an empty repository when there is none yet.
+    if dry_run:
+        try:
+            repo = Repository.open(repo_url, storage_options, create=False)
+        except Exception as exc:  # RepositoryNotFoundError: nothing stored yet
+            from .errors import RepositoryNotFoundError
+            if not isinstance(exc, RepositoryNotFoundError):
+                raise
+            repo = None
+    else:
+        repo = Repository.open(repo_url, storage_options, create=True)
+
+    exclude_paths = []
+    if repo is not None and repo.is_local and "://" not in source:
+        exclude_paths.append(repo.root)
+    elif repo is None and "://" not in repo_url:
+        exclude_paths.append(os.path.abspath(repo_url))
+    scanned = scan(source, excludes=excludes, exclude_paths=exclude_paths, storage_options=source_options)
+
+    host = socket.gethostname()
+    parent_info = None
+    if repo is not None:
+        snaps = snapshots.list_snapshots(repo)
+        if parent:
+            parent_info = snapshots.resolve(repo, parent, snapshots=snaps)
+        else:
+            parent_info = snapshots.find_parent(snaps, source, host)
+    elif parent:
+        raise SnapshotNotFoundError(ref=parent, url=repo_url)
+    parent_table = manifest.read_manifest(repo, parent_info, columns=diffmod.PARENT_COLUMNS) if parent_info else None
+    result = diffmod.diff(scanned.table, parent_table, parent_info.start_ns if parent_info else 0, rehash=rehash)
+
+    scratch = tempfile.mkdtemp(prefix="keepflow-backup-")
+    plan_table = result.table
+    pq.write_table(plan_table, os.path.join(scratch, "plan.parquet"), compression="none")
+
+    needs = plan_table["needs_read"].to_numpy(zero_copy_only=False)
+    sizes = plan_table["size"].to_numpy(zero_copy_only=False)
+    batches = cut_batches(needs, sizes)
+    types = plan_table["type"]
+    return BackupPlan(
+        run_id=start.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8],
+        repo_url=repo_url, source=source, scratch=scratch, host=host,
+        start_time=start.isoformat(timespec="microseconds"), start_ns=scanned.start_ns,
+        parent=parent_info.id if parent_info else None,
+        parent_key=parent_info.key if parent_info else None,
+        batches=batches,
+        files=pc.sum(pc.equal(types, "file")).as_py() or 0,
+        dirs=pc.sum(pc.equal(types, "dir")).as_py() or 0,
+        to_read=int(needs.sum()), bytes_to_read=int(sizes[needs].sum()) if len(sizes) else 0,
+        new=result.new, changed=result.changed, unchanged=result.unchanged, deleted=result.deleted,
+        skipped=list(scanned.skipped), tags=list(tags), dry_run=dry_run,
+    )
+
+
+def cut_batches(needs: np.ndarray, sizes: np.ndarray,
+                max_files: int = MAX_BATCH_FILES, max_bytes: int = MAX_BATCH_BYTES) -> list[tuple[int, int]]:
+    """Row ranges of the plan, each with at most ``max_files`` files to read and
+    about ``max_bytes`` (a single bigger file gets a batch of its own)."""
+    rows = np.flatnonzero(needs)
+    batches: list[tuple[int, int]] = []
+    if rows.size == 0:
+        return batches
+    start_i, count, total = 0, 0, 0
+    for i, row in enumerate(rows):
+        size = int(sizes[row])
+        if count and (count >= max_files or total + size > max_bytes):
+            batches.append((int(rows[start_i]), int(rows[i - 1]) + 1))
+            start_i, count, total = i, 0, 0
+        count += 1
+        total += size
+    batches.append((int(rows[start_i]), int(rows[-1]) + 1))
+    return batches
+
+
+def store_range(plan: dict, batch_no: int, start: int, end: int,
+                storage_options=None, source_options=None) -> BatchSummary:
+    """Store the files to read in plan rows ``[start, end)``."""
+    table = pq.read_table(os.path.join(plan["scratch"], "plan.parquet"), columns=["path", "needs_read"])
+    part = table.slice(start, end - start)
+    mask = part["needs_read"].to_numpy(zero_copy_only=False)
+    paths = [p for p, m in zip(part["path"].to_pylist(), mask) if m]
+    rows = (np.flatnonzero(mask) + start).tolist()
+
+    dry_run = plan["dry_run"]
+    try:
+        repo = Repository.open(plan["repo_url"], storage_options, create=False)
+        known = indexmod.known_blobs(repo, plan["run_id"])
+    except Exception:
+        if not dry_run:
+            raise
+        repo = _DryRunRepo(plan["repo_url"])
+        known = indexmod.KnownBlobs()
+    source_fs, source_root = storage.open_url(plan["source"], source_options)
+    result = store_batch(repo, source_fs, source_root, paths, rows, known, dry_run=dry_run)
+    if not dry_run:
+        indexmod.write_index(repo, result.index_table(), f"{plan['run_id']}-b{batch_no:05d}")
+    pq.write_table(result.result_table(), os.path.join(plan["scratch"], f"result-{batch_no:05d}.parquet"))
+    return BatchSummary(batch_no, len(result.rows), result.bytes_read, result.bytes_stored,
+                        result.blobs_stored, result.packs_written, result.objects_written, result.skipped)
+
+
+class _DryRunRepo:
+    """Stands in for a repository that does not exist yet during --dry-run."""
+
+    def __init__(self, url):
+        from .repository import RepoConfig
+
+        self.url, self.config, self.is_local = url, RepoConfig(), False
+
+    def path(self, *parts):
+        return "/".join(parts)
+
+    pack_key = staticmethod(Repository.pack_key)
+    object_key = staticmethod(Repository.object_key)
+
+
+@dataclass
+class CommitResult:
+    info: manifest.SnapshotInfo
+    skipped: list[tuple[str, str]]
+
+
+def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> CommitResult:
+    """Merge batch results and write the manifest (unless dry run)."""
+    scratch = plan["scratch"]
+    table = pq.read_table(os.path.join(scratch, "plan.parquet"))
+    result_files = sorted(glob.glob(os.path.join(scratch, "result-*.parquet")))
+    results = pa.concat_tables([pq.read_table(f) for f in result_files]) if result_files else None
+
+    n = table.num_rows
+    needs = table["needs_read"].to_numpy(zero_copy_only=False)
+    keep = ~needs
+    if results is not None and results.num_rows:
+        pos = np.full(n, -1, dtype=np.int64)
+        result_rows = results["row"].to_numpy()
+        pos[result_rows] = np.arange(len(result_rows))
+        has = pos >= 0
+        keep |= has
+        take = pa.array(np.where(has, pos, 0))
+        has_arr = pa.array(has)
+        updated = {}
+        for col in ("hash", "size", "mtime_ns", "ctime_ns"):
+            updated[col] = pc.if_else(has_arr, results[col].take(take), table[col])
+        for col, values in updated.items():
+            table = table.set_column(table.schema.get_field_index(col), col, values)
+    table = table.filter(pa.array(keep))
+    counts = diffmod.final_counts(table)
+    skipped = list(plan["skipped"]) + [tuple(s) for b in summaries for s in b.skipped]
+
+    is_file = pc.equal(table["type"], "file")
+    end = dt.datetime.now(dt.timezone.utc)
+    info = manifest.SnapshotInfo(
+        id=uuid.uuid4().hex[:16] if not plan["dry_run"] else "dry-run",
+        time=plan["start_time"], end_time=end.isoformat(timespec="microseconds"),
+        parent=plan["parent"], source=plan["source"], host=plan["host"], tags=list(plan["tags"]),
+        files=pc.sum(is_file).as_py() or 0, dirs=pc.sum(pc.equal(table["type"], "dir")).as_py() or 0,
+        bytes=pc.sum(pc.if_else(is_file, table["size"], 0)).as_py() or 0,
+        new=counts["new"], changed=counts["changed"], unchanged=counts["unchanged"], deleted=plan["deleted"],
+        bytes_read=sum(b.bytes_read for b in summaries), bytes_stored=sum(b.bytes_stored for b in summaries),
+        skipped=len(skipped), start_ns=plan["start_ns"], keepflow_version=KEEPFLOW_VERSION,
+    )
+    if not plan["dry_run"]:
+        repo = Repository.open(plan["repo_url"], storage_options, create=False)
+        indexmod.merge_run_index(repo, plan["run_id"])
+        out = table.select([f.name for f in manifest.MANIFEST_SCHEMA])
+        manifest.write_manifest(repo, out, info)
+        indexmod.forget_run(plan["repo_url"], plan["run_id"])
+    shutil.rmtree(scratch, ignore_errors=True)
+    return CommitResult(info, skipped)
+
+
+def cleanup(plan: dict) -> None:
+    shutil.rmtree(plan["scratch"], ignore_errors=True)
+    indexmod.forget_run(plan["repo_url"], plan["run_id"])

@@ -1,0 +1,93 @@
+"""keepflow's own errors: one small tree, each a message a user can act on.
+
+Following borg's habit, every class carries the exit code the CLI maps it to
+and a message template in ``template``; the CLI prints ``str(error)`` on one
+line and exits with ``error.exit_code``. Errors the user cannot act on (bugs)
+are ordinary Python exceptions and are not caught here.
+
+Exit codes (restic-like): 0 clean, 1 no snapshot written / operation failed,
+2 usage error, 3 snapshot written but some files were skipped,
+10 repository missing or unusable.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_NO_REPO = 10
+
+
+class KeepflowError(Exception):
+    """Base class; ``template`` is formatted with the keyword arguments."""
+
+    template = "keepflow failed"
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str | None = None, **fields):
+        self.fields = fields
+        super().__init__(message if message is not None else self.template.format(**fields))
+
+
+class UsageError(KeepflowError):
+    template = "{what}"
+    exit_code = EXIT_USAGE
+
+
+class BadPatternError(UsageError):
+    template = "bad pattern {pattern!r}: {reason}; use gitignore syntax, e.g. '*.tmp' or 'build/'"
+
+
+class SourceNotFoundError(UsageError):
+    template = "source {source} does not exist or is not a directory; check the path"
+
+
+class RepositoryError(KeepflowError):
+    exit_code = EXIT_NO_REPO
+
+
+class RepositoryNotFoundError(RepositoryError):
+    template = "no keepflow repository at {url}; create one with `keepflow init {url}` or run a backup into it"
+
+
+class NotARepositoryError(RepositoryError):
+    template = (
+        "{url} already holds something that is not a keepflow repository; "
+        "choose an empty or new location"
+    )
+
+
+class RepositoryVersionError(RepositoryError):
+    template = (
+        "repository {url} has format version {found}, newer than this keepflow understands ({supported}); "
+        "upgrade keepflow"
+    )
+
+
+class RepositoryExistsError(RepositoryError):
+    template = "a keepflow repository already exists at {url}; nothing to do"
+
+
+class StorageError(KeepflowError):
+    template = "cannot access {url}: {reason}"
+
+
+class SnapshotNotFoundError(UsageError):
+    template = "no snapshot matches {ref!r} in {url}; list them with `keepflow snapshots {url}`"
+
+
+class AmbiguousSnapshotError(UsageError):
+    template = "snapshot id {ref!r} is ambiguous ({count} match); give more characters of the id"
+
+
+class NoSnapshotsError(UsageError):
+    template = "repository {url} has no snapshots yet; run `keepflow backup SOURCE {url}` first"
+
+
+class TargetError(UsageError):
+    template = "cannot restore into {target}: {reason}"
+
+
+class IntegrityError(KeepflowError):
+    template = "{what}: stored data does not match its hash {hash}; run `keepflow verify` and restore from a replica"

@@ -1,0 +1,115 @@
+"""Snapshot manifests: one Parquet file per snapshot, the commit point.
+
+A manifest lists every entry of the snapshot (files, directories, symlinks)
+with its metadata and, for files, the BLAKE3 hash of its content. Every
+snapshot is complete on its own: there is no chain to replay on restore.
+
+The facts about the snapshot (id, parent, source, host, tags, times, counts)
+live in the Parquet key-value metadata under ``keepflow.snapshot`` as JSON,
+so listing snapshots reads only file footers, never rows. Manifests are
+named ``<UTC-timestamp>-<id>.parquet`` so a plain listing is in time order,
+and are written once with the write-once helper: they are never replaced.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from . import parquet_io
+
+META_KEY = b"keepflow.snapshot"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),        # relative POSIX path, no leading slash
+        ("type", pa.string()),        # file | dir | symlink
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),     # null where the source has none
+        ("inode", pa.int64()),        # null where the source has none
+        ("mode", pa.int32()),         # st_mode permission and type bits
+        ("uid", pa.int32()),
+        ("gid", pa.int32()),
+        ("hash", pa.string()),        # BLAKE3-256 hex of the content, files only
+        ("link_target", pa.string()),  # symlinks only
+    ]
+)
+
+
+@dataclass
+class SnapshotInfo:
+    id: str
+    time: str                      # start, ISO 8601 UTC
+    end_time: str = ""
+    parent: str | None = None
+    source: str = ""
+    host: str = ""
+    tags: list[str] = field(default_factory=list)
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0                 # logical size of all files
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    skipped: int = 0
+    start_ns: int = 0              # scan start, for the racy-timestamp guard
+    keepflow_version: str = ""
+    key: str = ""                  # file name under snapshots/, filled on listing
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("key")
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: bytes | str, key: str = "") -> "SnapshotInfo":
+        data = json.loads(raw)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known, key=key) if "key" not in known else cls(**known)
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    @property
+    def datetime(self) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.time)
+
+
+def manifest_name(info: SnapshotInfo) -> str:
+    stamp = info.datetime.astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{stamp}-{info.id}.parquet"
+
+
+def with_snapshot_metadata(table: pa.Table, info: SnapshotInfo) -> pa.Table:
+    table = table.cast(MANIFEST_SCHEMA)
+    return table.replace_schema_metadata({META_KEY: info.to_json().encode()})
+
+
+def write_manifest(repo, table: pa.Table, info: SnapshotInfo) -> str:
+    """Write the manifest last: once this file exists, the snapshot exists."""
+    name = manifest_name(info)
+    table = with_snapshot_metadata(table.sort_by("path"), info)
+    parquet_io.write_table_once(repo.fs, repo.path("snapshots", name), table)
+    info.key = name
+    return name
+
+
+def read_manifest(repo, info: SnapshotInfo, columns=None) -> pa.Table:
+    return parquet_io.read_table(repo.fs, repo.path("snapshots", info.key), columns=columns)
+
+
+def read_info(repo, name: str) -> SnapshotInfo:
+    meta = parquet_io.read_key_value_metadata(repo.fs, repo.path("snapshots", name))
+    return SnapshotInfo.from_json(meta[META_KEY], key=name)
+
+
+def empty_manifest() -> pa.Table:
+    return MANIFEST_SCHEMA.empty_table()

@@ -1,0 +1,477 @@
+"""Restoring a snapshot (or part of it) to a folder or an fsspec URL.
+
+``prepare`` resolves the snapshot, filters its entries with the include
+patterns (gitignore syntax; a matching folder brings everything below it),
+joins the files with the index to learn where each blob lives, and writes the
+restore plan, sorted by (key, offset), to a local scratch folder. Folders are
+created up front so that batches can run in any order.
+
+``restore_range`` handles one batch of the plan. Blobs in the same pack are
+read together: the needed ranges are sorted and coalesced into spans (gaps
+under ``COALESCE_GAP`` are read through rather than paying another request),
+one range read per span. Blobs stored whole (``objects/``) are streamed in
+chunks. Every blob's BLAKE3 is checked before any file is put in place; a
+mismatch is reported naming the file and nothing is written under its name.
+Files are written to a temporary name in the destination folder, given their
+mode and mtime, then renamed: a crash never leaves a partial file under the
+real name. A blob used by several paths is read once.
+
+``--overwrite``: ``never`` leaves existing files alone, ``if-changed`` (the
+default) skips a file whose size and content hash already match, ``always``
+rewrites.
+
+``finish`` creates symlinks (never followed) and applies folder metadata
+deepest first, after all files are in place (writing a file would change its
+folder's mtime).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import blake3
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import index as indexmod
+from . import manifest, snapshots, storage
+from .errors import TargetError, UsageError
+from .repository import Repository
+from .scan import compile_patterns
+
+COALESCE_GAP = 1024 * 1024
+CHUNK = 4 * 1024 * 1024
+MAX_BATCH_FILES = 4096
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+OVERWRITE_MODES = ("never", "if-changed", "always")
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@dataclass
+class RestorePlan:
+    repo_url: str
+    snapshot: str
+    snapshot_time: str
+    target: str
+    scratch: str
+    overwrite: str
+    dry_run: bool
+    batches: list[tuple[int, int]]
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RestoreBatchResult:
+    written: int = 0
+    identical: int = 0
+    kept: int = 0                # existing files left alone (--overwrite never)
+    bytes_written: int = 0
+    bytes_read: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str | None = None,
+            includes=(), overwrite: str = "if-changed", dry_run: bool = False,
+            storage_options=None, target_options=None) -> RestorePlan:
+    if overwrite not in OVERWRITE_MODES:
+        raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}, not {overwrite!r}")
+    spec = compile_patterns(includes, origin="--include")
+    repo = Repository.open(repo_url, storage_options)
+    info = snapshots.resolve(repo, snapshot, as_of=as_of)
+    table = manifest.read_manifest(repo, info)
+    if spec is not None:
+        paths = table["path"].to_pylist()
+        keep = [spec.match_file(p) for p in paths]
+        table = table.filter(pa.array(keep, pa.bool_()))
+        if table.num_rows == 0:
+            raise UsageError(f"no entry of snapshot {info.short_id} matches --include {' '.join(includes)}")
+
+    tfs, troot = _target_fs(target, target_options)
+    files = table.filter(pc.equal(table["type"], "file"))
+    dirs = table.filter(pc.equal(table["type"], "dir"))
+    links = table.filter(pc.equal(table["type"], "symlink"))
+
+    idx = indexmod.load_index(repo)
+    located = files.join(idx, keys="hash", join_type="left outer")
+    missing_mask = pc.is_null(located["key"])
+    missing = located.filter(missing_mask)
+    located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
+
+    scratch = tempfile.mkdtemp(prefix="keepflow-restore-")
+    pq.write_table(located, os.path.join(scratch, "files.parquet"), compression="none")
+    pq.write_table(pa.concat_tables([dirs, links]), os.path.join(scratch, "other.parquet"), compression="none")
+    if not dry_run:
+        _make_dirs(tfs, troot, dirs["path"].to_pylist(), files["path"].to_pylist(), target)
+
+    batches = _cut(located["length"].to_numpy(zero_copy_only=False))
+    return RestorePlan(
+        repo_url=repo_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
+        overwrite=overwrite, dry_run=dry_run, batches=batches, files=files.num_rows, dirs=dirs.num_rows,
+        symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0,
+        missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
+    )
+
+
+def _target_fs(target: str, options=None):
+    try:
+        return storage.open_url(target, options)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise TargetError(target=target, reason=str(exc)) from None
+
+
+def _make_dirs(fs, root, dir_paths, file_paths, target):
+    wanted = {""} | set(dir_paths) | {p.rsplit("/", 1)[0] if "/" in p else "" for p in file_paths}
+    try:
+        if storage.is_local(fs):
+            if os.path.exists(root) and not os.path.isdir(root):
+                raise TargetError(target=target, reason="it exists and is not a folder")
+            for d in sorted(wanted):
+                os.makedirs(os.path.join(root, d) if d else root, exist_ok=True)
+        else:
+            for d in sorted(wanted):
+                fs.makedirs(storage.join(root, d) if d else root, exist_ok=True)
+    except TargetError:
+        raise
+    except OSError as exc:
+        raise TargetError(target=target, reason=exc.strerror or str(exc)) from None
+
+
+def _cut(lengths) -> list[tuple[int, int]]:
+    batches, start, count, total = [], 0, 0, 0
+    for i, length in enumerate(lengths):
+        if count and (count >= MAX_BATCH_FILES or total + int(length) > MAX_BATCH_BYTES):
+            batches.append((start, i))
+            start, count, total = i, 0, 0
+        count += 1
+        total += int(length)
+    if count:
+        batches.append((start, len(lengths)))
+    return batches
+
+
+def restore_range(plan: dict, start: int, end: int, storage_options=None,
+                  target_options=None) -> RestoreBatchResult:
+    table = pq.read_table(os.path.join(plan["scratch"], "files.parquet")).slice(start, end - start)
+    repo = Repository.open(plan["repo_url"], storage_options)
+    tfs, troot = _target_fs(plan["target"], target_options)
+    writer = _Writer(tfs, troot, plan["overwrite"], plan["dry_run"])
+    result = writer.result
+    cols = {c: table[c].to_pylist() for c in ("path", "hash", "key", "offset", "length", "mode", "mtime_ns", "uid", "gid", "size")}
+
+    # Group the paths by blob: a blob is read once however many files use it.
+    by_hash: dict[str, list[int]] = {}
+    order: list[int] = []
+    for i, h in enumerate(cols["hash"]):
+        if h not in by_hash:
+            by_hash[h] = []
+            order.append(i)
+        by_hash[h].append(i)
+
+    # Decide first which blobs are needed at all (existing identical files skip).
+    needed = [i for i in order if any(writer.wants(cols, j) for j in by_hash[cols["hash"][i]])]
+    if plan["dry_run"]:
+        for i in needed:
+            for j in by_hash[cols["hash"][i]]:
+                if writer.pending(j):
+                    result.written += 1
+                    result.bytes_written += cols["size"][j]
+        return result
+
+    by_key: dict[str, list[int]] = {}
+    for i in needed:
+        by_key.setdefault(cols["key"][i], []).append(i)
+    for key, items in by_key.items():
+        if key.startswith("objects/"):
+            for i in items:
+                _restore_large(repo, cols, i, by_hash, writer)
+            continue
+        for span_start, span_end, members in _spans(cols, items):
+            try:
+                data = repo.fs.cat_file(repo.path(key), start=span_start, end=span_end)
+            except OSError as exc:
+                for i in members:
+                    for j in by_hash[cols["hash"][i]]:
+                        result.errors.append((cols["path"][j], f"cannot read {key}: {exc}"))
+                continue
+            result.bytes_read += len(data)
+            for i in members:
+                off = cols["offset"][i] - span_start
+                blob = data[off: off + cols["length"][i]]
+                if blake3.blake3(blob).hexdigest() != cols["hash"][i]:
+                    for j in by_hash[cols["hash"][i]]:
+                        result.errors.append((cols["path"][j], f"stored data does not match its hash (in {key})"))
+                    continue
+                for j in by_hash[cols["hash"][i]]:
+                    if writer.pending(j):
+                        writer.write_bytes(cols, j, blob)
+    return result
+
+
+def _spans(cols, items):
+    items = sorted(items, key=lambda i: cols["offset"][i])
+    span_start = span_end = None
+    members: list[int] = []
+    for i in items:
+        off, length = cols["offset"][i], cols["length"][i]
+        if span_start is None:
+            span_start, span_end, members = off, off + length, [i]
+        elif off - span_end <= COALESCE_GAP:
+            span_end = max(span_end, off + length)
+            members.append(i)
+        else:
+            yield span_start, span_end, members
+            span_start, span_end, members = off, off + length, [i]
+    if members:
+        yield span_start, span_end, members
+
+
+def _restore_large(repo, cols, i, by_hash, writer):
+    paths = [j for j in by_hash[cols["hash"][i]] if writer.pending(j)]
+    if not paths:
+        return
+    first, rest = paths[0], paths[1:]
+    key = cols["key"][i]
+    try:
+        ok = writer.write_stream(cols, first, repo.fs, repo.path(key), cols["hash"][i])
+    except OSError as exc:
+        for j in paths:
+            writer.result.errors.append((cols["path"][j], f"cannot read {key}: {exc}"))
+        return
+    if not ok:
+        for j in paths:
+            writer.result.errors.append((cols["path"][j], f"stored data does not match its hash (in {key})"))
+        return
+    for j in rest:
+        writer.copy_from(cols, first, j)
+
+
+class _Writer:
+    """Puts verified content in place under the overwrite policy."""
+
+    def __init__(self, fs, root, overwrite, dry_run):
+        self.fs, self.root, self.overwrite, self.dry_run = fs, root, overwrite, dry_run
+        self.local = storage.is_local(fs)
+        self.result = RestoreBatchResult()
+        self._decided: dict[int, bool] = {}
+
+    def dest(self, cols, j) -> str:
+        rel = cols["path"][j]
+        return os.path.join(self.root, rel) if self.local else storage.join(self.root, rel)
+
+    def wants(self, cols, j) -> bool:
+        """Decide once whether file ``j`` must be written."""
+        if j in self._decided:
+            return self._decided[j]
+        decision = self._decide(cols, j)
+        self._decided[j] = decision
+        return decision
+
+    def pending(self, j) -> bool:
+        return self._decided.get(j, False)
+
+    def _decide(self, cols, j) -> bool:
+        dest = self.dest(cols, j)
+        if self.overwrite == "always":
+            return True
+        try:
+            if self.local:
+                st = os.lstat(dest)
+                exists, is_file, size = True, stat.S_ISREG(st.st_mode), st.st_size
+            else:
+                info = self.fs.info(dest)
+                exists, is_file, size = True, info.get("type") == "file", int(info.get("size") or 0)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return True
+        if not exists:
+            return True
+        if self.overwrite == "never":
+            self.result.kept += 1
+            return False
+        if is_file and size == cols["size"][j] and self._hash_of(dest) == cols["hash"][j]:
+            self.result.identical += 1
+            if self.local and not self.dry_run:
+                _apply_meta(dest, cols, j)
+            return False
+        return True
+
+    def _hash_of(self, dest) -> str | None:
+        try:
+            h = blake3.blake3()
+            if self.local:
+                h.update_mmap(dest)
+            else:
+                with self.fs.open(dest, "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+            return h.hexdigest()
+        except (OSError, ValueError):
+            return None
+
+    def write_bytes(self, cols, j, data: bytes) -> None:
+        dest = self.dest(cols, j)
+        try:
+            if self.local:
+                tmp = _tmp_name(dest)
+                with open(tmp, "xb") as f:
+                    f.write(data)
+                self._finish_local(tmp, dest, cols, j)
+            else:
+                self.fs.pipe_file(dest, data)
+        except OSError as exc:
+            self.result.errors.append((cols["path"][j], f"cannot write: {exc.strerror or exc}"))
+            return
+        self.result.written += 1
+        self.result.bytes_written += len(data)
+
+    def write_stream(self, cols, j, src_fs, src_path, expected) -> bool:
+        dest = self.dest(cols, j)
+        hasher = blake3.blake3()
+        tmp = _tmp_name(dest) if self.local else f"{dest}.kf-tmp-{uuid.uuid4().hex}"
+        out = open(tmp, "wb") if self.local else self.fs.open(tmp, "wb")
+        written = 0
+        try:
+            with src_fs.open(src_path, "rb") as src, out:
+                while chunk := src.read(CHUNK):
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    written += len(chunk)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        self.result.bytes_read += written
+        if hasher.hexdigest() != expected:
+            self._discard(tmp)
+            return False
+        try:
+            if self.local:
+                self._finish_local(tmp, dest, cols, j)
+            else:
+                self.fs.mv(tmp, dest)
+        except OSError as exc:
+            self._discard(tmp)
+            self.result.errors.append((cols["path"][j], f"cannot write: {exc.strerror or exc}"))
+            return True
+        self.result.written += 1
+        self.result.bytes_written += written
+        return True
+
+    def copy_from(self, cols, src_j, j) -> None:
+        src, dest = self.dest(cols, src_j), self.dest(cols, j)
+        try:
+            if self.local:
+                tmp = _tmp_name(dest)
+                shutil.copyfile(src, tmp)
+                self._finish_local(tmp, dest, cols, j)
+            else:
+                self.fs.copy(src, dest)
+        except OSError as exc:
+            self.result.errors.append((cols["path"][j], f"cannot write: {exc.strerror or exc}"))
+            return
+        self.result.written += 1
+        self.result.bytes_written += cols["size"][j]
+
+    def _finish_local(self, tmp, dest, cols, j):
+        try:
+            _apply_meta(tmp, cols, j)
+            if os.path.isdir(dest) and not os.path.islink(dest):
+                raise IsADirectoryError(21, "a folder is in the way", dest)
+            os.replace(tmp, dest)
+        except BaseException:
+            self._discard(tmp)
+            raise
+
+    def _discard(self, tmp):
+        try:
+            if self.local:
+                os.unlink(tmp)
+            else:
+                self.fs.rm_file(tmp)
+        except OSError:
+            pass
+
+
+def _tmp_name(dest: str) -> str:
+    folder, name = os.path.split(dest)
+    return os.path.join(folder, f".{name[:100]}.kf-tmp-{uuid.uuid4().hex[:12]}")
+
+
+def _apply_meta(path, cols, j) -> None:
+    if IS_ROOT and cols["uid"][j] is not None:
+        try:
+            os.chown(path, cols["uid"][j], cols["gid"][j])
+        except OSError:
+            pass
+    os.chmod(path, stat.S_IMODE(cols["mode"][j]))
+    mtime = cols["mtime_ns"][j]
+    os.utime(path, ns=(mtime, mtime))
+
+
+def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
+    """Create symlinks and apply folder metadata; returns errors."""
+    errors: list[tuple[str, str]] = []
+    other = pq.read_table(os.path.join(plan["scratch"], "other.parquet"))
+    tfs, troot = _target_fs(plan["target"], target_options)
+    if plan["dry_run"] or not storage.is_local(tfs):
+        return errors
+    rows = other.to_pylist()
+    for row in rows:
+        if row["type"] != "symlink":
+            continue
+        dest = os.path.join(troot, row["path"])
+        try:
+            if os.path.lexists(dest):
+                if plan["overwrite"] == "never":
+                    continue
+                if os.path.islink(dest) and os.readlink(dest) == row["link_target"]:
+                    _link_meta(dest, row)
+                    continue
+                if os.path.isdir(dest) and not os.path.islink(dest):
+                    raise IsADirectoryError(21, "a folder is in the way", dest)
+            tmp = _tmp_name(dest)
+            os.symlink(row["link_target"], tmp)
+            os.replace(tmp, dest)
+            _link_meta(dest, row)
+        except OSError as exc:
+            errors.append((row["path"], f"cannot create symlink: {exc.strerror or exc}"))
+    dirs = sorted((r for r in rows if r["type"] == "dir"), key=lambda r: r["path"].count("/"), reverse=True)
+    for row in dirs:
+        dest = os.path.join(troot, row["path"])
+        try:
+            if IS_ROOT and row["uid"] is not None:
+                os.chown(dest, row["uid"], row["gid"])
+            os.chmod(dest, stat.S_IMODE(row["mode"]))
+            os.utime(dest, ns=(row["mtime_ns"], row["mtime_ns"]))
+        except OSError as exc:
+            errors.append((row["path"], f"cannot set folder metadata: {exc.strerror or exc}"))
+    return errors
+
+
+def _link_meta(dest, row):
+    if IS_ROOT and row["uid"] is not None:
+        try:
+            os.lchown(dest, row["uid"], row["gid"])
+        except OSError:
+            pass
+    if os.utime in os.supports_follow_symlinks:
+        os.utime(dest, ns=(row["mtime_ns"], row["mtime_ns"]), follow_symlinks=False)
+
+
+def cleanup(plan: dict) -> None:
+    shutil.rmtree(plan["scratch"], ignore_errors=True)

@@ -1,0 +1,320 @@
+"""Storing file contents: hash, deduplicate, pack small blobs, store large ones whole.
+
+One call to ``store_batch`` handles one batch of files (bounded in count and
+bytes by the caller). For each file:
+
+* small files (below the repository's threshold) are read whole into memory,
+  hashed with BLAKE3, and, unless the hash is already known (in the index or
+  earlier in this run), appended to the open pack. A pack is flushed when it
+  reaches the pack size; its name is the BLAKE3 of its bytes, so a retried
+  batch that produces the same pack writes nothing new. Each pack ends with a
+  small JSON trailer listing its blobs, so the index could be rebuilt from the
+  packs alone if it were ever lost;
+* large files are streamed: to a local repository in one pass (read, hash and
+  write to a temporary file, then link it to ``objects/<ab>/<hash>``); to a
+  remote one in two passes (hash first so a known blob is never uploaded, then
+  upload while hashing again and compare, so a file that changed in between is
+  caught).
+
+A file that vanished, cannot be read, or changed while it was read (its
+``fstat`` before and after the read differ, or the byte count differs) is
+reported in ``skipped`` and left out; it never aborts the batch.
+
+The index rows for everything written are returned; the caller writes them
+(write order: blobs, then index, then manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import uuid
+from dataclasses import dataclass, field
+
+import blake3
+import pyarrow as pa
+
+from . import storage
+
+INDEX_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()),
+                          ("offset", pa.int64()), ("length", pa.int64())])
+CHUNK = 4 * 1024 * 1024
+PACK_MAGIC = b"KFPACK01"
+# Files at least this big are hashed with several threads (blake3 scales well).
+PARALLEL_HASH_MIN = 64 * 1024 * 1024
+
+
+@dataclass
+class BatchResult:
+    rows: list[int] = field(default_factory=list)       # row numbers in the plan
+    hashes: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    mtimes: list[int] = field(default_factory=list)
+    ctimes: list[int | None] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    index_rows: dict[str, list] = field(default_factory=lambda: {"hash": [], "key": [], "offset": [], "length": []})
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    blobs_stored: int = 0
+    packs_written: int = 0
+    objects_written: int = 0
+
+    def index_table(self) -> pa.Table:
+        return pa.table(self.index_rows, schema=INDEX_SCHEMA)
+
+    def result_table(self) -> pa.Table:
+        return pa.table({"row": pa.array(self.rows, pa.int64()), "hash": pa.array(self.hashes, pa.string()),
+                         "size": pa.array(self.sizes, pa.int64()), "mtime_ns": pa.array(self.mtimes, pa.int64()),
+                         "ctime_ns": pa.array(self.ctimes, pa.int64())})
+
+
+class ChangedWhileReading(Exception):
+    pass
+
+
+class PackWriter:
+    """Concatenates small blobs and writes full packs write-once."""
+
+    def __init__(self, repo, result: BatchResult, dry_run: bool = False):
+        self.repo, self.result, self.dry_run = repo, result, dry_run
+        self.buffer = bytearray()
+        self.entries: list[tuple[str, int, int]] = []
+
+    def add(self, blob_hash: str, data: bytes) -> None:
+        self.entries.append((blob_hash, len(self.buffer), len(data)))
+        self.buffer += data
+        if len(self.buffer) >= self.repo.config.pack_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.entries:
+            return
+        trailer = json.dumps([list(e) for e in self.entries], separators=(",", ":")).encode()
+        self.buffer += trailer + struct.pack("<Q", len(trailer)) + PACK_MAGIC
+        key = self.repo.pack_key(blake3.blake3(self.buffer).hexdigest())
+        if not self.dry_run:
+            storage.write_once(self.repo.fs, self.repo.path(key), bytes(self.buffer))
+        rows = self.result.index_rows
+        for blob_hash, offset, length in self.entries:
+            rows["hash"].append(blob_hash)
+            rows["key"].append(key)
+            rows["offset"].append(offset)
+            rows["length"].append(length)
+        self.result.packs_written += 1
+        self.buffer = bytearray()
+        self.entries = []
+
+
+def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[int],
+                known: "KnownBlobs", dry_run: bool = False) -> BatchResult:
+    result = BatchResult()
+    packer = PackWriter(repo, result, dry_run)
+    threshold = repo.config.small_file_threshold
+    local_source = storage.is_local(source_fs)
+    for row, rel in zip(rows, paths):
+        full = os.path.join(source_root, rel) if local_source else storage.join(source_root, rel)
+        try:
+            if local_source:
+                blob_hash, size, mtime, ctime = _store_local_file(repo, full, threshold, known, packer, result, dry_run)
+            else:
+                blob_hash, size, mtime, ctime = _store_remote_file(repo, source_fs, full, threshold, known, packer, result, dry_run)
+        except FileNotFoundError:
+            result.skipped.append((rel, "vanished before it could be read"))
+            continue
+        except ChangedWhileReading:
+            result.skipped.append((rel, "changed while it was read"))
+            continue
+        except IsADirectoryError:
+            result.skipped.append((rel, "became a folder while it was read"))
+            continue
+        except OSError as exc:
+            result.skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
+            continue
+        result.rows.append(row)
+        result.hashes.append(blob_hash)
+        result.sizes.append(size)
+        result.mtimes.append(mtime)
+        result.ctimes.append(ctime)
+    packer.flush()
+    known.add(result.index_rows["hash"])
+    return result
+
+
+def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns and a.st_ino == b.st_ino
+
+
+def _store_local_file(repo, path, threshold, known, packer, result, dry_run):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        before = os.fstat(fd)
+        if before.st_size < threshold:
+            data = os.read(fd, before.st_size + 1)
+            while len(data) <= before.st_size:  # short reads are legal
+                more = os.read(fd, before.st_size + 1 - len(data))
+                if not more:
+                    break
+                data += more
+            after = os.fstat(fd)
+            if len(data) != before.st_size or not _same_stat(before, after):
+                raise ChangedWhileReading()
+            result.bytes_read += len(data)
+            blob_hash = blake3.blake3(data).hexdigest()
+            if not known.contains_or_claim(blob_hash, packer):
+                packer.add(blob_hash, data)
+                result.bytes_stored += len(data)
+                result.blobs_stored += 1
+        else:
+            blob_hash = _store_large_local(repo, fd, before, known, result, dry_run)
+            after = os.fstat(fd)
+            if not _same_stat(before, after):
+                raise ChangedWhileReading()
+        return blob_hash, before.st_size, before.st_mtime_ns, before.st_ctime_ns
+    finally:
+        os.close(fd)
+
+
+def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
+    if dry_run or not repo.is_local:
+        # Hash first (cheap, and a known blob is never uploaded), then upload.
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if st.st_size >= PARALLEL_HASH_MIN else 1)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            while chunk := f.read(CHUNK):
+                hasher.update(chunk)
+                result.bytes_read += len(chunk)
+        blob_hash = hasher.hexdigest()
+        if known.contains(blob_hash) or dry_run:
+            if not known.contains(blob_hash):
+                _record_object(result, repo, blob_hash, st.st_size)
+            return blob_hash
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            _upload_verified(repo, f, blob_hash, st.st_size)
+        _record_object(result, repo, blob_hash, st.st_size)
+        known.add([blob_hash])
+        return blob_hash
+    # Local repository: one pass, read + hash + write to a temporary file.
+    tmp_dir = repo.path("tmp")
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = os.path.join(tmp_dir, uuid.uuid4().hex)
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if st.st_size >= PARALLEL_HASH_MIN else 1)
+    try:
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as src, open(tmp, "wb", buffering=0) as dst:
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while n := src.readinto(buf):
+                hasher.update(view[:n])
+                dst.write(view[:n])
+                result.bytes_read += n
+        blob_hash = hasher.hexdigest()
+        if known.contains(blob_hash):
+            os.unlink(tmp)
+            return blob_hash
+        final = repo.path(repo.object_key(blob_hash))
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        storage.publish_local_tmp(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _record_object(result, repo, blob_hash, st.st_size)
+    known.add([blob_hash])
+    return blob_hash
+
+
+def _upload_verified(repo, fileobj, blob_hash: str, size: int) -> None:
+    """Upload ``fileobj`` as the object ``blob_hash``; hash again while sending."""
+    final = repo.path(repo.object_key(blob_hash))
+    if repo.fs.exists(final):
+        return
+    hasher = blake3.blake3()
+    tmp = final + f".tmp-{uuid.uuid4().hex}"
+    with repo.fs.open(tmp, "wb") as out:
+        while chunk := fileobj.read(CHUNK):
+            hasher.update(chunk)
+            out.write(chunk)
+    if hasher.hexdigest() != blob_hash:
+        repo.fs.rm_file(tmp)
+        raise ChangedWhileReading()
+    repo.fs.mv(tmp, final)
+
+
+def _record_object(result: BatchResult, repo, blob_hash: str, size: int) -> None:
+    rows = result.index_rows
+    rows["hash"].append(blob_hash)
+    rows["key"].append(repo.object_key(blob_hash))
+    rows["offset"].append(0)
+    rows["length"].append(size)
+    result.bytes_stored += size
+    result.blobs_stored += 1
+    result.objects_written += 1
+
+
+def _store_remote_file(repo, fs, path, threshold, known, packer, result, dry_run):
+    info = fs.info(path)
+    size = int(info.get("size") or 0)
+    from .scan import _mtime_ns  # one normaliser for fsspec info dicts
+    mtime = _mtime_ns(info)
+    if size < threshold:
+        data = fs.cat_file(path)
+        if len(data) != size:
+            raise ChangedWhileReading()
+        result.bytes_read += len(data)
+        blob_hash = blake3.blake3(data).hexdigest()
+        if not known.contains_or_claim(blob_hash, packer):
+            packer.add(blob_hash, data)
+            result.bytes_stored += len(data)
+            result.blobs_stored += 1
+        return blob_hash, size, mtime, None
+    hasher = blake3.blake3()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+            result.bytes_read += len(chunk)
+    blob_hash = hasher.hexdigest()
+    if not known.contains(blob_hash):
+        if not dry_run:
+            with fs.open(path, "rb") as f:
+                _upload_verified(repo, f, blob_hash, size)
+        _record_object(result, repo, blob_hash, size)
+        known.add([blob_hash])
+    return blob_hash, size, mtime, None
+
+
+class KnownBlobs:
+    """The set of blob hashes already stored: the index plus this run's writes.
+
+    Shared by the batches of one run in one process (threads), so a blob
+    written by an earlier batch is not written again by a later one. Within a
+    batch, a hash is "claimed" by the pack that will hold it; claims are local
+    to the batch's pack writer, so a failed batch never leaves a claim behind
+    that would make a retry skip data.
+    """
+
+    def __init__(self, hashes=()):
+        import threading
+
+        self._stored = set(hashes)
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return len(self._stored)
+
+    def contains(self, blob_hash: str) -> bool:
+        return blob_hash in self._stored
+
+    def contains_or_claim(self, blob_hash: str, packer: PackWriter) -> bool:
+        if blob_hash in self._stored:
+            return True
+        claimed = getattr(packer, "_claimed", None)
+        if claimed is None:
+            claimed = packer._claimed = set()
+        if blob_hash in claimed:
+            return True
+        claimed.add(blob_hash)
+        return False
+
+    def add(self, hashes) -> None:
+        with self._lock:
+            self._stored.update(hashes)
