@@ -270,10 +270,10 @@ class Bench:
     # ------------------------------------------------------------------ tools
     def repo(self, tree: str, tool: str, r: int) -> Path:
         base = {"keepflow": "repo", "restic": "repo", "rsync": "mirror"}[tool]
-        return self.work / tree / tool / f"{base}-r{r}"
+        return self.work / tree / tool / f"{base}-r{r + 1}"
 
     def restore_dir(self, tree: str, tool: str, r: int) -> Path:
-        return self.work / tree / "restore" / f"{tool}-r{r}"
+        return self.work / tree / "restore" / f"{tool}-r{r + 1}"
 
     def prepare(self, tree: str, tool: str, r: int) -> str:
         """Untimed set-up; returns an error text or ''."""
@@ -473,8 +473,10 @@ class Bench:
         for n in self.notes:
             L += [f"**{n}**", ""]
         if self.kf_unavailable:
-            L += ["**keepflow was not measured:** " + self.kf_unavailable.splitlines()[0], "",
-                  "```", self.kf_unavailable, "```", ""]
+            head, _, rest = self.kf_unavailable.partition("\n")
+            L += ["**keepflow was not measured:** " + head, ""]
+            if rest.strip():
+                L += ["```", self.strip(rest.strip()), "```", ""]
 
         # ---- summary table
         L += ["## Results", "",
@@ -537,7 +539,7 @@ class Bench:
             if t.change:
                 c = t.change
                 L += [f"  1% change (`bench.gentree.apply_change`, seed {c.seed}): {c.modified:,} "
-                      f"files modified in place, {c.added:,} added, {c.deleted:,} deleted "
+                      f"file(s) modified in place, {c.added:,} added, {c.deleted:,} deleted "
                       f"({c.bytes_written / 2**20:.1f} MiB written)."]
             if t.verify:
                 L += ["  Restore check against the source: "
@@ -565,7 +567,8 @@ class Bench:
         # ---- commands
         L += ["## Commands", "", "`$W` is the run's work folder.", "", "```"]
         seen = set()
-        for x in self.runs:
+        order = {t: i for i, t in enumerate(TOOLS)}
+        for x in sorted(self.runs, key=lambda x: (order.get(x.tool, 9), x.tree != "small")):
             if not x.cmd or x.repeat != 1 or (x.tool, x.scenario, x.tree) in seen:
                 continue
             seen.add((x.tool, x.scenario, x.tree))

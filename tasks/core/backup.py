@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from . import diff as diffmod
 from . import index as indexmod
-from . import manifest, snapshots, storage
+from . import manifest, progress, snapshots, storage
 from .errors import SnapshotNotFoundError
 from .repository import Repository
 from .scan import scan
@@ -191,6 +191,8 @@ def store_range(plan: dict, batch_no: int, start: int, end: int,
         repo = _DryRunRepo(plan["repo_url"])
         known = indexmod.KnownBlobs()
     source_fs, source_root = storage.open_url(plan["source"], source_options)
+    if batch_no == 0:
+        progress.start("store", plan["to_read"], plan["bytes_to_read"])
     result = store_batch(repo, source_fs, source_root, paths, rows, known, dry_run=dry_run)
     if not dry_run:
         indexmod.write_index(repo, result.index_table(), f"{plan['run_id']}-b{batch_no:05d}")

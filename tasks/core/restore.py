@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import index as indexmod
-from . import manifest, snapshots, storage
+from . import manifest, progress, snapshots, storage
 from .errors import TargetError, UsageError
 from .repository import Repository
 from .scan import compile_patterns
@@ -170,6 +170,8 @@ def restore_range(plan: dict, start: int, end: int, storage_options=None,
     repo = Repository.open(plan["repo_url"], storage_options)
     tfs, troot = _target_fs(plan["target"], target_options)
     writer = _Writer(tfs, troot, plan["overwrite"], plan["dry_run"])
+    if start == 0:
+        progress.start("restore", plan["files"], plan["bytes"])
     result = writer.result
     cols = {c: table[c].to_pylist() for c in ("path", "hash", "key", "offset", "length", "mode", "mtime_ns", "uid", "gid", "size")}
 
@@ -339,6 +341,7 @@ class _Writer:
             return
         self.result.written += 1
         self.result.bytes_written += len(data)
+        progress.advance("restore", 1, len(data))
 
     def write_stream(self, cols, j, src_fs, src_path, expected) -> bool:
         dest = self.dest(cols, j)
@@ -370,6 +373,7 @@ class _Writer:
             return True
         self.result.written += 1
         self.result.bytes_written += written
+        progress.advance("restore", 1, written)
         return True
 
     def copy_from(self, cols, src_j, j) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import blake3
 import pyarrow as pa
 
-from . import storage
+from . import progress, storage
 
 INDEX_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()),
                           ("offset", pa.int64()), ("length", pa.int64())])
@@ -131,6 +131,7 @@ def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[
         except OSError as exc:
             result.skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
             continue
+        progress.advance("store", 1, size)
         result.rows.append(row)
         result.hashes.append(blob_hash)
         result.sizes.append(size)

@@ -1,0 +1,45 @@
+"""Rich progress bars for the CLI, fed by ``tasks.core.progress``.
+
+Only used on a terminal; otherwise the context manager does nothing, so
+scripts and CI logs stay clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+@contextlib.contextmanager
+def progress_for(phase: str, enabled: bool):
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                               TextColumn, TimeRemainingColumn)
+
+    from tasks.core import progress as core_progress
+
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    DownloadColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
+    scan = bars.add_task(f"{phase}: scanning" if phase == "backup" else f"{phase}: planning", total=None)
+    tasks: dict[str, int] = {}
+
+    def sink(name: str, files: int, nbytes: int) -> None:
+        if name.endswith(":start"):
+            base = name.split(":", 1)[0]
+            bars.update(scan, visible=False)
+            tasks[base] = bars.add_task(base, total=nbytes)
+            return
+        if name not in tasks:
+            bars.update(scan, visible=False)
+            tasks[name] = bars.add_task(name, total=None)
+        bars.advance(tasks[name], nbytes)
+
+    core_progress.set_sink(sink)
+    try:
+        with bars:
+            yield
+    finally:
+        core_progress.set_sink(None)

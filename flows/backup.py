@@ -1,0 +1,98 @@
+"""The backup flow: scan -> diff -> store changed files in batches -> index -> manifest.
+
+Runnable as ``python -m flows.backup SOURCE REPO [options]`` (same options as
+``keepflow backup``) and importable: ``from flows.backup import backup``.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._naming import run_name
+from tasks.backup import commit_snapshot, plan_backup, store_batch
+from tasks.core.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
+from tasks.core.format import human_bytes
+
+# Two cores here; reading and hashing release the GIL, so a few more threads
+# than cores keep the disk busy without oversubscribing.
+DEFAULT_WORKERS = 4
+
+
+@flow(name="backup", flow_run_name=lambda: run_name("backup", "source"),
+      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False)
+def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list[str] | None = None,
+           rehash: bool = False, parent: str | None = None, dry_run: bool = False,
+           storage_options: dict | None = None, source_options: dict | None = None) -> dict:
+    """Back up ``source`` (a folder or fsspec URL) into the repository at ``repo``.
+
+    Returns the run summary (the same object ``keepflow backup --json`` prints).
+    """
+    plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
+                       storage_options, source_options)
+    futures = [store_batch.submit(plan, i, start, end, storage_options, source_options)
+               for i, (start, end) in enumerate(plan["batches"])]
+    summaries = [f.result() for f in futures]
+    committed = commit_snapshot(plan, summaries, storage_options)
+    summary = summarise(plan, summaries, committed)
+    _artifacts(summary)
+    return summary
+
+
+def summarise(plan: dict, summaries: list, committed) -> dict:
+    info = committed.info
+    skipped = [{"path": p, "reason": r} for p, r in committed.skipped]
+    return {
+        "snapshot": None if plan["dry_run"] else info.id,
+        "dry_run": plan["dry_run"],
+        "parent": info.parent,
+        "source": info.source,
+        "repository": plan["repo_url"],
+        "host": info.host,
+        "tags": info.tags,
+        "time": info.time,
+        "files": info.files,
+        "dirs": info.dirs,
+        "bytes": info.bytes,
+        "files_new": info.new,
+        "files_changed": info.changed,
+        "files_unchanged": info.unchanged,
+        "files_deleted": info.deleted,
+        "bytes_read": info.bytes_read,
+        "bytes_stored": info.bytes_stored,
+        "blobs_stored": sum(s.blobs_stored for s in summaries),
+        "packs_written": sum(s.packs_written for s in summaries),
+        "objects_written": sum(s.objects_written for s in summaries),
+        "batches": len(summaries),
+        "task_runs": len(summaries) + 2,
+        "skipped": skipped,
+        "exit_code": EXIT_PARTIAL if skipped else EXIT_OK,
+    }
+
+
+def _artifacts(summary: dict) -> None:
+    rows = [
+        ("snapshot", summary["snapshot"] or "(dry run)"), ("source", summary["source"]),
+        ("files", summary["files"]), ("new / changed / unchanged / deleted",
+                                      f"{summary['files_new']} / {summary['files_changed']} / "
+                                      f"{summary['files_unchanged']} / {summary['files_deleted']}"),
+        ("logical size", human_bytes(summary["bytes"])), ("read", human_bytes(summary["bytes_read"])),
+        ("stored", human_bytes(summary["bytes_stored"])), ("skipped files", len(summary["skipped"])),
+    ]
+    md = "# Backup summary\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    create_markdown_artifact(md, key="backup-summary", description=f"backup of {summary['source']}")
+    if summary["skipped"]:
+        create_table_artifact(summary["skipped"][:1000], key="backup-skipped-files",
+                              description="files that could not be backed up (first 1000)")
+
+
+def main(argv=None) -> int:
+    from flows.cli import main as cli_main
+
+    import sys
+    return cli_main(["backup", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

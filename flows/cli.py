@@ -1,0 +1,289 @@
+"""The ``keepflow`` command.
+
+Read-only commands (``snapshots``, ``ls``, ``diff``) call ``tasks.core``
+directly: no flow run, no Prefect import, an answer in well under a second.
+Commands that change data (``backup``, ``restore``) run a Prefect flow, so
+every such run is in Prefect's history.
+
+Output: human-readable text on stdout, progress bars on stderr when it is a
+terminal, ``--json`` for one JSON object on stdout and nothing else. Errors a
+user can cause print one line (``keepflow: error: ...``) and exit non-zero:
+0 ok, 1 failed / no snapshot written, 2 usage, 3 snapshot written with
+skipped files, 10 no usable repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tasks.core.errors import EXIT_FAILED, EXIT_USAGE, KeepflowError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other usage error
+        self.exit(EXIT_USAGE, f"keepflow: error: {message}; see `{self.prog} --help`\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="keepflow", description="Backup and restore as Prefect flows.")
+    p.add_argument("--verbose", "-v", action="store_true", help="show Prefect's log lines on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(name, help_text):
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        return sp
+
+    sp = add("init", "create an empty repository")
+    sp.add_argument("repo", metavar="REPO", help="path or fsspec URL")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("backup", "back up SOURCE into REPO (creates the repository if needed)")
+    sp.add_argument("source", metavar="SOURCE", help="folder or fsspec URL to back up")
+    sp.add_argument("repo", metavar="REPO", help="repository path or fsspec URL")
+    sp.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
+    sp.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                    help="gitignore-style pattern to leave out (repeatable)")
+    sp.add_argument("--rehash", action="store_true", help="full backup: read every file, trust no metadata")
+    sp.add_argument("--parent", metavar="ID", help="snapshot to diff against (default: latest of this source and host)")
+    sp.add_argument("--dry-run", action="store_true", help="report what would be stored, store nothing")
+    sp.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+
+    sp = add("restore", "restore a snapshot from REPO into TARGET")
+    sp.add_argument("repo", metavar="REPO")
+    sp.add_argument("target", metavar="TARGET", help="folder or fsspec URL")
+    sp.add_argument("--snapshot", default="latest", help="'latest' (default) or an id prefix")
+    sp.add_argument("--as-of", metavar="TIME", help="latest snapshot at or before TIME, e.g. '2026-11-20 14:00'")
+    sp.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                    help="restore only matching paths (gitignore syntax, repeatable)")
+    sp.add_argument("--overwrite", default="if-changed", choices=["never", "if-changed", "always"],
+                    help="what to do with files already at the target (default: if-changed)")
+    sp.add_argument("--dry-run", action="store_true")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("snapshots", "list snapshots")
+    sp.add_argument("repo", metavar="REPO")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("ls", "list the entries of a snapshot")
+    sp.add_argument("repo", metavar="REPO")
+    sp.add_argument("snapshot", metavar="SNAPSHOT", nargs="?", default="latest")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("diff", "compare two snapshots")
+    sp.add_argument("repo", metavar="REPO")
+    sp.add_argument("snap_a", metavar="SNAP_A")
+    sp.add_argument("snap_b", metavar="SNAP_B")
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except KeepflowError as exc:
+        _fail(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _fail("interrupted; the repository is consistent, run the command again to finish")
+        return 130
+    except OSError as exc:
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        _fail(f"{exc.strerror or exc}{where}")
+        return EXIT_FAILED
+    except Exception as exc:  # a bug: still one line, traceback only on request
+        if args.debug:
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc}; rerun with --debug for details")
+        return EXIT_FAILED
+
+
+def _fail(message: str) -> None:
+    print(f"keepflow: error: {message}", file=sys.stderr)
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# -- read-only commands (no Prefect) -----------------------------------------
+
+def cmd_init(args) -> int:
+    from tasks.core.repository import Repository
+
+    repo = Repository.init(args.repo)
+    if args.json:
+        _print_json({"repository": args.repo, "id": repo.config.id, "version": repo.config.version})
+    else:
+        print(f"created keepflow repository {repo.config.id[:8]} at {args.repo}")
+    return 0
+
+
+def cmd_snapshots(args) -> int:
+    from tasks.core.repository import Repository
+    from tasks.core.snapshots import list_snapshots
+
+    snaps = list_snapshots(Repository.open(args.repo))
+    if args.json:
+        _print_json([_snap_dict(s) for s in snaps])
+        return 0
+    from tasks.core.format import human_bytes
+
+    rows = [("ID", "TIME", "HOST", "SOURCE", "FILES", "SIZE", "TAGS")]
+    for s in snaps:
+        rows.append((s.short_id, s.time[:19].replace("T", " "), s.host, s.source, str(s.files),
+                     human_bytes(s.bytes), ",".join(s.tags)))
+    _print_rows(rows)
+    print(f"{len(snaps)} snapshots")
+    return 0
+
+
+def _snap_dict(s) -> dict:
+    d = dict(s.__dict__)
+    return d
+
+
+def _print_rows(rows) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_ls(args) -> int:
+    from tasks.core import manifest, snapshots
+    from tasks.core.repository import Repository
+
+    repo = Repository.open(args.repo)
+    info = snapshots.resolve(repo, args.snapshot)
+    table = manifest.read_manifest(repo, info, columns=["path", "type", "size", "mtime_ns", "mode", "hash", "link_target"])
+    if args.json:
+        _print_json({"snapshot": info.id, "entries": table.to_pylist()})
+        return 0
+    import datetime as dt
+    import stat
+
+    out = sys.stdout
+    for row in table.to_pylist():
+        when = dt.datetime.fromtimestamp(row["mtime_ns"] / 1e9).strftime("%Y-%m-%d %H:%M")
+        name = row["path"] + ("/" if row["type"] == "dir" else "")
+        if row["type"] == "symlink":
+            name += f" -> {row['link_target']}"
+        out.write(f"{stat.filemode(row['mode'] or 0)} {row['size']:>12} {when}  {name!s}\n")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from tasks.core import snapshot_diff
+    from tasks.core.repository import Repository
+
+    repo = Repository.open(args.repo)
+    result = snapshot_diff.compare(repo, args.snap_a, args.snap_b)
+    if args.json:
+        _print_json(result)
+        return 0
+    for kind, mark in (("added", "+"), ("modified", "M"), ("deleted", "-")):
+        for row in result[kind]:
+            print(f"{mark} {row['path']}  ({row['size']} bytes)")
+    c = result["summary"]
+    print(f"{c['added']} added, {c['modified']} modified, {c['deleted']} deleted")
+    return 0
+
+
+# -- commands that run flows --------------------------------------------------
+
+def _prepare_prefect(verbose: bool) -> None:
+    """Environment for Prefect, set before it is imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    if not verbose:
+        # Logs still go to the API (run history); only the console is quiet,
+        # so failures reach the user as our one-line errors, not tracebacks.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
+
+def _run_flow(flow_fn, kwargs, args, phase: str) -> dict:
+    from flows import _history
+    from flows._progress import progress_for
+
+    with progress_for(phase, enabled=sys.stderr.isatty() and not args.json):
+        state = flow_fn(**kwargs, return_state=True)
+    flow_run_id = state.state_details.flow_run_id if state.state_details else None
+    try:
+        result = state.result(raise_on_failure=True)
+    finally:
+        expected = 0
+        try:
+            expected = state.result(raise_on_failure=False).get("task_runs", 0)  # type: ignore[union-attr]
+        except Exception:
+            pass
+        _history.settle(flow_run_id, expected)
+    return result
+
+
+def cmd_backup(args) -> int:
+    _prepare_prefect(args.verbose)
+    from flows.backup import backup
+
+    summary = _run_flow(backup, dict(source=args.source, repo=args.repo, tags=args.tag, excludes=args.exclude,
+                                     rehash=args.rehash, parent=args.parent, dry_run=args.dry_run), args, "backup")
+    if args.json:
+        _print_json(summary)
+        return summary["exit_code"]
+    from tasks.core.format import human_bytes
+
+    if summary["dry_run"]:
+        print(f"dry run: would store {human_bytes(summary['bytes_stored'])} "
+              f"(read {human_bytes(summary['bytes_read'])}); nothing was written")
+    else:
+        parent = f" (parent {summary['parent'][:8]})" if summary["parent"] else ""
+        print(f"snapshot {summary['snapshot'][:8]} saved{parent}")
+    print(f"files: {summary['files_new']} new, {summary['files_changed']} changed, "
+          f"{summary['files_unchanged']} unchanged, {summary['files_deleted']} deleted "
+          f"({summary['files']} files, {human_bytes(summary['bytes'])})")
+    print(f"read {human_bytes(summary['bytes_read'])}, stored {human_bytes(summary['bytes_stored'])} "
+          f"in {summary['packs_written']} packs and {summary['objects_written']} objects")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} files:", file=sys.stderr)
+        for s in summary["skipped"][:50]:
+            print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
+    return summary["exit_code"]
+
+
+def cmd_restore(args) -> int:
+    _prepare_prefect(args.verbose)
+    from flows.restore import restore
+
+    summary = _run_flow(restore, dict(repo=args.repo, target=args.target, snapshot=args.snapshot, as_of=args.as_of,
+                                      includes=args.include, overwrite=args.overwrite, dry_run=args.dry_run),
+                        args, "restore")
+    if args.json:
+        _print_json(summary)
+        return summary["exit_code"]
+    from tasks.core.format import human_bytes
+
+    verb = "would write" if args.dry_run else "wrote"
+    print(f"restored snapshot {summary['snapshot'][:8]} into {args.target}: {verb} {summary['files_written']} files "
+          f"({human_bytes(summary['bytes_written'])}), {summary['files_identical']} already identical, "
+          f"{summary['files_kept']} kept")
+    for e in summary["errors"][:50]:
+        print(f"  {e['path']}: {e['reason']}", file=sys.stderr)
+    if summary["errors"]:
+        print(f"keepflow: error: {len(summary['errors'])} files could not be restored", file=sys.stderr)
+    return summary["exit_code"]
+
+
+COMMANDS = {
+    "init": cmd_init, "backup": cmd_backup, "restore": cmd_restore,
+    "snapshots": cmd_snapshots, "ls": cmd_ls, "diff": cmd_diff,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

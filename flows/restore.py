@@ -1,0 +1,70 @@
+"""The restore flow: plan -> restore batches (range reads, hash-verified) -> links and folders.
+
+Runnable as ``python -m flows.restore REPO TARGET [options]`` and importable.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._naming import run_name
+from tasks.core.errors import EXIT_FAILED, EXIT_OK
+from tasks.core.format import human_bytes
+from tasks.restore import finish_restore, plan_restore, restore_batch
+
+DEFAULT_WORKERS = 4
+
+
+@flow(name="restore", flow_run_name=lambda: run_name("restore", "target"),
+      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False)
+def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None = None,
+            includes: list[str] | None = None, overwrite: str = "if-changed", dry_run: bool = False,
+            storage_options: dict | None = None, target_options: dict | None = None) -> dict:
+    """Restore a snapshot of ``repo`` (all of it, or the ``includes``) into ``target``."""
+    plan = plan_restore(repo, target, snapshot, as_of, list(includes or []), overwrite, dry_run,
+                        storage_options, target_options)
+    futures = [restore_batch.submit(plan, i, start, end, storage_options, target_options)
+               for i, (start, end) in enumerate(plan["batches"])]
+    results = [f.result() for f in futures]
+    errors = [e for r in results for e in r.errors] + list(plan["missing"])
+    errors += finish_restore(plan, target_options)
+    summary = {
+        "snapshot": plan["snapshot"],
+        "snapshot_time": plan["snapshot_time"],
+        "repository": repo,
+        "target": target,
+        "dry_run": dry_run,
+        "files": plan["files"],
+        "dirs": plan["dirs"],
+        "symlinks": plan["symlinks"],
+        "bytes": plan["bytes"],
+        "files_written": sum(r.written for r in results),
+        "files_identical": sum(r.identical for r in results),
+        "files_kept": sum(r.kept for r in results),
+        "bytes_written": sum(r.bytes_written for r in results),
+        "bytes_read": sum(r.bytes_read for r in results),
+        "errors": [{"path": p, "reason": r} for p, r in errors],
+        "task_runs": len(results) + 2,
+        "exit_code": EXIT_FAILED if errors else EXIT_OK,
+    }
+    md = (f"# Restore of {plan['snapshot'][:8]}\n\n| | |\n|---|---|\n"
+          f"| target | {target} |\n| files | {summary['files']} |\n"
+          f"| written | {summary['files_written']} ({human_bytes(summary['bytes_written'])}) |\n"
+          f"| already identical | {summary['files_identical']} |\n| errors | {len(errors)} |\n")
+    create_markdown_artifact(md, key="restore-summary", description=f"restore into {target}")
+    if errors:
+        create_table_artifact(summary["errors"][:1000], key="restore-errors")
+    return summary
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from flows.cli import main as cli_main
+    return cli_main(["restore", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

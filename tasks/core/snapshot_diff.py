@@ -1,0 +1,62 @@
+"""Comparing two snapshots: added, modified and deleted paths, by content.
+
+A vectorised full outer join on ``path``: present only in B is added, only in
+A is deleted, in both with a different type, hash or link target is modified.
+Metadata-only changes (mode, mtime) are not counted as modifications.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import manifest, snapshots
+
+COLUMNS = ["path", "type", "size", "hash", "link_target"]
+
+
+def compare(repo, ref_a: str, ref_b: str) -> dict:
+    snaps = snapshots.list_snapshots(repo)
+    a = snapshots.resolve(repo, ref_a, snapshots=snaps)
+    b = snapshots.resolve(repo, ref_b, snapshots=snaps)
+    ta = manifest.read_manifest(repo, a, columns=COLUMNS)
+    tb = manifest.read_manifest(repo, b, columns=COLUMNS)
+    return compare_tables(ta, tb) | {"a": a.id, "b": b.id}
+
+
+def compare_tables(ta: pa.Table, tb: pa.Table) -> dict:
+    ta = ta.rename_columns([c if c == "path" else f"a_{c}" for c in ta.column_names])
+    tb = tb.rename_columns([c if c == "path" else f"b_{c}" for c in tb.column_names])
+    j = ta.join(tb, keys="path", join_type="full outer").sort_by("path")
+    in_a, in_b = pc.is_valid(j["a_type"]), pc.is_valid(j["b_type"])
+    added = j.filter(pc.and_(in_b, pc.invert(in_a)))
+    deleted = j.filter(pc.and_(in_a, pc.invert(in_b)))
+    both = j.filter(pc.and_(in_a, in_b))
+    differs = pc.invert(pc.and_(
+        pc.equal(both["a_type"], both["b_type"]),
+        pc.and_(_eq_or_both_null(both["a_hash"], both["b_hash"]),
+                _eq_or_both_null(both["a_link_target"], both["b_link_target"]))))
+    modified = both.filter(differs)
+
+    def rows(t, prefix, extra=None):
+        out = []
+        for r in t.select(["path", f"{prefix}_type", f"{prefix}_size"] + (extra or [])).to_pylist():
+            d = {"path": r["path"], "type": r[f"{prefix}_type"], "size": r[f"{prefix}_size"]}
+            if extra:
+                d["old_size"] = r[extra[0]]
+            out.append(d)
+        return out
+
+    return {
+        "added": rows(added, "b"),
+        "modified": rows(modified, "b", ["a_size"]),
+        "deleted": rows(deleted, "a"),
+        "summary": {"added": added.num_rows, "modified": modified.num_rows, "deleted": deleted.num_rows,
+                    "bytes_added": pc.sum(added["b_size"]).as_py() or 0,
+                    "bytes_deleted": pc.sum(deleted["a_size"]).as_py() or 0},
+    }
+
+
+def _eq_or_both_null(x, y):
+    both_null = pc.and_(pc.is_null(x), pc.is_null(y))
+    return pc.or_(both_null, pc.fill_null(pc.equal(x, y), False))

@@ -1,0 +1,28 @@
+"""Which failures are worth a Prefect retry.
+
+Transient storage trouble (timeouts, connection resets, 5xx mapped to OSError)
+is retried; anything the user must fix (bad credentials, missing bucket, a
+keepflow usage or repository error, corrupt data) is not, because retrying
+would only delay the one-line error the user needs.
+"""
+
+from __future__ import annotations
+
+from tasks.core.errors import KeepflowError
+
+PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeepflowError)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    if exc is None or isinstance(exc, PERMANENT):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """``retry_condition_fn`` for Prefect tasks."""
+    try:
+        state.result()
+    except BaseException as exc:  # the task's own exception is re-raised here
+        return is_transient(exc)
+    return False
