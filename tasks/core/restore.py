@@ -185,7 +185,7 @@ def restore_range(plan: dict, start: int, end: int, storage_options=None,
         by_hash[h].append(i)
 
     # Decide first which blobs are needed at all (existing identical files skip).
-    needed = [i for i in order if any(writer.wants(cols, j) for j in by_hash[cols["hash"][i]])]
+    needed = [i for i in order if any([writer.wants(cols, j) for j in by_hash[cols["hash"][i]]])]
     if plan["dry_run"]:
         for i in needed:
             for j in by_hash[cols["hash"][i]]:
