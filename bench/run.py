@@ -573,7 +573,7 @@ class Bench:
                 continue
             seen.add((x.tool, x.scenario, x.tree))
             env = {"restic": f"RESTIC_PASSWORD={RESTIC_PASSWORD} ",
-                   "keepflow": "PREFECT_API_URL=http://127.0.0.1:$P/api "}.get(x.tool, "")
+                   "keepflow": "PREFECT_HOME=$W/prefect-home PREFECT_API_URL=http://127.0.0.1:$P/api "}.get(x.tool, "")
             cwd = " (run in the source folder)" if x.tool == "restic" and x.scenario != "restore" \
                 else ""
             L.append(f"# {x.tree} {x.scenario}{cwd}\n{env}{self.strip(x.cmd)}")
@@ -582,7 +582,8 @@ class Bench:
                      f"$W/<tree>/restic/repo-rN --cache-dir $W/restic-cache init")
         if self.server_startup is not None or self.server_error:
             L.append("# Prefect server (once)\nPREFECT_HOME=$W/prefect-home "
-                     "PREFECT_SERVER_ANALYTICS_ENABLED=false " + self.strip(self.server_cmd))
+                     "PREFECT_SERVER_ANALYTICS_ENABLED=false "
+                     + self.strip(self.server_cmd).rsplit(" ", 1)[0] + " $P")
         L += ["```", ""]
 
         # ---- machine

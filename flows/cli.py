@@ -216,16 +216,12 @@ def _run_flow(flow_fn, kwargs, args, phase: str) -> dict:
     with progress_for(phase, enabled=sys.stderr.isatty() and not args.json):
         state = flow_fn(**kwargs, return_state=True)
     flow_run_id = state.state_details.flow_run_id if state.state_details else None
-    try:
-        result = state.result(raise_on_failure=True)
-    finally:
-        expected = 0
-        try:
-            expected = state.result(raise_on_failure=False).get("task_runs", 0)  # type: ignore[union-attr]
-        except Exception:
-            pass
-        _history.settle(flow_run_id, expected)
-    return result
+    outcome = state.result(raise_on_failure=False)
+    expected = outcome.get("task_runs", 0) if isinstance(outcome, dict) else 0
+    _history.settle(flow_run_id, expected)
+    if isinstance(outcome, dict):
+        return outcome  # a summary, even when the run ended Failed (e.g. restore errors)
+    return state.result(raise_on_failure=True)  # re-raises the task's own exception
 
 
 def cmd_backup(args) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._naming import run_name
@@ -56,6 +57,8 @@ def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None 
     create_markdown_artifact(md, key="restore-summary", description=f"restore into {target}")
     if errors:
         create_table_artifact(summary["errors"][:1000], key="restore-errors")
+        # The run is Failed in the history, and still carries its summary.
+        return Failed(message=f"{len(errors)} files could not be restored", data=summary)
     return summary
 
 

@@ -1,0 +1,99 @@
+"""Repository format: create, open, refuse foreign or newer data; write-once."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pytest
+
+from tasks.core import storage
+from tasks.core.errors import (NotARepositoryError, RepositoryExistsError, RepositoryNotFoundError,
+                               RepositoryVersionError, UsageError)
+from tasks.core.repository import CONFIG_NAME, FORMAT_VERSION, Repository
+
+
+@pytest.fixture(params=["local", "memory"])
+def location(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "repo")
+        return
+    url = f"memory://kf-{tmp_path.name}/repo"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def test_init_then_open_reads_same_config(location):
+    created = Repository.init(location)
+    opened = Repository.open(location)
+    assert opened.config.id == created.config.id
+    assert opened.config.version == FORMAT_VERSION
+    assert opened.config.hash == "blake3-256"
+    raw = json.loads(opened.fs.cat_file(opened.path(CONFIG_NAME)))
+    assert raw["pack_size"] >= 16 * 1024 * 1024
+
+
+def test_init_twice_is_refused(location):
+    Repository.init(location)
+    with pytest.raises(RepositoryExistsError):
+        Repository.init(location)
+
+
+def test_open_missing_without_create(location):
+    with pytest.raises(RepositoryNotFoundError):
+        Repository.open(location)
+
+
+def test_open_with_create_makes_repository(location):
+    repo = Repository.open(location, create=True)
+    assert Repository.open(location).config.id == repo.config.id
+
+
+def test_foreign_content_is_refused_and_untouched(tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"jpeg")
+    with pytest.raises(NotARepositoryError):
+        Repository.open(str(foreign), create=True)
+    with pytest.raises(NotARepositoryError):
+        Repository.init(str(foreign))
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
+
+
+def test_newer_format_is_refused(location):
+    repo = Repository.init(location)
+    config = json.loads(repo.fs.cat_file(repo.path(CONFIG_NAME)))
+    config["version"] = FORMAT_VERSION + 1
+    repo.fs.pipe_file(repo.path(CONFIG_NAME), json.dumps(config).encode())
+    with pytest.raises(RepositoryVersionError, match="upgrade keepflow"):
+        Repository.open(location)
+
+
+def test_garbage_config_is_refused(location):
+    repo = Repository.init(location)
+    repo.fs.pipe_file(repo.path(CONFIG_NAME), b"not json")
+    with pytest.raises(NotARepositoryError):
+        Repository.open(location)
+
+
+def test_write_once_never_overwrites(location):
+    repo = Repository.init(location)
+    path = repo.path("packs", "ab", "abcdef")
+    assert storage.write_once(repo.fs, path, b"first") is True
+    assert storage.write_once(repo.fs, path, b"second") is False
+    assert repo.fs.cat_file(path) == b"first"
+
+
+def test_local_write_once_leaves_no_temporary_files(tmp_path):
+    fs = fsspec.filesystem("file")
+    target = tmp_path / "x" / "blob"
+    storage.write_once(fs, str(target), b"data")
+    storage.write_once(fs, str(target), b"data")
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["blob"]
+
+
+def test_unknown_scheme_is_a_usage_error():
+    with pytest.raises(UsageError, match="nosuchscheme"):
+        Repository.open("nosuchscheme://bucket/repo")

@@ -1,0 +1,149 @@
+"""Scanning and diffing: metadata, exclusions, the unchanged rule, the racy guard."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import pyarrow as pa
+import pytest
+
+from tasks.core import diff as diffmod
+from tasks.core.errors import BadPatternError, SourceNotFoundError
+from tasks.core.scan import scan
+
+from tests.conftest import age_tree, make_tree
+
+
+def _paths(table):
+    return table["path"].to_pylist()
+
+
+def test_scan_records_types_and_metadata(tmp_path):
+    src = make_tree(tmp_path / "src", {"a.txt": "hello", "sub/b.bin": b"\0" * 10, "empty": None,
+                                       "link": ("link", "a.txt"), "dangling": ("link", "nowhere")})
+    os.chmod(src / "a.txt", 0o600)
+    table = scan(str(src)).table
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert _paths(table) == sorted(_paths(table))
+    assert rows["a.txt"]["type"] == "file" and rows["a.txt"]["size"] == 5
+    assert stat.S_IMODE(rows["a.txt"]["mode"]) == 0o600
+    assert rows["sub"]["type"] == "dir" and rows["empty"]["type"] == "dir"
+    assert rows["link"]["type"] == "symlink" and rows["link"]["link_target"] == "a.txt"
+    assert rows["dangling"]["link_target"] == "nowhere"
+    assert rows["a.txt"]["inode"] == os.stat(src / "a.txt").st_ino
+
+
+def test_scan_skips_fifos_and_never_follows_links(tmp_path):
+    src = make_tree(tmp_path / "src", {"f": "x", "out": ("link", "/etc")})
+    os.mkfifo(src / "pipe")
+    table = scan(str(src)).table
+    assert _paths(table) == ["f", "out"]
+
+
+def test_excludes_and_nested_ignore_files(tmp_path):
+    src = make_tree(tmp_path / "src", {
+        "keep.txt": "k", "drop.log": "d", "build/out.o": "o",
+        "sub/.keepflowignore": "*.tmp\nsecret/\n", "sub/a.tmp": "t", "sub/secret/key": "s", "sub/ok": "o",
+        "top.tmp": "tmp outside sub is kept",
+    })
+    table = scan(str(src), excludes=["*.log", "build/"]).table
+    paths = set(_paths(table))
+    assert {"keep.txt", "sub/ok", "top.tmp", "sub/.keepflowignore"} <= paths
+    assert not paths & {"drop.log", "build", "build/out.o", "sub/a.tmp", "sub/secret", "sub/secret/key"}
+
+
+def test_repository_inside_source_is_excluded(tmp_path):
+    src = make_tree(tmp_path / "src", {"a": "1", "repo/keepflow.json": "{}"})
+    table = scan(str(src), exclude_paths=[str(src / "repo")]).table
+    assert _paths(table) == ["a"]
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(SourceNotFoundError):
+        scan(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("bad", ["!", "[z-a]"])
+def test_bad_pattern_is_reported(tmp_path, bad):
+    with pytest.raises(BadPatternError, match="gitignore syntax"):
+        scan(str(tmp_path), excludes=[bad])
+
+
+def test_bad_pattern_in_ignore_file_names_the_file(tmp_path):
+    src = make_tree(tmp_path / "src", {"sub/.keepflowignore": "!\n"})
+    with pytest.raises(BadPatternError, match=".keepflowignore"):
+        scan(str(src))
+
+
+def _parent_from(scan_table, hashes=None):
+    n = scan_table.num_rows
+    h = hashes or [("h" + p if t == "file" else None) for p, t in zip(_paths(scan_table), scan_table["type"].to_pylist())]
+    return scan_table.append_column("hash", pa.array(h, pa.string()))
+
+
+def test_diff_unchanged_new_changed_deleted(tmp_path):
+    src = make_tree(tmp_path / "src", {"same": "1", "grow": "2", "gone": "3"})
+    age_tree(src)
+    first = scan(str(src))
+    parent = _parent_from(first.table)
+    (src / "grow").write_text("22")
+    (src / "gone").unlink()
+    (src / "new").write_text("4")
+    result = diffmod.diff(scan(str(src)).table, parent, first.start_ns)
+    assert (result.new, result.changed, result.unchanged, result.deleted) == (1, 1, 1, 1)
+    to_read = set(_paths(result.to_read))
+    assert to_read == {"grow", "new"}
+    rows = {r["path"]: r for r in result.table.to_pylist()}
+    assert rows["same"]["hash"] == "hsame"       # reused, file never opened
+    assert rows["grow"]["hash"] is None
+
+
+def test_diff_inode_or_ctime_change_means_reread(tmp_path):
+    src = make_tree(tmp_path / "src", {"a": "1"})
+    age_tree(src)
+    first = scan(str(src))
+    parent = _parent_from(first.table)
+    st = os.stat(src / "a")
+    os.chmod(src / "a", 0o600)                  # changes ctime only
+    os.utime(src / "a", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert set(_paths(diffmod.diff(scan(str(src)).table, parent, first.start_ns).to_read)) == {"a"}
+
+
+def test_racy_files_are_reread(tmp_path):
+    src = make_tree(tmp_path / "src", {"fresh": "1", "old": "2"})
+    age_tree(src)
+    (src / "fresh").write_text("1")             # mtime = now: inside the window
+    first = scan(str(src))
+    parent = _parent_from(first.table)
+    again = diffmod.diff(scan(str(src)).table, parent, first.start_ns)
+    assert set(_paths(again.to_read)) == {"fresh"}
+
+
+def test_rehash_reads_everything(tmp_path):
+    src = make_tree(tmp_path / "src", {"a": "1", "b": "2", "d/c": "3"})
+    age_tree(src)
+    first = scan(str(src))
+    result = diffmod.diff(scan(str(src)).table, _parent_from(first.table), first.start_ns, rehash=True)
+    assert set(_paths(result.to_read)) == {"a", "b", "d/c"}
+
+
+def test_final_counts_classify_by_content():
+    table = pa.table({"type": ["file", "file", "file", "dir"], "hash": ["x", "y", "z", None],
+                      "parent_hash": ["x", "old", None, None]})
+    assert diffmod.final_counts(table) == {"new": 1, "changed": 1, "unchanged": 1}
+
+
+def test_scan_memory_filesystem():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/kf-scan/a.txt": b"abc", "/kf-scan/d/b.txt": b"defg"})
+    try:
+        table = scan("memory://kf-scan").table
+        rows = {r["path"]: r for r in table.to_pylist()}
+        assert rows["a.txt"]["size"] == 3 and rows["d/b.txt"]["size"] == 4
+        assert rows["a.txt"]["inode"] is None
+    finally:
+        fs.rm("/kf-scan", recursive=True)

@@ -1,0 +1,216 @@
+"""Storing and restoring through the core, on local disk and memory://."""
+
+from __future__ import annotations
+
+import os
+
+import blake3
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.core import index as indexmod
+from tasks.core import manifest, snapshots, treeinfo
+from tasks.core.repository import Repository
+from tasks.core.store import PACK_MAGIC
+
+from tests import core_helpers
+from tests.conftest import age_tree, make_tree
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(params=["local", "memory"])
+def repo_url(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "repo")
+        return
+    url = f"memory://kf-{tmp_path.name}/repo"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def test_roundtrip_small_and_large(tmp_path, repo_url):
+    src = make_tree(tmp_path / "src", {"a.txt": "alpha", "dir/b.bin": os.urandom(5000), "empty.txt": "",
+                                       "big.bin": os.urandom(2 * MiB + 7), "nothing": None,
+                                       "ln": ("link", "a.txt")})
+    committed, plan, _ = core_helpers.backup(src, repo_url)
+    assert committed.info.files == 4 and committed.info.new == 4
+    repo = Repository.open(repo_url)
+    keys = [f["name"] for f in repo.fs.find(repo.path("objects"), detail=True).values()]
+    assert len(keys) == 1 and keys[0].endswith(blake3.blake3((src / "big.bin").read_bytes()).hexdigest())
+    _, results, errors = core_helpers.restore(repo_url, tmp_path / "out")
+    assert errors == []
+    assert treeinfo.describe(str(src)) == treeinfo.describe(str(tmp_path / "out"))
+
+
+def test_small_files_share_packs_and_index_points_into_them(tmp_path, repo_url):
+    spec = {f"d{i % 7}/f{i}": os.urandom(100 + i) for i in range(300)}
+    src = make_tree(tmp_path / "src", spec)
+    _, _, summaries = core_helpers.backup(src, repo_url)
+    repo = Repository.open(repo_url)
+    assert sum(s.packs_written for s in summaries) == 1
+    idx = indexmod.load_index(repo)
+    assert idx.num_rows == 300
+    row = next(r for r in idx.to_pylist() if r["hash"] == blake3.blake3(spec["d0/f0"]).hexdigest())
+    data = repo.fs.cat_file(repo.path(row["key"]), start=row["offset"], end=row["offset"] + row["length"])
+    assert data == spec["d0/f0"]
+    pack = repo.fs.cat_file(repo.path(row["key"]))
+    assert pack.endswith(PACK_MAGIC)
+    assert blake3.blake3(pack).hexdigest() == row["key"].rsplit("/", 1)[-1]  # pack named by content
+
+
+def test_duplicates_are_stored_once(tmp_path, repo_url):
+    same = os.urandom(3000)
+    src = make_tree(tmp_path / "src", {"a": same, "b": same, "c/d": same})
+    committed, _, summaries = core_helpers.backup(src, repo_url)
+    assert sum(s.blobs_stored for s in summaries) == 1
+    assert committed.info.bytes_stored == 3000
+
+
+def test_incremental_reads_only_changes_and_reuses_blobs(tmp_path, repo_url):
+    src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(2000) for i in range(50)})
+    age_tree(src)
+    first, _, _ = core_helpers.backup(src, repo_url)
+    (src / "f3").write_bytes(b"changed")
+    (src / "f4").unlink()
+    (src / "copy").write_bytes((src / "f5").read_bytes())   # new path, known content
+    second, _, _ = core_helpers.backup(src, repo_url)
+    info = second.info
+    assert (info.new, info.changed, info.unchanged, info.deleted) == (1, 1, 48, 1)
+    assert info.bytes_read == len(b"changed") + 2000
+    assert info.bytes_stored == len(b"changed")           # the copy deduplicates
+    assert info.parent == first.info.id
+    third, _, _ = core_helpers.backup(src, repo_url)
+    assert third.info.bytes_read == 0 or third.info.bytes_read <= len(b"changed") + 2000  # racy files only
+
+
+def test_every_snapshot_restores_as_it_was(tmp_path, repo_url):
+    src = make_tree(tmp_path / "src", {"a": "1", "b/c": "2"})
+    age_tree(src)
+    core_helpers.backup(src, repo_url)
+    before = treeinfo.describe(str(src))
+    (src / "a").write_text("changed a")
+    (src / "b" / "new").write_text("new")
+    core_helpers.backup(src, repo_url)
+    after = treeinfo.describe(str(src))
+    repo = Repository.open(repo_url)
+    snaps = snapshots.list_snapshots(repo)
+    assert len(snaps) == 2
+    core_helpers.restore(repo_url, tmp_path / "r1", snapshot=snaps[0].id[:6])
+    core_helpers.restore(repo_url, tmp_path / "r2", snapshot="latest")
+    assert treeinfo.describe(str(tmp_path / "r1")) == before
+    assert treeinfo.describe(str(tmp_path / "r2")) == after
+
+
+def test_restore_includes_only_matching(tmp_path, repo_url):
+    src = make_tree(tmp_path / "src", {"docs/a.md": "a", "docs/sub/b.md": "b", "src/c.py": "c", "top.md": "t"})
+    core_helpers.backup(src, repo_url)
+    core_helpers.restore(repo_url, tmp_path / "out", includes=["docs/"])
+    got = sorted(p for p in treeinfo.describe(str(tmp_path / "out")) if (tmp_path / "out" / p).is_file())
+    assert got == ["docs/a.md", "docs/sub/b.md"]
+
+
+def test_corrupt_blob_is_reported_and_never_written(tmp_path):
+    repo_url = str(tmp_path / "repo")
+    src = make_tree(tmp_path / "src", {"good": "good content", "bad": "bad content!"})
+    core_helpers.backup(src, repo_url)
+    repo = Repository.open(repo_url)
+    idx = indexmod.load_index(repo).to_pylist()
+    bad_hash = blake3.blake3(b"bad content!").hexdigest()
+    row = next(r for r in idx if r["hash"] == bad_hash)
+    path = repo.path(row["key"])
+    data = bytearray(open(path, "rb").read())
+    data[row["offset"]] ^= 0xFF
+    os.chmod(path, 0o644)
+    open(path, "wb").write(bytes(data))
+    _, _, errors = core_helpers.restore(repo_url, tmp_path / "out")
+    assert [e[0] for e in errors] == ["bad"]
+    assert not (tmp_path / "out" / "bad").exists()
+    assert (tmp_path / "out" / "good").read_text() == "good content"
+    assert not [p for p in os.listdir(tmp_path / "out") if "kf-tmp" in p]
+
+
+def test_overwrite_modes(tmp_path):
+    repo_url = str(tmp_path / "repo")
+    src = make_tree(tmp_path / "src", {"same": "same", "edited": "original"})
+    core_helpers.backup(src, repo_url)
+    out = tmp_path / "out"
+    core_helpers.restore(repo_url, out)
+    inode = os.stat(out / "same").st_ino
+    (out / "edited").write_text("local edit")
+    _, results, _ = core_helpers.restore(repo_url, out, overwrite="never")
+    assert (out / "edited").read_text() == "local edit"
+    assert sum(r.kept for r in results) == 2
+    _, results, _ = core_helpers.restore(repo_url, out)          # if-changed
+    assert (out / "edited").read_text() == "original"
+    assert os.stat(out / "same").st_ino == inode                  # identical: not rewritten
+    assert sum(r.identical for r in results) == 1 and sum(r.written for r in results) == 1
+    _, results, _ = core_helpers.restore(repo_url, out, overwrite="always")
+    assert sum(r.written for r in results) == 2
+
+
+def test_restore_dry_run_writes_nothing(tmp_path):
+    repo_url = str(tmp_path / "repo")
+    src = make_tree(tmp_path / "src", {"a": "1", "d/b": "2"})
+    core_helpers.backup(src, repo_url)
+    _, results, _ = core_helpers.restore(repo_url, tmp_path / "out", dry_run=True)
+    assert sum(r.written for r in results) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_backup_dry_run_stores_nothing(tmp_path):
+    repo_url = str(tmp_path / "repo")
+    src = make_tree(tmp_path / "src", {"a": "12345", "big": os.urandom(2 * MiB)})
+    committed, _, _ = core_helpers.backup(src, repo_url, dry_run=True)
+    assert committed.info.bytes_stored == 5 + 2 * MiB
+    assert not (tmp_path / "repo").exists()
+
+
+def test_interrupted_run_leaves_no_snapshot_and_next_run_reuses_blobs(tmp_path):
+    """A run that stops after storing (before commit) is invisible; its blobs are reused."""
+    from tasks.core import backup as core_backup
+
+    repo_url = str(tmp_path / "repo")
+    src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(1000) for i in range(20)})
+    plan = core_backup.prepare(str(src), repo_url).to_dict()
+    for i, (s, e) in enumerate(plan["batches"]):
+        core_backup.store_range(plan, i, s, e)
+    core_backup.cleanup(plan)                       # the process "dies" here: no commit
+    repo = Repository.open(repo_url)
+    assert snapshots.list_snapshots(repo) == []
+    committed, _, summaries = core_helpers.backup(src, repo_url)
+    assert committed.info.bytes_read == 20 * 1000
+    assert committed.info.bytes_stored == 0        # everything was already stored
+    assert len(snapshots.list_snapshots(repo)) == 1
+
+
+def test_manifest_is_plain_parquet_with_snapshot_metadata(tmp_path):
+    repo_url = str(tmp_path / "repo")
+    src = make_tree(tmp_path / "src", {"a": "1"})
+    committed, _, _ = core_helpers.backup(src, repo_url, tags=["nightly"])
+    path = tmp_path / "repo" / "snapshots" / committed.info.key
+    table = pq.read_table(path)
+    assert table.column_names == [f.name for f in manifest.MANIFEST_SCHEMA]
+    info = manifest.SnapshotInfo.from_json(pq.read_schema(path).metadata[manifest.META_KEY])
+    assert info.tags == ["nightly"] and info.id == committed.info.id
+
+
+def test_resolve_by_prefix_time_and_errors(tmp_path):
+    from tasks.core.errors import AmbiguousSnapshotError, SnapshotNotFoundError
+
+    repo_url = str(tmp_path / "repo")
+    src = make_tree(tmp_path / "src", {"a": "1"})
+    first, _, _ = core_helpers.backup(src, repo_url)
+    repo = Repository.open(repo_url)
+    assert snapshots.resolve(repo, first.info.id[:5]).id == first.info.id
+    assert snapshots.resolve(repo, as_of="2999-01-01 00:00").id == first.info.id
+    with pytest.raises(SnapshotNotFoundError):
+        snapshots.resolve(repo, as_of="2000-01-01")
+    with pytest.raises(SnapshotNotFoundError):
+        snapshots.resolve(repo, "zzzz")
+    fake = manifest.SnapshotInfo(id=first.info.id[:3] + "f" * 13, time=first.info.time)
+    with pytest.raises(AmbiguousSnapshotError):
+        snapshots.resolve(repo, first.info.id[:3], snapshots=[first.info, fake])
