@@ -101,6 +101,54 @@ def warm(root: str | Path) -> tuple[int, int]:
     return n, b
 
 
+def cpu_busy() -> float:
+    """Seconds of CPU time used by everything on the machine so far (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds used so far by process pid and its live descendants (0 if gone)."""
+    if not pid:
+        return 0.0
+    kids: dict[int, list[int]] = {}
+    stats: dict[int, float] = {}
+    tck = os.sysconf("SC_CLK_TCK")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kids.setdefault(int(rest[1]), []).append(int(d))
+        stats[int(d)] = sum(int(x) for x in rest[11:15]) / tck  # utime stime cutime cstime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, 0.0)
+        todo.extend(kids.get(p, []))
+    return total
+
+
+def settle_probe(root: Path, n: int = 3000) -> float:
+    """Seconds to create n 4 KiB files in a fresh folder (left in place until the end)."""
+    root.mkdir(parents=True)
+    data = b"\0" * 4096
+    t0 = time.perf_counter()
+    for i in range(n):
+        fd = os.open(root / f"p{i}", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
 def tail(path: Path, lines: int = 15, chars: int = 2000) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -125,6 +173,8 @@ class Run:
     note: str = ""
     err_tail: str = ""
     out_head: str = ""
+    other_cpu: float = 0.0  # CPU seconds used by other processes during the command
+    server_cpu: float = 0.0  # ... of which by our Prefect server (keepflow's API calls)
 
 
 @dataclass
@@ -175,6 +225,8 @@ class Bench:
         base = self.logs / f"{run.tree}-{run.scenario}-{run.tool}-r{run.repeat}"
         out_p, err_p = base.with_suffix(".out"), base.with_suffix(".err")
         with open(out_p, "wb") as out, open(err_p, "wb") as err:
+            server_pid = self.server.pid if self.server else None
+            srv0, busy0 = tree_cpu(server_pid), cpu_busy()
             t0 = time.perf_counter()
             try:
                 p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err,
@@ -184,17 +236,28 @@ class Bench:
                 return run
             status, ru = None, None
             deadline = t0 + self.a.timeout
-            while True:
-                pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.perf_counter() > deadline:
-                    os.killpg(p.pid, signal.SIGKILL)  # the group this Popen created
-                    pid, status, ru = os.wait4(p.pid, 0)
-                    run.note = f"killed after {self.a.timeout:.0f} s timeout"
-                    break
-                time.sleep(0.005)
+            try:
+                while True:
+                    pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    if time.perf_counter() > deadline:
+                        os.killpg(p.pid, signal.SIGKILL)  # the group this Popen created
+                        pid, status, ru = os.wait4(p.pid, 0)
+                        run.note = f"killed after {self.a.timeout:.0f} s timeout"
+                        break
+                    time.sleep(0.005)
+            except BaseException:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)  # don't leave our child running
+                    os.wait4(p.pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+                raise
             run.seconds = time.perf_counter() - t0
+            run.server_cpu = max(0.0, tree_cpu(server_pid) - srv0)
+            run.other_cpu = max(0.0, cpu_busy() - busy0 - ru.ru_utime - ru.ru_stime
+                                - run.server_cpu)
             p.returncode = os.waitstatus_to_exitcode(status)
         run.rc = p.returncode
         run.user, run.sys = ru.ru_utime, ru.ru_stime
@@ -329,7 +392,9 @@ class Bench:
                 self.runs.append(run)
                 state = f"{run.seconds:.2f} s" if run.ok else f"FAILED rc={run.rc} {run.note}"
                 log(f"{tree.kind:5s} {scenario:8s} r{r + 1} {tool:8s} {state}"
-                    f"  (user {run.user:.1f} s, sys {run.sys:.1f} s, rss {run.maxrss_mib:.0f} MiB)")
+                    f"  (user {run.user:.1f} s, sys {run.sys:.1f} s, rss {run.maxrss_mib:.0f} MiB, "
+                    f"Prefect server {run.server_cpu:.1f} CPU-s, "
+                    f"other processes {run.other_cpu:.1f} CPU-s)")
                 if not run.ok:
                     failed.add((tool, r))
                     if run.err_tail:
@@ -409,6 +474,19 @@ class Bench:
             self.runs.append(r)
 
     # ------------------------------------------------------------------ main
+    def settle(self) -> None:
+        """Wait (up to ~3 min) until small-file creation speed is steady: a large delete
+        shortly before the run makes file creation several times slower for a while."""
+        self.probes: list[float] = []
+        for i in range(18):
+            self.probes.append(settle_probe(self.work / "settle" / f"p{i}"))
+            last = self.probes[-3:]
+            if len(last) == 3 and max(last) <= 1.25 * min(last):
+                break
+            time.sleep(10)
+        log("file-creation probe (3,000 x 4 KiB files), seconds: "
+            + ", ".join(f"{p:.2f}" for p in self.probes))
+
     def main(self) -> int:
         need = estimate_disk(self.a)
         free = shutil.disk_usage(self.work).free
@@ -417,7 +495,9 @@ class Bench:
         if need > free * 0.95:
             log("not enough free space; use --repeats 1, --only small, or --workdir")
             return 2
+        self.load_start = open("/proc/loadavg").read().strip()
         try:
+            self.settle()
             if "keepflow" in self.tools:
                 self.start_server()
                 if self.server_error:
@@ -556,6 +636,11 @@ class Bench:
               "every file of that command's input (the source tree for backups, the repository "
               "or mirror for restores) and runs `sync` (neither is timed). Nothing is evicted "
               "on purpose; cold-cache figures would be slower for every tool.",
+              f"- Before starting, the run waited until small-file creation speed was steady "
+              f"(3,000 x 4 KiB files per probe, seconds: "
+              f"{', '.join(f'{p:.2f}' for p in getattr(self, 'probes', []))}). "
+              f"Load average at start: {getattr(self, 'load_start', '?')}.",
+              self.contention_note(),
               "- Writes go into fresh folders and nothing is deleted until the end of the run "
               "(on these VMs, file creation right after a large delete is several times slower "
               "for a minute or more).",
@@ -592,11 +677,13 @@ class Bench:
 
         # ---- raw
         L += ["## All measurements", "",
-              "| tree | scenario | tool | repeat | wall | user CPU | sys CPU | max RSS | exit | note |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| tree | scenario | tool | repeat | wall | user CPU | sys CPU | max RSS | Prefect server CPU "
+              "| other processes' CPU | exit | note |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for x in self.runs:
             L.append(f"| {x.tree} | {x.scenario} | {x.tool} | {x.repeat} | {fmt(x.seconds)} | "
                      f"{x.user:.1f} s | {x.sys:.1f} s | {x.maxrss_mib:.0f} MiB | "
+                     f"{x.server_cpu:.1f} s | {x.other_cpu:.1f} s | "
                      f"{'' if x.rc is None else x.rc} | {x.note.replace('|', '/')} |")
         L += [""]
         failures = [x for x in self.runs if not x.ok and x.err_tail]
@@ -611,6 +698,23 @@ class Bench:
             L += ["## Sample keepflow output (first small backup, `--json`)", "", "```",
                   self.strip(kf_out.out_head.strip())[:1500], "```", ""]
         return "\n".join(L)
+
+    def contention_note(self) -> str:
+        timed = [x for x in self.runs if x.seconds and x.scenario in SCENARIOS]
+        if not timed:
+            return "- No command was timed."
+        wall = sum(x.seconds for x in timed)
+        other = sum(x.other_cpu for x in timed)
+        worst = max(timed, key=lambda x: x.other_cpu / x.seconds)
+        text = (f"- Other processes on the machine (not the tool, not our Prefect server) used "
+                f"{other / wall:.2f} CPUs on average during the timed commands (the machine has "
+                f"{os.cpu_count()}); the most disturbed measurement was {worst.tree} "
+                f"{worst.scenario} {worst.tool} r{worst.repeat} "
+                f"({worst.other_cpu / worst.seconds:.2f} CPUs). The Prefect server's CPU during "
+                "keepflow commands is keepflow's own cost and is listed separately.")
+        if other / wall > 0.2:
+            text += " **The machine was busy with other work: treat these figures as noisy.**"
+        return text
 
     def strip(self, s: str) -> str:
         return s.replace(str(self.work), "$W")
@@ -692,6 +796,13 @@ def main(argv=None) -> int:
     for tool in ("restic", "rsync"):
         if tool in a.tools.split(",") and not shutil.which(tool):
             p.error(f"{tool} not found: apt-get install -y restic rsync")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    # also when started in the background (where SIGINT is ignored): Ctrl-C or kill -TERM
+    # writes the partial results, stops the Prefect server and cleans up
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     return Bench(a).main()
 
 
