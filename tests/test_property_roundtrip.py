@@ -259,7 +259,8 @@ COMMON = dict(deadline=None, database=None, derandomize=False,
                                      HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
-@settings(max_examples=25, **COMMON)
+# Core examples are cheap (~50 ms); KEEPFLOW_PROPERTY_EXAMPLES raises the count for a long hunt.
+@settings(max_examples=int(os.environ.get("KEEPFLOW_PROPERTY_EXAMPLES", "60")), **COMMON)
 @given(entries=trees(), data=st.data())
 def test_every_snapshot_restores_exactly_core(entries, data):
     roundtrip(entries, data, core_backup_run, core_restore_run)
