@@ -16,12 +16,12 @@ def progress_for(phase: str, enabled: bool):
         yield
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn,
                                TextColumn, TimeRemainingColumn)
 
     from tasks.core import progress as core_progress
 
-    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                     DownloadColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
     scan = bars.add_task(f"{phase}: scanning" if phase == "backup" else f"{phase}: planning", total=None)
     tasks: dict[str, int] = {}

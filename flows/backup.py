@@ -17,7 +17,7 @@ from tasks.core.format import human_bytes
 
 # Two cores here; reading and hashing release the GIL, so a few more threads
 # than cores keep the disk busy without oversubscribing.
-DEFAULT_WORKERS = 4
+DEFAULT_WORKERS = 2
 
 
 @flow(name="backup", flow_run_name=lambda: run_name("backup", "source"),
@@ -31,8 +31,8 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
     """
     plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
                        storage_options, source_options)
-    futures = [store_batch.submit(plan, i, start, end, storage_options, source_options)
-               for i, (start, end) in enumerate(plan["batches"])]
+    futures = [store_batch.submit(plan, i, storage_options, source_options)
+               for i in range(len(plan["batches"]))]
     summaries = [f.result() for f in futures]
     committed = commit_snapshot(plan, summaries, storage_options)
     summary = summarise(plan, summaries, committed)

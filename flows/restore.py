@@ -15,7 +15,7 @@ from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
 from tasks.restore import finish_restore, plan_restore, restore_batch
 
-DEFAULT_WORKERS = 4
+DEFAULT_WORKERS = 2
 
 
 @flow(name="restore", flow_run_name=lambda: run_name("restore", "target"),
@@ -26,8 +26,8 @@ def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None 
     """Restore a snapshot of ``repo`` (all of it, or the ``includes``) into ``target``."""
     plan = plan_restore(repo, target, snapshot, as_of, list(includes or []), overwrite, dry_run,
                         storage_options, target_options)
-    futures = [restore_batch.submit(plan, i, start, end, storage_options, target_options)
-               for i, (start, end) in enumerate(plan["batches"])]
+    futures = [restore_batch.submit(plan, i, storage_options, target_options)
+               for i in range(len(plan["batches"]))]
     results = [f.result() for f in futures]
     errors = [e for r in results for e in r.errors] + list(plan["missing"])
     errors += finish_restore(plan, target_options)

@@ -25,9 +25,9 @@ def plan_backup(source: str, repo: str, excludes: list[str], tags: list[str], re
 
 @task(name="store-batch", cache_policy=NO_CACHE, task_run_name="store-b{batch_no}",
       retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
-def store_batch(plan: dict, batch_no: int, start: int, end: int, storage_options: dict | None,
+def store_batch(plan: dict, batch_no: int, storage_options: dict | None,
                 source_options: dict | None) -> core.BatchSummary:
-    summary = core.store_range(plan, batch_no, start, end, storage_options, source_options)
+    summary = core.store_range(plan, batch_no, storage_options, source_options)
     get_run_logger().info(
         "batch %d: %d files, read %d bytes, stored %d bytes in %d packs + %d objects, %d skipped",
         batch_no, summary.files, summary.bytes_read, summary.bytes_stored, summary.packs_written,

@@ -23,9 +23,9 @@ def plan_restore(repo: str, target: str, snapshot: str, as_of: str | None, inclu
 
 @task(name="restore-batch", cache_policy=NO_CACHE, task_run_name="restore-b{batch_no}",
       retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
-def restore_batch(plan: dict, batch_no: int, start: int, end: int, storage_options: dict | None,
+def restore_batch(plan: dict, batch_no: int, storage_options: dict | None,
                   target_options: dict | None) -> core.RestoreBatchResult:
-    result = core.restore_range(plan, start, end, storage_options, target_options)
+    result = core.restore_range(plan, batch_no, storage_options, target_options)
     get_run_logger().info("batch %d: wrote %d files (%d bytes), %d identical, %d kept, %d errors",
                           batch_no, result.written, result.bytes_written, result.identical, result.kept,
                           len(result.errors))

@@ -8,13 +8,13 @@ from tasks.core import restore as core_restore
 
 def backup(source, repo, **options):
     plan = core_backup.prepare(str(source), str(repo), **options).to_dict()
-    summaries = [core_backup.store_range(plan, i, s, e) for i, (s, e) in enumerate(plan["batches"])]
+    summaries = [core_backup.store_range(plan, i) for i in range(len(plan["batches"]))]
     return core_backup.commit(plan, summaries), plan, summaries
 
 
 def restore(repo, target, **options):
     plan = core_restore.prepare(str(repo), str(target), **options).to_dict()
-    results = [core_restore.restore_range(plan, s, e) for s, e in plan["batches"]]
+    results = [core_restore.restore_range(plan, i) for i in range(len(plan["batches"]))]
     errors = [e for r in results for e in r.errors] + list(plan["missing"])
     errors += core_restore.finish(plan)
     core_restore.cleanup(plan)

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from . import diff as diffmod
 from . import index as indexmod
 from . import manifest, progress, snapshots, storage
+from . import scratch as scratch_io
 from .errors import SnapshotNotFoundError
 from .repository import Repository
 from .scan import scan
@@ -131,11 +132,16 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
 
     scratch = tempfile.mkdtemp(prefix="keepflow-backup-")
     plan_table = result.table
-    pq.write_table(plan_table, os.path.join(scratch, "plan.parquet"), compression="none")
+    scratch_io.write(scratch, "plan", plan_table)
 
     needs = plan_table["needs_read"].to_numpy(zero_copy_only=False)
     sizes = plan_table["size"].to_numpy(zero_copy_only=False)
     batches = cut_batches(needs, sizes)
+    # Each batch's own work list: the rows to read and their paths.
+    rows = np.flatnonzero(needs)
+    work = pa.table({"row": pa.array(rows, pa.int64()), "path": plan_table["path"].take(pa.array(rows))})
+    positions = np.searchsorted(rows, [b[0] for b in batches] + [len(needs)])
+    scratch_io.write_parts(scratch, "batch", work, list(zip(positions[:-1], positions[1:])))
     types = plan_table["type"]
     return BackupPlan(
         run_id=start.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8],
@@ -172,14 +178,11 @@ def cut_batches(needs: np.ndarray, sizes: np.ndarray,
     return batches
 
 
-def store_range(plan: dict, batch_no: int, start: int, end: int,
-                storage_options=None, source_options=None) -> BatchSummary:
-    """Store the files to read in plan rows ``[start, end)``."""
-    table = pq.read_table(os.path.join(plan["scratch"], "plan.parquet"), columns=["path", "needs_read"])
-    part = table.slice(start, end - start)
-    mask = part["needs_read"].to_numpy(zero_copy_only=False)
-    paths = [p for p, m in zip(part["path"].to_pylist(), mask) if m]
-    rows = (np.flatnonzero(mask) + start).tolist()
+def store_range(plan: dict, batch_no: int, storage_options=None, source_options=None) -> BatchSummary:
+    """Store the files of batch ``batch_no`` of the plan."""
+    work = scratch_io.read_part(plan["scratch"], "batch", batch_no)
+    paths = work["path"].to_pylist()
+    rows = work["row"].to_pylist()
 
     dry_run = plan["dry_run"]
     try:
@@ -225,9 +228,9 @@ class CommitResult:
 def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> CommitResult:
     """Merge batch results and write the manifest (unless dry run)."""
     scratch = plan["scratch"]
-    table = pq.read_table(os.path.join(scratch, "plan.parquet"))
+    table = scratch_io.read(scratch, "plan")
     result_files = sorted(glob.glob(os.path.join(scratch, "result-*.parquet")))
-    results = pa.concat_tables([pq.read_table(f) for f in result_files]) if result_files else None
+    results = pa.concat_tables([pq.ParquetFile(f).read() for f in result_files]) if result_files else None
 
     n = table.num_rows
     needs = table["needs_read"].to_numpy(zero_copy_only=False)

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from . import index as indexmod
 from . import manifest, progress, snapshots, storage
+from . import scratch as scratch_io
 from .errors import TargetError, UsageError
 from .repository import Repository
 from .scan import compile_patterns
@@ -50,7 +51,10 @@ CHUNK = 4 * 1024 * 1024
 MAX_BATCH_FILES = 4096
 MAX_BATCH_BYTES = 256 * 1024 * 1024
 OVERWRITE_MODES = ("never", "if-changed", "always")
+_BATCH_COLUMNS = ["path", "hash", "key", "offset", "length", "mode", "mtime_ns", "uid", "gid", "size"]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+# A new file already belongs to us: chown only when the owner differs.
+_OWN_IDS = (os.geteuid(), os.getegid()) if IS_ROOT else None
 
 
 @dataclass
@@ -67,6 +71,7 @@ class RestorePlan:
     dirs: int
     symlinks: int
     bytes: int
+    fresh_target: bool = False
     missing: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -100,6 +105,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
             raise UsageError(f"no entry of snapshot {info.short_id} matches --include {' '.join(includes)}")
 
     tfs, troot = _target_fs(target, target_options)
+    fresh = storage.is_local(tfs) and not os.path.lexists(troot)
     files = table.filter(pc.equal(table["type"], "file"))
     dirs = table.filter(pc.equal(table["type"], "dir"))
     links = table.filter(pc.equal(table["type"], "symlink"))
@@ -111,16 +117,16 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
 
     scratch = tempfile.mkdtemp(prefix="keepflow-restore-")
-    pq.write_table(located, os.path.join(scratch, "files.parquet"), compression="none")
-    pq.write_table(pa.concat_tables([dirs, links]), os.path.join(scratch, "other.parquet"), compression="none")
+    scratch_io.write(scratch, "other", pa.concat_tables([dirs, links]))
     if not dry_run:
         _make_dirs(tfs, troot, dirs["path"].to_pylist(), files["path"].to_pylist(), target)
 
     batches = _cut(located["length"].to_numpy(zero_copy_only=False))
+    scratch_io.write_parts(scratch, "batch", located.select(_BATCH_COLUMNS), batches)
     return RestorePlan(
         repo_url=repo_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
         overwrite=overwrite, dry_run=dry_run, batches=batches, files=files.num_rows, dirs=dirs.num_rows,
-        symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0,
+        symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0, fresh_target=fresh,
         missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
     )
 
@@ -164,16 +170,17 @@ def _cut(lengths) -> list[tuple[int, int]]:
     return batches
 
 
-def restore_range(plan: dict, start: int, end: int, storage_options=None,
+def restore_range(plan: dict, batch_no: int, storage_options=None,
                   target_options=None) -> RestoreBatchResult:
-    table = pq.read_table(os.path.join(plan["scratch"], "files.parquet")).slice(start, end - start)
+    """Restore batch ``batch_no`` of the plan."""
+    table = scratch_io.read_part(plan["scratch"], "batch", batch_no)
     repo = Repository.open(plan["repo_url"], storage_options)
     tfs, troot = _target_fs(plan["target"], target_options)
-    writer = _Writer(tfs, troot, plan["overwrite"], plan["dry_run"])
-    if start == 0:
+    writer = _Writer(tfs, troot, plan["overwrite"], plan["dry_run"], fresh=plan["fresh_target"])
+    if batch_no == 0:
         progress.start("restore", plan["files"], plan["bytes"])
     result = writer.result
-    cols = {c: table[c].to_pylist() for c in ("path", "hash", "key", "offset", "length", "mode", "mtime_ns", "uid", "gid", "size")}
+    cols = {c: table[c].to_pylist() for c in _BATCH_COLUMNS}
 
     # Group the paths by blob: a blob is read once however many files use it.
     by_hash: dict[str, list[int]] = {}
@@ -265,11 +272,15 @@ def _restore_large(repo, cols, i, by_hash, writer):
 class _Writer:
     """Puts verified content in place under the overwrite policy."""
 
-    def __init__(self, fs, root, overwrite, dry_run):
+    def __init__(self, fs, root, overwrite, dry_run, fresh=False):
         self.fs, self.root, self.overwrite, self.dry_run = fs, root, overwrite, dry_run
         self.local = storage.is_local(fs)
         self.result = RestoreBatchResult()
         self._decided: dict[int, bool] = {}
+        self._token, self._counter = uuid.uuid4().hex[:8], 0
+        # Nothing can be in the way in a folder that did not exist before
+        # this restore: skip the per-file look at the target.
+        self.fresh = fresh
 
     def dest(self, cols, j) -> str:
         rel = cols["path"][j]
@@ -287,9 +298,9 @@ class _Writer:
         return self._decided.get(j, False)
 
     def _decide(self, cols, j) -> bool:
-        dest = self.dest(cols, j)
-        if self.overwrite == "always":
+        if self.overwrite == "always" or self.fresh:
             return True
+        dest = self.dest(cols, j)
         try:
             if self.local:
                 st = os.lstat(dest)
@@ -330,10 +341,21 @@ class _Writer:
         dest = self.dest(cols, j)
         try:
             if self.local:
-                tmp = _tmp_name(dest)
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                self._finish_local(tmp, dest, cols, j)
+                # Descriptor-based calls: one path lookup for the create, one
+                # for the rename; mode, owner and mtime are set on the open fd.
+                tmp = self._tmp_name(dest)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    _apply_meta_fd(fd, cols, j)
+                except BaseException:
+                    os.close(fd)
+                    self._discard(tmp)
+                    raise
+                os.close(fd)
+                self._put_in_place(tmp, dest)
             else:
                 self.fs.pipe_file(dest, data)
         except OSError as exc:
@@ -343,10 +365,24 @@ class _Writer:
         self.result.bytes_written += len(data)
         progress.advance("restore", 1, len(data))
 
+    def _tmp_name(self, dest: str) -> str:
+        self._counter += 1
+        folder, name = os.path.split(dest)
+        return os.path.join(folder, f".{name[:100]}.kf-tmp-{self._token}-{self._counter}")
+
+    def _put_in_place(self, tmp: str, dest: str) -> None:
+        try:
+            os.replace(tmp, dest)
+        except OSError as exc:
+            self._discard(tmp)
+            if os.path.isdir(dest) and not os.path.islink(dest):
+                raise IsADirectoryError(21, "a folder is in the way", dest) from None
+            raise
+
     def write_stream(self, cols, j, src_fs, src_path, expected) -> bool:
         dest = self.dest(cols, j)
         hasher = blake3.blake3()
-        tmp = _tmp_name(dest) if self.local else f"{dest}.kf-tmp-{uuid.uuid4().hex}"
+        tmp = self._tmp_name(dest) if self.local else f"{dest}.kf-tmp-{uuid.uuid4().hex}"
         out = open(tmp, "wb") if self.local else self.fs.open(tmp, "wb")
         written = 0
         try:
@@ -380,7 +416,7 @@ class _Writer:
         src, dest = self.dest(cols, src_j), self.dest(cols, j)
         try:
             if self.local:
-                tmp = _tmp_name(dest)
+                tmp = self._tmp_name(dest)
                 shutil.copyfile(src, tmp)
                 self._finish_local(tmp, dest, cols, j)
             else:
@@ -394,12 +430,10 @@ class _Writer:
     def _finish_local(self, tmp, dest, cols, j):
         try:
             _apply_meta(tmp, cols, j)
-            if os.path.isdir(dest) and not os.path.islink(dest):
-                raise IsADirectoryError(21, "a folder is in the way", dest)
-            os.replace(tmp, dest)
         except BaseException:
             self._discard(tmp)
             raise
+        self._put_in_place(tmp, dest)
 
     def _discard(self, tmp):
         try:
@@ -411,9 +445,16 @@ class _Writer:
             pass
 
 
-def _tmp_name(dest: str) -> str:
-    folder, name = os.path.split(dest)
-    return os.path.join(folder, f".{name[:100]}.kf-tmp-{uuid.uuid4().hex[:12]}")
+def _apply_meta_fd(fd, cols, j) -> None:
+    uid, gid = cols["uid"][j], cols["gid"][j]
+    if IS_ROOT and uid is not None and (uid, gid) != _OWN_IDS:
+        try:
+            os.fchown(fd, uid, gid)
+        except OSError:
+            pass
+    os.fchmod(fd, stat.S_IMODE(cols["mode"][j]))
+    mtime = cols["mtime_ns"][j]
+    os.utime(fd, ns=(mtime, mtime))
 
 
 def _apply_meta(path, cols, j) -> None:
@@ -430,7 +471,7 @@ def _apply_meta(path, cols, j) -> None:
 def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
     """Create symlinks and apply folder metadata; returns errors."""
     errors: list[tuple[str, str]] = []
-    other = pq.read_table(os.path.join(plan["scratch"], "other.parquet"))
+    other = scratch_io.read(plan["scratch"], "other")
     tfs, troot = _target_fs(plan["target"], target_options)
     if plan["dry_run"] or not storage.is_local(tfs):
         return errors
@@ -448,7 +489,8 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
                     continue
                 if os.path.isdir(dest) and not os.path.islink(dest):
                     raise IsADirectoryError(21, "a folder is in the way", dest)
-            tmp = _tmp_name(dest)
+            folder, name = os.path.split(dest)
+            tmp = os.path.join(folder, f".{name[:100]}.kf-tmp-{uuid.uuid4().hex[:12]}")
             os.symlink(row["link_target"], tmp)
             os.replace(tmp, dest)
             _link_meta(dest, row)
