@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._naming import run_name
@@ -24,9 +25,12 @@ DEFAULT_WORKERS = 2
       task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False)
 def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list[str] | None = None,
            rehash: bool = False, parent: str | None = None, dry_run: bool = False,
-           storage_options: dict | None = None, source_options: dict | None = None) -> dict:
+           storage_options: dict | None = None, source_options: dict | None = None,
+           replicate_to: list[str] | None = None, replica_options: dict | None = None) -> dict:
     """Back up ``source`` (a folder or fsspec URL) into the repository at ``repo``.
 
+    With ``replicate_to``, the same flow run then brings each replica up to date
+    (one task run per replica, see flows/replicate.py).
     Returns the run summary (the same object ``keepflow backup --json`` prints).
     """
     plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
@@ -37,6 +41,17 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
     committed = commit_snapshot(plan, summaries, storage_options)
     summary = summarise(plan, summaries, committed)
     _artifacts(summary)
+    if replicate_to and not dry_run:
+        from flows.replicate import replicate_all, write_artifacts
+
+        replication = replicate_all(repo, list(replicate_to), storage_options, replica_options, False)
+        write_artifacts(replication)
+        summary["replication"] = replication
+        summary["task_runs"] += replication["task_runs"]
+        if replication["failed"]:
+            summary["exit_code"] = EXIT_FAILED
+            return Failed(message=f"snapshot {summary['snapshot'][:8]} saved; replicas failed: "
+                                  f"{', '.join(replication['failed'])}", data=summary)
     return summary
 
 

@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rehash", action="store_true", help="full backup: read every file, trust no metadata")
     sp.add_argument("--parent", metavar="ID", help="snapshot to diff against (default: latest of this source and host)")
     sp.add_argument("--dry-run", action="store_true", help="report what would be stored, store nothing")
+    sp.add_argument("--replicate-to", action="append", default=[], metavar="URL",
+                    help="after the backup, bring this replica up to date (repeatable)")
     sp.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    _storage_options_arg(sp)
 
     sp = add("restore", "restore a snapshot from REPO into TARGET")
     sp.add_argument("repo", metavar="REPO")
@@ -61,8 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="restore only matching paths (gitignore syntax, repeatable)")
     sp.add_argument("--overwrite", default="if-changed", choices=["never", "if-changed", "always"],
                     help="what to do with files already at the target (default: if-changed)")
+    sp.add_argument("--fallback", action="append", default=[], metavar="REPLICA",
+                    help="replica to read from when the primary is unreachable or a blob is bad (repeatable)")
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
+
+    sp = add("replicate", "copy to each replica what it lacks (packs/objects, then index, then manifests)")
+    sp.add_argument("repo", metavar="REPO")
+    sp.add_argument("replicas", metavar="REPLICA", nargs="+")
+    sp.add_argument("--dry-run", action="store_true", help="show what each replica lacks, copy nothing")
+    sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
+
+    sp = add("replicas", "show which snapshots each replica has and what it lacks")
+    sp.add_argument("repo", metavar="REPO")
+    sp.add_argument("replicas", metavar="REPLICA", nargs="+")
+    sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
 
     sp = add("snapshots", "list snapshots")
     sp.add_argument("repo", metavar="REPO")
@@ -107,6 +126,21 @@ def _skip_pyarrow_pandas_probe() -> None:
             pa.array([0])
     finally:
         del sys.modules["pandas"]
+
+
+def _storage_options_arg(sp) -> None:
+    sp.add_argument("--storage-options", metavar="JSON", type=_json_object, default=None,
+                    help='fsspec options for REPO as JSON, e.g. \'{"anon": false}\'')
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object like {{\"key\": \"value\"}}, not {text!r}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -239,6 +273,15 @@ def _prepare_prefect(verbose: bool) -> None:
         # Logs still go to the API (run history); only the console is quiet,
         # so failures reach the user as our one-line errors, not tracebacks.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        if "prefect" in sys.modules:  # `python -m flows.backup`: already configured
+            import logging
+
+            from prefect.logging.handlers import PrefectConsoleHandler
+
+            for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+                for handler in logging.getLogger(name).handlers:
+                    if isinstance(handler, PrefectConsoleHandler):
+                        handler.setLevel(logging.CRITICAL)
 
 
 def _run_flow(flow_fn, kwargs, args, phase: str) -> dict:
@@ -268,7 +311,9 @@ def cmd_backup(args) -> int:
     from flows.backup import backup
 
     summary = _run_flow(backup, dict(source=args.source, repo=args.repo, tags=args.tag, excludes=args.exclude,
-                                     rehash=args.rehash, parent=args.parent, dry_run=args.dry_run), args, "backup")
+                                     rehash=args.rehash, parent=args.parent, dry_run=args.dry_run,
+                                     storage_options=args.storage_options,
+                                     replicate_to=args.replicate_to), args, "backup")
     if args.json:
         _print_json(summary)
         return summary["exit_code"]
@@ -289,6 +334,8 @@ def cmd_backup(args) -> int:
         print(f"skipped {len(summary['skipped'])} files:", file=sys.stderr)
         for s in summary["skipped"][:50]:
             print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
+    if "replication" in summary:
+        _print_replication(summary["replication"])
     return summary["exit_code"]
 
 
@@ -297,7 +344,8 @@ def cmd_restore(args) -> int:
     from flows.restore import restore
 
     summary = _run_flow(restore, dict(repo=args.repo, target=args.target, snapshot=args.snapshot, as_of=args.as_of,
-                                      includes=args.include, overwrite=args.overwrite, dry_run=args.dry_run),
+                                      includes=args.include, overwrite=args.overwrite, dry_run=args.dry_run,
+                                      storage_options=args.storage_options, fallbacks=args.fallback),
                         args, "restore")
     if args.json:
         _print_json(summary)
@@ -308,6 +356,8 @@ def cmd_restore(args) -> int:
     print(f"restored snapshot {summary['snapshot'][:8]} into {args.target}: {verb} {summary['files_written']} files "
           f"({human_bytes(summary['bytes_written'])}), {summary['files_identical']} already identical, "
           f"{summary['files_kept']} kept")
+    if len(summary["blobs_from"]) > 1 or summary["read_from"] != args.repo:
+        print("blobs read from: " + ", ".join(f"{url} ({n})" for url, n in summary["blobs_from"].items()))
     for e in summary["errors"][:50]:
         print(f"  {e['path']}: {e['reason']}", file=sys.stderr)
     if summary["errors"]:
@@ -315,9 +365,66 @@ def cmd_restore(args) -> int:
     return summary["exit_code"]
 
 
+def cmd_replicate(args) -> int:
+    _prepare_prefect(args.verbose)
+    from flows.replicate import replicate
+
+    summary = _run_flow(replicate, dict(repo=args.repo, replicas=args.replicas, dry_run=args.dry_run,
+                                        storage_options=args.storage_options), args, "replicate")
+    if args.json:
+        _print_json(summary)
+    else:
+        _print_replication(summary)
+    return summary["exit_code"]
+
+
+def _print_replication(summary: dict) -> None:
+    from tasks.core.format import human_bytes
+
+    for o in summary["replicas"]:
+        if not o["ok"]:
+            print(f"{o['replica']}: FAILED: {o['error']}", file=sys.stderr)
+        elif summary["dry_run"]:
+            print(f"{o['replica']}: lacks {len(o['snapshots_missing'])} snapshots, {o['data_missing']} data objects "
+                  f"({human_bytes(o['data_bytes_missing'])}), {o['index_missing']} index files")
+        else:
+            print(f"{o['replica']}: in step ({o['snapshots']} snapshots); copied {o['data_copied']} data objects "
+                  f"({human_bytes(o['bytes_copied'])}), {o['index_copied']} index files, "
+                  f"{o['snapshots_copied']} snapshots")
+    if summary["failed"]:
+        print(f"keepflow: error: {len(summary['failed'])} replicas failed: {', '.join(summary['failed'])}; "
+              "run replicate again once they are reachable", file=sys.stderr)
+
+
+def cmd_replicas(args) -> int:
+    from tasks.core import replicate as core_replicate
+    from tasks.core.repository import Repository
+
+    primary = Repository.open(args.repo, args.storage_options)
+    statuses = [core_replicate.status(primary, url) for url in args.replicas]
+    if args.json:
+        _print_json([s.to_dict() for s in statuses])
+        return 0
+    from tasks.core.format import human_bytes
+
+    for s in statuses:
+        if not s.exists:
+            print(f"{s.replica}: no replica yet (lacks all {len(s.snapshots_missing)} snapshots, "
+                  f"{human_bytes(s.data_bytes_missing)})")
+            continue
+        state = "in step" if not (s.snapshots_missing or s.data_missing or s.index_missing) else "behind"
+        print(f"{s.replica}: {state}: has {len(s.snapshots_present)} snapshots, lacks {len(s.snapshots_missing)}"
+              f" ({s.data_missing} data objects, {human_bytes(s.data_bytes_missing)})"
+              + (f"; {len(s.damaged)} damaged objects" if s.damaged else ""))
+        for snap in s.snapshots_missing[:20]:
+            print(f"  missing {snap}")
+    return 0
+
+
 COMMANDS = {
     "init": cmd_init, "backup": cmd_backup, "restore": cmd_restore,
     "snapshots": cmd_snapshots, "ls": cmd_ls, "diff": cmd_diff,
+    "replicate": cmd_replicate, "replicas": cmd_replicas,
 }
 
 if __name__ == "__main__":

@@ -22,10 +22,15 @@ DEFAULT_WORKERS = 2
       task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False)
 def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None = None,
             includes: list[str] | None = None, overwrite: str = "if-changed", dry_run: bool = False,
-            storage_options: dict | None = None, target_options: dict | None = None) -> dict:
-    """Restore a snapshot of ``repo`` (all of it, or the ``includes``) into ``target``."""
+            storage_options: dict | None = None, target_options: dict | None = None,
+            fallbacks: list[str] | None = None, fallback_options: dict | None = None) -> dict:
+    """Restore a snapshot of ``repo`` (all of it, or the ``includes``) into ``target``.
+
+    ``fallbacks`` are replica URLs read when the primary is unreachable or a
+    blob is missing or corrupt there (``fallback_options`` maps URL -> options).
+    """
     plan = plan_restore(repo, target, snapshot, as_of, list(includes or []), overwrite, dry_run,
-                        storage_options, target_options)
+                        storage_options, target_options, list(fallbacks or []), fallback_options)
     futures = [restore_batch.submit(plan, i, storage_options, target_options)
                for i in range(len(plan["batches"]))]
     results = [f.result() for f in futures]
@@ -47,19 +52,30 @@ def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None 
         "bytes_written": sum(r.bytes_written for r in results),
         "bytes_read": sum(r.bytes_read for r in results),
         "errors": [{"path": p, "reason": r} for p, r in errors],
+        "read_from": plan["repo_url"],
+        "blobs_from": _merge_counts(r.sources for r in results),
         "task_runs": len(results) + 2,
         "exit_code": EXIT_FAILED if errors else EXIT_OK,
     }
     md = (f"# Restore of {plan['snapshot'][:8]}\n\n| | |\n|---|---|\n"
           f"| target | {target} |\n| files | {summary['files']} |\n"
           f"| written | {summary['files_written']} ({human_bytes(summary['bytes_written'])}) |\n"
-          f"| already identical | {summary['files_identical']} |\n| errors | {len(errors)} |\n")
+          f"| already identical | {summary['files_identical']} |\n| errors | {len(errors)} |\n"
+          + "".join(f"| blobs from {url} | {n} |\n" for url, n in summary["blobs_from"].items()))
     create_markdown_artifact(md, key="restore-summary", description=f"restore into {target}")
     if errors:
         create_table_artifact(summary["errors"][:1000], key="restore-errors")
         # The run is Failed in the history, and still carries its summary.
         return Failed(message=f"{len(errors)} files could not be restored", data=summary)
     return summary
+
+
+def _merge_counts(dicts) -> dict:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for url, n in d.items():
+            total[url] = total.get(url, 0) + n
+    return total
 
 
 def main(argv=None) -> int:

@@ -90,4 +90,4 @@ class TargetError(UsageError):
 
 
 class IntegrityError(KeepflowError):
-    template = "{what}: stored data does not match its hash {hash}; run `keepflow verify` and restore from a replica"
+    template = "{what}: stored data does not match its hash {hash}; restore it from a replica with --fallback"

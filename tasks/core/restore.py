@@ -72,6 +72,9 @@ class RestorePlan:
     symlinks: int
     bytes: int
     fresh_target: bool = False
+    fallbacks: list[str] = field(default_factory=list)
+    fallback_options: dict = field(default_factory=dict)
+    primary_url: str = ""
     missing: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -86,17 +89,18 @@ class RestoreBatchResult:
     bytes_written: int = 0
     bytes_read: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
+    sources: dict[str, int] = field(default_factory=dict)   # blobs read per repository URL
 
 
 def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str | None = None,
             includes=(), overwrite: str = "if-changed", dry_run: bool = False,
-            storage_options=None, target_options=None) -> RestorePlan:
+            storage_options=None, target_options=None, fallbacks=(),
+            fallback_options: dict | None = None) -> RestorePlan:
     if overwrite not in OVERWRITE_MODES:
         raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}, not {overwrite!r}")
     spec = compile_patterns(includes, origin="--include")
-    repo = Repository.open(repo_url, storage_options)
-    info = snapshots.resolve(repo, snapshot, as_of=as_of)
-    table = manifest.read_manifest(repo, info)
+    repo, info, table, used_url = _open_with_failover(repo_url, storage_options, list(fallbacks),
+                                                      fallback_options or {}, snapshot, as_of)
     if spec is not None:
         paths = table["path"].to_pylist()
         keep = [spec.match_file(p) for p in paths]
@@ -124,11 +128,36 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     batches = _cut(located["length"].to_numpy(zero_copy_only=False))
     scratch_io.write_parts(scratch, "batch", located.select(_BATCH_COLUMNS), batches)
     return RestorePlan(
-        repo_url=repo_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
+        repo_url=used_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
         overwrite=overwrite, dry_run=dry_run, batches=batches, files=files.num_rows, dirs=dirs.num_rows,
         symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0, fresh_target=fresh,
+        fallbacks=[u for u in [repo_url, *fallbacks] if u != used_url], fallback_options=fallback_options or {},
+        primary_url=repo_url,
         missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
     )
+
+
+def _open_with_failover(repo_url, storage_options, fallbacks, fallback_options, snapshot, as_of):
+    """Open the primary and read the snapshot's manifest; on failure, the first
+    fallback that can. Usage errors (unknown snapshot id...) are not retried
+    on fallbacks: they would fail the same way."""
+    from .errors import KeepflowError
+
+    first_error = None
+    for url in [repo_url, *fallbacks]:
+        opts = storage_options if url == repo_url else fallback_options.get(url)
+        try:
+            repo = Repository.open(url, opts)
+            info = snapshots.resolve(repo, snapshot, as_of=as_of)
+            return repo, info, manifest.read_manifest(repo, info), url
+        except UsageError:
+            raise
+        except (KeepflowError, OSError) as exc:
+            if first_error is None:
+                first_error = exc
+            if not fallbacks:
+                raise
+    raise first_error
 
 
 def _target_fs(target: str, options=None):
@@ -174,7 +203,7 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
                   target_options=None) -> RestoreBatchResult:
     """Restore batch ``batch_no`` of the plan."""
     table = scratch_io.read_part(plan["scratch"], "batch", batch_no)
-    repo = Repository.open(plan["repo_url"], storage_options)
+    sources = _Sources(plan, storage_options)
     tfs, troot = _target_fs(plan["target"], target_options)
     writer = _Writer(tfs, troot, plan["overwrite"], plan["dry_run"], fresh=plan["fresh_target"])
     if batch_no == 0:
@@ -207,28 +236,91 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
     for key, items in by_key.items():
         if key.startswith("objects/"):
             for i in items:
-                _restore_large(repo, cols, i, by_hash, writer)
+                _restore_large(sources, cols, i, by_hash, writer)
             continue
         for span_start, span_end, members in _spans(cols, items):
             try:
-                data = repo.fs.cat_file(repo.path(key), start=span_start, end=span_end)
-            except OSError as exc:
-                for i in members:
-                    for j in by_hash[cols["hash"][i]]:
-                        result.errors.append((cols["path"][j], f"cannot read {key}: {exc}"))
-                continue
-            result.bytes_read += len(data)
+                data = sources.primary_range(key, span_start, span_end)
+            except OSError:
+                data = None  # each blob is then fetched from a fallback below
+            if data is not None:
+                result.bytes_read += len(data)
             for i in members:
-                off = cols["offset"][i] - span_start
-                blob = data[off: off + cols["length"][i]]
-                if blake3.blake3(blob).hexdigest() != cols["hash"][i]:
-                    for j in by_hash[cols["hash"][i]]:
-                        result.errors.append((cols["path"][j], f"stored data does not match its hash (in {key})"))
-                    continue
-                for j in by_hash[cols["hash"][i]]:
+                blob_hash, length = cols["hash"][i], cols["length"][i]
+                blob = None
+                if data is not None:
+                    off = cols["offset"][i] - span_start
+                    blob = data[off: off + length]
+                    if blake3.blake3(blob).hexdigest() != blob_hash:
+                        blob = None
+                    else:
+                        sources.count(sources.primary_url)
+                if blob is None:
+                    blob, problem = sources.from_fallbacks(key, cols["offset"][i], length, blob_hash)
+                    if blob is None:
+                        for j in by_hash[blob_hash]:
+                            result.errors.append((cols["path"][j], problem))
+                        continue
+                for j in by_hash[blob_hash]:
                     if writer.pending(j):
                         writer.write_bytes(cols, j, blob)
+    result.sources = dict(sources.used)
     return result
+
+
+class _Sources:
+    """Where blobs are read from: the plan's repository, then the fallbacks.
+
+    Replicas have the same keys as the primary, so a blob that cannot be read
+    from the primary, or does not match its hash there, is read at the same
+    key, offset and length from each fallback in turn, and verified again.
+    """
+
+    def __init__(self, plan: dict, storage_options=None):
+        self.primary_url = plan["repo_url"]
+        self.fallback_urls = [u for u in plan.get("fallbacks", []) if u != self.primary_url]
+        self.options = storage_options
+        self.fallback_options = plan.get("fallback_options") or {}
+        self._repos: dict[str, Repository | None] = {}
+        self.used: dict[str, int] = {}
+
+    def repo(self, url: str):
+        if url not in self._repos:
+            opts = self.options if url == self.primary_url else self.fallback_options.get(url)
+            try:
+                self._repos[url] = Repository.open(url, opts)
+            except Exception:  # unreachable or damaged: try the next source
+                self._repos[url] = None
+        return self._repos[url]
+
+    def count(self, url: str, n: int = 1) -> None:
+        self.used[url] = self.used.get(url, 0) + n
+
+    def primary_range(self, key: str, start: int, end: int) -> bytes:
+        repo = self.repo(self.primary_url)
+        if repo is None:
+            raise OSError(f"{self.primary_url} is unreachable")
+        return repo.fs.cat_file(repo.path(key), start=start, end=end)
+
+    def from_fallbacks(self, key: str, offset: int, length: int, blob_hash: str):
+        problem = f"cannot read a verified copy of {key} from {self.primary_url}"
+        for url in self.fallback_urls:
+            repo = self.repo(url)
+            if repo is None:
+                continue
+            try:
+                blob = repo.fs.cat_file(repo.path(key), start=offset, end=offset + length)
+            except OSError:
+                continue
+            if blake3.blake3(blob).hexdigest() == blob_hash:
+                self.count(url)
+                return blob, None
+        if self.fallback_urls:
+            problem += " or any fallback"
+        return None, problem + "; add a --fallback replica to read it from"
+
+    def all_urls(self):
+        return [self.primary_url, *self.fallback_urls]
 
 
 def _spans(cols, items):
@@ -249,21 +341,28 @@ def _spans(cols, items):
         yield span_start, span_end, members
 
 
-def _restore_large(repo, cols, i, by_hash, writer):
+def _restore_large(sources, cols, i, by_hash, writer):
     paths = [j for j in by_hash[cols["hash"][i]] if writer.pending(j)]
     if not paths:
         return
     first, rest = paths[0], paths[1:]
     key = cols["key"][i]
-    try:
-        ok = writer.write_stream(cols, first, repo.fs, repo.path(key), cols["hash"][i])
-    except OSError as exc:
+    restored = False
+    for url in sources.all_urls():
+        repo = sources.repo(url)
+        if repo is None:
+            continue
+        try:
+            if writer.write_stream(cols, first, repo.fs, repo.path(key), cols["hash"][i]):
+                sources.count(url)
+                restored = True
+                break
+        except OSError:
+            continue
+    if not restored:
         for j in paths:
-            writer.result.errors.append((cols["path"][j], f"cannot read {key}: {exc}"))
-        return
-    if not ok:
-        for j in paths:
-            writer.result.errors.append((cols["path"][j], f"stored data does not match its hash (in {key})"))
+            writer.result.errors.append((cols["path"][j], f"cannot read a verified copy of {key} from "
+                                         f"{', '.join(sources.all_urls())}"))
         return
     for j in rest:
         writer.copy_from(cols, first, j)

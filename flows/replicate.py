@@ -1,0 +1,89 @@
+"""The replicate flow: keep several providers in step with the primary repository.
+
+One task run per replica, all submitted at once; each has its own retries and
+one failing does not stop the others. The run ends Failed when any replica
+failed, naming which and why, and still returns the per-replica summary.
+
+Runnable as ``python -m flows.replicate REPO REPLICA... [--dry-run] [--json]``.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._naming import run_name
+from tasks.core.errors import EXIT_FAILED, EXIT_OK
+from tasks.core.format import human_bytes
+from tasks.replicate import replicate_to
+
+
+def replicate_all(repo: str, replicas: list[str], storage_options: dict | None,
+                  replica_options: dict | None, dry_run: bool) -> dict:
+    """Submit one task per replica and collect outcomes (used by backup too)."""
+    futures = [(r, replicate_to.submit(repo, r, storage_options, (replica_options or {}).get(r), dry_run))
+               for r in replicas]
+    outcomes, failed = [], []
+    for replica, future in futures:
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            outcomes.append({"replica": replica, "ok": True, **future.result()})
+        else:
+            try:
+                future.result()
+                reason = state.message or "failed"
+            except Exception as exc:  # the task's own error: one line for the summary
+                reason = str(exc) or type(exc).__name__
+            outcomes.append({"replica": replica, "ok": False, "error": reason})
+            failed.append(replica)
+    return {"repository": repo, "dry_run": dry_run, "replicas": outcomes, "failed": failed,
+            "task_runs": len(replicas), "exit_code": EXIT_FAILED if failed else EXIT_OK}
+
+
+def write_artifacts(summary: dict) -> None:
+    rows = []
+    for o in summary["replicas"]:
+        if not o["ok"]:
+            rows.append({"replica": o["replica"], "status": "FAILED", "detail": o["error"]})
+        elif summary["dry_run"]:
+            rows.append({"replica": o["replica"], "status": "lacks",
+                         "detail": f"{len(o['snapshots_missing'])} snapshots, "
+                                   f"{human_bytes(o['data_bytes_missing'])} of data"})
+        else:
+            rows.append({"replica": o["replica"], "status": "in step",
+                         "detail": f"copied {o['data_copied']} objects ({human_bytes(o['bytes_copied'])}), "
+                                   f"{o['snapshots_copied']} snapshots"})
+    create_table_artifact(rows, key="replicate-summary", description=f"replicas of {summary['repository']}")
+    md = "# Replication\n\n" + "\n".join(f"- **{r['replica']}**: {r['status']} — {r['detail']}" for r in rows)
+    create_markdown_artifact(md, key="replicate-report")
+
+
+@flow(name="replicate", flow_run_name=lambda: run_name("replicate", "repo"),
+      task_runner=ThreadPoolTaskRunner(max_workers=8), validate_parameters=False)
+def replicate(repo: str, replicas: list[str], dry_run: bool = False, storage_options: dict | None = None,
+              replica_options: dict | None = None) -> dict:
+    """Copy to each replica what it lacks (packs/objects, then index, then manifests).
+
+    ``replica_options`` maps a replica URL to its fsspec storage options.
+    """
+    summary = replicate_all(repo, list(replicas), storage_options, replica_options, dry_run)
+    write_artifacts(summary)
+    if summary["failed"]:
+        ok = [o["replica"] for o in summary["replicas"] if o["ok"]]
+        reasons = "; ".join(f"{o['replica']}: {o['error']}" for o in summary["replicas"] if not o["ok"])
+        return Failed(message=f"replicas failed: {reasons}. In step: {', '.join(ok) or 'none'}", data=summary)
+    return summary
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from flows.cli import main as cli_main
+    return cli_main(["replicate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,705 @@
+"""Questions about a repository's history, answered from its Parquet files.
+
+Everything here reads only what keepflow already writes: snapshot facts from
+manifest footers, entries from the manifests (only the columns asked for),
+blob sizes from the index, and the sizes of ``packs/`` and ``objects/`` from a
+listing. Nothing is written, nothing needs Prefect, and any fsspec URL works
+(a local path, ``memory://``, a replica on S3 with ``storage_options``).
+
+Every function takes a repository as a URL (or an opened
+:class:`~tasks.core.repository.Repository`) and returns a pandas DataFrame or
+a small dict, ready for a notebook:
+
+=========================  ====================================================
+``load_snapshots``         one row per snapshot, from footers only
+``load_manifests``         every entry of the chosen snapshots, a ``snapshot`` column
+``snapshot_diff``          added / modified / deleted paths between two snapshots
+``changes``                the same for each snapshot against its predecessor
+``churn_by_directory``     ``changes`` summed per folder
+``frequently_changed``     files modified in (almost) every run
+``largest``                biggest files or folders of a snapshot
+``file_types``             count and bytes by file extension
+``dedup_stats``            logical bytes vs stored bytes, per snapshot and overall
+``growth``                 logical and stored bytes over time
+``repository_summary``     the figures ``keepflow stats`` prints (no pandas)
+``replication_status``     which repositories hold which snapshots, what each lacks
+=========================  ====================================================
+
+pandas and ``pyarrow.dataset`` are imported inside the functions that need
+them, so ``repository_summary`` stays cheap enough for the command line.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import index as indexmod
+from . import snapshots as snapmod, storage
+from .errors import RepositoryNotFoundError, UsageError
+from .manifest import MANIFEST_SCHEMA, SnapshotInfo
+from .repository import Repository
+
+SNAPSHOT_COLUMNS = [
+    "id", "short_id", "time", "end_time", "duration_s", "parent", "source", "host", "tags",
+    "files", "dirs", "bytes", "added", "changed", "unchanged", "deleted",
+    "bytes_read", "bytes_stored", "skipped", "keepflow_version", "key",
+]
+CHANGE_COLUMNS = ["path", "change", "type", "size", "old_size"]
+_DIFF_COLUMNS = ["path", "type", "size", "hash", "link_target"]
+
+
+# -- opening --------------------------------------------------------------------------
+
+def open_repo(repo, storage_options: dict[str, Any] | None = None) -> Repository:
+    """A Repository from a URL or path (an opened Repository is passed through)."""
+    if isinstance(repo, Repository):
+        return repo
+    return Repository.open(str(repo), storage_options, create=False)
+
+
+def _pd():
+    import pandas as pd
+
+    return pd
+
+
+def _infos(repo: Repository, snapshots=None, all_snaps: list[SnapshotInfo] | None = None) -> list[SnapshotInfo]:
+    """Resolve ``snapshots`` (None, a ref, refs, SnapshotInfos or a DataFrame) in time order."""
+    snaps = snapmod.list_snapshots(repo) if all_snaps is None else all_snaps
+    if snapshots is None:
+        return snaps
+    if hasattr(snapshots, "columns") and "id" in getattr(snapshots, "columns"):
+        refs = list(snapshots["id"])
+    elif isinstance(snapshots, (str, SnapshotInfo)):
+        refs = [snapshots]
+    else:
+        refs = list(snapshots)
+    chosen = {}
+    for ref in refs:
+        info = ref if isinstance(ref, SnapshotInfo) else snapmod.resolve(repo, str(ref), snapshots=snaps)
+        chosen[info.id] = info
+    return sorted(chosen.values(), key=lambda i: (i.time, i.id))
+
+
+# -- snapshots ----------------------------------------------------------------------------
+
+def load_snapshots(repo_url, storage_options: dict[str, Any] | None = None):
+    """One row per snapshot, oldest first, read from the manifest footers only.
+
+    Columns: ``id, short_id, time, end_time`` (UTC timestamps), ``duration_s``,
+    ``parent, source, host, tags`` (a list), ``files, dirs, bytes`` (logical
+    size of the files), ``added, changed, unchanged, deleted`` (file counts
+    against the parent), ``bytes_read, bytes_stored`` (what the backup run
+    read and newly stored), ``skipped, keepflow_version, key`` (the manifest
+    file name under ``snapshots/``).
+    """
+    pd = _pd()
+    repo = open_repo(repo_url, storage_options)
+    rows = [_snapshot_row(s) for s in snapmod.list_snapshots(repo)]
+    df = pd.DataFrame(rows, columns=SNAPSHOT_COLUMNS)
+    for col in ("time", "end_time"):
+        df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601")
+    df["duration_s"] = (df["end_time"] - df["time"]).dt.total_seconds()
+    for col in ("files", "dirs", "bytes", "added", "changed", "unchanged", "deleted",
+                "bytes_read", "bytes_stored", "skipped"):
+        df[col] = df[col].astype("int64")
+    return df
+
+
+def _snapshot_row(s: SnapshotInfo) -> dict:
+    return {
+        "id": s.id, "short_id": s.short_id, "time": s.time, "end_time": s.end_time or s.time,
+        "duration_s": 0.0, "parent": s.parent, "source": s.source, "host": s.host, "tags": list(s.tags),
+        "files": s.files, "dirs": s.dirs, "bytes": s.bytes, "added": s.new, "changed": s.changed,
+        "unchanged": s.unchanged, "deleted": s.deleted, "bytes_read": s.bytes_read,
+        "bytes_stored": s.bytes_stored, "skipped": s.skipped, "keepflow_version": s.keepflow_version,
+        "key": s.key,
+    }
+
+
+# -- manifests ------------------------------------------------------------------------------
+
+def _arrow_fs(repo: Repository):
+    import pyarrow.fs as pafs
+
+    if repo.is_local:
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(repo.fs))
+
+
+def _check_columns(columns) -> list[str]:
+    if columns is None:
+        return list(MANIFEST_SCHEMA.names)
+    if isinstance(columns, str):
+        columns = [columns]
+    cols = list(dict.fromkeys(columns))
+    unknown = [c for c in cols if c not in MANIFEST_SCHEMA.names]
+    if unknown:
+        raise UsageError(f"unknown manifest column(s) {unknown}; the columns are {MANIFEST_SCHEMA.names}")
+    return cols
+
+
+def _type_filter(types):
+    if types is None:
+        return None
+    import pyarrow.dataset as ds
+
+    types = [types] if isinstance(types, str) else list(types)
+    return ds.field("type").isin(types)
+
+
+def _read_each(repo: Repository, infos: list[SnapshotInfo], columns: list[str], types=None,
+               filter=None) -> list[pa.Table]:
+    """Read ``columns`` of each manifest (one table per snapshot, same order).
+
+    ``pyarrow.dataset`` does the reading: only the requested column chunks
+    are fetched, the type filter is pushed down, and fragments are read in
+    parallel (threads; on object stores every fragment is a few range reads).
+    """
+    import pyarrow.dataset as ds
+
+    if not infos:
+        return []
+    expr = _type_filter(types)
+    if filter is not None:
+        expr = filter if expr is None else (expr & filter)
+    paths = [repo.path("snapshots", i.key) for i in infos]
+    dataset = ds.dataset(paths, schema=MANIFEST_SCHEMA, format="parquet", filesystem=_arrow_fs(repo))
+    fragments = list(dataset.get_fragments())
+    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+
+    def one(fragment):
+        return fragment.to_table(schema=MANIFEST_SCHEMA, columns=columns, filter=expr).cast(schema)
+
+    workers = 4 if repo.is_local else 16
+    if len(fragments) < 2:
+        return [one(f) for f in fragments]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, fragments))
+
+
+def load_manifests(repo_url, snapshots=None, columns=None, *, types=None, filter=None,
+                   storage_options: dict[str, Any] | None = None, arrow: bool = False):
+    """Entries of the chosen snapshots as one table, with a ``snapshot`` column.
+
+    ``snapshots``: None (all), ``"latest"``, an id prefix, a list of those, or
+    a DataFrame from :func:`load_snapshots` (its ``id`` column). ``columns``:
+    the manifest columns to read (default all); only those are read from
+    storage. ``types``: keep only ``"file"``, ``"dir"``, ``"symlink"`` (or a
+    list), pushed down into the Parquet scan, as is ``filter`` (a
+    ``pyarrow.dataset`` expression such as ``ds.field("size") > 2**20``).
+
+    The ``snapshot`` column holds the full snapshot id (categorical in pandas,
+    dictionary-encoded in Arrow). ``arrow=True`` returns a ``pyarrow.Table``
+    instead of a DataFrame.
+    """
+    repo = open_repo(repo_url, storage_options)
+    infos = _infos(repo, snapshots)
+    cols = _check_columns(columns)
+    tables = _read_each(repo, infos, cols, types=types, filter=filter)
+    ids = pa.array([i.id for i in infos], pa.string())
+    dict_type = pa.dictionary(pa.int32(), pa.string())
+    parts = []
+    for n, t in enumerate(tables):
+        codes = pa.array(np.full(t.num_rows, n, dtype=np.int32))
+        parts.append(t.add_column(0, pa.field("snapshot", dict_type),
+                                  pa.DictionaryArray.from_arrays(codes, ids)))
+    if parts:
+        table = pa.concat_tables(parts)
+    else:
+        table = pa.schema([pa.field("snapshot", dict_type)] + [MANIFEST_SCHEMA.field(c) for c in cols]).empty_table()
+    if arrow:
+        return table
+    df = table.to_pandas(split_blocks=True, self_destruct=True)
+    if not parts:  # keep the declared dtypes of an empty result
+        df["snapshot"] = df["snapshot"].astype("category")
+    return df
+
+
+def _read_one(repo: Repository, info: SnapshotInfo, columns, types=None) -> pa.Table:
+    return _read_each(repo, [info], _check_columns(columns), types=types)[0]
+
+
+# -- differences ------------------------------------------------------------------------------
+
+def _diff_tables(ta: pa.Table, tb: pa.Table) -> pa.Table:
+    """Added / modified / deleted entries from A to B (by content, like ``keepflow diff``).
+
+    Returns ``path, change, type, size, old_size``: ``size`` is the size in B
+    (in A for deletions), ``old_size`` the size in A for modifications.
+    """
+    a = ta.select(_DIFF_COLUMNS).rename_columns(["path"] + [f"a_{c}" for c in _DIFF_COLUMNS[1:]])
+    b = tb.select(_DIFF_COLUMNS).rename_columns(["path"] + [f"b_{c}" for c in _DIFF_COLUMNS[1:]])
+    j = a.join(b, keys="path", join_type="full outer", use_threads=True)
+    in_a, in_b = pc.is_valid(j["a_type"]), pc.is_valid(j["b_type"])
+    added = pc.and_(in_b, pc.invert(in_a))
+    deleted = pc.and_(in_a, pc.invert(in_b))
+    same = pc.and_(pc.equal(j["a_type"], j["b_type"]),
+                   pc.and_(_eq_or_both_null(j["a_hash"], j["b_hash"]),
+                           _eq_or_both_null(j["a_link_target"], j["b_link_target"])))
+    modified = pc.and_(pc.and_(in_a, in_b), pc.invert(pc.fill_null(same, False)))
+    keep = pc.or_(pc.or_(added, deleted), modified)
+    j = j.filter(keep)
+    added, deleted = pc.filter(added, keep), pc.filter(deleted, keep)
+    change = pc.if_else(added, "added", pc.if_else(deleted, "deleted", "modified"))
+    out = pa.table({
+        "path": j["path"],
+        "change": change,
+        "type": pc.if_else(deleted, j["a_type"], j["b_type"]),
+        "size": pc.if_else(deleted, j["a_size"], j["b_size"]),
+        "old_size": pc.if_else(pc.or_(added, deleted), pa.scalar(None, pa.int64()), j["a_size"]),
+    })
+    return out.sort_by([("path", "ascending")])
+
+
+def _eq_or_both_null(x, y):
+    both_null = pc.and_(pc.is_null(x), pc.is_null(y))
+    return pc.or_(both_null, pc.fill_null(pc.equal(x, y), False))
+
+
+def snapshot_diff(repo_url, a: str, b: str, storage_options: dict[str, Any] | None = None):
+    """What changed from snapshot ``a`` to snapshot ``b`` (refs: ``latest`` or id prefixes).
+
+    One row per changed path: ``path, change`` (added/modified/deleted),
+    ``type, size, old_size, size_delta``. Content changes only, exactly as
+    ``keepflow diff`` counts them: a file whose mode or mtime changed but
+    whose content did not is not listed.
+    """
+    repo = open_repo(repo_url, storage_options)
+    snaps = snapmod.list_snapshots(repo)
+    ia = snapmod.resolve(repo, a, snapshots=snaps)
+    ib = snapmod.resolve(repo, b, snapshots=snaps)
+    ta, tb = _read_each(repo, [ia, ib], _DIFF_COLUMNS)
+    df = _diff_tables(ta, tb).to_pandas()
+    df["size_delta"] = df["size"] - df["old_size"].fillna(0).astype("int64")
+    df.loc[df["change"] == "deleted", "size_delta"] = -df["size"]
+    df.attrs.update(a=ia.id, b=ib.id)
+    return df
+
+
+def _predecessors(infos: list[SnapshotInfo]) -> list[tuple[SnapshotInfo, SnapshotInfo]]:
+    """(previous, snapshot) pairs: the recorded parent when it is among ``infos``,
+    else the previous snapshot of the same source and host."""
+    by_id = {i.id: i for i in infos}
+    last: dict[tuple[str, str], SnapshotInfo] = {}
+    pairs = []
+    for info in infos:
+        prev = by_id.get(info.parent) if info.parent else None
+        prev = prev or last.get((info.source, info.host))
+        if prev is not None:
+            pairs.append((prev, info))
+        last[(info.source, info.host)] = info
+    return pairs
+
+
+def changes(repo_url, snapshots=None, storage_options: dict[str, Any] | None = None):
+    """Every change of every snapshot against its predecessor, one row per changed path.
+
+    Columns: ``snapshot, previous, time`` and those of :func:`snapshot_diff`
+    (``path, change, type, size, old_size``). The predecessor is the
+    snapshot's parent when it is among the chosen snapshots, otherwise the
+    previous snapshot of the same source and host; the first snapshot of each
+    source has none and contributes no rows.
+    """
+    pd = _pd()
+    repo = open_repo(repo_url, storage_options)
+    infos = _infos(repo, snapshots)
+    pairs = _predecessors(infos)
+    needed = [i for i in infos if any(i is p or i is s for p, s in pairs)]
+    tables = dict(zip((i.id for i in needed), _read_each(repo, needed, _DIFF_COLUMNS)))
+    frames = []
+    for prev, snap in pairs:
+        d = _diff_tables(tables[prev.id], tables[snap.id]).to_pandas()
+        d.insert(0, "time", pd.Timestamp(snap.time).tz_convert("UTC"))
+        d.insert(0, "previous", prev.id)
+        d.insert(0, "snapshot", snap.id)
+        frames.append(d)
+    if not frames:
+        empty = pd.DataFrame(columns=["snapshot", "previous", "time"] + CHANGE_COLUMNS)
+        return empty.astype({"size": "int64", "old_size": "float64"})
+    df = pd.concat(frames, ignore_index=True)
+    df.attrs["pairs"] = len(pairs)
+    return df
+
+
+def _folder(paths, depth: int | None):
+    """Parent folder of each path, cut to its first ``depth`` components ('.' at the top)."""
+    pd = _pd()
+    s = pd.Series(paths, dtype="object")
+    parent = s.map(lambda p: posixpath.dirname(p) or ".")
+    if depth is None:
+        return parent
+    return parent.map(lambda d: d if d == "." else "/".join(d.split("/")[:depth]))
+
+
+def churn_by_directory(repo_url, snapshots=None, depth: int | None = 1,
+                       storage_options: dict[str, Any] | None = None):
+    """Changes summed per folder over all snapshot-to-predecessor pairs.
+
+    Files and symlinks only (a new folder is counted through its files).
+    ``depth`` cuts folders to their first components (1: top-level folders,
+    None: the file's own folder; files at the top are under ``.``). Columns:
+    ``directory, added, modified, deleted, changes, bytes_written`` (sizes of
+    added and modified files, what a backup had to read) ``bytes_deleted``;
+    sorted by ``changes``, most first.
+    """
+    pd = _pd()
+    ch = changes(repo_url, snapshots, storage_options)
+    ch = ch[ch["type"] != "dir"]
+    cols = ["directory", "added", "modified", "deleted", "changes", "bytes_written", "bytes_deleted"]
+    if ch.empty:
+        return pd.DataFrame(columns=cols)
+    ch = ch.assign(directory=_folder(ch["path"].to_numpy(), depth).to_numpy())
+    counts = pd.crosstab(ch["directory"], ch["change"]).reindex(columns=["added", "modified", "deleted"],
+                                                                fill_value=0)
+    written = ch[ch["change"] != "deleted"].groupby("directory")["size"].sum()
+    removed = ch[ch["change"] == "deleted"].groupby("directory")["size"].sum()
+    out = counts.assign(changes=counts.sum(axis=1))
+    out["bytes_written"] = written.reindex(out.index, fill_value=0).astype("int64")
+    out["bytes_deleted"] = removed.reindex(out.index, fill_value=0).astype("int64")
+    out = out.reset_index().rename_axis(None, axis=1)
+    return out.sort_values(["changes", "directory"], ascending=[False, True], ignore_index=True)[cols]
+
+
+def frequently_changed(repo_url, snapshots=None, min_fraction: float = 1.0,
+                       storage_options: dict[str, Any] | None = None):
+    """Files modified in at least ``min_fraction`` of the runs (1.0: every run).
+
+    A run is a snapshot with a predecessor. Columns: ``path, times_modified,
+    runs, fraction, last_size``; most often modified first.
+    """
+    pd = _pd()
+    ch = changes(repo_url, snapshots, storage_options)
+    runs = ch.attrs.get("pairs", 0)
+    cols = ["path", "times_modified", "runs", "fraction", "last_size"]
+    mod = ch[(ch["change"] == "modified") & (ch["type"] == "file")]
+    if mod.empty or not runs:
+        return pd.DataFrame(columns=cols)
+    g = mod.groupby("path").agg(times_modified=("change", "size"), last_size=("size", "last")).reset_index()
+    g["runs"] = runs
+    g["fraction"] = g["times_modified"] / runs
+    g = g[g["fraction"] >= min_fraction - 1e-9]
+    return g.sort_values(["times_modified", "path"], ascending=[False, True], ignore_index=True)[cols]
+
+
+# -- one snapshot -------------------------------------------------------------------------------
+
+def largest(repo_url, snapshot: str = "latest", n: int = 20, by: str = "files", depth: int | None = None,
+            storage_options: dict[str, Any] | None = None):
+    """The ``n`` biggest files (``by="files"``) or folders (``by="dirs"``) of a snapshot.
+
+    Folders are measured recursively (everything below them), optionally only
+    down to ``depth`` components. Files: ``path, size, mtime, hash``;
+    folders: ``directory, bytes, files``.
+    """
+    pd = _pd()
+    if by not in ("files", "dirs"):
+        raise UsageError(f"by must be 'files' or 'dirs', not {by!r}")
+    repo = open_repo(repo_url, storage_options)
+    info = snapmod.resolve(repo, snapshot)
+    t = _read_one(repo, info, ["path", "size", "mtime_ns", "hash"], types="file")
+    if by == "files":
+        t = t.sort_by([("size", "descending"), ("path", "ascending")]).slice(0, n)
+        df = t.to_pandas()
+        df.insert(2, "mtime", pd.to_datetime(df.pop("mtime_ns"), unit="ns", utc=True))
+        return df
+    df = t.select(["path", "size"]).to_pandas()
+    parts = df["path"].str.split("/")
+    frames = []
+    max_depth = int(parts.str.len().max() - 1) if len(df) else 0
+    for d in range(1, (max_depth if depth is None else min(depth, max_depth)) + 1):
+        deep = parts.str.len() > d
+        frames.append(pd.DataFrame({"directory": parts[deep].str[:d].str.join("/"), "size": df["size"][deep]}))
+    if not frames:
+        return pd.DataFrame(columns=["directory", "bytes", "files"])
+    all_dirs = pd.concat(frames, ignore_index=True)
+    out = all_dirs.groupby("directory").agg(bytes=("size", "sum"), files=("size", "size")).reset_index()
+    return out.sort_values(["bytes", "directory"], ascending=[False, True], ignore_index=True).head(n)
+
+
+def file_types(repo_url, snapshot: str = "latest", storage_options: dict[str, Any] | None = None):
+    """Files and bytes per extension (lower case; ``(none)`` for no extension)."""
+    repo = open_repo(repo_url, storage_options)
+    info = snapmod.resolve(repo, snapshot)
+    df = _read_one(repo, info, ["path", "size"], types="file").to_pandas()
+    name = df["path"].str.rsplit("/", n=1).str[-1]
+    ext = name.str.extract(r"^.+\.([^.]+)$", expand=False).str.lower().fillna("(none)")
+    out = df.assign(extension=ext).groupby("extension").agg(files=("size", "size"), bytes=("size", "sum"))
+    total = out["bytes"].sum()
+    out["share"] = out["bytes"] / total if total else 0.0
+    return out.reset_index().sort_values(["bytes", "extension"], ascending=[False, True], ignore_index=True)
+
+
+# -- storage -------------------------------------------------------------------------------------
+
+def _data_listing(repo: Repository) -> dict[str, int]:
+    """``packs/...`` and ``objects/...`` keys (relative to the root) -> size."""
+    out = {}
+    for folder in ("packs", "objects"):
+        for f in storage.list_files(repo.fs, repo.path(folder)):
+            name = f["name"]
+            key = name[name.rfind(f"{folder}/"):] if f"{folder}/" in name else name
+            out[key] = int(f.get("size") or 0)
+    return out
+
+
+def _storage_totals(listing: dict[str, int]) -> dict[str, int]:
+    packs = [s for k, s in listing.items() if k.startswith("packs/")]
+    objects = [s for k, s in listing.items() if k.startswith("objects/")]
+    return {"packs": len(packs), "pack_bytes": sum(packs), "objects": len(objects),
+            "object_bytes": sum(objects), "stored_bytes": sum(packs) + sum(objects)}
+
+
+class DedupStats(NamedTuple):
+    per_snapshot: Any   # pandas DataFrame
+    overall: dict
+
+
+def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None = None) -> DedupStats:
+    """Logical bytes against stored bytes, per snapshot and for the repository.
+
+    Per snapshot (oldest first): ``logical_bytes`` (sum of file sizes),
+    ``unique_bytes`` (its distinct blobs), ``new_blobs``/``new_bytes`` (blobs
+    no earlier snapshot references: what this snapshot added to storage, from
+    the index lengths), ``stored_bytes_cumulative`` and ``dedup_ratio``
+    (logical / unique: duplicates inside the snapshot).
+
+    Overall: ``logical_bytes`` (all snapshots together: what full copies
+    would take), ``referenced_bytes`` (distinct blobs any snapshot uses),
+    ``indexed_bytes`` (all blobs in the index), ``unreferenced_bytes``
+    (indexed but used by no snapshot: interrupted runs, forgotten snapshots),
+    ``stored_bytes`` (the sizes of all files under ``packs/`` and ``objects/``,
+    pack trailers included), ``packs``, ``objects``, ``dedup_ratio``
+    (logical / stored) and ``missing_blobs`` (referenced but not indexed:
+    should be 0; ``keepflow verify`` says more).
+    """
+    pd = _pd()
+    repo = open_repo(repo_url, storage_options)
+    all_infos = snapmod.list_snapshots(repo)
+    infos = _infos(repo, snapshots, all_infos)
+    idx = indexmod.load_index(repo, columns=["hash", "length"])
+    value_set = idx["hash"]
+    lengths = idx["length"].to_numpy(zero_copy_only=False).astype(np.int64) if idx.num_rows else np.zeros(0, np.int64)
+    seen = np.zeros(len(lengths), dtype=bool)
+    referenced = np.zeros(len(lengths), dtype=bool)
+    rows = []
+    missing = 0
+    # Blobs already referenced by snapshots older than the chosen ones are not "new".
+    chosen = {i.id for i in infos}
+    first_chosen = infos[0] if infos else None
+    older = [i for i in all_infos if first_chosen and i.id not in chosen
+             and (i.time, i.id) < (first_chosen.time, first_chosen.id)]
+    for tables, count in ((_read_each(repo, older, ["hash", "size"], types="file"), False),
+                          (_read_each(repo, infos, ["hash", "size"], types="file"), True)):
+        for k, t in enumerate(tables):
+            hashes = pc.unique(t["hash"].drop_null()) if t.num_rows else pa.array([], pa.string())
+            pos = pc.index_in(hashes, value_set=value_set) if len(hashes) and len(value_set) else pa.nulls(len(hashes), pa.int32())
+            known = pos.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
+            fresh = known[~seen[known]]
+            seen[fresh] = True
+            if not count:
+                continue
+            referenced[known] = True
+            nonempty = pc.greater(t["size"], 0)
+            nonempty_hashes = pc.unique(pc.filter(t["hash"], nonempty).drop_null()) if t.num_rows else hashes
+            lost = int(pc.sum(pc.invert(pc.is_in(nonempty_hashes, value_set=value_set))).as_py() or 0) \
+                if len(nonempty_hashes) else 0
+            missing += lost
+            info = infos[k]
+            logical = int(pc.sum(t["size"]).as_py() or 0)
+            unique = int(lengths[known].sum())
+            rows.append({"id": info.id, "short_id": info.short_id, "time": info.time,
+                         "files": t.num_rows, "logical_bytes": logical, "unique_blobs": len(known),
+                         "unique_bytes": unique, "new_blobs": len(fresh), "new_bytes": int(lengths[fresh].sum()),
+                         "missing_blobs": lost})
+    cols = ["id", "short_id", "time", "files", "logical_bytes", "unique_blobs", "unique_bytes",
+            "new_blobs", "new_bytes", "missing_blobs"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["time"] = pd.to_datetime(df["time"], utc=True, format="ISO8601")
+    df["stored_bytes_cumulative"] = df["new_bytes"].cumsum().astype("int64")
+    df["dedup_ratio"] = (df["logical_bytes"] / df["unique_bytes"].where(df["unique_bytes"] > 0)).fillna(1.0)
+    totals = _storage_totals(_data_listing(repo))
+    logical = int(df["logical_bytes"].sum())
+    referenced_bytes = int(lengths[referenced].sum())
+    indexed = int(lengths.sum())
+    overall = {
+        "snapshots": len(infos), "logical_bytes": logical, "referenced_blobs": int(referenced.sum()),
+        "referenced_bytes": referenced_bytes, "indexed_blobs": int(len(lengths)), "indexed_bytes": indexed,
+        "unreferenced_bytes": int(lengths[~referenced].sum()) if snapshots is None else None,
+        **totals,
+        "dedup_ratio": (logical / totals["stored_bytes"]) if totals["stored_bytes"] else None,
+        "missing_blobs": missing,
+    }
+    return DedupStats(df, overall)
+
+
+def growth(repo_url, storage_options: dict[str, Any] | None = None):
+    """Logical and stored bytes over time, one row per snapshot (oldest first).
+
+    ``logical_bytes`` is the size of each snapshot, ``logical_bytes_cumulative``
+    what keeping every snapshot as a full copy would take, ``new_bytes`` what
+    the snapshot added to storage (blobs no earlier snapshot used) and
+    ``stored_bytes_cumulative`` its running total; ``files_delta`` and
+    ``logical_bytes_delta`` compare with the previous row.
+    """
+    snaps = load_snapshots(repo_url, storage_options)
+    per = dedup_stats(repo_url, storage_options=storage_options).per_snapshot
+    df = snaps[["id", "short_id", "time", "source", "host", "files"]].merge(
+        per[["id", "logical_bytes", "unique_bytes", "new_bytes", "stored_bytes_cumulative"]], on="id", how="left")
+    df["logical_bytes_cumulative"] = df["logical_bytes"].cumsum()
+    df["files_delta"] = df["files"].diff().fillna(df["files"]).astype("int64")
+    df["logical_bytes_delta"] = df["logical_bytes"].diff().fillna(df["logical_bytes"]).astype("int64")
+    return df
+
+
+# -- the figures for `keepflow stats` (no pandas) -----------------------------------------------
+
+def repository_summary(repo_url, last: int = 10, storage_options: dict[str, Any] | None = None) -> dict:
+    """Figures for ``keepflow stats``: footers, the index and a listing; no manifest rows.
+
+    ``logical_bytes`` is the latest snapshot's size; ``logical_bytes_all``
+    the sum over all snapshots (what full copies would take);
+    ``stored_bytes`` the files under ``packs/`` and ``objects/``;
+    ``dedup_ratio`` = ``logical_bytes_all / stored_bytes``. ``growth`` covers
+    the last ``last`` snapshots: their rows and, from the snapshot before the
+    window to the latest, the change in files and logical bytes and the bytes
+    those runs stored.
+    """
+    repo = open_repo(repo_url, storage_options)
+    snaps = snapmod.list_snapshots(repo)
+    idx = indexmod.load_index(repo, columns=["length"])
+    totals = _storage_totals(_data_listing(repo))
+    latest = snaps[-1] if snaps else None
+    logical_all = sum(s.bytes for s in snaps)
+    last = max(1, int(last))
+    window = snaps[-last:]
+    before = snaps[-last - 1] if len(snaps) > last else None
+    growth = {
+        "snapshots": len(window),
+        "from": before.id if before else None,
+        "to": latest.id if latest else None,
+        "files_delta": (latest.files - (before.files if before else 0)) if latest else 0,
+        "logical_bytes_delta": (latest.bytes - (before.bytes if before else 0)) if latest else 0,
+        "stored_bytes_added": sum(s.bytes_stored for s in window),
+        "rows": [{"id": s.id, "time": s.time, "source": s.source, "files": s.files, "bytes": s.bytes,
+                  "added": s.new, "changed": s.changed, "deleted": s.deleted, "bytes_stored": s.bytes_stored}
+                 for s in window],
+    }
+    return {
+        "repository": repo.url,
+        "id": repo.config.id,
+        "snapshots": len(snaps),
+        "first": snaps[0].time if snaps else None,
+        "latest": latest.id if latest else None,
+        "latest_time": latest.time if latest else None,
+        "files": latest.files if latest else 0,
+        "logical_bytes": latest.bytes if latest else 0,
+        "logical_bytes_all": logical_all,
+        "blobs": idx.num_rows,
+        "blob_bytes": int(pc.sum(idx["length"]).as_py() or 0) if idx.num_rows else 0,
+        **totals,
+        "dedup_ratio": round(logical_all / totals["stored_bytes"], 3) if totals["stored_bytes"] else None,
+        "growth": growth,
+    }
+
+
+# -- several repositories that should hold the same snapshots ---------------------------------------
+
+def _try_open(url, storage_options):
+    try:
+        return open_repo(url, storage_options), "ok"
+    except RepositoryNotFoundError:
+        return None, "empty"
+    except Exception as exc:  # unreachable, foreign content, newer format: report, don't stop
+        return None, f"error: {exc}"
+
+
+def snapshot_presence(urls: Iterable[str], storage_options: dict[str, dict] | None = None):
+    """Which repository holds which snapshot: one row per snapshot id, one bool column per URL.
+
+    ``storage_options`` maps a URL to its fsspec options. Columns ``time`` and
+    ``source`` come from whichever repository holds the snapshot.
+    """
+    pd = _pd()
+    urls = list(urls)
+    seen: dict[str, SnapshotInfo] = {}
+    held: dict[str, set[str]] = {}
+    for url in urls:
+        repo, _ = _try_open(url, (storage_options or {}).get(url))
+        snaps = snapmod.list_snapshots(repo) if repo is not None else []
+        held[url] = {s.id for s in snaps}
+        for s in snaps:
+            seen.setdefault(s.id, s)
+    order = sorted(seen.values(), key=lambda i: (i.time, i.id))
+    df = pd.DataFrame({"id": [s.id for s in order], "short_id": [s.short_id for s in order],
+                       "time": pd.to_datetime([s.time for s in order], utc=True, format="ISO8601"),
+                       "source": [s.source for s in order]})
+    for url in urls:
+        df[url] = [s.id in held[url] for s in order]
+    return df
+
+
+def replication_status(primary: str, replicas: Iterable[str],
+                       storage_options: dict[str, dict] | None = None):
+    """What each replica lacks relative to ``primary``, one row per replica.
+
+    Compares snapshot ids (``snapshots/``), index files (``index/``), blob
+    hashes (the loaded indexes) and data files (``packs/`` and ``objects/``
+    keys with their sizes: a key present with another size counts as
+    missing). ``missing_bytes`` is what copying the missing data files would
+    transfer. A replica that does not exist yet is ``state="empty"`` and
+    lacks everything; one that cannot be read is reported, not raised.
+
+    Columns: ``url, state, snapshots, missing_snapshots, missing_ids,
+    extra_snapshots, missing_index_files, missing_blobs, missing_keys,
+    missing_bytes, in_sync``.
+    """
+    pd = _pd()
+    opts = storage_options or {}
+    prim = open_repo(primary, opts.get(primary))
+    p_snaps = {s.id for s in snapmod.list_snapshots(prim)}
+    p_index = set(indexmod.list_index_names(prim))
+    p_hashes = indexmod.load_index(prim, columns=["hash"])["hash"]
+    p_data = _data_listing(prim)
+    rows = []
+    for url in replicas:
+        repo, state = _try_open(url, opts.get(url))
+        if state.startswith("error"):
+            rows.append({"url": url, "state": state})
+            continue
+        r_snaps = {s.id for s in snapmod.list_snapshots(repo)} if repo else set()
+        r_index = set(indexmod.list_index_names(repo)) if repo else set()
+        r_hashes = indexmod.load_index(repo, columns=["hash"])["hash"] if repo else pa.array([], pa.string())
+        r_data = _data_listing(repo) if repo else {}
+        lacking = [k for k, size in p_data.items() if r_data.get(k) != size]
+        if len(p_hashes) and len(r_hashes):
+            missing_blobs = int(pc.sum(pc.invert(pc.is_in(p_hashes, value_set=r_hashes))).as_py() or 0)
+        else:
+            missing_blobs = len(p_hashes)
+        missing_ids = sorted(p_snaps - r_snaps)
+        rows.append({
+            "url": url, "state": state, "snapshots": len(r_snaps), "missing_snapshots": len(missing_ids),
+            "missing_ids": missing_ids, "extra_snapshots": len(r_snaps - p_snaps),
+            "missing_index_files": len(p_index - r_index), "missing_blobs": missing_blobs,
+            "missing_keys": len(lacking), "missing_bytes": sum(p_data[k] for k in lacking),
+        })
+    cols = ["url", "state", "snapshots", "missing_snapshots", "missing_ids", "extra_snapshots",
+            "missing_index_files", "missing_blobs", "missing_keys", "missing_bytes"]
+    df = pd.DataFrame(rows, columns=cols)
+    df["in_sync"] = (df["state"] == "ok") & (df["missing_snapshots"] == 0) & (df["missing_keys"] == 0) \
+        & (df["missing_index_files"] == 0)
+    df.attrs.update(primary=primary, primary_snapshots=len(p_snaps), primary_bytes=sum(p_data.values()))
+    return df
+
+
+__all__ = [
+    "open_repo", "load_snapshots", "load_manifests", "snapshot_diff", "changes", "churn_by_directory",
+    "frequently_changed", "largest", "file_types", "dedup_stats", "DedupStats", "growth",
+    "repository_summary", "snapshot_presence", "replication_status",
+]
