@@ -574,6 +574,10 @@ class Bench:
                     med[tool] = m
                     ref = REFERENCE.get((tree, sc, tool))
                     c = fail or fmt(m) or ("n/a" if tool in self.tools else "not run")
+                    spread = [x.seconds for x in self.runs if x.ok and x.seconds is not None
+                              and (x.tree, x.scenario, x.tool) == (tree, sc, tool)]
+                    if m is not None and len(spread) > 1:
+                        c += f" [{min(spread):.2f}-{max(spread):.2f}]"
                     if ref is not None:
                         c += f" (issue: {ref:g} s)"
                     cells.append(c)
@@ -589,7 +593,9 @@ class Bench:
                         res = "FAIL (keepflow not measured)" if not med["keepflow"] else "n/a"
                 L.append(f"| {tree} | {SCENARIO_TITLES[sc]} | " + " | ".join(cells)
                          + f" | {ratio('restic')} | {ratio('rsync')} | {tgt} | {res} |")
-        L += ["", "rsync rows are a plain mirror (`rsync -a --delete`), not a versioned backup: "
+        L += ["", "Cells: median [min-max] over the repeats; \"issue\" is the figure quoted in the "
+              "issue for this machine class.", "",
+              "rsync rows are a plain mirror (`rsync -a --delete`), not a versioned backup: "
               "the floor for copying the same bytes. Its \"restore\" is a copy of the mirror "
               "into a fresh folder.", ""]
 

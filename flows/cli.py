@@ -21,6 +21,8 @@ import sys
 
 from tasks.core.errors import EXIT_FAILED, EXIT_USAGE, KeepflowError, UsageError
 
+from flows.cli_stats import add_stats_parser, cmd_stats
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, like every other usage error
@@ -83,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     _storage_options_arg(sp)
 
+    sp = add("verify", "check the repository's structure and re-hash a share of its data")
+    sp.add_argument("repo", metavar="REPO")
+    sp.add_argument("--read-data", default="0%", metavar="PERCENT",
+                    help="re-hash this share of the stored data, chosen at random (e.g. 10%%; 100%% = all)")
+    sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
+
     sp = add("snapshots", "list snapshots")
     sp.add_argument("repo", metavar="REPO")
     sp.add_argument("--json", action="store_true")
@@ -97,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("snap_a", metavar="SNAP_A")
     sp.add_argument("snap_b", metavar="SNAP_B")
     sp.add_argument("--json", action="store_true")
+
+    add_stats_parser(sub)
     return p
 
 
@@ -396,6 +407,35 @@ def _print_replication(summary: dict) -> None:
               "run replicate again once they are reachable", file=sys.stderr)
 
 
+def cmd_verify(args) -> int:
+    from tasks.core.verify import parse_percent
+
+    percent = parse_percent(args.read_data)
+    _prepare_prefect(args.verbose)
+    from flows.verify import verify
+
+    summary = _run_flow(verify, dict(repo=args.repo, read_data=percent, storage_options=args.storage_options),
+                        args, "verify")
+    if args.json:
+        _print_json(summary)
+        return summary["exit_code"]
+    from tasks.core.format import human_bytes
+
+    print(f"{summary['snapshots']} snapshots, {summary['blobs']} blobs in {summary['keys']} keys; "
+          f"re-hashed {summary['keys_read']} keys ({human_bytes(summary['bytes_read'])})")
+    for p in summary["problems"][:100]:
+        where = ", ".join(p["paths"][:3]) + (" ..." if len(p["paths"]) > 3 else "")
+        snaps = ", ".join(s[:8] for s in p["snapshots"][:5])
+        print(f"  {p['kind']}: {p['key'] or p['hash']}: {p['detail']}"
+              + (f" (snapshots {snaps}; {where})" if p["snapshots"] else ""), file=sys.stderr)
+    if summary["problems"]:
+        print(f"keepflow: error: {len(summary['problems'])} problems found; restore affected files from a "
+              "replica (--fallback) or run a new backup", file=sys.stderr)
+    else:
+        print("no problems found")
+    return summary["exit_code"]
+
+
 def cmd_replicas(args) -> int:
     from tasks.core import replicate as core_replicate
     from tasks.core.repository import Repository
@@ -424,7 +464,8 @@ def cmd_replicas(args) -> int:
 COMMANDS = {
     "init": cmd_init, "backup": cmd_backup, "restore": cmd_restore,
     "snapshots": cmd_snapshots, "ls": cmd_ls, "diff": cmd_diff,
-    "replicate": cmd_replicate, "replicas": cmd_replicas,
+    "replicate": cmd_replicate, "replicas": cmd_replicas, "verify": cmd_verify,
+    "stats": cmd_stats,
 }
 
 if __name__ == "__main__":

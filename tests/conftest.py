@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.servers"]
+
 # Before anything imports prefect: a private home, no analytics.
 _HOME = tempfile.mkdtemp(prefix="keepflow-test-prefect-")
 os.environ["PREFECT_HOME"] = _HOME

@@ -1,0 +1,70 @@
+"""The verify flow: structure checks, then re-hash a random share of the data.
+
+Exit (CLI): 0 clean, 1 problems found. A table artifact lists the problems
+with the snapshots and paths they affect; a markdown artifact summarises.
+Runnable as ``python -m flows.verify REPO [--read-data 10%]``.
+"""
+
+from __future__ import annotations
+
+import random
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._naming import run_name
+from tasks.core.errors import EXIT_FAILED, EXIT_OK
+from tasks.core.format import human_bytes
+from tasks.verify import attribute_problems, check_data, check_structure
+
+DATA_PARTS = 4
+
+
+@flow(name="verify", flow_run_name=lambda: run_name("verify", "repo"),
+      task_runner=ThreadPoolTaskRunner(max_workers=DATA_PARTS), validate_parameters=False)
+def verify(repo: str, read_data: float = 0.0, storage_options: dict | None = None) -> dict:
+    """Check ``repo``; ``read_data`` is the percentage of stored data to re-hash (0-100)."""
+    structure = check_structure(repo, storage_options)
+    problems = list(structure["problems"])
+    keys_read = bytes_read = 0
+    parts = DATA_PARTS if read_data > 0 else 0
+    if parts:
+        seed = random.SystemRandom().randrange(2**31)   # a different sample every run
+        futures = [check_data.submit(repo, read_data, seed, i, parts, storage_options) for i in range(parts)]
+        for f in futures:
+            found = f.result()
+            problems += found["problems"]
+            keys_read += found["keys_read"]
+            bytes_read += found["bytes_read"]
+    if problems:
+        problems = attribute_problems(repo, problems, storage_options)
+    summary = {
+        "repository": repo, "snapshots": structure["snapshots"], "blobs": structure["blobs"],
+        "keys": structure["keys"], "read_data_percent": read_data, "keys_read": keys_read,
+        "bytes_read": bytes_read, "problems": problems, "task_runs": 1 + parts + (1 if problems else 0),
+        "exit_code": EXIT_FAILED if problems else EXIT_OK,
+    }
+    md = (f"# Verify {repo}\n\n{structure['snapshots']} snapshots, {structure['blobs']} blobs in "
+          f"{structure['keys']} keys; re-hashed {keys_read} keys ({human_bytes(bytes_read)}, {read_data:g}%).\n\n"
+          + (f"**{len(problems)} problems** (see the table artifact)." if problems else "No problems found."))
+    create_markdown_artifact(md, key="verify-summary")
+    if problems:
+        create_table_artifact([{"kind": p["kind"], "key": p["key"] or "", "hash": (p["hash"] or "")[:16],
+                                "detail": p["detail"], "snapshots": ", ".join(s[:8] for s in p["snapshots"]),
+                                "paths": ", ".join(p["paths"][:5])} for p in problems[:1000]],
+                              key="verify-problems")
+        return Failed(message=f"{len(problems)} problems found in {repo}", data=summary)
+    return summary
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from flows.cli import main as cli_main
+    return cli_main(["verify", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
