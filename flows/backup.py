@@ -13,7 +13,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._naming import run_name
 from tasks.backup import commit_snapshot, plan_backup, store_batch
+from tasks.core.backup import normalise_source
 from tasks.core.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
+from tasks.core.lease import backup_lease
 from tasks.core.format import human_bytes
 
 # Two cores here; reading and hashing release the GIL, so a few more threads
@@ -33,14 +35,23 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
     (one task run per replica, see flows/replicate.py).
     Returns the run summary (the same object ``keepflow backup --json`` prints).
     """
-    plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
-                       storage_options, source_options)
-    futures = [store_batch.submit(plan, i, storage_options, source_options)
-               for i in range(len(plan["batches"]))]
-    summaries = [f.result() for f in futures]
-    committed = commit_snapshot(plan, summaries, storage_options)
+    # The lease keeps a second backup of this source, and prune's deletion
+    # phase, away until the manifest is written (tasks/core/lease.py).
+    holder = None if dry_run else backup_lease(repo, normalise_source(source), storage_options)
+    try:
+        plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
+                           storage_options, source_options)
+        futures = [store_batch.submit(plan, i, storage_options, source_options)
+                   for i in range(len(plan["batches"]))]
+        summaries = [f.result() for f in futures]
+        committed = commit_snapshot(plan, summaries, storage_options)
+    finally:
+        if holder is not None:
+            holder.release()
     summary = summarise(plan, summaries, committed)
     _artifacts(summary)
+    if not dry_run:
+        emit_completed(summary, storage_options)
     if replicate_to and not dry_run:
         from flows.replicate import replicate_all, write_artifacts
 
@@ -84,6 +95,34 @@ def summarise(plan: dict, summaries: list, committed) -> dict:
         "skipped": skipped,
         "exit_code": EXIT_PARTIAL if skipped else EXIT_OK,
     }
+
+
+COMPLETED_EVENT = "keepflow.backup.completed"
+
+
+def emit_completed(summary: dict, storage_options: dict | None) -> None:
+    """Emit ``keepflow.backup.completed`` for a committed snapshot.
+
+    The resource is the repository (``keepflow.repository.<id from keepflow.json>``,
+    named by its URL), so a deployment trigger can start replication of exactly
+    that repository. A failure here is logged, never fails a saved backup.
+    """
+    from prefect import get_run_logger
+    from prefect.events import emit_event
+
+    from tasks.core.repository import Repository
+
+    try:
+        repo_id = Repository.open(summary["repository"], storage_options).config.id
+        emit_event(COMPLETED_EVENT,
+                   resource={"prefect.resource.id": f"keepflow.repository.{repo_id}",
+                             "prefect.resource.name": summary["repository"]},
+                   payload={k: summary[k] for k in (
+                       "snapshot", "parent", "source", "repository", "host", "tags", "time", "files",
+                       "dirs", "bytes", "files_new", "files_changed", "files_unchanged", "files_deleted",
+                       "bytes_read", "bytes_stored", "exit_code")} | {"skipped": len(summary["skipped"])})
+    except Exception as exc:  # the snapshot is saved; only the notification is lost
+        get_run_logger().warning("could not emit %s: %s", COMPLETED_EVENT, exc)
 
 
 def _artifacts(summary: dict) -> None:

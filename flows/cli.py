@@ -92,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     _storage_options_arg(sp)
 
+    sp = add("prune", "forget snapshots by a retention policy and collect unreferenced data")
+    sp.add_argument("repo", metavar="REPO")
+    sp.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest snapshots (-1: all)")
+    for period, unit in (("hourly", "hours"), ("daily", "days"), ("weekly", "weeks"), ("monthly", "months"),
+                         ("yearly", "years")):
+        sp.add_argument(f"--keep-{period}", type=int, metavar="N",
+                        help=f"keep the newest snapshot of each of the last N {unit} that have one (-1: all)")
+    sp.add_argument("--keep-tag", action="append", default=[], metavar="TAG", help="keep snapshots with this tag")
+    sp.add_argument("--grace", type=float, default=24.0, metavar="HOURS",
+                    help="delete data only when it was marked unreferenced at least this long ago (default 24)")
+    sp.add_argument("--dry-run", action="store_true", help="show what would be forgotten and freed")
+    sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
+
+    sp = add("unlock", "remove stale leases left by killed processes (live leases are kept)")
+    sp.add_argument("repo", metavar="REPO")
+    sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
+
     sp = add("snapshots", "list snapshots")
     sp.add_argument("repo", metavar="REPO")
     sp.add_argument("--json", action="store_true")
@@ -106,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("snap_a", metavar="SNAP_A")
     sp.add_argument("snap_b", metavar="SNAP_B")
     sp.add_argument("--json", action="store_true")
+
+    sp = add("serve", "run the scheduled jobs of a TOML configuration file from this process (needs a Prefect server)")
+    sp.add_argument("config", metavar="CONFIG", help="TOML file: sources, repositories, replicas, schedules")
+    sp.add_argument("--check", action="store_true", help="check CONFIG, list its jobs and exit")
+    sp.add_argument("--limit", type=int, default=None, metavar="N", help="run at most N flow runs at once")
 
     add_stats_parser(sub)
     return p
@@ -436,6 +460,59 @@ def cmd_verify(args) -> int:
     return summary["exit_code"]
 
 
+def cmd_prune(args) -> int:
+    from tasks.core import retention
+
+    policy = retention.Policy(args.keep_last, args.keep_hourly, args.keep_daily, args.keep_weekly,
+                              args.keep_monthly, args.keep_yearly, args.keep_tag)
+    if policy.empty():   # refuse before starting a flow run
+        raise UsageError("no retention rule given; pass at least one --keep-* option (nothing was forgotten)")
+    if args.grace < 0:
+        raise UsageError(f"--grace must be 0 or more hours, not {args.grace:g}")
+    _prepare_prefect(args.verbose)
+    from flows.prune import prune
+
+    summary = _run_flow(prune, dict(repo=args.repo, keep_last=args.keep_last, keep_hourly=args.keep_hourly,
+                                    keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
+                                    keep_monthly=args.keep_monthly, keep_yearly=args.keep_yearly,
+                                    keep_tags=args.keep_tag, grace_hours=args.grace, dry_run=args.dry_run,
+                                    storage_options=args.storage_options), args, "prune")
+    if args.json:
+        _print_json(summary)
+        return summary["exit_code"]
+    from tasks.core.format import human_bytes
+
+    verb = "would forget" if args.dry_run else "forgot"
+    print(f"{verb} {len(summary['forgotten'])} snapshots, keeping {len(summary['kept'])}")
+    for s in summary["forgotten"][:50]:
+        print(f"  - {s['id'][:8]}  {s['time'][:19].replace('T', ' ')}  {s['source']}")
+    m, w = summary["marked"], summary["swept"]
+    print(f"{'would mark' if args.dry_run else 'marked'} {m['keys']} keys ({human_bytes(m['bytes'])}) unreferenced"
+          + (f", repacked {m['repacked_packs']} packs" if m["repacked_packs"] else ""))
+    if "postponed" in w:
+        print(f"deletion postponed: {w['postponed']}")
+    else:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {w['keys_deleted']} keys, "
+              f"freeing {human_bytes(w['bytes_freed'])}; {w['marks_waiting']} marks wait for the "
+              f"{args.grace:g} h grace period")
+    return summary["exit_code"]
+
+
+def cmd_unlock(args) -> int:
+    from tasks.core import lease
+    from tasks.core.repository import Repository
+
+    removed, kept = lease.unlock(Repository.open(args.repo, args.storage_options))
+    if args.json:
+        _print_json({"removed": [l.__dict__ for l in removed], "live": [l.__dict__ for l in kept]})
+        return 0
+    print(f"removed {len(removed)} stale leases")
+    for l in kept:
+        print(f"kept live lease {l.id[:8]}: {l.kind} {l.source or ''} on {l.host} pid {l.pid}, expires {l.expires[:19]}"
+              " (wait for it to finish or expire)", file=sys.stderr)
+    return 0
+
+
 def cmd_replicas(args) -> int:
     from tasks.core import replicate as core_replicate
     from tasks.core.repository import Repository
@@ -461,11 +538,37 @@ def cmd_replicas(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from flows.serve_config import load
+
+    jobs = load(args.config)  # a bad file fails here, in one line, before Prefect is imported
+    for job in jobs:
+        when = [job.schedule.describe()] if job.schedule else []
+        when += [f"after each backup of {job.after_backup_of}"] if job.after_backup_of else []
+        print(f"{job.flow}/{job.name}: {' and '.join(when)}")
+    if args.check:
+        return 0
+    _prepare_prefect(args.verbose)
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise UsageError("keepflow serve needs a running Prefect server for its schedules: start one with "
+                         "`prefect server start --host 127.0.0.1` and set "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from flows.serve import serve_config
+
+    print(f"serving {len(jobs)} deployments from {args.config} (Prefect API {PREFECT_API_URL.value()}); "
+          "Ctrl-C stops", flush=True)
+    serve_config(args.config, limit=args.limit)
+    return 0
+
+
 COMMANDS = {
     "init": cmd_init, "backup": cmd_backup, "restore": cmd_restore,
     "snapshots": cmd_snapshots, "ls": cmd_ls, "diff": cmd_diff,
     "replicate": cmd_replicate, "replicas": cmd_replicas, "verify": cmd_verify,
-    "stats": cmd_stats,
+    "prune": cmd_prune, "unlock": cmd_unlock,
+    "stats": cmd_stats, "serve": cmd_serve,
 }
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ def list_index_names(repo) -> list[str]:
     return sorted(f["name"].rsplit("/", 1)[-1] for f in files if f["name"].endswith(".parquet"))
 
 
-def load_index(repo, columns=None) -> pa.Table:
-    """All index entries, one row per hash."""
+def load_index(repo, columns=None, unique: bool = True) -> pa.Table:
+    """All index entries, one row per hash (every location with ``unique=False``)."""
     for attempt in range(3):
         names = list_index_names(repo)
         try:
@@ -43,13 +43,13 @@ def load_index(repo, columns=None) -> pa.Table:
             # A run merged its batch files between our listing and reading.
             if attempt == 2:
                 raise
-    if table.num_rows == 0:
+    if table.num_rows == 0 or not unique:
         return table.select(columns) if columns else table
-    table = _drop_duplicate_hashes(table)
+    table = unique_hashes(table)
     return table.select(columns) if columns else table
 
 
-def _drop_duplicate_hashes(table: pa.Table) -> pa.Table:
+def unique_hashes(table: pa.Table) -> pa.Table:
     hashes = table["hash"]
     if pc.count_distinct(hashes).as_py() == table.num_rows:
         return table

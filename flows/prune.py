@@ -1,0 +1,65 @@
+"""The prune flow: forget snapshots by policy, then collect garbage in two phases.
+
+1. forget: per source+host, keep what the policy keeps (restic's ``forget``
+   semantics, see tasks/core/retention.py), delete the other manifests;
+2. mark: record unreferenced data (and repack mostly-garbage packs);
+3. sweep: delete what was marked at least ``grace_hours`` ago and is still
+   unreferenced, compacting the index (under a prune lease; postponed while a
+   backup runs). With the default 24 h, a prune deletes what the previous
+   day's prune marked.
+
+Runnable as ``python -m flows.prune REPO --keep-daily 7 ...``.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._naming import run_name
+from tasks.core.errors import EXIT_OK
+from tasks.core.format import human_bytes
+from tasks.prune import forget_snapshots, mark_garbage, sweep_garbage
+
+
+@flow(name="prune", flow_run_name=lambda: run_name("prune", "repo"),
+      task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=False)
+def prune(repo: str, keep_last: int | None = None, keep_hourly: int | None = None,
+          keep_daily: int | None = None, keep_weekly: int | None = None, keep_monthly: int | None = None,
+          keep_yearly: int | None = None, keep_tags: list[str] | None = None, grace_hours: float = 24.0,
+          dry_run: bool = False, storage_options: dict | None = None) -> dict:
+    """Forget snapshots outside the policy and collect unreferenced data."""
+    policy = dict(keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily, keep_weekly=keep_weekly,
+                  keep_monthly=keep_monthly, keep_yearly=keep_yearly, keep_tags=list(keep_tags or []))
+    decision = forget_snapshots(repo, policy, dry_run, storage_options)
+    marked = mark_garbage(repo, [s["id"] for s in decision["forget"]], dry_run, storage_options)
+    swept = sweep_garbage(repo, grace_hours, dry_run, storage_options)
+    summary = {
+        "repository": repo, "dry_run": dry_run, "policy": policy, "grace_hours": grace_hours,
+        "forgotten": decision["forget"], "kept": decision["keep"], "marked": marked, "swept": swept,
+        "bytes_freed": swept.get("bytes_freed", 0), "task_runs": 3, "exit_code": EXIT_OK,
+    }
+    verb = "would forget" if dry_run else "forgot"
+    md = (f"# Prune {repo}\n\n{verb} {len(decision['forget'])} snapshots, kept {len(decision['keep'])}.\n\n"
+          f"Marked {marked['keys']} keys ({human_bytes(marked['bytes'])}) as garbage"
+          f"{', repacked ' + str(marked['repacked_packs']) + ' packs' if marked['repacked_packs'] else ''}.\n\n"
+          + (f"Deletion postponed: {swept['postponed']}" if "postponed" in swept else
+             f"Deleted {swept['keys_deleted']} keys, freed {human_bytes(swept['bytes_freed'])}; "
+             f"{swept['marks_waiting']} marks wait for their {grace_hours:g} h grace period."))
+    create_markdown_artifact(md, key="prune-summary")
+    if decision["forget"]:
+        create_table_artifact([{"snapshot": s["id"][:8], "time": s["time"][:19], "source": s["source"]}
+                               for s in decision["forget"]], key="prune-forgotten")
+    return summary
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from flows.cli import main as cli_main
+    return cli_main(["prune", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

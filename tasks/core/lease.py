@@ -1,0 +1,196 @@
+"""Repository leases: who is working on a repository right now.
+
+A lease is a small JSON file ``locks/<kind>-<uuid>.json`` holding the kind
+(``backup``, ``prune``), the source for backups, host, pid, and an expiry
+time. The holder refreshes it (a daemon thread rewrites the expiry every
+``ttl/3``), so a lease whose expiry has passed belongs to a process that
+died: it is ignored by everyone and removed by ``keepflow unlock``.
+
+Rules (checked after writing our own lease, then reading the others, so two
+processes starting at the same moment always see each other):
+
+* two backups of the same source and host never overlap;
+* backups of different sources share the repository freely;
+* prune's deletion phase (``prune`` lease) excludes backups: a backup that
+  started before could rely on blobs being deleted, one that starts during
+  could load an index that still lists them.
+
+Leases on object stores are best effort (no atomic compare-and-swap): the
+grace period of two-phase garbage collection is the second line of defence.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+from . import storage
+from .errors import KeepflowError
+
+DEFAULT_TTL = 30 * 60          # seconds; refreshed every TTL/3 while held
+
+
+class LeaseConflictError(KeepflowError):
+    template = ("{what} is running (lease {lease} on {host}, pid {pid}, expires {expires}); "
+                "wait for it, or if it died run `keepflow unlock {repo}`")
+    exit_code = 11
+
+
+@dataclass
+class Lease:
+    kind: str
+    id: str
+    host: str
+    pid: int
+    created: str
+    expires: str
+    source: str | None = None
+    key: str = ""
+
+    @property
+    def expired(self) -> bool:
+        return dt.datetime.fromisoformat(self.expires) < dt.datetime.now(dt.timezone.utc)
+
+    def holder_is_dead(self) -> bool:
+        """True when the holder ran on this host and its process is gone."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    @property
+    def live(self) -> bool:
+        return not self.expired and not self.holder_is_dead()
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def list_leases(repo) -> list[Lease]:
+    leases = []
+    for info in storage.list_files(repo.fs, repo.path("locks")):
+        name = info["name"]
+        if not name.endswith(".json"):
+            continue
+        try:
+            data = json.loads(repo.fs.cat_file(name))
+            data.pop("key", None)
+            leases.append(Lease(**data, key=name))
+        except (FileNotFoundError, ValueError, TypeError):
+            continue  # released meanwhile, or not ours
+    return leases
+
+
+def conflicts(mine: Lease, others: list[Lease]) -> list[Lease]:
+    found = []
+    for other in others:
+        if other.id == mine.id or not other.live:
+            continue
+        if mine.kind == "backup" and other.kind == "backup":
+            if other.source == mine.source and other.host == mine.host:
+                found.append(other)
+        elif "prune" in (mine.kind, other.kind):
+            found.append(other)
+    return found
+
+
+class Holder:
+    """Acquire on enter, refresh in the background, release on exit."""
+
+    def __init__(self, repo, kind: str, source: str | None = None, ttl: int = DEFAULT_TTL):
+        self.repo, self.ttl = repo, ttl
+        now = _now()
+        self.lease = Lease(kind=kind, id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
+                           created=now.isoformat(), expires=(now + dt.timedelta(seconds=ttl)).isoformat(),
+                           source=source)
+        self.path = repo.path("locks", f"{kind}-{self.lease.id}.json")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        data = asdict(self.lease)
+        data.pop("key")
+        self.repo.fs.makedirs(self.repo.path("locks"), exist_ok=True)
+        self.repo.fs.pipe_file(self.path, json.dumps(data).encode())
+
+    def acquire(self) -> "Holder":
+        self._write()
+        clash = conflicts(self.lease, list_leases(self.repo))
+        if clash:
+            self.release()
+            other = clash[0]
+            what = ("another backup of " + str(other.source)) if other.kind == "backup" and self.lease.kind == "backup" \
+                else f"a {other.kind}"
+            raise LeaseConflictError(what=what, lease=other.id[:8], host=other.host, pid=other.pid,
+                                     expires=other.expires[:19], repo=self.repo.url)
+        self._thread = threading.Thread(target=self._refresh, name=f"keepflow-lease-{self.lease.kind}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            self.lease.expires = (_now() + dt.timedelta(seconds=self.ttl)).isoformat()
+            try:
+                self._write()
+            except OSError:
+                pass  # transient; the next refresh tries again before expiry
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            self.repo.fs.rm_file(self.path)
+        except (FileNotFoundError, OSError):
+            pass
+
+    def __enter__(self) -> "Holder":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def wait_for(repo, kind: str, source: str | None = None, timeout: float = 0.0, poll: float = 2.0) -> Holder:
+    """Acquire, retrying on conflict until ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return Holder(repo, kind, source).acquire()
+        except LeaseConflictError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(poll)
+
+
+def unlock(repo, force_live: bool = False) -> tuple[list[Lease], list[Lease]]:
+    """Remove stale leases; returns (removed, live ones left alone)."""
+    removed, kept = [], []
+    for lease in list_leases(repo):
+        if lease.live and not force_live:
+            kept.append(lease)
+            continue
+        try:
+            repo.fs.rm_file(lease.key)
+            removed.append(lease)
+        except FileNotFoundError:
+            pass
+    return removed, kept
+
+
+def backup_lease(repo_url: str, source: str, storage_options=None) -> Holder:
+    """The lease a backup holds from planning to commit (creates the repository if needed)."""
+    from .repository import Repository
+
+    repo = Repository.open(repo_url, storage_options, create=True)
+    return Holder(repo, "backup", source).acquire()

@@ -1,0 +1,196 @@
+"""Retention policy, two-phase garbage collection, leases, prune with concurrent backups."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tasks.core import gc, lease, retention, snapshots, treeinfo, verify
+from tasks.core.errors import UsageError
+from tasks.core.manifest import SnapshotInfo
+from tasks.core.repository import Repository
+
+from tests import core_helpers
+from tests.conftest import KEEPFLOW, age_tree, make_tree
+
+
+def _snap(i: int, when: str, source="/src", host="h", tags=()):
+    return SnapshotInfo(id=f"{i:016x}", time=dt.datetime.fromisoformat(when).astimezone().isoformat(),
+                        source=source, host=host, tags=list(tags))
+
+
+def test_policy_last_daily_weekly_and_tags():
+    snaps = [_snap(1, "2026-11-01 10:00"), _snap(2, "2026-11-01 18:00"), _snap(3, "2026-11-02 09:00"),
+             _snap(4, "2026-11-09 09:00", tags=["release"]), _snap(5, "2026-11-20 08:00"),
+             _snap(6, "2026-11-20 20:00"), _snap(7, "2026-11-20 21:00", source="/other")]
+    d = retention.choose(snaps, retention.Policy(keep_daily=2))
+    kept = {s.id[-1] for s in d.keep}
+    # per source+host: /src keeps the newest of its 2 newest days (20th -> #6, 9th -> #4); /other keeps #7
+    assert kept == {"6", "4", "7"}
+    d = retention.choose(snaps, retention.Policy(keep_last=1, keep_tags=["release"]))
+    assert {s.id[-1] for s in d.keep} == {"6", "4", "7"}
+    d = retention.choose(snaps, retention.Policy(keep_weekly=3))
+    assert {s.id[-1] for s in d.keep} == {"6", "4", "3", "7"}   # ISO weeks 47, 46, 45 (2nd is week 44: #2 dropped)
+    d = retention.choose(snaps, retention.Policy(keep_monthly=-1))
+    assert {s.id[-1] for s in d.keep} == {"6", "7"}
+    assert "daily" in retention.choose(snaps, retention.Policy(keep_daily=1)).reasons[snaps[5].id]
+
+
+def test_empty_policy_is_refused():
+    with pytest.raises(UsageError, match="keep"):
+        retention.choose([_snap(1, "2026-11-01 10:00")], retention.Policy())
+
+
+@pytest.fixture
+def repo_with_history(tmp_path):
+    src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(4000) for i in range(40)} | {"big": os.urandom(2 << 20)})
+    age_tree(src)
+    repo = str(tmp_path / "repo")
+    core_helpers.backup(src, repo)
+    for i in range(30):                                   # later snapshots lose most small files
+        (src / f"f{i}").unlink()
+    (src / "big").unlink()
+    (src / "new").write_bytes(os.urandom(5000))
+    core_helpers.backup(src, repo)
+    return src, repo
+
+
+def test_gc_two_phases_respects_grace_and_frees_data(tmp_path, repo_with_history):
+    src, repo_url = repo_with_history
+    repo = Repository.open(repo_url)
+    snaps = snapshots.list_snapshots(repo)
+    before = treeinfo.describe(str(src))
+    gc.forget(repo, [snaps[0]])
+    marked = gc.mark(repo)
+    assert marked.keys >= 1 and marked.repacked_packs == 1    # the first pack is 3/4 garbage: repacked
+    waiting = gc.sweep(repo, grace_hours=24)
+    assert waiting.keys_deleted == 0 and waiting.marks_waiting == 1   # still in its grace period
+    swept = gc.sweep(repo, grace_hours=0)
+    assert swept.keys_deleted == marked.keys and swept.bytes_freed > 2 << 20
+    assert swept.index_files_after == 1                           # compacted
+    assert verify.verify(repo_url, read_data=100).problems == []
+    _, _, errors = core_helpers.restore(repo_url, tmp_path / "out")
+    assert errors == [] and treeinfo.describe(str(tmp_path / "out")) == before
+
+
+def test_blob_used_by_a_backup_after_marking_is_rescued(tmp_path, repo_with_history):
+    src, repo_url = repo_with_history
+    repo = Repository.open(repo_url)
+    first = snapshots.list_snapshots(repo)[0]
+    # Bring the big file back from the first snapshot before it is forgotten.
+    core_helpers.restore(repo_url, tmp_path / "old", snapshot=first.id, includes=["big"])
+    gc.forget(repo, [first])
+    marked = gc.mark(repo)                          # the big object is now marked as garbage
+    # Meanwhile a backup finds the same content again: it deduplicates against the marked object.
+    (src / "big").write_bytes((tmp_path / "old" / "big").read_bytes())
+    committed, _, _ = core_helpers.backup(src, repo_url)
+    assert committed.info.bytes_stored == 0
+    swept = gc.sweep(repo, grace_hours=0)
+    assert swept.keys_rescued == 1 and swept.keys_deleted == marked.keys - 1
+    assert verify.verify(repo_url, read_data=100).problems == []
+    _, _, errors = core_helpers.restore(repo_url, tmp_path / "out")
+    assert errors == [] and (tmp_path / "out" / "big").read_bytes() == (src / "big").read_bytes()
+
+
+def test_orphan_data_from_a_crashed_run_is_collected_after_grace(tmp_path):
+    from tasks.core import backup as core_backup
+
+    src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(3000) for i in range(10)})
+    repo_url = str(tmp_path / "repo")
+    core_helpers.backup(make_tree(tmp_path / "other", {"x": "1"}), repo_url)
+    plan = core_backup.prepare(str(src), repo_url).to_dict()
+    core_backup.store_range(plan, 0)
+    core_backup.cleanup(plan)                     # crashed before commit: its pack is referenced by nothing
+    repo = Repository.open(repo_url)
+    assert gc.mark(repo).keys == 1
+    assert gc.sweep(repo, grace_hours=0).keys_deleted == 1
+
+
+def test_lease_rules_and_stale_leases(tmp_path):
+    repo = Repository.init(str(tmp_path / "repo"))
+    a = lease.Holder(repo, "backup", "/src-a").acquire()
+    b = lease.Holder(repo, "backup", "/src-b").acquire()          # other sources share the repository
+    with pytest.raises(lease.LeaseConflictError, match="another backup of /src-a"):
+        lease.Holder(repo, "backup", "/src-a").acquire()
+    with pytest.raises(lease.LeaseConflictError):
+        lease.Holder(repo, "prune").acquire()
+    removed, kept = lease.unlock(repo)
+    assert removed == [] and len(kept) == 2                        # live leases are never broken
+    a.release()
+    b.release()
+    # A lease left by a killed process: its pid is gone.
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = lease.Holder(repo, "backup", "/src-a")
+    dead.lease.pid = proc.pid
+    dead._write()
+    proc.kill()
+    proc.wait()
+    assert lease.Holder(repo, "backup", "/src-a").acquire().release() is None   # not blocked
+    removed, kept = lease.unlock(repo)
+    assert len(removed) == 1 and kept == []
+
+
+def test_expired_lease_does_not_block(tmp_path):
+    repo = Repository.init(str(tmp_path / "repo"))
+    old = lease.Holder(repo, "prune", ttl=1)
+    old.lease.expires = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)).isoformat()
+    old._write()
+    lease.Holder(repo, "backup", "/x").acquire().release()
+
+
+def test_prune_cli_dry_run_then_real(tmp_path, repo_with_history, cli):
+    src, repo = repo_with_history
+    dry = cli("prune", repo, "--keep-last", "1", "--grace", "0", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    import json
+
+    out = json.loads(dry.stdout)
+    assert len(out["forgotten"]) == 1 and out["swept"]["keys_deleted"] == 0
+    assert out["marked"]["bytes"] > 2 << 20                       # what would become garbage
+    assert len(snapshots.list_snapshots(Repository.open(repo))) == 2   # nothing forgotten
+    real = cli("prune", repo, "--keep-last", "1", "--grace", "0", "--json")
+    assert real.returncode == 0, real.stderr
+    out = json.loads(real.stdout)
+    assert out["swept"]["bytes_freed"] > 2 << 20
+    assert len(snapshots.list_snapshots(Repository.open(repo))) == 1
+    assert cli("verify", repo, "--read-data", "100%").returncode == 0
+
+
+def test_prune_without_policy_is_a_usage_error(tmp_path, cli):
+    proc = cli("prune", str(tmp_path / "repo"))
+    assert proc.returncode == 2 and proc.stderr.startswith("keepflow: error:") and "Traceback" not in proc.stderr
+
+
+def test_concurrent_backups_and_prune_lose_nothing(tmp_path, cli_env):
+    """Real processes: two backups of different sources and a prune, all at once."""
+    repo = str(tmp_path / "repo")
+    srcs = []
+    for name in ("a", "b"):
+        src = make_tree(tmp_path / name, {f"d{i % 5}/{name}{i}": os.urandom(2000 + i) for i in range(400)})
+        age_tree(src)
+        srcs.append(src)
+    subprocess.run([KEEPFLOW, "backup", str(srcs[0]), repo], env=cli_env, check=True, capture_output=True)
+    for i in range(100):
+        (srcs[0] / f"d{i % 5}" / f"a{i}").unlink()                   # make garbage to collect
+    subprocess.run([KEEPFLOW, "backup", str(srcs[0]), repo], env=cli_env, check=True, capture_output=True)
+    procs = [subprocess.Popen([KEEPFLOW, "backup", str(s), repo, "--json"], env=cli_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in srcs]
+    procs.append(subprocess.Popen([KEEPFLOW, "prune", repo, "--keep-last", "1", "--grace", "0", "--json"],
+                                  env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    # Once more, so a deletion postponed by a running backup happens now.
+    subprocess.run([KEEPFLOW, "prune", repo, "--keep-last", "1", "--grace", "0"], env=cli_env, check=True,
+                   capture_output=True)
+    assert verify.verify(repo, read_data=100).problems == []
+    snaps = snapshots.list_snapshots(Repository.open(repo))
+    assert {s.source for s in snaps} == {str(srcs[0]), str(srcs[1])}
+    for s, src in ((next(x for x in snaps if x.source == str(p)), p) for p in srcs):
+        out = tmp_path / f"out-{src.name}"
+        _, _, errors = core_helpers.restore(repo, out, snapshot=s.id)
+        assert errors == [] and treeinfo.describe(str(out)) == treeinfo.describe(str(src))
