@@ -10,7 +10,9 @@ Runnable as ``python -m flows.replicate REPO REPLICA... [--dry-run] [--json]``.
 from __future__ import annotations
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -26,6 +28,10 @@ def replicate_all(repo: str, replicas: list[str], storage_options: dict | None,
     futures = [(r, replicate_to.submit(repo, r, storage_options, (replica_options or {}).get(r), dry_run))
                for r in replicas]
     outcomes, failed = [], []
+    if futures:
+        artifact = create_progress_artifact(0.0, key="replicate-progress", description=f"{len(futures)} replicas")
+        for done, _ in enumerate(as_completed([f for _, f in futures]), start=1):
+            update_progress_artifact(artifact, progress=100.0 * done / len(futures))
     for replica, future in futures:
         future.wait()
         state = future.state

@@ -127,9 +127,7 @@ def check_data(repo_url: str, percent: float, storage_options=None, seed: int | 
     for blob, key, off, length in zip(idx["hash"].to_pylist(), idx["key"].to_pylist(),
                                       idx["offset"].to_pylist(), idx["length"].to_pylist()):
         by_key.setdefault(key, []).append((blob, off, length))
-    keys = sorted(by_key)
-    count = len(keys) if percent >= 100 else max(1, round(len(keys) * percent / 100))
-    chosen = random.Random(seed).sample(keys, count)[part::parts]
+    chosen = choose_keys(sorted(by_key), percent, seed)[part::parts]
 
     def check(key):
         problems, nbytes = [], 0
@@ -164,6 +162,12 @@ def check_data(repo_url: str, percent: float, storage_options=None, seed: int | 
             problems.extend(found)
             total += nbytes
     return problems, len(chosen), total
+
+
+def choose_keys(keys: list[str], percent: float, seed: int | None) -> list[str]:
+    """``percent`` of ``keys`` (at least one), a random sample fixed by ``seed``."""
+    count = len(keys) if percent >= 100 else max(1, round(len(keys) * percent / 100))
+    return random.Random(seed).sample(keys, count)
 
 
 def attribute(repo_url: str, problems: list[dict], storage_options=None) -> None:
