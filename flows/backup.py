@@ -15,7 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._naming import run_name
 from tasks.backup import commit_snapshot, plan_backup, store_batch
-from tasks.core.backup import normalise_source
+from tasks.core.backup import check_inputs, normalise_source
 from tasks.core.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
 from tasks.core.lease import backup_lease
 from tasks.core.format import human_bytes
@@ -39,6 +39,7 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
     """
     # The lease keeps a second backup of this source, and prune's deletion
     # phase, away until the manifest is written (tasks/core/lease.py).
+    check_inputs(source, excludes or [], source_options)
     holder = None if dry_run else backup_lease(repo, normalise_source(source), storage_options)
     try:
         plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,

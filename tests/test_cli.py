@@ -218,12 +218,6 @@ def test_restore_include(cli, hist, tmp_path):
     same_tree(expected, describe(str(out)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG tasks/core/restore.py prepare(): include patterns are matched with spec.match_file(path) "
-    "without a trailing '/' for folders, so a folder pattern like 'sub/' never selects the folder "
-    "entry itself, and parent folders of included entries are dropped from the plan; finish() "
-    "therefore never applies their mode/mtime and _make_dirs creates them 0o755 (a 0o700 folder "
-    "comes back world-readable)"))
 def test_restore_include_folder_pattern_keeps_folder_metadata(hist, tmp_path):
     # Through the core steps the restore flow runs (cheap); `keepflow restore REPO OUT
     # --include sub/` shows the same (sub comes back 0o755 instead of 0o700).
@@ -359,11 +353,6 @@ def test_special_entries_and_awkward_names_round_trip(cli, tmp_path):
         assert (out / name).read_text() == content
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG tasks/core/restore.py _tmp_name(): the temporary name is '.' + name[:100] + '.kf-tmp-' + 12 hex, "
-    "truncated by characters not bytes; for a legal name of 3- or 4-byte UTF-8 characters longer than "
-    "~234 bytes the temporary name exceeds NAME_MAX (255) and restore fails with 'File name too long' "
-    "(files in write_bytes/write_stream/copy_from and symlinks in finish)"))
 def test_restore_of_longest_legal_multibyte_names(tmp_path):
     # Core steps (what the flows' tasks run); `keepflow restore` reports the same two
     # errors and exits 1.
@@ -377,11 +366,6 @@ def test_restore_of_longest_legal_multibyte_names(tmp_path):
     assert os.readlink(tmp_path / "out" / emoji) == "target"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG tasks/core/scan.py _to_table(): a file name that is not valid UTF-8 comes back from "
-    "os.scandir with surrogate escapes and pa.array(..., pa.string()) raises UnicodeEncodeError, "
-    "so the whole backup fails ('unexpected UnicodeEncodeError', exit 1) instead of storing or "
-    "skipping that one file"))
 def test_non_utf8_file_name_does_not_fail_the_backup(cli, tmp_path):
     src = make_tree(tmp_path / "src", {"fine.txt": "ok"})
     with open(os.path.join(os.fsencode(src), b"latin1-\xe9t\xe9.txt"), "wb") as f:

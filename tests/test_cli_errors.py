@@ -180,10 +180,6 @@ def test_source_is_a_file(flow_errors):
     assert_one_error(flow_errors["source_is_file"].proc, EXIT_USAGE, "source_is_file.txt", "not a directory")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG tasks/core/backup.py prepare(): the repository is opened with create=True before the "
-    "patterns are compiled and the source is scanned, so a backup refused for a usage error "
-    "(missing source, bad --exclude) still creates an empty repository (keepflow.json) at REPO"))
 def test_refused_backup_creates_no_repository(tmp_path):
     # Core step the plan task runs; `keepflow backup NOSUCH REPO` leaves REPO/keepflow.json too.
     with pytest.raises(SourceNotFoundError):

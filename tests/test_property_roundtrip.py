@@ -26,7 +26,6 @@ import shutil
 import tempfile
 import time
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -266,7 +265,7 @@ def test_every_snapshot_restores_exactly_core(entries, data):
     roundtrip(entries, data, core_backup_run, core_restore_run)
 
 
-@settings(max_examples=4, **COMMON)
+@settings(max_examples=3, **COMMON)
 @given(entries=trees(), data=st.data())
 def test_every_snapshot_restores_exactly_through_flows(prefect_api_url, entries, data):
     roundtrip(entries, data, flow_backup_run, flow_restore_run)

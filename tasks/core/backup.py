@@ -92,9 +92,25 @@ def normalise_source(source: str) -> str:
     return os.path.abspath(os.path.expanduser(source))
 
 
+def check_inputs(source: str, excludes=(), source_options=None) -> None:
+    """Refuse bad input before anything is created (no repository, no lease)."""
+    from .scan import compile_patterns
+    from .errors import SourceNotFoundError
+
+    compile_patterns(excludes)
+    fs, root = storage.open_url(normalise_source(source), source_options)
+    try:
+        is_dir = fs.isdir(root)
+    except OSError as exc:
+        raise storage.describe_error(source, exc) from None
+    if not is_dir:
+        raise SourceNotFoundError(source=source)
+
+
 def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
             parent: str | None = None, dry_run=False, storage_options=None,
             source_options=None) -> BackupPlan:
+    check_inputs(source, excludes, source_options)
     source = normalise_source(source)
     start = dt.datetime.now(dt.timezone.utc)
     # A dry run must not create anything: open without creating, and plan

@@ -102,9 +102,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     repo, info, table, used_url = _open_with_failover(repo_url, storage_options, list(fallbacks),
                                                       fallback_options or {}, snapshot, as_of)
     if spec is not None:
-        paths = table["path"].to_pylist()
-        keep = [spec.match_file(p) for p in paths]
-        table = table.filter(pa.array(keep, pa.bool_()))
+        table = _select(table, spec)
         if table.num_rows == 0:
             raise UsageError(f"no entry of snapshot {info.short_id} matches --include {' '.join(includes)}")
 
@@ -135,6 +133,26 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
         primary_url=repo_url,
         missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
     )
+
+
+def _select(table: pa.Table, spec) -> pa.Table:
+    """Entries matching the include patterns, plus the folders above them.
+
+    Folders are matched with a trailing slash (``docs/`` matches the folder
+    docs), and the folders above every selected entry come along so that
+    their mode and mtime are restored too.
+    """
+    paths = table["path"].to_pylist()
+    kinds = table["type"].to_pylist()
+    keep = [spec.match_file(p + "/" if k == "dir" else p) for p, k in zip(paths, kinds)]
+    ancestors = set()
+    for p, chosen in zip(paths, keep):
+        if chosen:
+            parts = p.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                ancestors.add("/".join(parts[:i]))
+    keep = [c or (k == "dir" and p in ancestors) for p, k, c in zip(paths, kinds, keep)]
+    return table.filter(pa.array(keep, pa.bool_()))
 
 
 def _open_with_failover(repo_url, storage_options, fallbacks, fallback_options, snapshot, as_of):
@@ -466,8 +484,8 @@ class _Writer:
 
     def _tmp_name(self, dest: str) -> str:
         self._counter += 1
-        folder, name = os.path.split(dest)
-        return os.path.join(folder, f".{name[:100]}.kf-tmp-{self._token}-{self._counter}")
+        # Not derived from the file's name: that may already be 255 bytes long.
+        return os.path.join(os.path.dirname(dest), f".kf-tmp-{self._token}-{self._counter}")
 
     def _put_in_place(self, tmp: str, dest: str) -> None:
         try:
@@ -588,8 +606,7 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
                     continue
                 if os.path.isdir(dest) and not os.path.islink(dest):
                     raise IsADirectoryError(21, "a folder is in the way", dest)
-            folder, name = os.path.split(dest)
-            tmp = os.path.join(folder, f".{name[:100]}.kf-tmp-{uuid.uuid4().hex[:12]}")
+            tmp = os.path.join(os.path.dirname(dest), f".kf-tmp-{uuid.uuid4().hex[:12]}")
             os.symlink(row["link_target"], tmp)
             os.replace(tmp, dest)
             _link_meta(dest, row)

@@ -114,7 +114,13 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
             ignorer = _Ignorer(None)
             ignorer.specs = specs
         for entry in entries:
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            name = entry.name
+            if not name.isascii() and not _utf8(name):
+                # Manifests store names as UTF-8 text (readable by any Parquet tool).
+                skipped.append((f"{rel_dir}/{name}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                                "name is not valid UTF-8; rename it to back it up"))
+                continue
+            rel = f"{rel_dir}/{name}" if rel_dir else name
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError as exc:
@@ -160,6 +166,14 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
     batches.append(_to_table(cols, sort=False))
     table = pa.concat_tables(batches)
     return ScanResult(table.sort_by("path") if table.num_rows else table, skipped)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _read_ignore_file(path: str, rel_dir: str, skipped) -> list:
