@@ -13,6 +13,7 @@ from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
 from tasks.backup import commit_snapshot, plan_backup, store_batch
 from tasks.core.backup import check_inputs, normalise_source
@@ -29,7 +30,7 @@ DEFAULT_WORKERS = 2
       task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False)
 def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list[str] | None = None,
            rehash: bool = False, parent: str | None = None, dry_run: bool = False,
-           storage_options: dict | None = None, source_options: dict | None = None,
+           storage_options: dict | str | None = None, source_options: dict | str | None = None,
            replicate_to: list[str] | None = None, replica_options: dict | None = None) -> dict:
     """Back up ``source`` (a folder or fsspec URL) into the repository at ``repo``.
 
@@ -39,6 +40,8 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
     """
     # The lease keeps a second backup of this source, and prune's deletion
     # phase, away until the manifest is written (tasks/core/lease.py).
+    storage_options, source_options = resolve(storage_options), resolve(source_options)
+    replica_options = resolve_map(replica_options)
     check_inputs(source, excludes or [], source_options)
     holder = None if dry_run else backup_lease(repo, normalise_source(source), storage_options)
     try:

@@ -17,6 +17,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._credentials import resolve
 from flows._naming import run_name
 from tasks.core.errors import EXIT_OK
 from tasks.core.format import human_bytes
@@ -28,10 +29,11 @@ from tasks.prune import forget_snapshots, mark_garbage, sweep_garbage
 def prune(repo: str, keep_last: int | None = None, keep_hourly: int | None = None,
           keep_daily: int | None = None, keep_weekly: int | None = None, keep_monthly: int | None = None,
           keep_yearly: int | None = None, keep_tags: list[str] | None = None, grace_hours: float = 24.0,
-          dry_run: bool = False, storage_options: dict | None = None) -> dict:
+          dry_run: bool = False, storage_options: dict | str | None = None) -> dict:
     """Forget snapshots outside the policy and collect unreferenced data."""
     policy = dict(keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily, keep_weekly=keep_weekly,
                   keep_monthly=keep_monthly, keep_yearly=keep_yearly, keep_tags=list(keep_tags or []))
+    storage_options = resolve(storage_options)
     decision = forget_snapshots(repo, policy, dry_run, storage_options)
     marked = mark_garbage(repo, [s["id"] for s in decision["forget"]], dry_run, storage_options)
     swept = sweep_garbage(repo, grace_hours, dry_run, storage_options)

@@ -16,6 +16,7 @@ from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
@@ -69,12 +70,13 @@ def write_artifacts(summary: dict) -> None:
 
 @flow(name="replicate", flow_run_name=lambda: run_name("replicate", "repo"),
       task_runner=ThreadPoolTaskRunner(max_workers=8), validate_parameters=False)
-def replicate(repo: str, replicas: list[str], dry_run: bool = False, storage_options: dict | None = None,
+def replicate(repo: str, replicas: list[str], dry_run: bool = False, storage_options: dict | str | None = None,
               replica_options: dict | None = None) -> dict:
     """Copy to each replica what it lacks (packs/objects, then index, then manifests).
 
     ``replica_options`` maps a replica URL to its fsspec storage options.
     """
+    storage_options, replica_options = resolve(storage_options), resolve_map(replica_options)
     summary = replicate_all(repo, list(replicas), storage_options, replica_options, dry_run)
     write_artifacts(summary)
     if summary["failed"]:

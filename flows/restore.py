@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
@@ -22,13 +23,15 @@ DEFAULT_WORKERS = 2
       task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False)
 def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None = None,
             includes: list[str] | None = None, overwrite: str = "if-changed", dry_run: bool = False,
-            storage_options: dict | None = None, target_options: dict | None = None,
+            storage_options: dict | str | None = None, target_options: dict | str | None = None,
             fallbacks: list[str] | None = None, fallback_options: dict | None = None) -> dict:
     """Restore a snapshot of ``repo`` (all of it, or the ``includes``) into ``target``.
 
     ``fallbacks`` are replica URLs read when the primary is unreachable or a
     blob is missing or corrupt there (``fallback_options`` maps URL -> options).
     """
+    storage_options, target_options = resolve(storage_options), resolve(target_options)
+    fallback_options = resolve_map(fallback_options)
     plan = plan_restore(repo, target, snapshot, as_of, list(includes or []), overwrite, dry_run,
                         storage_options, target_options, list(fallbacks or []), fallback_options)
     futures = [restore_batch.submit(plan, i, storage_options, target_options)

@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows._credentials import resolve
 from flows._naming import run_name
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
@@ -24,8 +25,9 @@ DATA_PARTS = 4
 
 @flow(name="verify", flow_run_name=lambda: run_name("verify", "repo"),
       task_runner=ThreadPoolTaskRunner(max_workers=DATA_PARTS), validate_parameters=False)
-def verify(repo: str, read_data: float = 0.0, storage_options: dict | None = None) -> dict:
+def verify(repo: str, read_data: float = 0.0, storage_options: dict | str | None = None) -> dict:
     """Check ``repo``; ``read_data`` is the percentage of stored data to re-hash (0-100)."""
+    storage_options = resolve(storage_options)
     structure = check_structure(repo, storage_options)
     problems = list(structure["problems"])
     keys_read = bytes_read = 0
