@@ -228,12 +228,18 @@ def _read_one(repo: Repository, info: SnapshotInfo, columns, types=None) -> pa.T
 
 # -- differences ------------------------------------------------------------------------------
 
-def _diff_tables(ta: pa.Table, tb: pa.Table) -> pa.Table:
+def _diff_tables(ta: pa.Table, tb: pa.Table, ka=None, kb=None) -> pa.Table:
     """Added / modified / deleted entries from A to B (by content, like ``keepflow diff``).
 
     Returns ``path, change, type, size, old_size``: ``size`` is the size in B
     (in A for deletions), ``old_size`` the size in A for modifications.
     """
+    # Most entries are identical in both: drop rows whose (path, type, hash, link)
+    # appears on the other side with two set lookups, and join only the rest.
+    ka = _row_key(ta) if ka is None else ka
+    kb = _row_key(tb) if kb is None else kb
+    ta = ta.filter(pc.invert(pc.is_in(ka, value_set=kb)))
+    tb = tb.filter(pc.invert(pc.is_in(kb, value_set=ka)))
     a = ta.select(_DIFF_COLUMNS).rename_columns(["path"] + [f"a_{c}" for c in _DIFF_COLUMNS[1:]])
     b = tb.select(_DIFF_COLUMNS).rename_columns(["path"] + [f"b_{c}" for c in _DIFF_COLUMNS[1:]])
     j = a.join(b, keys="path", join_type="full outer", use_threads=True)
@@ -256,6 +262,15 @@ def _diff_tables(ta: pa.Table, tb: pa.Table) -> pa.Table:
         "old_size": pc.if_else(pc.or_(added, deleted), pa.scalar(None, pa.int64()), j["a_size"]),
     })
     return out.sort_by([("path", "ascending")])
+
+
+def _row_key(t: pa.Table):
+    """One string per entry: path, type, hash and link target (nulls distinct from "")."""
+    def part(col):
+        return pc.fill_null(pc.binary_join_element_wise("v", t[col], ""), "n")
+
+    key = pc.binary_join_element_wise(t["path"], t["type"], part("hash"), part("link_target"), "\0")
+    return key if t.num_rows else pa.array([], pa.string())
 
 
 def _eq_or_both_null(x, y):
@@ -311,11 +326,36 @@ def changes(repo_url, snapshots=None, storage_options: dict[str, Any] | None = N
     repo = open_repo(repo_url, storage_options)
     infos = _infos(repo, snapshots)
     pairs = _predecessors(infos)
+    # Manifests are read (in parallel) a few at a time when first needed and
+    # dropped after their last pair: memory holds a handful of snapshots, not
+    # the whole history.
     needed = [i for i in infos if any(i is p or i is s for p, s in pairs)]
-    tables = dict(zip((i.id for i in needed), _read_each(repo, needed, _DIFF_COLUMNS)))
+    tables: dict[str, pa.Table] = {}
+    keys: dict[str, Any] = {}  # row keys, computed once per snapshot
+    read_ahead = 8
+
+    def key(i):
+        if i.id not in keys:
+            if i.id not in tables:
+                at = needed.index(i)
+                batch = [j for j in needed[at:at + read_ahead] if j.id not in keys and j.id not in tables]
+                tables.update(zip((j.id for j in batch), _read_each(repo, batch, _DIFF_COLUMNS)))
+            keys[i.id] = _row_key(tables[i.id])
+        return keys[i.id]
+
+    uses = {}
+    for prev, snap in pairs:
+        uses[prev.id] = uses.get(prev.id, 0) + 1
+        uses[snap.id] = uses.get(snap.id, 0) + 1
     frames = []
     for prev, snap in pairs:
-        d = _diff_tables(tables[prev.id], tables[snap.id]).to_pandas()
+        kp, ks = key(prev), key(snap)
+        d = _diff_tables(tables[prev.id], tables[snap.id], kp, ks).to_pandas()
+        for i in (prev.id, snap.id):  # free what no later pair needs
+            uses[i] -= 1
+            if not uses[i]:
+                keys.pop(i, None)
+                tables.pop(i, None)
         d.insert(0, "time", pd.Timestamp(snap.time).tz_convert("UTC"))
         d.insert(0, "previous", prev.id)
         d.insert(0, "snapshot", snap.id)
@@ -456,6 +496,19 @@ def _storage_totals(listing: dict[str, int]) -> dict[str, int]:
             "object_bytes": sum(objects), "stored_bytes": sum(packs) + sum(objects)}
 
 
+def _groups(work: list, rows_per_group: int = 2_000_000):
+    """Cut (info, flag) pairs into groups of about ``rows_per_group`` manifest rows."""
+    group, rows = [], 0
+    for item in work:
+        group.append(item)
+        rows += item[0].files + item[0].dirs
+        if rows >= rows_per_group:
+            yield group
+            group, rows = [], 0
+    if group:
+        yield group
+
+
 class DedupStats(NamedTuple):
     per_snapshot: Any   # pandas DataFrame
     overall: dict
@@ -484,40 +537,46 @@ def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None
     all_infos = snapmod.list_snapshots(repo)
     infos = _infos(repo, snapshots, all_infos)
     idx = indexmod.load_index(repo, columns=["hash", "length"])
-    value_set = idx["hash"]
-    lengths = idx["length"].to_numpy(zero_copy_only=False).astype(np.int64) if idx.num_rows else np.zeros(0, np.int64)
-    seen = np.zeros(len(lengths), dtype=bool)
-    referenced = np.zeros(len(lengths), dtype=bool)
+    value_set = idx["hash"].combine_chunks() if idx.num_rows else pa.array([], pa.string())
+    lengths = idx["length"].to_numpy().astype(np.int64) if idx.num_rows else np.zeros(0, np.int64)
+    seen = np.zeros(len(lengths), dtype=bool)        # referenced by an earlier snapshot
+    referenced = np.zeros(len(lengths), dtype=bool)  # referenced by a chosen snapshot
     rows = []
-    missing = 0
-    # Blobs already referenced by snapshots older than the chosen ones are not "new".
+    missing: set[str] = set()
+    # Blobs already used by snapshots older than the chosen ones are not "new".
     chosen = {i.id for i in infos}
-    first_chosen = infos[0] if infos else None
-    older = [i for i in all_infos if first_chosen and i.id not in chosen
-             and (i.time, i.id) < (first_chosen.time, first_chosen.id)]
-    for tables, count in ((_read_each(repo, older, ["hash", "size"], types="file"), False),
-                          (_read_each(repo, infos, ["hash", "size"], types="file"), True)):
-        for k, t in enumerate(tables):
-            hashes = pc.unique(t["hash"].drop_null()) if t.num_rows else pa.array([], pa.string())
-            pos = pc.index_in(hashes, value_set=value_set) if len(hashes) and len(value_set) else pa.nulls(len(hashes), pa.int32())
-            known = pos.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
+    older = [i for i in all_infos if infos and i.id not in chosen
+             and (i.time, i.id) < (infos[0].time, infos[0].id)]
+    work = [(i, False) for i in older] + [(i, True) for i in infos]
+    for group in _groups(work):
+        tables = _read_each(repo, [i for i, _ in group], ["hash", "size"], types="file")
+        # One hash-table build per group: positions of every row's hash in the index.
+        hashes = pa.chunked_array([c for t in tables for c in t["hash"].chunks], pa.string())
+        pos_all = (pc.fill_null(pc.index_in(hashes, value_set=value_set), -1).to_numpy().astype(np.int64)
+                   if len(hashes) else np.zeros(0, np.int64))
+        offset = 0
+        for (info, counted), t in zip(group, tables):
+            n = t.num_rows
+            pos = pos_all[offset:offset + n]
+            offset += n
+            ok = pos >= 0
+            known = np.unique(pos[ok])
             fresh = known[~seen[known]]
             seen[fresh] = True
-            if not count:
+            if not counted:
                 continue
             referenced[known] = True
-            nonempty = pc.greater(t["size"], 0)
-            nonempty_hashes = pc.unique(pc.filter(t["hash"], nonempty).drop_null()) if t.num_rows else hashes
-            lost = int(pc.sum(pc.invert(pc.is_in(nonempty_hashes, value_set=value_set))).as_py() or 0) \
-                if len(nonempty_hashes) else 0
-            missing += lost
-            info = infos[k]
-            logical = int(pc.sum(t["size"]).as_py() or 0)
-            unique = int(lengths[known].sum())
+            lost = set()
+            if not ok.all():
+                sizes = t["size"].to_numpy()
+                bad = ~ok & (sizes > 0) & t["hash"].is_valid().to_numpy(zero_copy_only=False)
+                lost = set(t["hash"].filter(pa.array(bad)).to_pylist())
+                missing |= lost
             rows.append({"id": info.id, "short_id": info.short_id, "time": info.time,
-                         "files": t.num_rows, "logical_bytes": logical, "unique_blobs": len(known),
-                         "unique_bytes": unique, "new_blobs": len(fresh), "new_bytes": int(lengths[fresh].sum()),
-                         "missing_blobs": lost})
+                         "files": n, "logical_bytes": int(pc.sum(t["size"]).as_py() or 0),
+                         "unique_blobs": len(known), "unique_bytes": int(lengths[known].sum()),
+                         "new_blobs": len(fresh), "new_bytes": int(lengths[fresh].sum()),
+                         "missing_blobs": len(lost)})
     cols = ["id", "short_id", "time", "files", "logical_bytes", "unique_blobs", "unique_bytes",
             "new_blobs", "new_bytes", "missing_blobs"]
     df = pd.DataFrame(rows, columns=cols)
@@ -534,7 +593,7 @@ def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None
         "unreferenced_bytes": int(lengths[~referenced].sum()) if snapshots is None else None,
         **totals,
         "dedup_ratio": (logical / totals["stored_bytes"]) if totals["stored_bytes"] else None,
-        "missing_blobs": missing,
+        "missing_blobs": len(missing),
     }
     return DedupStats(df, overall)
 
@@ -663,7 +722,8 @@ def replication_status(primary: str, replicas: Iterable[str],
     pd = _pd()
     opts = storage_options or {}
     prim = open_repo(primary, opts.get(primary))
-    p_snaps = {s.id for s in snapmod.list_snapshots(prim)}
+    p_order = [s.id for s in snapmod.list_snapshots(prim)]  # oldest first
+    p_snaps = set(p_order)
     p_index = set(indexmod.list_index_names(prim))
     p_hashes = indexmod.load_index(prim, columns=["hash"])["hash"]
     p_data = _data_listing(prim)
@@ -682,7 +742,7 @@ def replication_status(primary: str, replicas: Iterable[str],
             missing_blobs = int(pc.sum(pc.invert(pc.is_in(p_hashes, value_set=r_hashes))).as_py() or 0)
         else:
             missing_blobs = len(p_hashes)
-        missing_ids = sorted(p_snaps - r_snaps)
+        missing_ids = [i for i in p_order if i not in r_snaps]  # oldest first
         rows.append({
             "url": url, "state": state, "snapshots": len(r_snaps), "missing_snapshots": len(missing_ids),
             "missing_ids": missing_ids, "extra_snapshots": len(r_snaps - p_snaps),
@@ -692,8 +752,11 @@ def replication_status(primary: str, replicas: Iterable[str],
     cols = ["url", "state", "snapshots", "missing_snapshots", "missing_ids", "extra_snapshots",
             "missing_index_files", "missing_blobs", "missing_keys", "missing_bytes"]
     df = pd.DataFrame(rows, columns=cols)
-    df["in_sync"] = (df["state"] == "ok") & (df["missing_snapshots"] == 0) & (df["missing_keys"] == 0) \
-        & (df["missing_index_files"] == 0)
+    counts = ["snapshots", "missing_snapshots", "extra_snapshots", "missing_index_files", "missing_blobs",
+              "missing_keys", "missing_bytes"]
+    df[counts] = df[counts].astype("Int64")  # an unreadable replica has no counts: <NA>, not NaN floats
+    df["in_sync"] = ((df["state"] == "ok") & (df["missing_snapshots"] == 0) & (df["missing_keys"] == 0)
+                     & (df["missing_index_files"] == 0)).fillna(False).astype(bool)
     df.attrs.update(primary=primary, primary_snapshots=len(p_snaps), primary_bytes=sum(p_data.values()))
     return df
 
