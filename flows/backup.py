@@ -31,7 +31,8 @@ DEFAULT_WORKERS = 2
 def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list[str] | None = None,
            rehash: bool = False, parent: str | None = None, dry_run: bool = False,
            storage_options: dict | str | None = None, source_options: dict | str | None = None,
-           replicate_to: list[str] | None = None, replica_options: dict | None = None) -> dict:
+           replicate_to: list[str] | None = None, replica_options: dict | None = None,
+           wait_for_lease: float = 0.0) -> dict:
     """Back up ``source`` (a folder or fsspec URL) into the repository at ``repo``.
 
     With ``replicate_to``, the same flow run then brings each replica up to date
@@ -43,7 +44,8 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
     storage_options, source_options = resolve(storage_options), resolve(source_options)
     replica_options = resolve_map(replica_options)
     check_inputs(source, excludes or [], source_options)
-    holder = None if dry_run else backup_lease(repo, normalise_source(source), storage_options)
+    holder = None if dry_run else backup_lease(repo, normalise_source(source), storage_options,
+                                               wait=wait_for_lease)
     try:
         plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
                            storage_options, source_options)

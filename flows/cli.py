@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rehash", action="store_true", help="full backup: read every file, trust no metadata")
     sp.add_argument("--parent", metavar="ID", help="snapshot to diff against (default: latest of this source and host)")
     sp.add_argument("--dry-run", action="store_true", help="report what would be stored, store nothing")
+    sp.add_argument("--retry-lock", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to this long for a conflicting run's lease instead of failing")
     sp.add_argument("--replicate-to", action="append", default=[], metavar="URL",
                     help="after the backup, bring this replica up to date (repeatable)")
     sp.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
@@ -348,7 +350,8 @@ def cmd_backup(args) -> int:
     summary = _run_flow(backup, dict(source=args.source, repo=args.repo, tags=args.tag, excludes=args.exclude,
                                      rehash=args.rehash, parent=args.parent, dry_run=args.dry_run,
                                      storage_options=args.storage_options,
-                                     replicate_to=args.replicate_to), args, "backup")
+                                     replicate_to=args.replicate_to, wait_for_lease=args.retry_lock),
+                        args, "backup")
     if args.json:
         _print_json(summary)
         return summary["exit_code"]

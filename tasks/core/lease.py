@@ -188,9 +188,12 @@ def unlock(repo, force_live: bool = False) -> tuple[list[Lease], list[Lease]]:
     return removed, kept
 
 
-def backup_lease(repo_url: str, source: str, storage_options=None) -> Holder:
-    """The lease a backup holds from planning to commit (creates the repository if needed)."""
+def backup_lease(repo_url: str, source: str, storage_options=None, wait: float = 0.0) -> Holder:
+    """The lease a backup holds from planning to commit (creates the repository if needed).
+
+    ``wait``: seconds to keep retrying while a conflicting run holds a lease.
+    """
     from .repository import Repository
 
     repo = Repository.open(repo_url, storage_options, create=True)
-    return Holder(repo, "backup", source).acquire()
+    return wait_for(repo, "backup", source, timeout=wait, poll=min(10.0, max(0.5, wait / 20)))

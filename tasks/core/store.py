@@ -197,20 +197,17 @@ def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
         _record_object(result, repo, blob_hash, st.st_size)
         known.add([blob_hash])
         return blob_hash
-    # Local repository: one pass, read + hash + write to a temporary file.
+    # Local repository: the kernel copies the file to a temporary name
+    # (copy_file_range: no trip through Python buffers), then we hash the
+    # *copy*, so the name always matches what is stored; a change of the
+    # source meanwhile is caught by the caller's fstat comparison.
     tmp_dir = repo.path("tmp")
     os.makedirs(tmp_dir, exist_ok=True)
     tmp = os.path.join(tmp_dir, uuid.uuid4().hex)
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if st.st_size >= PARALLEL_HASH_MIN else 1)
     try:
-        with os.fdopen(os.dup(fd), "rb", buffering=0) as src, open(tmp, "wb", buffering=0) as dst:
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            while n := src.readinto(buf):
-                hasher.update(view[:n])
-                dst.write(view[:n])
-                result.bytes_read += n
-        blob_hash = hasher.hexdigest()
+        result.bytes_read += _kernel_copy(fd, tmp, st.st_size)
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if st.st_size >= PARALLEL_HASH_MIN else 1)
+        blob_hash = hasher.update_mmap(tmp).hexdigest() if st.st_size else hasher.hexdigest()
         if known.contains(blob_hash):
             os.unlink(tmp)
             return blob_hash
@@ -224,6 +221,31 @@ def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
     _record_object(result, repo, blob_hash, st.st_size)
     known.add([blob_hash])
     return blob_hash
+
+
+def _kernel_copy(fd: int, dest: str, size: int) -> int:
+    """Copy ``fd`` (from offset 0) into a new file ``dest``; returns bytes copied."""
+    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    copied = 0
+    try:
+        try:
+            while True:
+                n = os.copy_file_range(fd, out, max(size - copied, CHUNK), copied, copied)
+                if n == 0:
+                    break
+                copied += n
+        except OSError:
+            # Not supported between these filesystems: plain read/write.
+            os.lseek(fd, copied, os.SEEK_SET)
+            os.lseek(out, copied, os.SEEK_SET)
+            while chunk := os.read(fd, CHUNK):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+                copied += len(chunk)
+    finally:
+        os.close(out)
+    return copied
 
 
 def _upload_verified(repo, fileobj, blob_hash: str, size: int) -> None:
