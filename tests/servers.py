@@ -81,6 +81,26 @@ def _port_open(port: int) -> bool:
         return False
 
 
+def _descendants(pid: int) -> list[int]:
+    """PIDs of all descendants of ``pid`` (from /proc), deepest last."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, stack = [], [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
 def clear_fs_caches() -> None:
     """Forget every cached fsspec instance (stale connections after a restart)."""
     from fsspec.spec import AbstractFileSystem
@@ -152,16 +172,27 @@ class Server:
                                 f"(last error: {last_error}): {self.log_tail()}")
 
     def stop(self) -> None:
-        """Stop the real process (by its PID) and wait until it is gone."""
+        """Stop the real process and its children (by PID) and wait until they are gone.
+
+        Children matter for sshd: each connection is served by a child that
+        would otherwise survive the listener, so a "stopped" server would
+        still answer on open connections.
+        """
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
+        children = _descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def restart(self) -> None:
         self.stop()

@@ -111,9 +111,12 @@ class Repository:
             data = None
         except IsADirectoryError:
             raise NotARepositoryError(url=url) from None
-        except (PermissionError, OSError) as exc:
+        except Exception as exc:
+            if not storage.is_storage_failure(exc):
+                raise
             raise storage.describe_error(url, exc) from None
         if data is None:
+            storage.check_container(fs, url)  # a missing bucket is an error, never created
             _check_empty_or_missing(fs, root, url)
             if not create:
                 raise RepositoryNotFoundError(url=url)
@@ -126,10 +129,13 @@ class Repository:
         fs, root = storage.open_url(url, storage_options)
         try:
             exists = fs.exists(storage.join(root, CONFIG_NAME))
-        except OSError as exc:
+        except Exception as exc:
+            if not storage.is_storage_failure(exc):
+                raise
             raise storage.describe_error(url, exc) from None
         if exists:
             raise RepositoryExistsError(url=url)
+        storage.check_container(fs, url)
         _check_empty_or_missing(fs, root, url)
         return cls._create(url, fs, root, storage_options, config)
 
@@ -139,7 +145,9 @@ class Repository:
         try:
             fs.makedirs(root, exist_ok=True)
             created = storage.write_once(fs, storage.join(root, CONFIG_NAME), config.to_json())
-        except OSError as exc:
+        except Exception as exc:
+            if not storage.is_storage_failure(exc):
+                raise
             raise storage.describe_error(url, exc) from None
         if not created:
             # Somebody else created it at the same moment: use theirs.
@@ -173,8 +181,10 @@ def _check_empty_or_missing(fs, root: str, url: str) -> None:
         return
     except NotARepositoryError:
         raise
-    except OSError as exc:
-        raise StorageError(url=url, reason=str(exc)) from None
+    except Exception as exc:
+        if not storage.is_storage_failure(exc):
+            raise
+        raise storage.describe_error(url, exc) from None
     names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
     names.discard("")
     if names - KNOWN_ENTRIES or (names and CONFIG_NAME not in names and names & {"snapshots", "packs"}):

@@ -16,13 +16,25 @@ depends on the backend:
 * object stores (S3, Azure, GCS, memory): a PUT is atomic; we check existence
   first because the names are content hashes, so an existing object already
   holds the same bytes.
+
+Providers differ where keepflow cannot afford it, so this module evens them
+out: SFTP (sshfs) gets a small subclass that honours byte ranges in
+``cat_file``, creates parent folders when a file is opened for writing (as
+object stores do), and renames without replacing; remote endpoints are
+probed once per process so an unreachable host fails in seconds, not after
+a minute of library retries; and every provider's failures become one
+``StorageError`` line that names the provider and the fix
+(``describe_error``).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -41,21 +53,179 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None):
     """Return ``(fs, root)`` for a URL or plain path.
 
     A plain path means local disk and is made absolute, so that the same
-    repository is reached from any working directory.
+    repository is reached from any working directory. Remote endpoints are
+    checked for reachability (one TCP connect per endpoint and process).
     """
     if not url:
         raise UsageError("empty location; give a path or a URL such as s3://bucket/repo")
     if "://" not in url and not url.startswith("memory:"):
         return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(url))
+    scheme = url.split("://", 1)[0].lower()
+    options = dict(storage_options or {})
     try:
-        fs, root = url_to_fs(url, **(storage_options or {}))
+        if scheme in SFTP_SCHEMES:
+            _probe(url, scheme, options)
+            fs, root = _open_sftp(url, options)
+        else:
+            fs, root = url_to_fs(url, **options)
+            if scheme in AZURE_SCHEMES:
+                _shorten_azure_backoff(fs)
+            _probe(url, scheme, options, fs)
     except (ImportError, ValueError) as exc:
-        scheme = url.split("://", 1)[0]
         raise UsageError(
             f"unknown or unavailable storage scheme {scheme!r} in {url}: {exc}; "
             "use a local path or an fsspec URL whose package is installed"
         ) from None
+    except StorageError:
+        raise
+    except Exception as exc:
+        if is_storage_failure(exc):
+            raise describe_error(url, exc) from None
+        raise
     return fs, root.rstrip("/") or root
+
+
+# -- SFTP -------------------------------------------------------------------------
+
+SFTP_SCHEMES = {"sftp", "ssh"}
+_sftp_class = None
+
+
+def _sftp_filesystem_class():
+    """sshfs's SSHFileSystem with the three fixes keepflow needs (built once)."""
+    global _sftp_class
+    if _sftp_class is not None:
+        return _sftp_class
+    from fsspec.asyn import sync_wrapper
+    from sshfs import SSHFileSystem
+
+    class KeepflowSFTPFileSystem(SSHFileSystem):
+        """SSHFileSystem that honours ranges, creates parents on write, renames without replacing."""
+
+        async def _cat_file(self, path, start=None, end=None, **kwargs):
+            if start is None and end is None:
+                return await super()._cat_file(path, **kwargs)
+            path = self._strip_protocol(path)
+            async with self._pool.get() as channel:
+                async with channel.open(path, "rb") as f:
+                    if (start is not None and start < 0) or (end is not None and end < 0):
+                        size = (await channel.stat(path)).size
+                        start = size + start if start is not None and start < 0 else start
+                        end = size + end if end is not None and end < 0 else end
+                    start = start or 0
+                    if start:
+                        await f.seek(start)
+                    if end is None:
+                        return await f.read()
+                    return await f.read(max(0, end - start))
+
+        def _open(self, path, mode="rb", *args, **kwargs):
+            if any(m in mode for m in "wax"):
+                parent = self._parent(path)
+                if parent:
+                    self.makedirs(parent, exist_ok=True)
+            return super()._open(path, mode, *args, **kwargs)
+
+        async def _rename_noreplace(self, src, dst):
+            """SFTP v3 rename: the server refuses to replace an existing name."""
+            async with self._pool.get() as channel:
+                await channel.rename(src, dst)
+
+        rename_noreplace = sync_wrapper(_rename_noreplace)
+
+    _sftp_class = KeepflowSFTPFileSystem
+    return _sftp_class
+
+
+def _open_sftp(url: str, options: dict):
+    """Open (or reuse) an SFTP connection; a cached one whose connection dropped is replaced.
+
+    fsspec caches filesystem instances, and an sshfs instance keeps one SSH
+    connection: after the server restarted, every later call (a Prefect
+    retry included) would fail on the dead connection without this check.
+    """
+    cls = _sftp_filesystem_class()
+    kwargs = cls._get_kwargs_from_urls(url)
+    kwargs.update(options)
+    fs = cls(**kwargs)
+    client = getattr(fs, "_client", None)
+    if client is not None and getattr(client, "is_closed", lambda: False)():
+        cls._cache.pop(getattr(fs, "_fs_token", None), None)
+        fs = cls(**kwargs)
+    return fs, cls._strip_protocol(url)
+
+
+# -- Azure -----------------------------------------------------------------------
+
+AZURE_INITIAL_BACKOFF = 1     # seconds; the SDK's default is 15 (then +3, +9, +27)
+AZURE_INCREMENT_BASE = 2
+
+
+def _shorten_azure_backoff(fs) -> None:
+    """Retry sooner than the Azure SDK's default (15 s, 18 s, 24 s: over a minute).
+
+    adlfs gives no way to pass a retry policy, so the SDK's own policy object
+    is adjusted in place: the same three retries, after about 1, 3 and 5 s.
+    A provider that is down is then reported in seconds and Prefect's task
+    retries (which can wait longer) take over.
+    """
+    try:
+        policy = fs.service_client._config.retry_policy
+    except AttributeError:
+        return
+    if getattr(policy, "initial_backoff", None) == 15 and getattr(policy, "increment_base", None) == 3:
+        policy.initial_backoff = AZURE_INITIAL_BACKOFF
+        policy.increment_base = AZURE_INCREMENT_BASE
+
+
+# -- reachability ---------------------------------------------------------------
+
+_reachable: set[tuple[str, int]] = set()
+_reachable_lock = threading.Lock()
+PROBE_TIMEOUT = 5.0
+
+
+def _endpoint(url: str, scheme: str, options: dict, fs=None) -> tuple[str, int] | None:
+    """The host and port a remote URL talks to, when it can be known cheaply."""
+    if scheme in SFTP_SCHEMES:
+        parts = urlsplit(url)
+        return (parts.hostname, parts.port or 22) if parts.hostname else None
+    endpoint = None
+    if scheme in S3_SCHEMES:
+        endpoint = ((options.get("client_kwargs") or {}).get("endpoint_url") or options.get("endpoint_url")
+                    or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    elif scheme in AZURE_SCHEMES:
+        conn = options.get("connection_string") or getattr(fs, "connection_string", None) \
+            or os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        if conn:
+            fields = dict(p.split("=", 1) for p in conn.split(";") if "=" in p)
+            endpoint = fields.get("BlobEndpoint")
+        endpoint = endpoint or options.get("account_url") or getattr(fs, "account_url", None)
+    if not endpoint:
+        return None  # the provider's default public endpoint: not probed
+    parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    if not parts.hostname:
+        return None
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _probe(url: str, scheme: str, options: dict, fs=None) -> None:
+    """Fail in seconds when the endpoint does not accept connections.
+
+    Without this an unreachable endpoint costs the libraries' own retries
+    (about a minute for Azure). One TCP connect per endpoint per process.
+    """
+    target = _endpoint(url, scheme, options, fs)
+    if target is None or target in _reachable:
+        return
+    try:
+        with socket.create_connection(target, timeout=PROBE_TIMEOUT):
+            pass
+    except OSError as exc:
+        raise describe_error(url, ConnectionError(f"cannot connect to {target[0]}:{target[1]}: "
+                                                  f"{exc.strerror or exc}")) from None
+    with _reachable_lock:
+        _reachable.add(target)
 
 
 def join(root: str, *parts: str) -> str:
@@ -73,16 +243,18 @@ def write_once(fs, path: str, data: bytes) -> bool:
     if fs.exists(path):
         return False
     parent = path.rsplit("/", 1)[0]
-    if parent:
+    if parent and not is_object_store(fs):   # object stores have no folders to create
         fs.makedirs(parent, exist_ok=True)
-    if "sftp" in _protocols(fs) or "ssh" in _protocols(fs):
+    if hasattr(fs, "rename_noreplace"):   # SFTP: temporary name, then a rename that never replaces
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         fs.pipe_file(tmp, data)
         try:
-            fs.mv(tmp, path)
+            fs.rename_noreplace(tmp, path)
         except OSError:
             fs.rm_file(tmp)
-            return False
+            if fs.exists(path):
+                return False
+            raise
         return True
     fs.pipe_file(path, data)
     return True
@@ -111,6 +283,13 @@ def publish_local_tmp(tmp: str, path: str) -> bool:
     return created
 
 
+OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "az", "abfs", "abfss", "adl", "gs", "gcs"}
+
+
+def is_object_store(fs) -> bool:
+    return bool(_protocols(fs) & OBJECT_STORE_PROTOCOLS)
+
+
 def _protocols(fs) -> set[str]:
     proto = fs.protocol
     return set(proto) if isinstance(proto, (tuple, list)) else {proto}
@@ -129,11 +308,139 @@ def list_files(fs, folder: str) -> list[dict]:
     return [dict(info, name=name) for name, info in found.items() if info.get("type") != "directory"]
 
 
+# -- errors ------------------------------------------------------------------------
+
+S3_SCHEMES = {"s3", "s3a"}
+AZURE_SCHEMES = {"az", "abfs", "abfss", "adl"}
+PROVIDER_NAMES = {**{s: "S3" for s in S3_SCHEMES}, **{s: "Azure Blob" for s in AZURE_SCHEMES},
+                  **{s: "SFTP" for s in SFTP_SCHEMES}, "gs": "Google Cloud Storage", "gcs": "Google Cloud Storage",
+                  "memory": "memory", "file": "local disk", "local": "local disk"}
+
+CREDENTIAL_FIXES = {
+    "S3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass key/secret in the storage options",
+    "Azure Blob": "set AZURE_STORAGE_CONNECTION_STRING (or AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY), "
+                  "or pass connection_string or account_name/account_key in the storage options",
+    "SFTP": "check the user in the URL and that your SSH key (~/.ssh/id_*, ssh-agent, or client_keys in the "
+            "storage options) is in the server's authorized_keys",
+}
+ENDPOINT_FIXES = {
+    "S3": "check the endpoint (AWS_ENDPOINT_URL or client_kwargs.endpoint_url) and that the service is running",
+    "Azure Blob": "check BlobEndpoint in the connection string (or account_url) and that the service is running",
+    "SFTP": "check the host and port in the URL and that the SSH server is running",
+}
+
+
+def provider_name(url: str) -> str:
+    if "://" not in url:
+        return "memory" if url.startswith("memory:") else "local disk"
+    scheme = url.split("://", 1)[0].lower()
+    return PROVIDER_NAMES.get(scheme, scheme)
+
+
+def _container(url: str) -> str:
+    return url.split("://", 1)[1].split("/", 1)[0] if "://" in url else ""
+
+
+def _exception_chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for e in _exception_chain(exc) for cls in type(e).__mro__}
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = " ".join(text.strip().splitlines()[:1]) if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_CONNECTION_NAMES = {"ConnectionError", "EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                     "ServiceRequestError", "gaierror", "ConnectionLost", "ServerDisconnectedError",
+                     "ClientOSError", "TimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                     "SFTPNoConnection", "SFTPConnectionLost", "DisconnectError"}
+_AUTH_NAMES = {"ClientAuthenticationError", "PermissionDenied", "NoCredentialsError", "PartialCredentialsError",
+               "CredentialRetrievalError"}
+_AUTH_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AuthorizationFailure", "AuthenticationFailed",
+               "InvalidAuthenticationInfo", "Forbidden", "AccessDenied", "Permission denied", "403")
+_NO_CONTAINER = ("NoSuchBucket", "ContainerNotFound", "specified bucket does not exist",
+                 "specified container does not exist")
+
+
+def classify(exc: BaseException) -> str:
+    """``credentials``, ``unreachable``, ``no-container``, ``not-found``, ``permission`` or ``other``."""
+    names = _names(exc)
+    text = " ".join(f"{type(e).__name__} {e} {getattr(e, 'error_code', '') or ''}" for e in _exception_chain(exc))
+    if any(code in text for code in _NO_CONTAINER):
+        return "no-container"
+    if names & _AUTH_NAMES:
+        return "credentials"
+    if names & _CONNECTION_NAMES and "PermissionError" not in names:
+        return "unreachable"
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, PermissionError) or status in (401, 403) or (
+            "HttpResponseError" in names and any(code in text for code in _AUTH_CODES)):
+        return "permission"
+    if isinstance(exc, FileNotFoundError) or "ResourceNotFoundError" in names:
+        return "not-found"
+    return "other"
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """True for errors a storage library raises (as opposed to keepflow bugs)."""
+    if isinstance(exc, OSError):
+        return True
+    names = _names(exc)
+    return bool(names & ({"BotoCoreError", "ClientError", "AzureError", "Error", "ClientError"} | _CONNECTION_NAMES
+                         | _AUTH_NAMES)) and type(exc).__module__.split(".")[0] in {
+        "botocore", "aiobotocore", "s3fs", "azure", "adlfs", "asyncssh", "sshfs", "aiohttp", "socket", "builtins"}
+
+
 def describe_error(url: str, exc: BaseException) -> StorageError:
-    """Turn an fsspec/OS error into a one-line StorageError naming the place."""
-    reason = str(exc) or type(exc).__name__
-    if isinstance(exc, PermissionError):
-        reason = f"permission denied ({reason}); check credentials and access rights"
-    elif isinstance(exc, FileNotFoundError):
-        reason = f"not found ({reason})"
+    """Turn a storage library's error into a one-line StorageError naming the provider and the fix."""
+    provider = provider_name(url)
+    detail = _first_line(str(exc)) or type(exc).__name__
+    kind = classify(exc)
+    if kind == "no-container":
+        what = "bucket" if provider == "S3" else "container"
+        name = _container(url)
+        tool = f"`aws s3 mb s3://{name}`" if provider == "S3" else f"`az storage container create -n {name}`"
+        reason = f"{provider} {what} {name!r} does not exist; create it first (e.g. {tool}) or correct the name"
+    elif kind in ("credentials", "permission") and provider in CREDENTIAL_FIXES:
+        what = "the SFTP server refused the login" if provider == "SFTP" else f"{provider} rejected the credentials"
+        reason = f"{what} ({detail}); {CREDENTIAL_FIXES[provider]}"
+    elif kind == "permission":
+        reason = f"permission denied ({detail}); check credentials and access rights"
+    elif kind == "unreachable":
+        fix = ENDPOINT_FIXES.get(provider, "check the address and that the service is running")
+        reason = f"cannot reach the {provider} server ({detail}); {fix}"
+    elif kind == "not-found":
+        reason = f"not found ({detail})"
+    else:
+        reason = f"{provider} error ({type(exc).__name__}: {detail})" if provider not in ("local disk", "memory") \
+            else detail
     return StorageError(url=url, reason=reason)
+
+
+def check_container(fs, url: str) -> None:
+    """Raise StorageError when the bucket/container of an object-store URL is missing.
+
+    Called only when a repository was not found, so a typo in the bucket name
+    is reported as such (and no bucket is created behind the user's back).
+    """
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in S3_SCHEMES | AZURE_SCHEMES:
+        return
+    name = _container(url)
+    try:
+        exists = fs.exists(name)
+    except Exception as exc:
+        if is_storage_failure(exc):
+            raise describe_error(url, exc) from None
+        raise
+    if not exists:
+        raise describe_error(url, FileNotFoundError(
+            "NoSuchBucket" if scheme in S3_SCHEMES else "ContainerNotFound"))
