@@ -8,15 +8,26 @@ would only delay the one-line error the user needs.
 
 from __future__ import annotations
 
-from tasks.core.errors import KeepflowError
+from tasks.core import storage
+from tasks.core.errors import KeepflowError, StorageError
+from tasks.core.store import RepositoryWriteError
 
 PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeepflowError)
 
 
 def is_transient(exc: BaseException | None) -> bool:
-    if exc is None or isinstance(exc, PERMANENT):
+    if exc is None:
         return False
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+    if isinstance(exc, RepositoryWriteError):
+        cause = exc.__cause__
+        return cause is None or is_transient(cause) or storage.classify(cause) == "unreachable"
+    if isinstance(exc, StorageError):
+        return getattr(exc, "kind", "") == "unreachable"    # a server may come back; credentials will not
+    if isinstance(exc, PERMANENT):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    return storage.is_storage_failure(exc) and storage.classify(exc) in ("unreachable", "other")
 
 
 def retry_transient(task, task_run, state) -> bool:

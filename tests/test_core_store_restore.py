@@ -214,3 +214,36 @@ def test_resolve_by_prefix_time_and_errors(tmp_path):
     fake = manifest.SnapshotInfo(id=first.info.id[:3] + "f" * 13, time=first.info.time)
     with pytest.raises(AmbiguousSnapshotError):
         snapshots.resolve(repo, first.info.id[:3], snapshots=[first.info, fake])
+
+
+def test_failed_repository_write_fails_the_batch_not_the_file(tmp_path):
+    """A pack that cannot be written must not turn into 'skipped files' and a snapshot without data."""
+    from tasks.core import backup as core_backup
+    from tasks.core.store import RepositoryWriteError
+
+    repo_url = str(tmp_path / "repo")
+    Repository.init(repo_url)
+    src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(1000) for i in range(5)})
+    # A real fault: the packs folder is a regular file, so no pack can be created under it.
+    (tmp_path / "repo" / "packs").write_text("in the way")
+    plan = core_backup.prepare(str(src), repo_url).to_dict()
+    with pytest.raises(RepositoryWriteError):
+        core_backup.store_range(plan, 0)
+    core_backup.cleanup(plan)
+    assert snapshots.list_snapshots(Repository.open(repo_url)) == []
+
+
+def test_transient_and_permanent_errors_for_retries():
+    from tasks.core.errors import StorageError
+    from tasks.core.store import RepositoryWriteError
+    from tasks.retry import is_transient
+
+    down = StorageError(url="s3://b/r", reason="cannot reach")
+    down.kind = "unreachable"
+    creds = StorageError(url="s3://b/r", reason="bad key")
+    creds.kind = "credentials"
+    assert is_transient(down) and not is_transient(creds)
+    assert is_transient(ConnectionResetError()) and not is_transient(PermissionError())
+    wrapped = RepositoryWriteError("x")
+    wrapped.__cause__ = TimeoutError()
+    assert is_transient(wrapped)

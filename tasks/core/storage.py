@@ -61,7 +61,9 @@ def open_url(url: str, storage_options: dict[str, Any] | None = None):
     if "://" not in url and not url.startswith("memory:"):
         return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(url))
     scheme = url.split("://", 1)[0].lower()
-    options = dict(storage_options or {})
+    from .storage_config import merged
+
+    options = merged(url, storage_options)   # ~/.config/keepflow/storage.toml, then explicit options
     try:
         if scheme in SFTP_SCHEMES:
             _probe(url, scheme, options)
@@ -422,7 +424,9 @@ def describe_error(url: str, exc: BaseException) -> StorageError:
     else:
         reason = f"{provider} error ({type(exc).__name__}: {detail})" if provider not in ("local disk", "memory") \
             else detail
-    return StorageError(url=url, reason=reason)
+    error = StorageError(url=url, reason=reason)
+    error.kind = kind          # lets the retry policy tell "server down" from "bad credentials"
+    return error
 
 
 def check_container(fs, url: str) -> None:

@@ -73,6 +73,19 @@ class ChangedWhileReading(Exception):
     pass
 
 
+class RepositoryWriteError(Exception):
+    """Writing to the repository failed.
+
+    Distinct from the source-side errors that skip one file: a failed write
+    must fail the whole batch (Prefect may retry it), because files already
+    hashed into the lost pack would otherwise be committed without their data.
+    """
+
+
+# errno values that mean the *destination* is the problem during a local copy.
+_DEST_ERRNOS = {28, 122, 30, 27}   # ENOSPC, EDQUOT, EROFS, EFBIG
+
+
 class PackWriter:
     """Concatenates small blobs and writes full packs write-once."""
 
@@ -96,7 +109,10 @@ class PackWriter:
         if not self.dry_run:
             # Local writes take the bytearray as is (no 16 MiB copy).
             data = self.buffer if self.repo.is_local else bytes(self.buffer)
-            storage.write_once(self.repo.fs, self.repo.path(key), data)
+            try:
+                storage.write_once(self.repo.fs, self.repo.path(key), data)
+            except Exception as exc:
+                raise RepositoryWriteError(f"cannot write {key} to {self.repo.url}: {exc}") from exc
         rows = self.result.index_rows
         for blob_hash, offset, length in self.entries:
             rows["hash"].append(blob_hash)
@@ -121,6 +137,8 @@ def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[
                 blob_hash, size, mtime, ctime = _store_local_file(repo, full, threshold, known, packer, result, dry_run)
             else:
                 blob_hash, size, mtime, ctime = _store_remote_file(repo, source_fs, full, threshold, known, packer, result, dry_run)
+        except RepositoryWriteError:
+            raise
         except FileNotFoundError:
             result.skipped.append((rel, "vanished before it could be read"))
             continue
@@ -193,7 +211,7 @@ def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
             return blob_hash
         os.lseek(fd, 0, os.SEEK_SET)
         with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-            _upload_verified(repo, f, blob_hash, st.st_size)
+            _upload_verified(repo, f, blob_hash, st.st_size, source_changed=lambda: _changed(fd, st))
         _record_object(result, repo, blob_hash, st.st_size)
         known.add([blob_hash])
         return blob_hash
@@ -205,15 +223,23 @@ def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
     os.makedirs(tmp_dir, exist_ok=True)
     tmp = os.path.join(tmp_dir, uuid.uuid4().hex)
     try:
-        result.bytes_read += _kernel_copy(fd, tmp, st.st_size)
+        try:
+            result.bytes_read += _kernel_copy(fd, tmp, st.st_size)
+        except OSError as exc:
+            if exc.errno in _DEST_ERRNOS or (exc.filename and str(exc.filename).startswith(tmp_dir)):
+                raise RepositoryWriteError(f"cannot write to {repo.url}: {exc.strerror or exc}") from exc
+            raise
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if st.st_size >= PARALLEL_HASH_MIN else 1)
         blob_hash = hasher.update_mmap(tmp).hexdigest() if st.st_size else hasher.hexdigest()
         if known.contains(blob_hash):
             os.unlink(tmp)
             return blob_hash
         final = repo.path(repo.object_key(blob_hash))
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        storage.publish_local_tmp(tmp, final)
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            storage.publish_local_tmp(tmp, final)
+        except OSError as exc:
+            raise RepositoryWriteError(f"cannot write {final}: {exc.strerror or exc}") from exc
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -225,7 +251,10 @@ def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
 
 def _kernel_copy(fd: int, dest: str, size: int) -> int:
     """Copy ``fd`` (from offset 0) into a new file ``dest``; returns bytes copied."""
-    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise RepositoryWriteError(f"cannot create {dest}: {exc.strerror or exc}") from exc
     copied = 0
     try:
         try:
@@ -248,21 +277,56 @@ def _kernel_copy(fd: int, dest: str, size: int) -> int:
     return copied
 
 
-def _upload_verified(repo, fileobj, blob_hash: str, size: int) -> None:
-    """Upload ``fileobj`` as the object ``blob_hash``; hash again while sending."""
+def _upload_verified(repo, fileobj, blob_hash: str, size: int, source_changed=None) -> None:
+    """Upload ``fileobj`` as the object ``blob_hash``, hashing it again while sending.
+
+    Object stores publish a (multipart) upload atomically when it completes,
+    so the final name is written directly; other filesystems get a temporary
+    name and a rename. A content mismatch (the source changed since it was
+    hashed) removes the upload and skips the file.
+    """
+    fs = repo.fs
     final = repo.path(repo.object_key(blob_hash))
-    if repo.fs.exists(final):
-        return
-    hasher = blake3.blake3()
-    tmp = final + f".tmp-{uuid.uuid4().hex}"
-    with repo.fs.open(tmp, "wb") as out:
-        while chunk := fileobj.read(CHUNK):
-            hasher.update(chunk)
-            out.write(chunk)
-    if hasher.hexdigest() != blob_hash:
-        repo.fs.rm_file(tmp)
+    try:
+        if fs.exists(final):
+            return
+        direct = storage.is_object_store(fs)
+        target = final if direct else final + f".tmp-{uuid.uuid4().hex}"
+        hasher = blake3.blake3()
+        with fs.open(target, "wb") as out:
+            while chunk := fileobj.read(CHUNK):
+                hasher.update(chunk)
+                out.write(chunk)
+            if hasher.hexdigest() != blob_hash or (source_changed and source_changed()):
+                # Abandon the upload: for object stores, discard before it completes.
+                if hasattr(out, "discard"):
+                    out.discard()
+                mismatch = True
+            else:
+                mismatch = False
+    except ChangedWhileReading:
+        raise
+    except Exception as exc:
+        raise RepositoryWriteError(f"cannot upload {repo.object_key(blob_hash)} to {repo.url}: {exc}") from exc
+    if mismatch:
+        try:
+            if fs.exists(target):
+                fs.rm_file(target)
+        except Exception:
+            pass
         raise ChangedWhileReading()
-    repo.fs.mv(tmp, final)
+    if not direct:
+        try:
+            if hasattr(fs, "rename_noreplace"):
+                fs.rename_noreplace(target, final)
+            else:
+                fs.mv(target, final)
+        except Exception as exc:
+            raise RepositoryWriteError(f"cannot publish {final}: {exc}") from exc
+
+
+def _changed(fd: int, st: os.stat_result) -> bool:
+    return not _same_stat(st, os.fstat(fd))
 
 
 def _record_object(result: BatchResult, repo, blob_hash: str, size: int) -> None:
