@@ -295,7 +295,8 @@ class _Sources:
     """
 
     def __init__(self, plan: dict, storage_options=None):
-        self.primary_url = plan["repo_url"]
+        self.primary_url = plan["repo_url"]          # the repository the plan was read from
+        self.original_url = plan.get("primary_url") or self.primary_url   # the one the user named
         self.fallback_urls = [u for u in plan.get("fallbacks", []) if u != self.primary_url]
         self.options = storage_options
         self.fallback_options = plan.get("fallback_options") or {}
@@ -304,7 +305,7 @@ class _Sources:
 
     def repo(self, url: str):
         if url not in self._repos:
-            opts = self.options if url == self.primary_url else self.fallback_options.get(url)
+            opts = self.options if url == self.original_url else self.fallback_options.get(url)
             try:
                 self._repos[url] = Repository.open(url, opts)
             except Exception:  # unreachable or damaged: try the next source
