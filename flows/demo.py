@@ -1,4 +1,4 @@
-"""``make demo``: a real backup, a change, an incremental backup, a restore, a check.
+"""``make demo``: a real backup, a change, an incremental backup, a restore, a check, a verify.
 
 Runs on Prefect's embedded default (no server to start). Everything happens
 under ./demo-work, which is recreated on each run. Each step runs through the
@@ -105,6 +105,9 @@ def main() -> int:
         return 1
     print(f"restored tree is identical to the first snapshot's source "
           f"({len(after)} entries: content, modes, mtimes, symlinks, empty folders)")
+
+    step("7. verify the repository, re-reading all of its data")
+    keepflow("verify", repo, "--read-data", "100%")
     print(f"\ndemo finished in {time.time() - started:.1f} s; see the runs with "
           f"`{sys.prefix}/bin/prefect flow-run ls`")
     return 0
