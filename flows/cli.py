@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--keep-tag", action="append", default=[], metavar="TAG", help="keep snapshots with this tag")
     sp.add_argument("--grace", type=float, default=24.0, metavar="HOURS",
                     help="delete data only when it was marked unreferenced at least this long ago (default 24)")
+    sp.add_argument("--replica", action="append", default=[], metavar="URL",
+                    help="apply the same policy to this replica too (repeatable)")
     sp.add_argument("--dry-run", action="store_true", help="show what would be forgotten and freed")
     sp.add_argument("--json", action="store_true")
     _storage_options_arg(sp)
@@ -479,7 +481,7 @@ def cmd_prune(args) -> int:
                                     keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
                                     keep_monthly=args.keep_monthly, keep_yearly=args.keep_yearly,
                                     keep_tags=args.keep_tag, grace_hours=args.grace, dry_run=args.dry_run,
-                                    storage_options=args.storage_options), args, "prune")
+                                    storage_options=args.storage_options, replicas=args.replica), args, "prune")
     if args.json:
         _print_json(summary)
         return summary["exit_code"]
@@ -498,6 +500,11 @@ def cmd_prune(args) -> int:
         print(f"{'would delete' if args.dry_run else 'deleted'} {w['keys_deleted']} keys, "
               f"freeing {human_bytes(w['bytes_freed'])}; {w['marks_waiting']} marks wait for the "
               f"{args.grace:g} h grace period")
+    for r in summary.get("replicas", []):
+        if r["ok"]:
+            print(f"replica {r['repository']}: forgot {r['forgotten']} snapshots, freed {human_bytes(r['bytes_freed'])}")
+        else:
+            print(f"keepflow: error: prune of replica {r['repository']} failed: {r['error']}", file=sys.stderr)
     return summary["exit_code"]
 
 

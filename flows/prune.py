@@ -17,9 +17,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._credentials import resolve
+from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
-from tasks.core.errors import EXIT_OK
+from prefect.states import Failed
+
+from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
 from tasks.prune import forget_snapshots, mark_garbage, sweep_garbage
 
@@ -29,11 +31,37 @@ from tasks.prune import forget_snapshots, mark_garbage, sweep_garbage
 def prune(repo: str, keep_last: int | None = None, keep_hourly: int | None = None,
           keep_daily: int | None = None, keep_weekly: int | None = None, keep_monthly: int | None = None,
           keep_yearly: int | None = None, keep_tags: list[str] | None = None, grace_hours: float = 24.0,
-          dry_run: bool = False, storage_options: dict | str | None = None) -> dict:
-    """Forget snapshots outside the policy and collect unreferenced data."""
+          dry_run: bool = False, storage_options: dict | str | None = None,
+          replicas: list[str] | None = None, replica_options: dict | None = None) -> dict:
+    """Forget snapshots outside the policy and collect unreferenced data.
+
+    With ``replicas``, the same policy is then applied to each replica: their
+    manifests are copies of the primary's, so the decisions are the same, and
+    each replica collects its own garbage. A failing replica does not stop
+    the others; the run then ends Failed, naming it.
+    """
     policy = dict(keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily, keep_weekly=keep_weekly,
                   keep_monthly=keep_monthly, keep_yearly=keep_yearly, keep_tags=list(keep_tags or []))
-    storage_options = resolve(storage_options)
+    summary = _prune_one(repo, policy, grace_hours, dry_run, resolve(storage_options))
+    if replicas:
+        replica_options = resolve_map(replica_options)
+        summary["replicas"], failed = [], []
+        for url in replicas:
+            try:
+                one = _prune_one(url, policy, grace_hours, dry_run, replica_options.get(url))
+                summary["replicas"].append({"repository": url, "ok": True, "forgotten": len(one["forgotten"]),
+                                            "bytes_freed": one["bytes_freed"]})
+            except Exception as exc:  # one replica down must not stop the others
+                summary["replicas"].append({"repository": url, "ok": False, "error": str(exc)})
+                failed.append(url)
+            summary["task_runs"] += 3
+        if failed:
+            summary["exit_code"] = EXIT_FAILED
+            return Failed(message=f"prune failed on {', '.join(failed)}", data=summary)
+    return summary
+
+
+def _prune_one(repo: str, policy: dict, grace_hours: float, dry_run: bool, storage_options) -> dict:
     decision = forget_snapshots(repo, policy, dry_run, storage_options)
     marked = mark_garbage(repo, [s["id"] for s in decision["forget"]], dry_run, storage_options)
     swept = sweep_garbage(repo, grace_hours, dry_run, storage_options)
@@ -49,7 +77,7 @@ def prune(repo: str, keep_last: int | None = None, keep_hourly: int | None = Non
           + (f"Deletion postponed: {swept['postponed']}" if "postponed" in swept else
              f"Deleted {swept['keys_deleted']} keys, freed {human_bytes(swept['bytes_freed'])}; "
              f"{swept['marks_waiting']} marks wait for their {grace_hours:g} h grace period."))
-    create_markdown_artifact(md, key="prune-summary")
+    create_markdown_artifact(md, key="prune-summary", description=f"prune of {repo}")
     if decision["forget"]:
         create_table_artifact([{"snapshot": s["id"][:8], "time": s["time"][:19], "source": s["source"]}
                                for s in decision["forget"]], key="prune-forgotten")

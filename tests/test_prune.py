@@ -194,3 +194,25 @@ def test_concurrent_backups_and_prune_lose_nothing(tmp_path, cli_env):
         out = tmp_path / f"out-{src.name}"
         _, _, errors = core_helpers.restore(repo, out, snapshot=s.id)
         assert errors == [] and treeinfo.describe(str(out)) == treeinfo.describe(str(src))
+
+
+def test_prune_applies_the_policy_to_replicas(tmp_path, repo_with_history, prefect_api_url):
+    from flows.prune import prune
+    from tasks.core import replicate as core_replicate
+
+    src, repo = repo_with_history
+    replica = str(tmp_path / "replica")
+    core_replicate.replicate(repo, replica)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    state = prune(repo, keep_last=1, grace_hours=0, replicas=[replica, str(blocker / "gone")], return_state=True)
+    assert state.is_failed() and str(blocker / "gone") in state.message       # the broken one is named
+    summary = state.result(raise_on_failure=False)
+    ok = next(r for r in summary["replicas"] if r["ok"])
+    assert ok["forgotten"] == 1 and ok["bytes_freed"] > 2 << 20
+    for url in (repo, replica):
+        snaps = snapshots.list_snapshots(Repository.open(url))
+        assert len(snaps) == 1
+        assert verify.verify(url, read_data=100).problems == []
+    assert [s.id for s in snapshots.list_snapshots(Repository.open(repo))] == \
+        [s.id for s in snapshots.list_snapshots(Repository.open(replica))]
