@@ -40,6 +40,21 @@ def prefect_api_url():
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture(params=["local", "memory"])
+def repo_url(request, tmp_path):
+    """A repository location on local disk and on memory:// (the cheap providers)."""
+    import fsspec
+
+    if request.param == "local":
+        yield str(tmp_path / "repo")
+        return
+    url = f"memory://kf-{tmp_path.name}/repo"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
 @pytest.fixture
 def cli_env(prefect_api_url):
     env = dict(os.environ)

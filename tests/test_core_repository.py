@@ -13,21 +13,9 @@ from tasks.core.errors import (NotARepositoryError, RepositoryExistsError, Repos
 from tasks.core.repository import CONFIG_NAME, FORMAT_VERSION, Repository
 
 
-@pytest.fixture(params=["local", "memory"])
-def location(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path / "repo")
-        return
-    url = f"memory://kf-{tmp_path.name}/repo"
-    yield url
-    fs = fsspec.filesystem("memory")
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
-
-
-def test_init_then_open_reads_same_config(location):
-    created = Repository.init(location)
-    opened = Repository.open(location)
+def test_init_then_open_reads_same_config(repo_url):
+    created = Repository.init(repo_url)
+    opened = Repository.open(repo_url)
     assert opened.config.id == created.config.id
     assert opened.config.version == FORMAT_VERSION
     assert opened.config.hash == "blake3-256"
@@ -35,20 +23,20 @@ def test_init_then_open_reads_same_config(location):
     assert raw["pack_size"] >= 16 * 1024 * 1024
 
 
-def test_init_twice_is_refused(location):
-    Repository.init(location)
+def test_init_twice_is_refused(repo_url):
+    Repository.init(repo_url)
     with pytest.raises(RepositoryExistsError):
-        Repository.init(location)
+        Repository.init(repo_url)
 
 
-def test_open_missing_without_create(location):
+def test_open_missing_without_create(repo_url):
     with pytest.raises(RepositoryNotFoundError):
-        Repository.open(location)
+        Repository.open(repo_url)
 
 
-def test_open_with_create_makes_repository(location):
-    repo = Repository.open(location, create=True)
-    assert Repository.open(location).config.id == repo.config.id
+def test_open_with_create_makes_repository(repo_url):
+    repo = Repository.open(repo_url, create=True)
+    assert Repository.open(repo_url).config.id == repo.config.id
 
 
 def test_foreign_content_is_refused_and_untouched(tmp_path):
@@ -62,24 +50,24 @@ def test_foreign_content_is_refused_and_untouched(tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
 
 
-def test_newer_format_is_refused(location):
-    repo = Repository.init(location)
+def test_newer_format_is_refused(repo_url):
+    repo = Repository.init(repo_url)
     config = json.loads(repo.fs.cat_file(repo.path(CONFIG_NAME)))
     config["version"] = FORMAT_VERSION + 1
     repo.fs.pipe_file(repo.path(CONFIG_NAME), json.dumps(config).encode())
     with pytest.raises(RepositoryVersionError, match="upgrade keepflow"):
-        Repository.open(location)
+        Repository.open(repo_url)
 
 
-def test_garbage_config_is_refused(location):
-    repo = Repository.init(location)
+def test_garbage_config_is_refused(repo_url):
+    repo = Repository.init(repo_url)
     repo.fs.pipe_file(repo.path(CONFIG_NAME), b"not json")
     with pytest.raises(NotARepositoryError):
-        Repository.open(location)
+        Repository.open(repo_url)
 
 
-def test_write_once_never_overwrites(location):
-    repo = Repository.init(location)
+def test_write_once_never_overwrites(repo_url):
+    repo = Repository.init(repo_url)
     path = repo.path("packs", "ab", "abcdef")
     assert storage.write_once(repo.fs, path, b"first") is True
     assert storage.write_once(repo.fs, path, b"second") is False

@@ -20,18 +20,6 @@ from tests.conftest import age_tree, make_tree
 MiB = 1024 * 1024
 
 
-@pytest.fixture(params=["local", "memory"])
-def repo_url(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path / "repo")
-        return
-    url = f"memory://kf-{tmp_path.name}/repo"
-    yield url
-    fs = fsspec.filesystem("memory")
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
-
-
 def test_roundtrip_small_and_large(tmp_path, repo_url):
     src = make_tree(tmp_path / "src", {"a.txt": "alpha", "dir/b.bin": os.urandom(5000), "empty.txt": "",
                                        "big.bin": os.urandom(2 * MiB + 7), "nothing": None,

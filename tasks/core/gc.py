@@ -76,14 +76,9 @@ def referenced_hashes(repo, exclude: set[str] = frozenset()) -> pa.Array:
 
 
 def _stored_keys(repo) -> dict[str, int]:
-    root = repo.root.rstrip("/") + "/"
-    out = {}
+    out: dict[str, int] = {}
     for folder in DATA_FOLDERS:
-        for info in storage.list_files(repo.fs, repo.path(folder)):
-            name = info["name"]
-            rel = name[len(root):] if name.startswith(root) else name
-            if ".tmp-" not in rel:
-                out[rel] = int(info.get("size") or 0)
+        out.update(storage.list_keys(repo.fs, repo.root, folder))
     return out
 
 

@@ -84,15 +84,7 @@ class ReplicaResult:
 
 def _listing(repo, folder: str) -> dict[str, int]:
     """key (relative to the repository root) -> size, for one top folder."""
-    base = repo.path(folder)
-    out: dict[str, int] = {}
-    for info in storage.list_files(repo.fs, base):
-        name = info["name"]
-        rel = name[len(repo.root.rstrip("/")) + 1:] if name.startswith(repo.root.rstrip("/") + "/") else name
-        if ".tmp-" in rel or ".kf-tmp-" in rel:
-            continue  # a write in progress, not data
-        out[rel] = int(info.get("size") or 0)
-    return out
+    return storage.list_keys(repo.fs, repo.root, folder)
 
 
 def _snapshot_ids(keys) -> list[str]:

@@ -401,6 +401,21 @@ def is_storage_failure(exc: BaseException) -> bool:
         "botocore", "aiobotocore", "s3fs", "azure", "adlfs", "asyncssh", "sshfs", "aiohttp", "socket", "builtins"}
 
 
+def list_keys(fs, root: str, folder: str) -> dict[str, int]:
+    """Keys below ``root/folder`` relative to ``root``, with their sizes.
+
+    Names with ``.tmp-`` are writes in progress (or left by a crash), not data.
+    """
+    prefix = root.rstrip("/") + "/"
+    out: dict[str, int] = {}
+    for info in list_files(fs, join(root, folder)):
+        name = info["name"]
+        rel = name[len(prefix):] if name.startswith(prefix) else name
+        if ".tmp-" not in rel:
+            out[rel] = int(info.get("size") or 0)
+    return out
+
+
 def describe_error(url: str, exc: BaseException) -> StorageError:
     """Turn a storage library's error into a one-line StorageError naming the provider and the fix."""
     provider = provider_name(url)

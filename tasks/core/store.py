@@ -162,6 +162,17 @@ def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[
     return result
 
 
+def _store_small(data: bytes, known: "KnownBlobs", packer: PackWriter, result: BatchResult) -> str:
+    """Hash a small file's bytes and pack them unless the blob is known."""
+    result.bytes_read += len(data)
+    blob_hash = blake3.blake3(data).hexdigest()
+    if not known.contains_or_claim(blob_hash, packer):
+        packer.add(blob_hash, data)
+        result.bytes_stored += len(data)
+        result.blobs_stored += 1
+    return blob_hash
+
+
 def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns and a.st_ino == b.st_ino
 
@@ -180,12 +191,7 @@ def _store_local_file(repo, path, threshold, known, packer, result, dry_run):
             after = os.fstat(fd)
             if len(data) != before.st_size or not _same_stat(before, after):
                 raise ChangedWhileReading()
-            result.bytes_read += len(data)
-            blob_hash = blake3.blake3(data).hexdigest()
-            if not known.contains_or_claim(blob_hash, packer):
-                packer.add(blob_hash, data)
-                result.bytes_stored += len(data)
-                result.blobs_stored += 1
+            blob_hash = _store_small(data, known, packer, result)
         else:
             blob_hash = _store_large_local(repo, fd, before, known, result, dry_run)
             after = os.fstat(fd)
@@ -349,13 +355,7 @@ def _store_remote_file(repo, fs, path, threshold, known, packer, result, dry_run
         data = fs.cat_file(path)
         if len(data) != size:
             raise ChangedWhileReading()
-        result.bytes_read += len(data)
-        blob_hash = blake3.blake3(data).hexdigest()
-        if not known.contains_or_claim(blob_hash, packer):
-            packer.add(blob_hash, data)
-            result.bytes_stored += len(data)
-            result.blobs_stored += 1
-        return blob_hash, size, mtime, None
+        return _store_small(data, known, packer, result), size, mtime, None
     hasher = blake3.blake3()
     with fs.open(path, "rb") as f:
         while chunk := f.read(CHUNK):

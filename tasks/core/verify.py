@@ -88,14 +88,7 @@ def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
     result.problems.extend(missing.values())
 
     # Keys: every indexed key exists and is long enough.
-    listing: dict[str, int] = {}
-    for folder in ("packs", "objects"):
-        for info in storage.list_files(repo.fs, repo.path(folder)):
-            name = info["name"]
-            root = repo.root.rstrip("/") + "/"
-            rel = name[len(root):] if name.startswith(root) else name
-            if ".tmp-" not in rel:
-                listing[rel] = int(info.get("size") or 0)
+    listing = {**storage.list_keys(repo.fs, repo.root, "packs"), **storage.list_keys(repo.fs, repo.root, "objects")}
     result.keys = len(listing)
     if idx.num_rows:
         ends = pc.add(idx["offset"], idx["length"])
