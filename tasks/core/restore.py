@@ -47,6 +47,7 @@ from .repository import Repository
 from .scan import compile_patterns
 
 COALESCE_GAP = 1024 * 1024
+PROGRESS_EVERY = 64
 CHUNK = 4 * 1024 * 1024
 MAX_BATCH_FILES = 4096
 MAX_BATCH_BYTES = 256 * 1024 * 1024
@@ -263,6 +264,7 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
                 data = None  # each blob is then fetched from a fallback below
             if data is not None:
                 result.bytes_read += len(data)
+                data = memoryview(data)        # blob slices without copies
             for i in members:
                 blob_hash, length = cols["hash"][i], cols["length"][i]
                 blob = None
@@ -282,6 +284,7 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
                 for j in by_hash[blob_hash]:
                     if writer.pending(j):
                         writer.write_bytes(cols, j, blob)
+    writer.flush_progress()
     result.sources = dict(sources.used)
     return result
 
@@ -396,13 +399,15 @@ class _Writer:
         self.result = RestoreBatchResult()
         self._decided: dict[int, bool] = {}
         self._token, self._counter = uuid.uuid4().hex[:8], 0
+        self._prefix = root.rstrip("/") + "/" if root.rstrip("/") else "/"
+        self._unreported = [0, 0]          # progress is reported every PROGRESS_EVERY files
         # Nothing can be in the way in a folder that did not exist before
         # this restore: skip the per-file look at the target.
         self.fresh = fresh
 
     def dest(self, cols, j) -> str:
-        rel = cols["path"][j]
-        return os.path.join(self.root, rel) if self.local else storage.join(self.root, rel)
+        # Manifest paths are relative POSIX paths: plain concatenation is enough.
+        return self._prefix + cols["path"][j]
 
     def wants(self, cols, j) -> bool:
         """Decide once whether file ``j`` must be written."""
@@ -475,18 +480,30 @@ class _Writer:
                 os.close(fd)
                 self._put_in_place(tmp, dest)
             else:
-                self.fs.pipe_file(dest, data)
+                self.fs.pipe_file(dest, bytes(data))
         except OSError as exc:
             self.result.errors.append((cols["path"][j], f"cannot write: {exc.strerror or exc}"))
             return
         self.result.written += 1
         self.result.bytes_written += len(data)
-        progress.advance("restore", 1, len(data))
+        self._progress(len(data))
+
+    def _progress(self, nbytes: int) -> None:
+        pending = self._unreported
+        pending[0] += 1
+        pending[1] += nbytes
+        if pending[0] >= PROGRESS_EVERY:
+            self.flush_progress()
+
+    def flush_progress(self) -> None:
+        if self._unreported[0]:
+            progress.advance("restore", *self._unreported)
+            self._unreported = [0, 0]
 
     def _tmp_name(self, dest: str) -> str:
         self._counter += 1
         # Not derived from the file's name: that may already be 255 bytes long.
-        return os.path.join(os.path.dirname(dest), f".kf-tmp-{self._token}-{self._counter}")
+        return f"{dest.rpartition('/')[0]}/.kf-tmp-{self._token}-{self._counter}"
 
     def _put_in_place(self, tmp: str, dest: str) -> None:
         try:
