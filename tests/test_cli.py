@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -377,16 +378,33 @@ def test_non_utf8_file_name_does_not_fail_the_backup(cli, tmp_path):
     assert json.loads(proc.stdout)["snapshot"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read a chmod 000 file; cannot make it unreadable")
-def test_unreadable_file_is_skipped_with_exit_3(cli, tmp_path):
-    src = make_tree(tmp_path / "src", {"ok.txt": "fine", "locked.txt": "secret"})
+def test_unreadable_file_is_skipped_with_exit_3(cli_env, tmp_path):
+    """A real unreadable file. Root reads anything, so as root the command runs as
+    the unprivileged user ``nobody`` (setpriv) in a folder it may write to."""
+    import stat
+    import subprocess
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="kf-unreadable-"))
+    os.chmod(base, 0o777)
+    src = make_tree(base / "src", {"ok.txt": "fine", "locked.txt": "secret"})
+    for p in (src, src / "ok.txt"):
+        os.chmod(p, os.stat(p).st_mode | stat.S_IROTH | stat.S_IXOTH)
     os.chmod(src / "locked.txt", 0)
-    proc = cli("backup", src, tmp_path / "repo", "--json")
-    assert proc.returncode == 3
-    summary = json.loads(proc.stdout)
-    assert [s["path"] for s in summary["skipped"]] == ["locked.txt"]
-    paths = {e["path"] for e in jrun(cli, "ls", tmp_path / "repo")["entries"]}
-    assert paths == {"ok.txt"}
+    env = dict(cli_env, PREFECT_HOME=str(base / "prefect-home"), HOME=str(base))
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    try:
+        proc = subprocess.run(prefix + [KEEPFLOW, "backup", str(src), str(base / "repo"), "--json"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 3, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert [s["path"] for s in summary["skipped"]] == ["locked.txt"]
+        assert "Permission denied" in summary["skipped"][0]["reason"]
+        listing = subprocess.run([KEEPFLOW, "ls", str(base / "repo"), "--json"], capture_output=True, text=True,
+                                 env=env, check=True)
+        assert {e["path"] for e in json.loads(listing.stdout)["entries"]} == {"ok.txt"}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # -- run history with the embedded default -----------------------------------------------
