@@ -28,6 +28,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import platform
 import shlex
 import shutil
@@ -517,7 +518,7 @@ class Bench:
         finally:
             self.stop_server()
         out = Path(self.a.out)
-        out.write_text(self.report())
+        out.write_text(self.report() + kept_sections(out))
         log(f"wrote {out} after {(time.perf_counter() - self.t_start) / 60:.1f} min")
         if self.a.keep:
             log(f"kept {self.work}")
@@ -732,6 +733,14 @@ class Bench:
 
     def strip(self, s: str) -> str:
         return s.replace(str(self.work), "$W")
+
+
+def kept_sections(path: Path) -> str:
+    """Sections other benchmarks own in RESULTS.md (``<!-- name -->`` ... ``<!-- /name -->``), kept as they are."""
+    if not path.exists():
+        return ""
+    found = re.findall(r"\n(<!-- ([a-z0-9-]+) -->.*?<!-- /\2 -->)", path.read_text(), flags=re.S)
+    return "".join(f"\n{block}\n" for block, _ in found)
 
 
 def same_bytes(a: Path, b: Path) -> bool:
