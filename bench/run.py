@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import re
 import platform
@@ -614,8 +613,8 @@ class Bench:
         snaps = [x for x in self.runs if x.scenario == "snapshots"]
         if snaps:
             ok = [x.seconds for x in snaps if x.ok]
-            L += [f"- `keepflow snapshots REPO --json` (read-only, no flow run) on the small "
-                  f"repository: " + (f"median {statistics.median(ok):.2f} s"
+            L += ["- `keepflow snapshots REPO --json` (read-only, no flow run) on the small "
+                  "repository: " + (f"median {statistics.median(ok):.2f} s"
                                      if len(ok) == len(snaps) else "FAILED")]
         L += [""]
 

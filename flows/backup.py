@@ -7,8 +7,12 @@ Runnable as ``python -m flows.backup SOURCE REPO [options]`` (same options as
 from __future__ import annotations
 
 from prefect import flow
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -18,11 +22,12 @@ from flows._naming import run_name
 from tasks.backup import commit_snapshot, plan_backup, store_batch
 from tasks.core.backup import check_inputs, normalise_source
 from tasks.core.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
-from tasks.core.lease import backup_lease
 from tasks.core.format import human_bytes
+from tasks.core.lease import backup_lease
 
-# Two cores here; reading and hashing release the GIL, so a few more threads
-# than cores keep the disk busy without oversubscribing.
+# Small-file batches are bound by Python work under the GIL: measured on 100k
+# files, 1 thread 2.75 s, 2 threads 2.80 s, 4 threads 3.54 s for the store
+# phase. Two keep large-file copies and uploads overlapping without that cost.
 DEFAULT_WORKERS = 2
 
 
@@ -162,9 +167,9 @@ def _artifacts(summary: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from flows.cli import main as cli_main
-
     import sys
+
+    from flows.cli import main as cli_main
     return cli_main(["backup", *(sys.argv[1:] if argv is None else argv)])
 
 

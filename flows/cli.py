@@ -19,9 +19,8 @@ import json
 import os
 import sys
 
-from tasks.core.errors import EXIT_FAILED, EXIT_USAGE, KeepflowError, UsageError
-
 from flows.cli_stats import add_stats_parser, cmd_stats
+from tasks.core.errors import EXIT_FAILED, EXIT_USAGE, KeepflowError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -324,10 +323,10 @@ def _prepare_prefect(verbose: bool) -> None:
 
 
 def _run_flow(flow_fn, kwargs, args, phase: str) -> dict:
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
     from flows import _history
     from flows._progress import progress_for
-
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     # An ad hoc run from the command line sends no heartbeats: the engine joins
     # the heartbeat thread at the end, which costs up to a second per command,

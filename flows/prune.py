@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
-from prefect.states import Failed
-
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
 from tasks.prune import forget_snapshots, mark_garbage, sweep_garbage

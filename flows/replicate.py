@@ -10,8 +10,12 @@ Runnable as ``python -m flows.replicate REPO REPLICA... [--dry-run] [--json]``.
 from __future__ import annotations
 
 from prefect import flow
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner

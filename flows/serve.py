@@ -89,9 +89,9 @@ def serve_config(path: str, limit: int | None = None) -> None:
 
 
 def main(argv=None) -> int:
-    from flows.cli import main as cli_main
-
     import sys
+
+    from flows.cli import main as cli_main
     return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -181,7 +181,10 @@ def _cron_problem(expr: str) -> str | None:
     try:
         import datetime as dt
 
-        from cronsim import CronSim, CronSimError  # small, pure Python; installed with Prefect
+        from cronsim import (  # small, pure Python; installed with Prefect
+            CronSim,
+            CronSimError,
+        )
     except ImportError:  # pragma: no cover - Prefect validates again when the deployment is built
         return None
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 
 import pyarrow as pa
 import pytest
@@ -78,7 +77,6 @@ def test_bad_pattern_in_ignore_file_names_the_file(tmp_path):
 
 
 def _parent_from(scan_table, hashes=None):
-    n = scan_table.num_rows
     h = hashes or [("h" + p if t == "file" else None) for p, t in zip(_paths(scan_table), scan_table["type"].to_pylist())]
     return scan_table.append_column("hash", pa.array(h, pa.string()))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import blake3
-import fsspec
 import pyarrow.parquet as pq
 import pytest
 

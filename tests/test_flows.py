@@ -10,7 +10,7 @@ import pytest
 from tasks.core import treeinfo
 from tasks.core.backup import MAX_BATCH_FILES, cut_batches
 
-from tests.conftest import age_tree, make_tree
+from tests.conftest import make_tree
 
 
 @pytest.fixture

@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
-from types import SimpleNamespace
 
-import fsspec
 import pytest
 
 from tasks.core import backup as core_backup
 from tasks.core import manifest, snapshots, treeinfo
 from tasks.core import restore as core_restore
-from tasks.core.errors import KeepflowError, RepositoryNotFoundError, StorageError, UsageError
+from tasks.core.errors import StorageError, UsageError
 from tasks.core.repository import Repository
 from tasks.core.snapshot_diff import compare
 

@@ -40,7 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import index as indexmod
-from . import snapshots as snapmod, storage
+from . import snapshots as snapmod
+from . import storage
 from .errors import RepositoryNotFoundError, UsageError
 from .manifest import MANIFEST_SCHEMA, SnapshotInfo
 from .repository import Repository

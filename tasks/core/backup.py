@@ -94,8 +94,8 @@ def normalise_source(source: str) -> str:
 
 def check_inputs(source: str, excludes=(), source_options=None) -> None:
     """Refuse bad input before anything is created (no repository, no lease)."""
-    from .scan import compile_patterns
     from .errors import SourceNotFoundError
+    from .scan import compile_patterns
 
     compile_patterns(excludes)
     fs, root = storage.open_url(normalise_source(source), source_options)

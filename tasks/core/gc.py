@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 
 from . import index as indexmod
 from . import manifest, snapshots, storage
-from .store import BatchResult, INDEX_SCHEMA, PackWriter
+from .store import INDEX_SCHEMA, BatchResult, PackWriter
 
 REPACK_BELOW = 0.5
 DATA_FOLDERS = ("packs", "objects")

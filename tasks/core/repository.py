@@ -32,7 +32,6 @@ from .errors import (
     RepositoryExistsError,
     RepositoryNotFoundError,
     RepositoryVersionError,
-    StorageError,
 )
 
 FORMAT_VERSION = 1

@@ -13,7 +13,12 @@ import datetime as dt
 from concurrent.futures import ThreadPoolExecutor
 
 from . import storage
-from .errors import AmbiguousSnapshotError, NoSnapshotsError, SnapshotNotFoundError, UsageError
+from .errors import (
+    AmbiguousSnapshotError,
+    NoSnapshotsError,
+    SnapshotNotFoundError,
+    UsageError,
+)
 from .manifest import SnapshotInfo, read_info
 
 
