@@ -57,3 +57,27 @@ def test_bad_config_file_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("KEEPFLOW_STORAGE_CONFIG", str(cfg))
     with pytest.raises(UsageError, match="not valid TOML"):
         storage_config.options_for("s3://x/y")
+
+
+def test_aws_credentials_block_reaches_a_real_s3_server(prefect_api_url, s3_server, tmp_path):
+    """prefect-aws AwsCredentials -> s3fs options, used for a real backup into SeaweedFS."""
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from flows._credentials import resolve
+    from flows.backup import backup
+    from tasks.core.snapshots import list_snapshots
+    from tasks.core.repository import Repository
+    from tests.conftest import make_tree
+
+    opts = s3_server.storage_options
+    AwsCredentials(aws_access_key_id=opts["key"], aws_secret_access_key=opts["secret"], region_name="us-east-1",
+                   aws_client_parameters=AwsClientParameters(endpoint_url=s3_server.endpoint)
+                   ).save("kf-seaweed", overwrite=True, _sync=True)
+    resolved = resolve("aws-credentials/kf-seaweed")
+    assert resolved["key"] == opts["key"] and resolved["client_kwargs"]["endpoint_url"] == s3_server.endpoint
+    url = s3_server.unique_url("blockrepo")
+    src = make_tree(tmp_path / "src", {"a.txt": "via a block"})
+    summary = backup(str(src), url, storage_options="aws-credentials/kf-seaweed")
+    assert summary["files_new"] == 1
+    assert len(list_snapshots(Repository.open(url, opts))) == 1
