@@ -300,7 +300,9 @@ def parse(raw: dict, path: str = "config") -> list[Job]:
         base = {"source": src, "repo": repos[rname]["url"], "tags": c.strings(stable, "tags", key) or None,
                 "excludes": c.strings(stable, "excludes", key) or None,
                 "storage_options": repos[rname]["storage_options"],
-                "source_options": c.options(stable, "source_options", key)}
+                "source_options": c.options(stable, "source_options", key),
+                # The incremental and full jobs of one source share its lease: the later one waits.
+                "wait_for_lease": 3600.0}
         if "incremental" not in stable and "full" not in stable:
             c.fail(key, "no schedule: add [sources.NAME.incremental] and/or [sources.NAME.full] with cron or interval")
         for kind, rehash in (("incremental", False), ("full", True)):
