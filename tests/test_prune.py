@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -215,3 +216,23 @@ def test_prune_applies_the_policy_to_replicas(tmp_path, repo_with_history, prefe
         assert verify.verify(url, read_data=100).problems == []
     assert [s.id for s in snapshots.list_snapshots(Repository.open(repo))] == \
         [s.id for s in snapshots.list_snapshots(Repository.open(replica))]
+
+
+def test_stale_temporaries_are_removed_fresh_ones_kept(tmp_path, repo_with_history):
+    """Temporary files from interrupted writes go away once they are old; young ones may be in use."""
+    _, repo_url = repo_with_history
+    repo = Repository.open(repo_url)
+    root = tmp_path / "repo"
+    (root / "tmp").mkdir(exist_ok=True)
+    old_files = [root / "packs" / "ab" / "abcd.tmp-1234", root / "tmp" / "deadbeef"]
+    young = root / "objects" / "cd" / "cdef.tmp-5678"
+    for f in old_files + [young]:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    for f in old_files:
+        os.utime(f, (two_hours_ago, two_hours_ago))
+    swept = gc.sweep(repo, grace_hours=0)
+    assert swept.temporaries_removed == 2
+    assert not any(f.exists() for f in old_files) and young.exists()
+    assert verify.verify(repo_url).problems == []

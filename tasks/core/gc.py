@@ -60,6 +60,7 @@ class SweepResult:
     keys_rescued: int = 0
     index_files_before: int = 0
     index_files_after: int = 0
+    temporaries_removed: int = 0
 
 
 def referenced_hashes(repo, exclude: set[str] = frozenset()) -> pa.Array:
@@ -185,6 +186,7 @@ def _repack(repo, plan: dict, dry_run: bool) -> tuple[int, int]:
 def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
     """Delete marked keys whose mark is older than the grace period (caller holds a prune lease)."""
     result = SweepResult()
+    result.temporaries_removed = remove_stale_temporaries(repo, max(grace_hours, 1.0), dry_run)
     marks = _list_marks(repo)
     limit = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=grace_hours)
     due = [m for m in marks if dt.datetime.fromisoformat(m["marked_at"]) <= limit]
@@ -247,6 +249,25 @@ def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
             pass
     result.index_files_after = len(indexmod.list_index_names(repo))
     return result
+
+
+TEMP_FOLDERS = ("packs", "objects", "index", "snapshots", "tmp", "trash")
+
+
+def remove_stale_temporaries(repo, older_than_hours: float, dry_run: bool = False) -> int:
+    """Delete temporary files that interrupted writes left behind (never data).
+
+    Never younger than an hour: a write in progress elsewhere keeps its
+    temporary name only for as long as the copy takes.
+    """
+    stale = storage.stale_temporaries(repo.fs, repo.root, TEMP_FOLDERS, older_than_hours * 3600)
+    if not dry_run:
+        for path in stale:
+            try:
+                repo.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+    return len(stale)
 
 
 def forget(repo, snaps, dry_run: bool = False) -> list[str]:

@@ -77,6 +77,7 @@ class ReplicaResult:
     snapshots_copied: int = 0
     replaced_damaged: int = 0
     snapshots: int = 0
+    temporaries_removed: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,6 +176,11 @@ def replicate(primary_url: str, replica_url: str, storage_options=None, replica_
         for key, size in sorted(plan["snapshots"].items()):
             _copy(primary, replica, key, size, verify_hash=True)
             result.snapshots_copied += 1
+    # Copies interrupted in an earlier run (a server stopped mid-copy) leave
+    # temporary names behind on filesystems such as SFTP: remove the old ones.
+    from .gc import remove_stale_temporaries
+
+    result.temporaries_removed = remove_stale_temporaries(replica, 1.0)
     return result
 
 

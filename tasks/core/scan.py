@@ -204,25 +204,6 @@ def _to_table(cols: dict, sort: bool = True) -> pa.Table:
     return table.sort_by("path") if sort and table.num_rows else table
 
 
-def _mtime_ns(info: dict) -> int:
-    """One normaliser for the different fsspec ``info`` dicts (dvc's Meta.from_info idea)."""
-    for key in ("mtime", "LastModified", "last_modified", "modified", "created", "creation_time"):
-        value = info.get(key)
-        if value is None:
-            continue
-        if isinstance(value, dt.datetime):
-            if value.tzinfo is None:
-                value = value.replace(tzinfo=dt.timezone.utc)
-            return int(value.timestamp() * 1e9)
-        if isinstance(value, str):
-            try:
-                return int(dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
-            except ValueError:
-                continue
-        return int(float(value) * 1e9)
-    return 0
-
-
 def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
     try:
         if not fs.isdir(root):
@@ -245,7 +226,7 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
         cols["path"].append(rel)
         cols["type"].append(kind)
         cols["size"].append(int(info.get("size") or 0) if kind == "file" else 0)
-        cols["mtime_ns"].append(_mtime_ns(info))
+        cols["mtime_ns"].append(storage.info_mtime_ns(info))
         cols["ctime_ns"].append(None)
         cols["inode"].append(None)
         cols["mode"].append((0o40755 if kind == "dir" else 0o100644))

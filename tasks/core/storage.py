@@ -29,6 +29,7 @@ a minute of library retries; and every provider's failures become one
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import threading
@@ -308,6 +309,40 @@ def list_files(fs, folder: str) -> list[dict]:
     except FileNotFoundError:
         return []
     return [dict(info, name=name) for name, info in found.items() if info.get("type") != "directory"]
+
+
+def info_mtime_ns(info: dict) -> int:
+    """One normaliser for the different fsspec ``info`` dicts (dvc's Meta.from_info idea)."""
+    for key in ("mtime", "LastModified", "last_modified", "modified", "created", "creation_time"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, dt.datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=dt.timezone.utc)
+            return int(value.timestamp() * 1e9)
+        if isinstance(value, str):
+            try:
+                return int(dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
+            except ValueError:
+                continue
+        return int(float(value) * 1e9)
+    return 0
+
+
+def stale_temporaries(fs, root: str, folders, older_than_s: float) -> list[str]:
+    """Temporary files (``.tmp-`` names, and everything in ``tmp/``) older than
+    ``older_than_s``: left by writes that were interrupted, never data."""
+    import time
+
+    limit_ns = (time.time() - older_than_s) * 1e9
+    found = []
+    for folder in folders:
+        for info in list_files(fs, join(root, folder)):
+            name = info["name"]
+            if (folder == "tmp" or ".tmp-" in name.rsplit("/", 1)[-1]) and 0 < info_mtime_ns(info) < limit_ns:
+                found.append(name)
+    return found
 
 
 # -- errors ------------------------------------------------------------------------

@@ -349,8 +349,7 @@ def _record_object(result: BatchResult, repo, blob_hash: str, size: int) -> None
 def _store_remote_file(repo, fs, path, threshold, known, packer, result, dry_run):
     info = fs.info(path)
     size = int(info.get("size") or 0)
-    from .scan import _mtime_ns  # one normaliser for fsspec info dicts
-    mtime = _mtime_ns(info)
+    mtime = storage.info_mtime_ns(info)
     if size < threshold:
         data = fs.cat_file(path)
         if len(data) != size:
