@@ -134,3 +134,19 @@ def test_restore_falls_back_to_a_remote_replica(tmp_path, replicas):
                                                  fallback_options=options)
     assert errors == [] and plan["repo_url"] == urls["s3"]
     assert treeinfo.describe(str(tmp_path / "out")) == treeinfo.describe(str(src))
+
+
+def test_restore_into_an_s3_target(tmp_path, s3_server):
+    """Restore straight into a bucket: every file lands there, verified."""
+    import fsspec
+
+    src = _tree(tmp_path / "src", n=30)
+    primary = str(tmp_path / "primary")
+    core_helpers.backup(src, primary)
+    target = s3_server.unique_url("restored")
+    _, results, errors = core_helpers.restore(primary, target, target_options=s3_server.storage_options)
+    assert errors == []
+    fs, root = fsspec.core.url_to_fs(target, **s3_server.storage_options)
+    for rel in ("d0/f0", "big.bin"):
+        assert fs.cat_file(f"{root}/{rel}") == (src / rel).read_bytes()
+    assert sum(r.written for r in results) == 31
