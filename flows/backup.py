@@ -7,18 +7,13 @@ Runnable as ``python -m flows.backup SOURCE REPO [options]`` (same options as
 from __future__ import annotations
 
 from prefect import flow
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
-from prefect.futures import as_completed
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
+from flows._progress_artifact import track
 from tasks.backup import commit_snapshot, plan_backup, store_batch
 from tasks.core.backup import check_inputs, normalise_source
 from tasks.core.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
@@ -56,7 +51,8 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
                            storage_options, source_options)
         futures = [store_batch.submit(plan, i, storage_options, source_options)
                    for i in range(len(plan["batches"]))]
-        summaries = _collect_with_progress(futures, "backup-progress", f"storing {plan['to_read']} files")
+        track(futures, "backup-progress", f"storing {plan['to_read']} files")
+        summaries = [f.result() for f in futures]
         committed = commit_snapshot(plan, summaries, storage_options)
     finally:
         if holder is not None:
@@ -77,18 +73,6 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
             return Failed(message=f"snapshot {summary['snapshot'][:8]} saved; replicas failed: "
                                   f"{', '.join(replication['failed'])}", data=summary)
     return summary
-
-
-def _collect_with_progress(futures: list, key: str, description: str) -> list:
-    """Results in submission order; a progress artifact updated as each batch ends."""
-    if not futures:
-        return []
-    artifact = create_progress_artifact(0.0, key=key, description=description)
-    done = 0
-    for _ in as_completed(futures):
-        done += 1
-        update_progress_artifact(artifact, progress=100.0 * done / len(futures))
-    return [f.result() for f in futures]
 
 
 def summarise(plan: dict, summaries: list, committed) -> dict:

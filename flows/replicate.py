@@ -10,18 +10,13 @@ Runnable as ``python -m flows.replicate REPO REPLICA... [--dry-run] [--json]``.
 from __future__ import annotations
 
 from prefect import flow
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
-from prefect.futures import as_completed
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
+from flows._progress_artifact import track
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
 from tasks.replicate import replicate_to
@@ -33,10 +28,7 @@ def replicate_all(repo: str, replicas: list[str], storage_options: dict | None,
     futures = [(r, replicate_to.submit(repo, r, storage_options, (replica_options or {}).get(r), dry_run))
                for r in replicas]
     outcomes, failed = [], []
-    if futures:
-        artifact = create_progress_artifact(0.0, key="replicate-progress", description=f"{len(futures)} replicas")
-        for done, _ in enumerate(as_completed([f for _, f in futures]), start=1):
-            update_progress_artifact(artifact, progress=100.0 * done / len(futures))
+    track([f for _, f in futures], "replicate-progress", f"{len(futures)} replicas")
     for replica, future in futures:
         future.wait()
         state = future.state
