@@ -152,12 +152,12 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
 
     needs = plan_table["needs_read"].to_numpy(zero_copy_only=False)
     sizes = plan_table["size"].to_numpy(zero_copy_only=False)
-    batches = cut_batches(needs, sizes)
     # Each batch's own work list: the rows to read and their paths.
     rows = np.flatnonzero(needs)
     work = pa.table({"row": pa.array(rows, pa.int64()), "path": plan_table["path"].take(pa.array(rows))})
-    positions = np.searchsorted(rows, [b[0] for b in batches] + [len(needs)])
-    scratch_io.write_parts(scratch, "batch", work, list(zip(positions[:-1], positions[1:])))
+    work_ranges = scratch_io.cut_ranges(sizes[rows], MAX_BATCH_FILES, MAX_BATCH_BYTES)
+    scratch_io.write_parts(scratch, "batch", work, work_ranges)
+    batches = _plan_ranges(rows, work_ranges)
     types = plan_table["type"]
     return BackupPlan(
         run_id=start.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8],
@@ -179,19 +179,12 @@ def cut_batches(needs: np.ndarray, sizes: np.ndarray,
     """Row ranges of the plan, each with at most ``max_files`` files to read and
     about ``max_bytes`` (a single bigger file gets a batch of its own)."""
     rows = np.flatnonzero(needs)
-    batches: list[tuple[int, int]] = []
-    if rows.size == 0:
-        return batches
-    start_i, count, total = 0, 0, 0
-    for i, row in enumerate(rows):
-        size = int(sizes[row])
-        if count and (count >= max_files or total + size > max_bytes):
-            batches.append((int(rows[start_i]), int(rows[i - 1]) + 1))
-            start_i, count, total = i, 0, 0
-        count += 1
-        total += size
-    batches.append((int(rows[start_i]), int(rows[-1]) + 1))
-    return batches
+    return _plan_ranges(rows, scratch_io.cut_ranges(sizes[rows], max_files, max_bytes))
+
+
+def _plan_ranges(rows: np.ndarray, work_ranges) -> list[tuple[int, int]]:
+    """Work-list ranges expressed as plan row ranges."""
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in work_ranges]
 
 
 def store_range(plan: dict, batch_no: int, storage_options=None, source_options=None) -> BatchSummary:

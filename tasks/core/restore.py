@@ -110,7 +110,8 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     if not dry_run:
         _make_dirs(tfs, troot, dirs["path"].to_pylist(), files["path"].to_pylist(), target)
 
-    batches = _cut(located["length"].to_numpy(zero_copy_only=False))
+    batches = scratch_io.cut_ranges(located["length"].to_numpy(zero_copy_only=False), MAX_BATCH_FILES,
+                                    MAX_BATCH_BYTES)
     scratch_io.write_parts(scratch, "batch", located.select(_BATCH_COLUMNS), batches)
     return RestorePlan(
         repo_url=used_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
@@ -189,19 +190,6 @@ def _make_dirs(fs, root, dir_paths, file_paths, target):
         raise
     except OSError as exc:
         raise TargetError(target=target, reason=exc.strerror or str(exc)) from None
-
-
-def _cut(lengths) -> list[tuple[int, int]]:
-    batches, start, count, total = [], 0, 0, 0
-    for i, length in enumerate(lengths):
-        if count and (count >= MAX_BATCH_FILES or total + int(length) > MAX_BATCH_BYTES):
-            batches.append((start, i))
-            start, count, total = i, 0, 0
-        count += 1
-        total += int(length)
-    if count:
-        batches.append((start, len(lengths)))
-    return batches
 
 
 def restore_range(plan: dict, batch_no: int, storage_options=None,

@@ -18,6 +18,24 @@ def part_path(folder: str, prefix: str, number: int) -> str:
     return os.path.join(folder, f"{prefix}-{number:05d}.parquet")
 
 
+def cut_ranges(sizes, max_files: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` ranges over ``sizes``, each with at most
+    ``max_files`` entries and about ``max_bytes`` (a single bigger entry gets a
+    range of its own). Used to cut a work list into batch task runs."""
+    ranges: list[tuple[int, int]] = []
+    start, count, total = 0, 0, 0
+    for i, size in enumerate(sizes):
+        size = int(size)
+        if count and (count >= max_files or total + size > max_bytes):
+            ranges.append((start, i))
+            start, count, total = i, 0, 0
+        count += 1
+        total += size
+    if count:
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
 def write_parts(folder: str, prefix: str, table: pa.Table, ranges: list[tuple[int, int]]) -> None:
     for number, (start, end) in enumerate(ranges):
         pq.write_table(table.slice(start, end - start), part_path(folder, prefix, number), compression="none")
