@@ -85,3 +85,14 @@ def test_local_write_once_leaves_no_temporary_files(tmp_path):
 def test_unknown_scheme_is_a_usage_error():
     with pytest.raises(UsageError, match="nosuchscheme"):
         Repository.open("nosuchscheme://bucket/repo")
+
+
+def test_write_stream_once_never_overwrites(repo_url):
+    import io
+
+    repo = Repository.init(repo_url)
+    path = repo.path("objects", "ab", "abcdef")
+    assert storage.write_stream_once(repo.fs, path, io.BytesIO(b"x" * 3000), chunk=1000) is True
+    assert storage.write_stream_once(repo.fs, path, io.BytesIO(b"other"), chunk=1000) is False
+    assert repo.fs.cat_file(path) == b"x" * 3000
+    assert [p for p in repo.fs.ls(repo.path("objects", "ab"), detail=False) if ".tmp-" in p] == []

@@ -125,3 +125,14 @@ def test_replicate_flow_one_failing_replica_does_not_stop_others(tmp_path, prima
     summary = state.result(raise_on_failure=False)
     assert summary["failed"] == [bad]
     assert len(snapshots.list_snapshots(Repository.open(good))) == 1
+
+
+def test_big_objects_are_streamed_to_the_replica(tmp_path, primary, monkeypatch):
+    """Objects above the streaming threshold are copied in chunks, never held whole in memory."""
+    src, repo = primary
+    monkeypatch.setattr(core_replicate, "STREAM_ABOVE", 1024 * 1024)   # the 2 MiB object now streams
+    replica = str(tmp_path / "replica")
+    result = core_replicate.replicate(repo, replica)
+    assert result.bytes_copied > 2 * 1024 * 1024
+    _, _, errors = core_helpers.restore(replica, tmp_path / "out")
+    assert errors == [] and treeinfo.describe(str(tmp_path / "out")) == treeinfo.describe(str(src))

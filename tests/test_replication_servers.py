@@ -150,3 +150,18 @@ def test_restore_into_an_s3_target(tmp_path, s3_server):
     for rel in ("d0/f0", "big.bin"):
         assert fs.cat_file(f"{root}/{rel}") == (src / rel).read_bytes()
     assert sum(r.written for r in results) == 31
+
+
+def test_big_objects_stream_to_sftp_and_s3(tmp_path, replicas, monkeypatch):
+    """The streaming copy publishes whole objects on SFTP (rename) and S3 (multipart)."""
+    urls, options = replicas
+    monkeypatch.setattr(core_replicate, "STREAM_ABOVE", 1024 * 1024)
+    src = _tree(tmp_path / "src", n=10)
+    primary = str(tmp_path / "primary")
+    core_helpers.backup(src, primary)
+    for name in ("sftp", "s3"):
+        url = urls[name]
+        core_replicate.replicate(primary, url, replica_options=options[url])
+        out = tmp_path / f"out-{name}"
+        _, _, errors = core_helpers.restore(url, out, storage_options=options[url])
+        assert errors == [] and treeinfo.describe(str(out)) == treeinfo.describe(str(src)), name

@@ -27,7 +27,6 @@ they are harmless duplicates (readers drop duplicate hashes).
 
 from __future__ import annotations
 
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -187,7 +186,8 @@ def replicate(primary_url: str, replica_url: str, storage_options=None, replica_
 def _copy(primary: Repository, replica: Repository, key: str, size: int, verify_hash: bool) -> None:
     src, dst = primary.path(key), replica.path(key)
     if size > STREAM_ABOVE:
-        _copy_stream(primary.fs, src, replica.fs, dst)
+        with primary.fs.open(src, "rb") as fin:
+            storage.write_stream_once(replica.fs, dst, fin, CHUNK)
     else:
         data = primary.fs.cat_file(src)
         if len(data) != size:
@@ -201,31 +201,3 @@ def _copy(primary: Repository, replica: Repository, key: str, size: int, verify_
     got = replica.fs.info(dst).get("size")
     if got is not None and int(got) != size:
         raise ReplicaVerifyError(key=key, replica=replica.url, reason=f"size {got}, expected {size}")
-
-
-def _copy_stream(src_fs, src: str, dst_fs, dst: str) -> None:
-    """Stream one big object; published under its name only when complete."""
-    if dst_fs.exists(dst):
-        return
-    if storage.is_local(dst_fs):
-        import os
-
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
-        with src_fs.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            while chunk := fin.read(CHUNK):
-                fout.write(chunk)
-        storage.publish_local_tmp(tmp, dst)
-        return
-    parent = dst.rsplit("/", 1)[0]
-    dst_fs.makedirs(parent, exist_ok=True)
-    # Object stores publish a multipart upload atomically on completion;
-    # filesystems (SFTP) get a temporary name and a rename.
-    atomic_put = not ({"sftp", "ssh"} & set(dst_fs.protocol if isinstance(dst_fs.protocol, (tuple, list))
-                                           else [dst_fs.protocol]))
-    target = dst if atomic_put else f"{dst}.tmp-{uuid.uuid4().hex}"
-    with src_fs.open(src, "rb") as fin, dst_fs.open(target, "wb") as fout:
-        while chunk := fin.read(CHUNK):
-            fout.write(chunk)
-    if not atomic_put:
-        dst_fs.mv(target, dst)

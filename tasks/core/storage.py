@@ -263,6 +263,44 @@ def write_once(fs, path: str, data: bytes) -> bool:
     return True
 
 
+def write_stream_once(fs, path: str, fileobj, chunk: int = 8 * 1024 * 1024) -> bool:
+    """``write_once`` for content too big to hold in memory: copy ``fileobj`` in chunks.
+
+    Same atomicity rules: local disk and SFTP write a temporary name and
+    publish it without replacing; object stores complete a multipart upload
+    atomically, so they are written under the final name.
+    """
+    def copy(out) -> None:
+        while block := fileobj.read(chunk):
+            out.write(block)
+
+    if is_local(fs):
+        if os.path.exists(path):
+            return False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as out:
+            copy(out)
+        return publish_local_tmp(tmp, path)
+    if fs.exists(path):
+        return False
+    if not hasattr(fs, "rename_noreplace"):
+        with fs.open(path, "wb") as out:
+            copy(out)
+        return True
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as out:
+        copy(out)
+    try:
+        fs.rename_noreplace(tmp, path)
+    except OSError:
+        fs.rm_file(tmp)
+        if fs.exists(path):
+            return False
+        raise
+    return True
+
+
 def _local_write_once(path: str, data: bytes) -> bool:
     if os.path.exists(path):
         return False
