@@ -26,6 +26,7 @@ The index rows for everything written are returned; the caller writes them
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -83,7 +84,7 @@ class RepositoryWriteError(Exception):
 
 
 # errno values that mean the *destination* is the problem during a local copy.
-_DEST_ERRNOS = {28, 122, 30, 27}   # ENOSPC, EDQUOT, EROFS, EFBIG
+_DEST_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 class PackWriter:
@@ -93,6 +94,7 @@ class PackWriter:
         self.repo, self.result, self.dry_run = repo, result, dry_run
         self.buffer = bytearray()
         self.entries: list[tuple[str, int, int]] = []
+        self.claimed: set[str] = set()   # hashes this batch has packed (see KnownBlobs)
 
     def add(self, blob_hash: str, data: bytes) -> None:
         self.entries.append((blob_hash, len(self.buffer), len(data)))
@@ -395,9 +397,7 @@ class KnownBlobs:
     def contains_or_claim(self, blob_hash: str, packer: PackWriter) -> bool:
         if blob_hash in self._stored:
             return True
-        claimed = getattr(packer, "_claimed", None)
-        if claimed is None:
-            claimed = packer._claimed = set()
+        claimed = packer.claimed
         if blob_hash in claimed:
             return True
         claimed.add(blob_hash)
