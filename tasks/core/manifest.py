@@ -109,7 +109,3 @@ def read_manifest(repo, info: SnapshotInfo, columns=None) -> pa.Table:
 def read_info(repo, name: str) -> SnapshotInfo:
     meta = parquet_io.read_key_value_metadata(repo.fs, repo.path("snapshots", name))
     return SnapshotInfo.from_json(meta[META_KEY], key=name)
-
-
-def empty_manifest() -> pa.Table:
-    return MANIFEST_SCHEMA.empty_table()

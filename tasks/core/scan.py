@@ -32,7 +32,6 @@ import pyarrow as pa
 
 from . import storage
 from .errors import BadPatternError, SourceNotFoundError
-from .manifest import MANIFEST_SCHEMA
 
 IGNORE_FILE = ".keepflowignore"
 FLUSH_ROWS = 8192
@@ -61,8 +60,8 @@ def compile_patterns(patterns, origin: str = "--exclude") -> pathspec.PathSpec |
 class _Ignorer:
     """Stack of (base folder, spec) pairs active at the current depth."""
 
-    def __init__(self, root_spec):
-        self.specs: list[tuple[str, pathspec.PathSpec]] = [("", root_spec)] if root_spec else []
+    def __init__(self, specs: list[tuple[str, pathspec.PathSpec]]):
+        self.specs = specs
 
     def ignored(self, rel: str, is_dir: bool) -> bool:
         for base, spec in self.specs:
@@ -109,10 +108,7 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
         names = {e.name for e in entries}
         if IGNORE_FILE in names:
             specs = specs + _read_ignore_file(os.path.join(abs_dir, IGNORE_FILE), rel_dir, skipped)
-        ignorer = None
-        if specs:
-            ignorer = _Ignorer(None)
-            ignorer.specs = specs
+        ignorer = _Ignorer(specs) if specs else None
         for entry in entries:
             name = entry.name
             if not name.isascii() and not _utf8(name):
@@ -213,7 +209,7 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
         raise SourceNotFoundError(source=root) from None
     cols = {c: [] for c in SCAN_COLUMNS}
     prefix = root.rstrip("/") + "/"
-    ignorer = _Ignorer(root_spec) if root_spec else None
+    ignorer = _Ignorer([("", root_spec)]) if root_spec else None
     for name, info in found.items():
         if not name.startswith(prefix):
             continue
@@ -239,7 +235,3 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
 def _parent_ignored(ignorer: _Ignorer, rel: str) -> bool:
     parts = rel.split("/")[:-1]
     return any(ignorer.ignored("/".join(parts[: i + 1]), True) for i in range(len(parts)))
-
-
-def empty_scan() -> pa.Table:
-    return MANIFEST_SCHEMA.empty_table().drop_columns(["hash"])
