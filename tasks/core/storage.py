@@ -336,10 +336,6 @@ def _protocols(fs) -> set[str]:
     return set(proto) if isinstance(proto, (tuple, list)) else {proto}
 
 
-def read_bytes(fs, path: str, start: int | None = None, end: int | None = None) -> bytes:
-    return fs.cat_file(path, start=start, end=end)
-
-
 def list_files(fs, folder: str) -> list[dict]:
     """All files below ``folder`` with their info dicts; missing folder -> []."""
     try:
