@@ -52,7 +52,10 @@ def repo_url(request, tmp_path):
     yield url
     fs = fsspec.filesystem("memory")
     if fs.exists(url):
-        fs.rm(url, recursive=True)
+        try:
+            check_repositories_left_behind(request, [url])     # before it is gone (see below)
+        finally:
+            fs.rm(url, recursive=True)
 
 
 @pytest.fixture
@@ -105,3 +108,109 @@ def age_tree(root: Path, seconds: int = 10) -> None:
             p = os.path.join(folder, name)
             st = os.lstat(p)
             os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 1_000_000_000), follow_symlinks=False)
+
+
+# -- every test is an integrity test -------------------------------------------------
+#
+# After each test that passed, every repository it left behind gets the
+# structural verify (tasks.core.verify.check_structure: listings, the index,
+# the manifests' hash columns; no data is read), like restic's tests calling
+# checker.TestCheckRepo after their operations. Repositories left behind are:
+#
+# * every folder holding a keepflow.json under the test's tmp_path (only when
+#   the test uses tmp_path; the walk does not descend into a repository);
+# * every memory:// repository the test wrote to (fsspec's in-process store,
+#   compared with a copy taken before the test) that still exists at the end;
+# * the memory:// location of the ``repo_url`` fixture, checked in that
+#   fixture's teardown, because it is removed there, before this fixture's
+#   teardown runs (an autouse fixture is set up first and torn down last).
+#
+# A keepflow.json that does not open as a repository (garbage, a newer
+# format) is a finding too. Tests that damage a repository on purpose say so
+# with @pytest.mark.damages_repository. A test that failed is not checked: its
+# own failure is the story.
+
+_CALL_PASSED = pytest.StashKey[bool]()
+CONFIG_NAME = "keepflow.json"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_PASSED] = report.passed
+    return report
+
+
+def repository_problems(url: str) -> list[str]:
+    """The structural verify of the repository at ``url`` as readable lines (none: sound)."""
+    from tasks.core import verify
+    from tasks.core.errors import KeepflowError
+
+    try:
+        result = verify.check_structure(url)
+    except KeepflowError as exc:                 # keepflow.json is garbage, newer, ...
+        return [f"{url}: does not open as a repository: {exc}"]
+    except Exception as exc:                      # the verify itself broke on what it found
+        return [f"{url}: structural verify raised {type(exc).__name__}: {exc}"]
+    lines = []
+    for p in result.problems:
+        where = p["key"] or p["hash"] or ""
+        line = f"{url}: {p['kind']} {where}: {p['detail']}"
+        if p["snapshots"]:
+            line += f" (snapshots {', '.join(p['snapshots'])}; paths {', '.join(p['paths'][:5])})"
+        lines.append(line)
+    return lines
+
+
+def check_repositories_left_behind(request, urls) -> None:
+    """Fail the test if any repository in ``urls`` fails the structural verify."""
+    if not urls or request.node.get_closest_marker("damages_repository"):
+        return
+    if not request.node.stash.get(_CALL_PASSED, False):
+        return
+    problems = [line for url in urls for line in repository_problems(url)]
+    if problems:
+        pytest.fail("repositories left behind by this test fail the structural verify "
+                    "(mark the test @pytest.mark.damages_repository if it damages them on purpose):\n  "
+                    + "\n  ".join(problems), pytrace=False)
+
+
+def local_repositories(root: Path) -> list[str]:
+    """Every folder under ``root`` holding a keepflow.json (not descending into one)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        if CONFIG_NAME in files:
+            found.append(folder)
+            dirs[:] = []
+    return sorted(found)
+
+
+def _memory_store() -> dict | None:
+    module = sys.modules.get("fsspec.implementations.memory")   # not imported: no memory:// repositories
+    return module.MemoryFileSystem.store if module else None
+
+
+def memory_repositories_written(before: dict) -> list[str]:
+    """memory:// repositories that exist now and had a key added, replaced or removed since ``before``."""
+    store = _memory_store()
+    if not store:
+        return []
+    changed = {k for k, v in store.items() if before.get(k) is not v} | (before.keys() - store.keys())
+    if not changed:
+        return []
+    roots = [k[: -len(CONFIG_NAME) - 1] for k in store if k.endswith("/" + CONFIG_NAME)]
+    return sorted(f"memory://{r.lstrip('/')}" for r in roots if any(c.startswith(r + "/") for c in changed))
+
+
+@pytest.fixture(autouse=True)
+def repository_integrity(request):
+    """Structural verify of every repository the test leaves behind (see above)."""
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    store = _memory_store()
+    before = dict(store) if store else {}
+    yield
+    if request.node.get_closest_marker("damages_repository") or not request.node.stash.get(_CALL_PASSED, False):
+        return
+    urls = (local_repositories(tmp) if tmp is not None else []) + memory_repositories_written(before)
+    check_repositories_left_behind(request, urls)
