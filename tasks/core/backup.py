@@ -277,6 +277,8 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> C
         repo = Repository.open(plan["repo_url"], storage_options, create=False)
         indexmod.merge_run_index(repo, plan["run_id"])
         out = table.select([f.name for f in manifest.MANIFEST_SCHEMA])
+        # A snapshot never references a blob a reader could not find.
+        indexmod.require_indexed(repo, out, f"backup of {plan['source']}")
         manifest.write_manifest(repo, out, info)
         indexmod.forget_run(plan["repo_url"], plan["run_id"])
     shutil.rmtree(scratch, ignore_errors=True)

@@ -91,3 +91,25 @@ class TargetError(UsageError):
 
 class IntegrityError(KeepflowError):
     template = "{what}: stored data does not match its hash {hash}; restore it from a replica with --fallback"
+
+
+class UnindexedBlobsError(KeepflowError):
+    """A commit would reference blobs the index does not hold: refuse it.
+
+    Raised by the commit guard of a backup (no manifest is written) and of a
+    prune's index compaction (the old index files are kept, nothing deleted).
+    """
+
+    template = ("{what}: {count} blob(s) referenced by {files} file(s) are not in the repository index "
+                "(first: {paths}); nothing was committed. Run `keepflow repair index {url}`, then try again")
+    exit_code = EXIT_FAILED
+
+
+class PackFormatError(KeepflowError):
+    """A file under ``packs/`` is not a well-formed pack (see tasks/core/pack.py).
+
+    ``keepflow repair index`` reports such files as unreadable and leaves them alone.
+    """
+
+    template = "{key} is not a keepflow pack: {reason}"
+    exit_code = EXIT_FAILED

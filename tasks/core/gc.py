@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from . import index as indexmod
 from . import manifest, snapshots, storage
+from .errors import UnindexedBlobsError
 from .store import INDEX_SCHEMA, BatchResult, PackWriter
 
 REPACK_BELOW = 0.5
@@ -231,6 +232,13 @@ def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
     if survivors.num_rows:
         survivors = indexmod.unique_hashes(survivors)
     written = indexmod.write_index(repo, survivors.cast(INDEX_SCHEMA), name)
+    # The compaction guard: every live blob the old index knew is still
+    # indexed (the rescue rule above keeps its key), or nothing is removed.
+    was_indexed = live.filter(pc.is_in(live, value_set=idx["hash"])) if idx.num_rows else live
+    lost = indexmod.not_indexed(was_indexed, survivors["hash"] if survivors.num_rows else pa.array([], pa.string()))
+    if len(lost):
+        raise UnindexedBlobsError(what=f"prune of {repo.url}", count=len(lost), files="the live",
+                                  paths=", ".join(lost[:indexmod.NAMED_FILES].to_pylist()), url=repo.url)
     for old in index_names:
         if written is None or old != f"{name}.parquet":
             try:

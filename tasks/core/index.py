@@ -24,7 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import parquet_io, storage
+from .errors import UnindexedBlobsError
 from .store import INDEX_SCHEMA, KnownBlobs
+
+# How many of the affected files an UnindexedBlobsError names.
+NAMED_FILES = 10
 
 
 def list_index_names(repo) -> list[str]:
@@ -53,9 +57,39 @@ def unique_hashes(table: pa.Table) -> pa.Table:
     hashes = table["hash"]
     if pc.count_distinct(hashes).as_py() == table.num_rows:
         return table
+    # Keep the first row of each hash, in table order. ``first`` holds row
+    # *positions*: take those rows (sorted), never ``sort_indices(first)``,
+    # which are positions within ``first`` and would keep the first k rows of
+    # the table, duplicates included, and drop the last unique hashes.
     indices = pa.table({"hash": hashes, "i": pa.array(range(table.num_rows), pa.int64())})
     first = indices.group_by("hash", use_threads=False).aggregate([("i", "min")])["i_min"]
-    return table.take(pc.sort_indices(first))
+    return table.take(pc.take(first, pc.sort_indices(first)))
+
+
+def not_indexed(hashes: pa.Array | pa.ChunkedArray, indexed: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The distinct non-null ``hashes`` that ``indexed`` does not contain."""
+    wanted = pc.drop_null(pc.unique(hashes))
+    return wanted.filter(pc.invert(pc.is_in(wanted, value_set=indexed)))
+
+
+def require_indexed(repo, entries: pa.Table, what: str) -> None:
+    """The commit guard: every file hash in ``entries`` (path, type, hash) is in the index.
+
+    Reads the index as it is now (every index file, the run's merged file
+    included), so it checks what a reader will see after the commit, not what
+    the writer believes it stored. Raises UnindexedBlobsError naming the files.
+    """
+    files = entries.filter(pc.equal(entries["type"], "file"))
+    if files.num_rows == 0:
+        return
+    indexed = load_index(repo, columns=["hash"], unique=False)["hash"]
+    absent = not_indexed(files["hash"], indexed)
+    if len(absent) == 0:
+        return
+    hit = files.filter(pc.is_in(files["hash"], value_set=absent))
+    paths = hit["path"].to_pylist()
+    named = ", ".join(paths[:NAMED_FILES]) + (f" and {len(paths) - NAMED_FILES} more" if len(paths) > NAMED_FILES else "")
+    raise UnindexedBlobsError(what=what, count=len(absent), files=len(paths), paths=named, url=repo.url)
 
 
 def write_index(repo, table: pa.Table, name: str) -> str | None:

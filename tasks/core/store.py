@@ -27,9 +27,8 @@ The index rows for everything written are returned; the caller writes them
 from __future__ import annotations
 
 import errno
-import json
 import os
-import struct
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -37,11 +36,11 @@ import blake3
 import pyarrow as pa
 
 from . import progress, storage
+from .pack import PACK_MAGIC, encode_trailer  # noqa: F401 (PACK_MAGIC: importable from here too)
 
 INDEX_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()),
                           ("offset", pa.int64()), ("length", pa.int64())])
 CHUNK = 4 * 1024 * 1024
-PACK_MAGIC = b"KFPACK01"
 # Files at least this big are hashed with several threads (blake3 scales well).
 PARALLEL_HASH_MIN = 64 * 1024 * 1024
 
@@ -105,8 +104,7 @@ class PackWriter:
     def flush(self) -> None:
         if not self.entries:
             return
-        trailer = json.dumps([list(e) for e in self.entries], separators=(",", ":")).encode()
-        self.buffer += trailer + struct.pack("<Q", len(trailer)) + PACK_MAGIC
+        self.buffer += encode_trailer(self.entries)
         key = self.repo.pack_key(blake3.blake3(self.buffer).hexdigest())
         if not self.dry_run:
             # Local writes take the bytearray as is (no 16 MiB copy).
@@ -130,6 +128,18 @@ def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[
                 known: "KnownBlobs", dry_run: bool = False) -> BatchResult:
     result = BatchResult()
     packer = PackWriter(repo, result, dry_run)
+    try:
+        _store_files(repo, source_fs, source_root, paths, rows, known, packer, result, dry_run)
+        packer.flush()
+    except BaseException:
+        known.settle(packer, stored=False)   # a retry must store these blobs itself
+        raise
+    known.add(result.index_rows["hash"])
+    known.settle(packer, stored=True)
+    return result
+
+
+def _store_files(repo, source_fs, source_root, paths, rows, known, packer, result, dry_run) -> None:
     threshold = repo.config.small_file_threshold
     local_source = storage.is_local(source_fs)
     for row, rel in zip(rows, paths):
@@ -159,9 +169,6 @@ def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[
         result.sizes.append(size)
         result.mtimes.append(mtime)
         result.ctimes.append(ctime)
-    packer.flush()
-    known.add(result.index_rows["hash"])
-    return result
 
 
 def _store_small(data: bytes, known: "KnownBlobs", packer: PackWriter, result: BatchResult) -> str:
@@ -375,17 +382,29 @@ def _store_remote_file(repo, fs, path, threshold, known, packer, result, dry_run
 class KnownBlobs:
     """The set of blob hashes already stored: the index plus this run's writes.
 
-    Shared by the batches of one run in one process (threads), so a blob
-    written by an earlier batch is not written again by a later one. Within a
-    batch, a hash is "claimed" by the pack that will hold it; claims are local
-    to the batch's pack writer, so a failed batch never leaves a claim behind
-    that would make a retry skip data.
+    Shared by the batches of one run in one process (threads). Two sets, both
+    guarded by one lock:
+
+    * ``stored``: in the index, or written by a batch of this run that has
+      finished (its index file follows before the commit);
+    * ``claims``: hash -> the pack writer that will hold it. A batch claims a
+      hash before packing it, so a batch running at the same time that meets
+      the same content (licences, empty ``__init__.py``: common in real trees)
+      does not pack it a second time. When the claiming batch finishes, its
+      claims become ``stored``; when it fails, ``release`` drops them so a
+      retry (or another batch) stores the data again. Relying on a claim is
+      safe: the flow commits only after every batch finished, and the commit
+      guard (backup.commit) checks that every hash the manifest references is
+      indexed.
+
+    Duplicates that still happen (a retry of a batch whose first pack did land,
+    two processes, large files hashed at the same moment) only cost space: the
+    index keeps the first location of each hash.
     """
 
     def __init__(self, hashes=()):
-        import threading
-
         self._stored = set(hashes)
+        self._claims: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def __len__(self):
@@ -395,14 +414,26 @@ class KnownBlobs:
         return blob_hash in self._stored
 
     def contains_or_claim(self, blob_hash: str, packer: PackWriter) -> bool:
-        if blob_hash in self._stored:
+        """True when the blob is stored or claimed by any batch; else claim it for ``packer``."""
+        if blob_hash in self._stored:        # the common case needs no lock (set lookups are atomic)
             return True
-        claimed = packer.claimed
-        if blob_hash in claimed:
-            return True
-        claimed.add(blob_hash)
+        with self._lock:
+            if blob_hash in self._stored or blob_hash in self._claims:
+                return True
+            self._claims[blob_hash] = id(packer)
+        packer.claimed.add(blob_hash)
         return False
 
     def add(self, hashes) -> None:
         with self._lock:
             self._stored.update(hashes)
+
+    def settle(self, packer: PackWriter, stored: bool) -> None:
+        """The batch of ``packer`` ended: its claims become stored, or are released."""
+        with self._lock:
+            for blob_hash in packer.claimed:
+                if self._claims.get(blob_hash) == id(packer):
+                    del self._claims[blob_hash]
+            if stored:
+                self._stored.update(packer.claimed)
+        packer.claimed = set()

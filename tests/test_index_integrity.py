@@ -1,0 +1,224 @@
+"""Index integrity: duplicate hashes in the index never lose blobs; commits are guarded.
+
+The scenario that lost files on real trees: two batches running at the same
+time both packed the same content, so the index held a hash twice, and the
+loader's de-duplication then dropped the *last* unique hashes of the index.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from tasks.core import index as indexmod
+from tasks.core import store, treeinfo
+from tasks.core import verify as verifymod
+from tasks.core.backup import MAX_BATCH_FILES, commit, prepare, store_range
+from tasks.core.errors import EXIT_FAILED, UnindexedBlobsError
+from tasks.core.repository import Repository
+from tasks.core.snapshots import list_snapshots
+
+from tests import core_helpers
+from tests.conftest import age_tree, make_tree
+
+N_FILES = 20_000
+SHARED_EVERY = 10      # every tenth file ...
+SHARED_DISTANCE = 5_000   # ... has the content of the file 5,000 paths further on
+
+
+def _shared_tree(root):
+    """20,000 small files; file i (i % 10 == 0) has the content of files i ± 5,000, i ± 10,000 ...
+
+    Paths sort in file-number order, so with batches of 4,096 files the two
+    copies fall into different batches, and batches 0 and 1 (run at the same
+    time by the default two-thread task runner) share 320 contents.
+    """
+    spec = {}
+    for i in range(N_FILES):
+        j = i % SHARED_DISTANCE if i % SHARED_EVERY == 0 else i
+        spec[f"d{i // 1000:02d}/f{i:05d}.txt"] = f"content of file {j}\n" * 3
+    # Two large files, stored whole: deleting them later gives prune whole keys to collect.
+    spec["big/one.bin"] = os.urandom(1536 * 1024)
+    spec["big/two.bin"] = os.urandom(1536 * 1024)
+    make_tree(root, spec)
+    age_tree(root)
+    return root
+
+
+def _old_unique_hashes(table: pa.Table) -> pa.Table:
+    """The loader's old de-duplication (the bug): positions of the sorted list, not rows."""
+    indices = pa.table({"hash": table["hash"], "i": pa.array(range(table.num_rows), pa.int64())})
+    first = indices.group_by("hash", use_threads=False).aggregate([("i", "min")])["i_min"]
+    return table.take(pc.sort_indices(first))
+
+
+def _index_rows(n_unique: int, duplicates: list[int]) -> pa.Table:
+    hashes = [f"{i:064x}" for i in range(n_unique)] + [f"{i:064x}" for i in duplicates]
+    return pa.table({"hash": hashes, "key": [f"packs/{i % 7}" for i in range(len(hashes))],
+                     "offset": list(range(len(hashes))), "length": [1] * len(hashes)}, schema=store.INDEX_SCHEMA)
+
+
+def test_unique_hashes_keeps_every_hash_once_at_its_first_location():
+    table = _index_rows(1000, duplicates=[3, 500, 999, 3])
+    unique = indexmod.unique_hashes(table)
+    assert unique.num_rows == 1000
+    assert sorted(unique["hash"].to_pylist()) == sorted(set(table["hash"].to_pylist()))
+    # The first location wins: rows 0..999 are the originals, in table order.
+    assert unique["offset"].to_pylist() == list(range(1000))
+    # The old code kept the first 1,000 rows: it returned the same number of
+    # rows but lost hashes (this is what dropped real files).
+    assert len(set(_old_unique_hashes(pa.concat_tables([table.slice(1000), table.slice(0, 1000)]))
+                   ["hash"].to_pylist())) < 1000
+
+
+def test_shared_contents_in_concurrent_batches_all_restore_and_survive_compaction(tmp_path, prefect_api_url):
+    from flows.backup import backup
+    from flows.prune import prune
+    from flows.restore import restore
+
+    src = _shared_tree(tmp_path / "src")
+    repo_url = str(tmp_path / "repo")
+    first = backup(str(src), repo_url)
+    assert first["exit_code"] == 0 and first["files_new"] == N_FILES + 2
+    assert first["batches"] >= 4 and MAX_BATCH_FILES < SHARED_DISTANCE
+
+    repo = Repository.open(repo_url)
+    idx = indexmod.load_index(repo, unique=False)
+    distinct = pc.count_distinct(idx["hash"]).as_py()
+    assert distinct == N_FILES - (N_FILES - SHARED_DISTANCE) // SHARED_EVERY + 2
+    # Batches of one run share their claims: the shared contents were packed once.
+    assert idx.num_rows == distinct
+
+    out = tmp_path / "out"
+    restored = restore(repo_url, str(out))
+    assert restored["files_written"] == N_FILES + 2 and not restored["errors"]
+    assert treeinfo.describe(str(src)) == treeinfo.describe(str(out))
+    check = verifymod.verify(repo_url, read_data=100)
+    assert check.problems == [] and check.blobs == distinct
+
+    # Garbage for the sweep: delete a tenth of the files, change a few, back up
+    # again, forget the first snapshot; grace 0 makes this prune compact the index.
+    for i in range(0, N_FILES, 10):
+        os.unlink(src / f"d{i // 1000:02d}/f{i:05d}.txt")
+    for i in range(1, 200, 10):
+        (src / f"d{i // 1000:02d}/f{i:05d}.txt").write_text(f"changed {i}\n")
+    for name in ("one.bin", "two.bin"):
+        os.unlink(src / "big" / name)
+    age_tree(src)
+    second = backup(str(src), repo_url)
+    assert second["exit_code"] == 0
+    before = indexmod.list_index_names(repo)
+    pruned = prune(repo_url, keep_last=1, grace_hours=0)
+    assert pruned["swept"]["keys_deleted"] >= 2
+    after = indexmod.list_index_names(repo)
+    assert len(after) == 1 and after[0].startswith("compact-") and after[0] not in before
+
+    check = verifymod.verify(repo_url, read_data=100)
+    assert check.problems == []
+    out2 = tmp_path / "out2"
+    restored = restore(repo_url, str(out2))
+    assert not restored["errors"]
+    assert treeinfo.describe(str(src)) == treeinfo.describe(str(out2))
+
+
+def test_a_failed_batch_releases_its_claims_so_a_retry_stores_the_data(tmp_path):
+    src = make_tree(tmp_path / "src", {f"f{i}": f"blob {i}" for i in range(20)})
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    known = store.KnownBlobs()
+    fs, root = __import__("tasks.core.storage", fromlist=["open_url"]).open_url(str(src))
+    paths = sorted(os.listdir(src))
+    # A real write fault: `packs` is a regular file, so no pack can be created.
+    packs = tmp_path / "repo" / "packs"
+    packs.write_bytes(b"in the way")
+    with pytest.raises(store.RepositoryWriteError):
+        store.store_batch(repo, fs, root, paths, list(range(20)), known)
+    # Nothing stays claimed: another batch may claim every one of these blobs.
+    probe = store.PackWriter(repo, store.BatchResult(), dry_run=True)
+    assert not any(known.contains_or_claim(store.blake3.blake3(f"blob {i}".encode()).hexdigest(), probe)
+                   for i in range(20))
+    known.settle(probe, stored=False)
+
+    packs.unlink()
+    retried = store.store_batch(repo, fs, root, paths, list(range(20)), known)
+    assert retried.blobs_stored == 20 and retried.packs_written == 1
+    assert len(known) == 20
+
+
+def test_a_claim_held_by_a_running_batch_is_not_packed_twice(tmp_path):
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    known = store.KnownBlobs()
+    a = store.PackWriter(repo, store.BatchResult(), dry_run=True)
+    b = store.PackWriter(repo, store.BatchResult(), dry_run=True)
+    h = "ab" * 32
+    assert known.contains_or_claim(h, a) is False     # a packs it
+    assert known.contains_or_claim(h, b) is True      # b relies on a
+    assert known.contains_or_claim(h, a) is True      # a itself packs it once
+    known.settle(a, stored=True)
+    assert known.contains(h) and known.contains_or_claim(h, b) is True
+
+
+def test_commit_guard_refuses_a_snapshot_that_references_unindexed_blobs(tmp_path):
+    src = make_tree(tmp_path / "src", {f"f{i:03d}": f"data {i}" for i in range(50)})
+    age_tree(src)
+    repo_url = str(tmp_path / "repo")
+    plan = prepare(str(src), repo_url).to_dict()
+    summaries = [store_range(plan, i) for i in range(len(plan["batches"]))]
+    # A real fault between store and commit: the batch's index file is gone
+    # (as a concurrent, buggy compaction did).
+    repo = Repository.open(repo_url)
+    for name in indexmod.list_index_names(repo):
+        repo.fs.rm_file(repo.path("index", name))
+    with pytest.raises(UnindexedBlobsError) as err:
+        commit(plan, summaries)
+    assert err.value.exit_code == EXIT_FAILED
+    message = str(err.value)
+    assert "50 blob(s)" in message and "f000" in message and "repair index" in message
+    assert list_snapshots(repo) == []          # no snapshot was written
+
+
+@pytest.mark.damages_repository   # blobs are stored, but the index files were deleted
+def test_commit_guard_message_is_one_line_at_the_cli(tmp_path):
+    src = make_tree(tmp_path / "src", {"a": "x"})
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+    err = UnindexedBlobsError(what=f"backup of {src}", count=1, files=1, paths="a", url=repo.url)
+    assert "\n" not in str(err) and str(err).startswith(f"backup of {src}: 1 blob(s)")
+
+
+def test_prune_compaction_guard_keeps_the_old_index_when_compaction_would_lose_blobs(tmp_path, monkeypatch):
+    from tasks.core import gc
+
+    # Two runs that stored the same contents under different index files:
+    # the index holds duplicates, as concurrent batches used to leave it.
+    spec = {f"f{i:03d}": f"data {i}" for i in range(300)}
+    spec["big"] = os.urandom(1536 * 1024)      # stored whole; garbage once deleted
+    src = make_tree(tmp_path / "src", spec)
+    age_tree(src)
+    repo_url = str(tmp_path / "repo")
+    core_helpers.backup(src, repo_url)
+    repo = Repository.open(repo_url)
+    original = indexmod.load_index(repo, unique=False)
+    # The same 100 locations again, in an index file listed first.
+    indexmod.write_index(repo, original.slice(0, 100), "0-duplicates")
+    os.unlink(src / "big")
+    core_helpers.backup(src, repo_url)
+    snaps = list_snapshots(repo)
+    gc.forget(repo, snaps[:1])
+    assert gc.mark(repo).keys >= 1
+    names_before = indexmod.list_index_names(repo)
+
+    # The fault: the old, buggy de-duplication (a bug cannot be caused for
+    # real any more, so it is put back for this test only).
+    monkeypatch.setattr(indexmod, "unique_hashes", _old_unique_hashes)
+    with pytest.raises(UnindexedBlobsError):
+        gc.sweep(repo, grace_hours=0)
+    monkeypatch.undo()
+    # Nothing was removed: every old index file is still there, and the repository verifies.
+    assert set(names_before) <= set(indexmod.list_index_names(repo))
+    assert verifymod.check_structure(repo_url).problems == []
+    # With the fixed loader the same sweep compacts and keeps every live blob.
+    swept = gc.sweep(repo, grace_hours=0)
+    assert swept.index_files_after == 1
+    assert verifymod.verify(repo_url, read_data=100).problems == []
