@@ -20,7 +20,7 @@ import os
 import sys
 
 from flows.cli_stats import add_stats_parser, cmd_stats
-from tasks.core.errors import EXIT_FAILED, EXIT_USAGE, KeepflowError, UsageError
+from tasks.core.errors import EXIT_FAILED, EXIT_PARTIAL, EXIT_USAGE, KeepflowError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,10 +232,15 @@ def cmd_snapshots(args) -> int:
     from tasks.core.repository import Repository
     from tasks.core.snapshots import list_snapshots
 
-    snaps = list_snapshots(Repository.open(args.repo))
+    damaged: list = []
+    snaps = list_snapshots(Repository.open(args.repo), damaged)
+    # Damaged manifests are never left out silently: one warning line each, exit 3.
+    for d in damaged:
+        print(f"keepflow: warning: {d.error(args.repo)}", file=sys.stderr)
+    status = EXIT_PARTIAL if damaged else 0
     if args.json:
         _print_json([_snap_dict(s) for s in snaps])
-        return 0
+        return status
     from tasks.core.format import human_bytes
 
     rows = [("ID", "TIME", "HOST", "SOURCE", "FILES", "SIZE", "TAGS")]
@@ -243,8 +248,8 @@ def cmd_snapshots(args) -> int:
         rows.append((s.short_id, s.time[:19].replace("T", " "), s.host, s.source, str(s.files),
                      human_bytes(s.bytes), ",".join(s.tags)))
     _print_rows(rows)
-    print(f"{len(snaps)} snapshots")
-    return 0
+    print(f"{len(snaps)} snapshots" + (f", {len(damaged)} unreadable" if damaged else ""))
+    return status
 
 
 def _snap_dict(s) -> dict:

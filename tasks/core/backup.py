@@ -136,9 +136,11 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
     host = socket.gethostname()
     parent_info = None
     if repo is not None:
-        snaps = snapshots.list_snapshots(repo)
+        # A damaged manifest cannot be a parent; the parent only saves reading.
+        damaged: list[snapshots.DamagedManifest] = []
+        snaps = snapshots.list_snapshots(repo, damaged)
         if parent:
-            parent_info = snapshots.resolve(repo, parent, snapshots=snaps)
+            parent_info = snapshots.resolve(repo, parent, snapshots=snaps, damaged=damaged)
         else:
             parent_info = snapshots.find_parent(snaps, source, host)
     elif parent:

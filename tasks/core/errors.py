@@ -85,6 +85,14 @@ class NoSnapshotsError(UsageError):
     template = "repository {url} has no snapshots yet; run `keepflow backup SOURCE {url}` first"
 
 
+class DamagedManifestError(KeepflowError):
+    """A manifest under ``snapshots/`` cannot be read; never skipped silently."""
+
+    template = ("{what} cannot be read (snapshots/{name} in {url}: {reason}); "
+                "copy it back from a replica, or remove that file to forget the snapshot")
+    exit_code = EXIT_FAILED
+
+
 class TargetError(UsageError):
     template = "cannot restore into {target}: {reason}"
 

@@ -16,9 +16,10 @@ COLUMNS = ["path", "type", "size", "hash", "link_target"]
 
 
 def compare(repo, ref_a: str, ref_b: str) -> dict:
-    snaps = snapshots.list_snapshots(repo)
-    a = snapshots.resolve(repo, ref_a, snapshots=snaps)
-    b = snapshots.resolve(repo, ref_b, snapshots=snaps)
+    damaged: list[snapshots.DamagedManifest] = []
+    snaps = snapshots.list_snapshots(repo, damaged)
+    a = snapshots.resolve(repo, ref_a, snapshots=snaps, damaged=damaged)
+    b = snapshots.resolve(repo, ref_b, snapshots=snaps, damaged=damaged)
     ta = manifest.read_manifest(repo, a, columns=COLUMNS)
     tb = manifest.read_manifest(repo, b, columns=COLUMNS)
     return compare_tables(ta, tb) | {"a": a.id, "b": b.id}

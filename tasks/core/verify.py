@@ -177,7 +177,7 @@ def attribute(repo_url: str, problems: list[dict], storage_options=None) -> None
                 blobs.add(blob)
     affected: dict[str, tuple[set, list]] = {}
     value_set = pa.array(sorted(blobs), pa.string())
-    for info in snapshots.list_snapshots(repo):
+    for info in snapshots.list_snapshots(repo, damaged=[]):   # damaged ones are findings already
         table = manifest.read_manifest(repo, info, columns=["path", "hash"])
         hit = table.filter(pc.is_in(table["hash"], value_set=value_set))
         for path, blob in zip(hit["path"].to_pylist(), hit["hash"].to_pylist()):
