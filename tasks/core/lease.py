@@ -4,7 +4,10 @@ A lease is a small JSON file ``locks/<kind>-<uuid>.json`` holding the kind
 (``backup``, ``prune``), the source for backups, host, pid, and an expiry
 time. The holder refreshes it (a daemon thread rewrites the expiry every
 ``ttl/3``), so a lease whose expiry has passed belongs to a process that
-died: it is ignored by everyone and removed by ``keepflow unlock``.
+died: it is ignored by everyone and removed by ``keepflow unlock``. On the
+holder's own host a lease is dead as soon as its process is (no such pid, a
+zombie, or a pid reused by a later process; liveness.py), without waiting
+for the expiry.
 
 Rules (checked after writing our own lease, then reading the others, so two
 processes starting at the same moment always see each other):
@@ -30,7 +33,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from . import storage
+from . import liveness, storage
 from .errors import KeepflowError
 
 DEFAULT_TTL = 30 * 60          # seconds; refreshed every TTL/3 while held
@@ -58,16 +61,16 @@ class Lease:
         return dt.datetime.fromisoformat(self.expires) < dt.datetime.now(dt.timezone.utc)
 
     def holder_is_dead(self) -> bool:
-        """True when the holder ran on this host and its process is gone."""
+        """True when the holder ran on this host and its process is gone: no
+        such pid, a zombie (killed, not yet reaped), or the pid now belongs to a
+        process started after the lease was written (liveness.is_gone)."""
         if self.host != socket.gethostname():
             return False
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+            created = dt.datetime.fromisoformat(self.created).timestamp()
+        except (TypeError, ValueError):
+            created = None
+        return liveness.is_gone(self.pid, started_by=created)
 
     @property
     def live(self) -> bool:
