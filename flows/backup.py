@@ -14,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
 from flows._progress_artifact import track
+from flows._runs import HOOKS
 from tasks.backup import commit_snapshot, plan_backup, store_batch
 from tasks.core.backup import check_inputs, normalise_source
 from tasks.core.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
@@ -28,7 +29,7 @@ DEFAULT_WORKERS = 2
 
 
 @flow(name="backup", flow_run_name=lambda: run_name("backup", "source"),
-      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False)
+      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False, **HOOKS)
 def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list[str] | None = None,
            rehash: bool = False, parent: str | None = None, dry_run: bool = False,
            storage_options: dict | str | None = None, source_options: dict | str | None = None,

@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     _storage_options_arg(sp)
 
-    sp = add("unlock", "remove stale leases left by killed processes (live leases are kept)")
+    sp = add("unlock", "remove stale leases left by killed processes (live leases are kept) "
+                       "and mark their dead flow runs Crashed")
     sp.add_argument("repo", metavar="REPO")
     sp.add_argument("--json", action="store_true")
     _storage_options_arg(sp)
@@ -513,17 +514,32 @@ def cmd_prune(args) -> int:
 
 
 def cmd_unlock(args) -> int:
-    from tasks.core import lease
+    from tasks.core import lease, runs
     from tasks.core.repository import Repository
 
     removed, kept = lease.unlock(Repository.open(args.repo, args.storage_options))
+    crashed, elsewhere = [], []
+    # Prefect is imported only when this host has a dead run of REPO to mark
+    # (tasks/core/runs.py), so a plain unlock stays a sub-second command.
+    if runs.dead_runs(runs.default_folder(), args.repo):
+        _prepare_prefect(args.verbose)
+        from flows._runs import crash_dead_runs
+
+        crashed, elsewhere = crash_dead_runs(args.repo, by="keepflow unlock")
     if args.json:
-        _print_json({"removed": [l.__dict__ for l in removed], "live": [l.__dict__ for l in kept]})
+        _print_json({"removed": [l.__dict__ for l in removed], "live": [l.__dict__ for l in kept],
+                     "crashed": [{"flow_run_id": r.flow_run_id, "name": r.flow_run_name, "flow": r.flow,
+                                  "pid": r.pid} for r in crashed]})
         return 0
     print(f"removed {len(removed)} stale leases")
+    for r in crashed:
+        print(f"marked flow run {r.flow_run_name} Crashed ({r.flow}, pid {r.pid} is gone)")
     for l in kept:
         print(f"kept live lease {l.id[:8]}: {l.kind} {l.source or ''} on {l.host} pid {l.pid}, expires {l.expires[:19]}"
               " (wait for it to finish or expire)", file=sys.stderr)
+    for url in sorted({r.api_url or "" for r in elsewhere}):
+        how = f"with PREFECT_API_URL={url}" if url else "without PREFECT_API_URL (the embedded server)"
+        print(f"left dead flow runs recorded in another Prefect API alone; run unlock again {how}", file=sys.stderr)
     return 0
 
 

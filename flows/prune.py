@@ -20,13 +20,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
+from flows._runs import HOOKS
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
 from tasks.prune import forget_snapshots, mark_garbage, sweep_garbage
 
 
 @flow(name="prune", flow_run_name=lambda: run_name("prune", "repo"),
-      task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=False)
+      task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=False, **HOOKS)
 def prune(repo: str, keep_last: int | None = None, keep_hourly: int | None = None,
           keep_daily: int | None = None, keep_weekly: int | None = None, keep_monthly: int | None = None,
           keep_yearly: int | None = None, keep_tags: list[str] | None = None, grace_hours: float = 24.0,

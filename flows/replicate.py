@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
 from flows._progress_artifact import track
+from flows._runs import HOOKS
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
 from tasks.replicate import replicate_to
@@ -65,7 +66,7 @@ def write_artifacts(summary: dict) -> None:
 
 
 @flow(name="replicate", flow_run_name=lambda: run_name("replicate", "repo"),
-      task_runner=ThreadPoolTaskRunner(max_workers=8), validate_parameters=False)
+      task_runner=ThreadPoolTaskRunner(max_workers=8), validate_parameters=False, **HOOKS)
 def replicate(repo: str, replicas: list[str], dry_run: bool = False, storage_options: dict | str | None = None,
               replica_options: dict | None = None) -> dict:
     """Copy to each replica what it lacks (packs/objects, then index, then manifests).

@@ -12,6 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
+from flows._runs import HOOKS
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
 from tasks.restore import finish_restore, plan_restore, restore_batch
@@ -20,7 +21,7 @@ DEFAULT_WORKERS = 2
 
 
 @flow(name="restore", flow_run_name=lambda: run_name("restore", "target"),
-      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False)
+      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_WORKERS), validate_parameters=False, **HOOKS)
 def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None = None,
             includes: list[str] | None = None, overwrite: str = "if-changed", dry_run: bool = False,
             storage_options: dict | str | None = None, target_options: dict | str | None = None,

@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._credentials import resolve
 from flows._naming import run_name
+from flows._runs import HOOKS
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
 from tasks.verify import attribute_problems, check_data, check_structure
@@ -24,7 +25,7 @@ DATA_PARTS = 4
 
 
 @flow(name="verify", flow_run_name=lambda: run_name("verify", "repo"),
-      task_runner=ThreadPoolTaskRunner(max_workers=DATA_PARTS), validate_parameters=False)
+      task_runner=ThreadPoolTaskRunner(max_workers=DATA_PARTS), validate_parameters=False, **HOOKS)
 def verify(repo: str, read_data: float = 0.0, storage_options: dict | str | None = None) -> dict:
     """Check ``repo``; ``read_data`` is the percentage of stored data to re-hash (0-100)."""
     storage_options = resolve(storage_options)
