@@ -14,7 +14,10 @@ chunks. Every blob's BLAKE3 is checked before any file is put in place; a
 mismatch is reported naming the file and nothing is written under its name.
 Files are written to a temporary name in the destination folder, given their
 mode and mtime, then renamed: a crash never leaves a partial file under the
-real name. A blob used by several paths is read once.
+real name. A blob used by several paths is read once. The temporaries a
+killed restore left in the folders being restored into are removed by
+``prepare`` before any batch writes (restore_writer.remove_stale_temporaries),
+so a rerun leaves exactly the snapshot.
 
 ``--overwrite``: ``never`` leaves existing files alone, ``if-changed`` (the
 default) skips a file whose size and content hash already match, ``always``
@@ -31,7 +34,6 @@ import os
 import shutil
 import stat
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field
 
 import blake3
@@ -44,7 +46,8 @@ from . import scratch as scratch_io
 from .blob_sources import BlobSources
 from .errors import TargetError, UsageError
 from .repository import Repository
-from .restore_writer import IS_ROOT, RestoreBatchResult, TargetWriter, apply_link_meta
+from .restore_writer import (IS_ROOT, RestoreBatchResult, TargetWriter, apply_link_meta, new_token,
+                             remove_stale_temporaries, temp_name)
 from .scan import compile_patterns
 
 COALESCE_GAP = 1024 * 1024
@@ -70,6 +73,7 @@ class RestorePlan:
     symlinks: int
     bytes: int
     fresh_target: bool = False
+    temporaries_removed: int = 0
     fallbacks: list[str] = field(default_factory=list)
     fallback_options: dict = field(default_factory=dict)
     primary_url: str = ""
@@ -107,8 +111,12 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
 
     scratch = tempfile.mkdtemp(prefix="keepflow-restore-")
     scratch_io.write(scratch, "other", pa.concat_tables([dirs, links]))
+    folders = _folders(dirs["path"].to_pylist(), files["path"].to_pylist() + links["path"].to_pylist())
+    removed = []
     if not dry_run:
-        _make_dirs(tfs, troot, dirs["path"].to_pylist(), files["path"].to_pylist(), target)
+        _make_dirs(tfs, troot, folders, target)
+        if not fresh:
+            removed = remove_stale_temporaries(tfs, troot, folders)
 
     batches = scratch_io.cut_ranges(located["length"].to_numpy(zero_copy_only=False), MAX_BATCH_FILES,
                                     MAX_BATCH_BYTES)
@@ -117,6 +125,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
         repo_url=used_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
         overwrite=overwrite, dry_run=dry_run, batches=batches, files=files.num_rows, dirs=dirs.num_rows,
         symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0, fresh_target=fresh,
+        temporaries_removed=len(removed),
         fallbacks=[u for u in [repo_url, *fallbacks] if u != used_url], fallback_options=fallback_options or {},
         primary_url=repo_url,
         missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
@@ -175,8 +184,12 @@ def _target_fs(target: str, options=None):
         raise TargetError(target=target, reason=str(exc)) from None
 
 
-def _make_dirs(fs, root, dir_paths, file_paths, target):
-    wanted = {""} | set(dir_paths) | {p.rsplit("/", 1)[0] if "/" in p else "" for p in file_paths}
+def _folders(dir_paths, entry_paths) -> set[str]:
+    """Every folder the restore writes into ("" is the target itself)."""
+    return {""} | set(dir_paths) | {p.rsplit("/", 1)[0] if "/" in p else "" for p in entry_paths}
+
+
+def _make_dirs(fs, root, wanted, target):
     try:
         if storage.is_local(fs):
             if os.path.exists(root) and not os.path.isdir(root):
@@ -316,7 +329,8 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
     if plan["dry_run"] or not storage.is_local(tfs):
         return errors
     rows = other.to_pylist()
-    for row in rows:
+    token = new_token()
+    for n, row in enumerate(rows):
         if row["type"] != "symlink":
             continue
         dest = os.path.join(troot, row["path"])
@@ -329,7 +343,7 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
                     continue
                 if os.path.isdir(dest) and not os.path.islink(dest):
                     raise IsADirectoryError(21, "a folder is in the way", dest)
-            tmp = os.path.join(os.path.dirname(dest), f".kf-tmp-{uuid.uuid4().hex[:12]}")
+            tmp = temp_name(os.path.dirname(dest), token, n)
             os.symlink(row["link_target"], tmp)
             os.replace(tmp, dest)
             apply_link_meta(dest, row)

@@ -6,19 +6,31 @@ existing file of the same size), writes local files through descriptors
 descriptor, close, rename over the final name), streams large blobs while
 hashing them, and copies a file already restored when several paths share a
 blob. Remote targets (any fsspec URL) get the content only.
+
+Temporary names are ``.kf-tmp-<writer>-<token>-<n>`` in the destination
+folder: ``<writer>`` names the process (liveness.py), ``<token>`` the writer
+object, ``<n>`` counts. They are created owner-only (0600): until the file's
+own mode is applied, and if a crash stops us before, a restored secret is
+readable by nobody else. A restore that was killed leaves such names behind;
+the next restore into the same folders removes them before it writes
+(``remove_stale_temporaries``): at once when their writer is known gone, after
+an hour when it ran on another host. Only names matching keepflow's patterns
+exactly, and only files and symlinks, are ever touched.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
+import time
 import uuid
 from dataclasses import dataclass, field
 
 import blake3
 
-from . import progress, storage
+from . import liveness, progress, storage
 
 CHUNK = 4 * 1024 * 1024
 PROGRESS_EVERY = 64
@@ -46,7 +58,7 @@ class TargetWriter:
         self.local = storage.is_local(fs)
         self.result = RestoreBatchResult()
         self._decided: dict[int, bool] = {}
-        self._token, self._counter = uuid.uuid4().hex[:8], 0
+        self._token, self._counter = new_token(), 0
         self._prefix = root.rstrip("/") + "/" if root.rstrip("/") else "/"
         self._unreported = [0, 0]          # progress is reported every PROGRESS_EVERY files
         # Nothing can be in the way in a folder that did not exist before
@@ -150,8 +162,7 @@ class TargetWriter:
 
     def _tmp_name(self, dest: str) -> str:
         self._counter += 1
-        # Not derived from the file's name: that may already be 255 bytes long.
-        return f"{dest.rpartition('/')[0]}/.kf-tmp-{self._token}-{self._counter}"
+        return temp_name(dest.rpartition("/")[0], self._token, self._counter)
 
     def _put_in_place(self, tmp: str, dest: str) -> None:
         try:
@@ -165,8 +176,8 @@ class TargetWriter:
     def write_stream(self, cols, j, src_fs, src_path, expected) -> bool:
         dest = self.dest(cols, j)
         hasher = blake3.blake3()
-        tmp = self._tmp_name(dest) if self.local else f"{dest}.kf-tmp-{uuid.uuid4().hex}"
-        out = open(tmp, "wb") if self.local else self.fs.open(tmp, "wb")
+        tmp = self._tmp_name(dest)
+        out = _create_private(tmp) if self.local else self.fs.open(tmp, "wb")
         written = 0
         try:
             with src_fs.open(src_path, "rb") as src, out:
@@ -200,7 +211,8 @@ class TargetWriter:
         try:
             if self.local:
                 tmp = self._tmp_name(dest)
-                shutil.copyfile(src, tmp)
+                with open(src, "rb") as fsrc, _create_private(tmp) as fdst:
+                    shutil.copyfileobj(fsrc, fdst, CHUNK)
                 self._finish_local(tmp, dest, cols, j)
             else:
                 self.fs.copy(src, dest)
@@ -226,6 +238,95 @@ class TargetWriter:
                 self.fs.rm_file(tmp)
         except OSError:
             pass
+
+
+def _create_private(tmp: str):
+    """A new file object for ``tmp``, owner-only, never following a symlink there."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    return os.fdopen(fd, "wb")
+
+
+# -- temporary names ---------------------------------------------------------------
+
+def new_token() -> str:
+    """``<writer>-<8 hex>``: unique per TargetWriter (batches run in threads of one process)."""
+    return f"{liveness.this_process().tag()}-{uuid.uuid4().hex[:8]}"
+
+
+def temp_name(folder: str, token: str, n: int) -> str:
+    # Not derived from the file's name: that may already be 255 bytes long.
+    return f"{folder}/.kf-tmp-{token}-{n}"
+
+
+_TEMP_RE = re.compile(
+    rf"^\.kf-tmp-(?P<writer>{liveness.TAG_PATTERN.pattern})-[0-9a-f]{{8}}-\d+$"
+    # written by earlier versions: files, symlinks (finish), remote targets
+    r"|^\.kf-tmp-[0-9a-f]{8}-\d+$|^\.kf-tmp-[0-9a-f]{12}$|^.+\.kf-tmp-[0-9a-f]{32}$")
+
+
+def temp_writer(name: str) -> tuple[bool, liveness.ProcessId | None]:
+    """(is this one of keepflow's temporary names, the process that wrote it if named)."""
+    m = _TEMP_RE.match(name)
+    if m is None:
+        return False, None
+    writer = m["writer"]
+    return True, liveness.parse_tag(writer) if writer else None
+
+
+def remove_stale_temporaries(fs, root: str, folders, now: float | None = None) -> list[str]:
+    """Remove keepflow's stale temporary files in ``folders`` (relative to
+    ``root``; "" is the root) of a restore target; returns their paths.
+
+    Local targets: one ``scandir`` per folder. Object stores are skipped: a
+    write there is one PUT or a multipart upload that stays invisible until
+    it completes, so an interrupted one leaves no object. Other remote
+    targets (SFTP, ...): one listing of the target.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    if storage.is_local(fs):
+        for folder in sorted(set(folders)):
+            path = os.path.join(root, folder) if folder else root
+            try:
+                entries = list(os.scandir(path))
+            except OSError:
+                continue
+            for entry in entries:
+                if ".kf-tmp-" not in entry.name:
+                    continue
+                ours, writer = temp_writer(entry.name)
+                if not ours:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                        continue
+                    if liveness.stale(writer, st.st_mtime, now):
+                        os.unlink(entry.path)
+                        removed.append(entry.path)
+                except OSError:
+                    continue
+        return removed
+    if storage.is_object_store(fs):
+        return removed
+    wanted = {storage.join(root, f) if f else root for f in folders}
+    try:
+        listing = storage.list_files(fs, root)
+    except OSError:
+        return removed        # the batches will meet the same problem and report it per file
+    for info in listing:
+        name = info["name"]
+        parent, _, base = name.rpartition("/")
+        ours, writer = temp_writer(base)
+        if not ours or parent not in wanted or info.get("type") not in (None, "file", "link"):
+            continue
+        if liveness.stale(writer, storage.info_mtime_ns(info) / 1e9 or now, now):
+            try:
+                fs.rm_file(name)
+                removed.append(name)
+            except OSError:
+                continue
+    return removed
 
 
 def _apply_meta_fd(fd, cols, j) -> None:
