@@ -264,6 +264,7 @@ def test_dedup_stats_for_some_snapshots_counts_older_blobs_as_known(hist):
     assert list(per["new_bytes"]) == [i.bytes_stored for i in hist["infos"][2:]]
 
 
+@pytest.mark.damages_repository
 def test_dedup_stats_reports_blobs_missing_from_the_index(hist, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(hist["repo"], broken)

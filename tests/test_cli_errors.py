@@ -266,6 +266,7 @@ def test_foreign_folder_refused_by_other_commands(cli, tmp_path, command):
     assert snapshot_tree(foreign) == before
 
 
+@pytest.mark.damages_repository
 @pytest.mark.parametrize("command", ["snapshots", "ls"])
 def test_newer_repository_version_is_refused(cli, tmp_path, command):
     repo = make_future_repo(tmp_path / "repo")
@@ -273,6 +274,7 @@ def test_newer_repository_version_is_refused(cli, tmp_path, command):
     assert_one_error(proc, EXIT_NO_REPO, "version 99", "upgrade keepflow")
 
 
+@pytest.mark.damages_repository
 def test_damaged_config_is_refused(cli, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -50,6 +50,7 @@ def test_foreign_content_is_refused_and_untouched(tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
 
 
+@pytest.mark.damages_repository
 def test_newer_format_is_refused(repo_url):
     repo = Repository.init(repo_url)
     config = json.loads(repo.fs.cat_file(repo.path(CONFIG_NAME)))
@@ -59,6 +60,7 @@ def test_newer_format_is_refused(repo_url):
         Repository.open(repo_url)
 
 
+@pytest.mark.damages_repository
 def test_garbage_config_is_refused(repo_url):
     repo = Repository.init(repo_url)
     repo.fs.pipe_file(repo.path(CONFIG_NAME), b"not json")

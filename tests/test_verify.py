@@ -33,6 +33,7 @@ def test_clean_repository_has_no_problems(repo):
     assert result.problems == [] and result.snapshots == 2 and result.keys_read == result.keys >= 2
 
 
+@pytest.mark.damages_repository
 def test_missing_key_names_snapshots_and_paths(repo):
     obj = next(p for p in _data_files(repo) if "objects" in p.parts)
     obj.unlink()
@@ -41,6 +42,7 @@ def test_missing_key_names_snapshots_and_paths(repo):
     assert problems[0]["paths"] == ["big.bin"] and len(problems[0]["snapshots"]) == 2
 
 
+@pytest.mark.damages_repository
 def test_short_key(repo):
     pack = max((p for p in _data_files(repo) if "packs" in p.parts), key=lambda p: p.stat().st_size)
     pack.write_bytes(pack.read_bytes()[:10])            # the big pack: its blobs end far beyond 10 bytes
@@ -60,6 +62,7 @@ def test_corruption_found_only_when_data_is_read(repo):
     assert any(p["paths"] for p in problems if p["kind"] == "corrupt blob")
 
 
+@pytest.mark.damages_repository
 def test_manifest_hash_missing_from_index(repo):
     for f in (repo / "index").iterdir():
         f.unlink()
@@ -68,6 +71,7 @@ def test_manifest_hash_missing_from_index(repo):
     assert len(missing) >= 31 and all(p["snapshots"] for p in missing)
 
 
+@pytest.mark.damages_repository
 def test_damaged_manifest_is_reported_not_fatal(repo):
     manifest = sorted((repo / "snapshots").iterdir())[0]
     manifest.write_bytes(b"PAR1 garbage")
