@@ -20,7 +20,7 @@ import os
 import sys
 
 from flows.cli_stats import add_stats_parser, cmd_stats
-from tasks.core.errors import EXIT_FAILED, EXIT_PARTIAL, EXIT_USAGE, KeepflowError, UsageError
+from tasks.core.errors import EXIT_FAILED, EXIT_NO_SPACE, EXIT_PARTIAL, EXIT_USAGE, KeepflowError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -200,7 +200,9 @@ def main(argv=None) -> int:
     except OSError as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         _fail(f"{exc.strerror or exc}{where}")
-        return EXIT_FAILED
+        from tasks.core.storage import is_no_space
+
+        return EXIT_NO_SPACE if is_no_space(exc) else EXIT_FAILED
     except Exception as exc:  # a bug: still one line, traceback only on request
         if args.debug:
             raise

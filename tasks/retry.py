@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tasks.core import storage
 from tasks.core.errors import KeepflowError, StorageError
-from tasks.core.store import RepositoryWriteError
+from tasks.core.errors import RepositoryFullError, RepositoryWriteError
 
 PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeepflowError)
 
@@ -18,6 +18,8 @@ PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirector
 def is_transient(exc: BaseException | None) -> bool:
     if exc is None:
         return False
+    if isinstance(exc, RepositoryFullError) or storage.is_no_space(exc):
+        return False                     # more attempts cannot make space
     if isinstance(exc, RepositoryWriteError):
         cause = exc.__cause__
         return cause is None or is_transient(cause) or storage.classify(cause) == "unreachable"

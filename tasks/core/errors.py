@@ -7,7 +7,8 @@ are ordinary Python exceptions and are not caught here.
 
 Exit codes (restic-like): 0 clean, 1 no snapshot written / operation failed,
 2 usage error, 3 snapshot written but some files were skipped,
-10 repository missing or unusable.
+10 repository missing or unusable, 11 leased by a conflicting run,
+12 the repository's storage is full.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_NO_REPO = 10
+EXIT_LEASED = 11
+EXIT_NO_SPACE = 12
 
 
 class KeepflowError(Exception):
@@ -95,6 +98,25 @@ class DamagedManifestError(KeepflowError):
 
 class TargetError(UsageError):
     template = "cannot restore into {target}: {reason}"
+
+
+class RepositoryWriteError(KeepflowError):
+    """Writing to the repository failed.
+
+    Distinct from the source-side errors that skip one file: a failed write
+    must fail the whole batch (Prefect may retry it), because files already
+    hashed into the lost pack would otherwise be committed without their data.
+    """
+
+
+class RepositoryFullError(RepositoryWriteError):
+    """The repository's storage has no space (or quota) left: never retried.
+
+    Raised instead of RepositoryWriteError whenever ENOSPC or EDQUOT is in the
+    cause chain; retrying cannot help, and the user needs this line at once.
+    """
+
+    exit_code = EXIT_NO_SPACE
 
 
 class IntegrityError(KeepflowError):

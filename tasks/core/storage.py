@@ -30,6 +30,7 @@ a minute of library retries; and every provider's failures become one
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import socket
 import threading
@@ -41,7 +42,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import StorageError, UsageError
+from .errors import RepositoryFullError, RepositoryWriteError, StorageError, UsageError
 
 LOCAL_PROTOCOLS = {"file", "local"}
 
@@ -239,8 +240,18 @@ def write_once(fs, path: str, data: bytes) -> bool:
     """Write ``data`` at ``path`` unless something is already there.
 
     Returns True when this call created the object. See the module docstring
-    for how each backend makes this atomic.
+    for how each backend makes this atomic. A full disk raises
+    RepositoryFullError (never retried, its own exit code).
     """
+    try:
+        return _write_once(fs, path, data)
+    except OSError as exc:
+        if is_no_space(exc):
+            raise write_failure(f"cannot write {path}: {exc}", exc) from exc
+        raise
+
+
+def _write_once(fs, path: str, data: bytes) -> bool:
     if is_local(fs):
         return _local_write_once(path, data)
     if fs.exists(path):
@@ -307,9 +318,34 @@ def _local_write_once(path: str, data: bytes) -> bool:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        # A full disk must not keep the partial copy (it holds the space).
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     return publish_local_tmp(tmp, path)
+
+
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True when a full disk or an exhausted quota is anywhere in the cause chain."""
+    return any(isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS for e in _exception_chain(exc))
+
+
+def write_failure(message: str, exc: BaseException) -> RepositoryWriteError:
+    """The error for a failed repository write: RepositoryFullError when space ran out."""
+    if is_no_space(exc):
+        return RepositoryFullError(f"{message.split(': ', 1)[0]}: no space left on the repository's storage; "
+                                   "free some space (or move the repository), then run again: "
+                                   "what was stored so far is kept and reused")
+    return RepositoryWriteError(message)
 
 
 def publish_local_tmp(tmp: str, path: str) -> bool:

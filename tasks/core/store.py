@@ -36,6 +36,7 @@ import blake3
 import pyarrow as pa
 
 from . import progress, storage
+from .errors import RepositoryWriteError
 from .pack import PACK_MAGIC, encode_trailer  # noqa: F401 (PACK_MAGIC: importable from here too)
 
 INDEX_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()),
@@ -73,15 +74,6 @@ class ChangedWhileReading(Exception):
     pass
 
 
-class RepositoryWriteError(Exception):
-    """Writing to the repository failed.
-
-    Distinct from the source-side errors that skip one file: a failed write
-    must fail the whole batch (Prefect may retry it), because files already
-    hashed into the lost pack would otherwise be committed without their data.
-    """
-
-
 # errno values that mean the *destination* is the problem during a local copy.
 _DEST_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
@@ -112,7 +104,7 @@ class PackWriter:
             try:
                 storage.write_once(self.repo.fs, self.repo.path(key), data)
             except Exception as exc:
-                raise RepositoryWriteError(f"cannot write {key} to {self.repo.url}: {exc}") from exc
+                raise storage.write_failure(f"cannot write {key} to {self.repo.url}: {exc}", exc) from exc
         rows = self.result.index_rows
         for blob_hash, offset, length in self.entries:
             rows["hash"].append(blob_hash)
@@ -243,7 +235,7 @@ def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
             result.bytes_read += _kernel_copy(fd, tmp, st.st_size)
         except OSError as exc:
             if exc.errno in _DEST_ERRNOS or (exc.filename and str(exc.filename).startswith(tmp_dir)):
-                raise RepositoryWriteError(f"cannot write to {repo.url}: {exc.strerror or exc}") from exc
+                raise storage.write_failure(f"cannot write to {repo.url}: {exc.strerror or exc}", exc) from exc
             raise
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if st.st_size >= PARALLEL_HASH_MIN else 1)
         blob_hash = hasher.update_mmap(tmp).hexdigest() if st.st_size else hasher.hexdigest()
@@ -255,7 +247,7 @@ def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
             os.makedirs(os.path.dirname(final), exist_ok=True)
             storage.publish_local_tmp(tmp, final)
         except OSError as exc:
-            raise RepositoryWriteError(f"cannot write {final}: {exc.strerror or exc}") from exc
+            raise storage.write_failure(f"cannot write {final}: {exc.strerror or exc}", exc) from exc
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -270,7 +262,7 @@ def _kernel_copy(fd: int, dest: str, size: int) -> int:
     try:
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise RepositoryWriteError(f"cannot create {dest}: {exc.strerror or exc}") from exc
+        raise storage.write_failure(f"cannot create {dest}: {exc.strerror or exc}", exc) from exc
     copied = 0
     try:
         try:
@@ -323,7 +315,7 @@ def _upload_verified(repo, fileobj, blob_hash: str, size: int, source_changed=No
     except ChangedWhileReading:
         raise
     except Exception as exc:
-        raise RepositoryWriteError(f"cannot upload {repo.object_key(blob_hash)} to {repo.url}: {exc}") from exc
+        raise storage.write_failure(f"cannot upload {repo.object_key(blob_hash)} to {repo.url}: {exc}", exc) from exc
     if mismatch:
         try:
             if fs.exists(target):
@@ -338,7 +330,7 @@ def _upload_verified(repo, fileobj, blob_hash: str, size: int, source_changed=No
             else:
                 fs.mv(target, final)
         except Exception as exc:
-            raise RepositoryWriteError(f"cannot publish {final}: {exc}") from exc
+            raise storage.write_failure(f"cannot publish {final}: {exc}", exc) from exc
 
 
 def _changed(fd: int, st: os.stat_result) -> bool:
