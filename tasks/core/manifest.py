@@ -32,12 +32,30 @@ MANIFEST_SCHEMA = pa.schema(
         ("ctime_ns", pa.int64()),     # null where the source has none
         ("inode", pa.int64()),        # null where the source has none
         ("mode", pa.int32()),         # st_mode permission and type bits
-        ("uid", pa.int32()),
-        ("gid", pa.int32()),
+        ("uid", pa.int64()),          # int64: ids above 2^31 exist (user namespaces, NFS, AD)
+        ("gid", pa.int64()),
         ("hash", pa.string()),        # BLAKE3-256 hex of the content, files only
-        ("link_target", pa.string()),  # symlinks only
+        ("link_target", pa.string()),  # symlinks only; readable form when not UTF-8 (see below)
+        # Optional columns: null unless needed; manifests written before them lack
+        # them, and read_manifest fills them with nulls.
+        ("mtime_ns_exact", pa.decimal128(38, 0)),  # the true mtime when mtime_ns had to be clamped
+        ("link_target_bytes", pa.binary()),        # the raw target when it is not valid UTF-8
     ]
 )
+OPTIONAL_COLUMNS = ("mtime_ns_exact", "link_target_bytes")
+# mtime_ns is int64 nanoseconds: 1677-09-21 to 2262-04-11. Outside that range
+# it holds the nearest bound (so diffing and older readers keep working) and
+# mtime_ns_exact the exact value, which restore applies.
+NS_MIN, NS_MAX = -(2**63), 2**63 - 1
+
+
+def clamp_ns(ns: int) -> int:
+    return NS_MIN if ns < NS_MIN else NS_MAX if ns > NS_MAX else ns
+
+
+def readable_bytes(raw: bytes) -> str:
+    """A name or link target that is not UTF-8, shown with its bad bytes as \\xNN escapes."""
+    return raw.decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -103,7 +121,14 @@ def write_manifest(repo, table: pa.Table, info: SnapshotInfo) -> str:
 
 
 def read_manifest(repo, info: SnapshotInfo, columns=None) -> pa.Table:
-    return parquet_io.read_table(repo.fs, repo.path("snapshots", info.key), columns=columns)
+    """The manifest's rows (``columns`` only); optional columns an older manifest lacks come back null."""
+    table = parquet_io.read_table(repo.fs, repo.path("snapshots", info.key), columns=columns,
+                                  optional=OPTIONAL_COLUMNS)
+    for name in OPTIONAL_COLUMNS:
+        if name not in table.column_names and (columns is None or name in columns):
+            field = MANIFEST_SCHEMA.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(list(columns)) if columns is not None else table
 
 
 def read_info(repo, name: str) -> SnapshotInfo:

@@ -27,11 +27,19 @@ def write_table_once(fs, path: str, table: pa.Table) -> bool:
     return storage.write_once(fs, path, table_to_bytes(table))
 
 
-def read_table(fs, path: str, columns: Sequence[str] | None = None) -> pa.Table:
+def read_table(fs, path: str, columns: Sequence[str] | None = None, optional: Sequence[str] = ()) -> pa.Table:
+    """Read ``columns`` (all when None); names in ``optional`` that the file lacks are left out."""
+    def read(pf: pq.ParquetFile) -> pa.Table:
+        cols = columns
+        if cols is not None and optional:
+            present = set(pf.schema_arrow.names)
+            cols = [c for c in cols if c in present or c not in optional]
+        return pf.read(columns=cols)
+
     if storage.is_local(fs):
-        return pq.ParquetFile(path).read(columns=columns)
+        return read(pq.ParquetFile(path))
     with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).read(columns=columns)
+        return read(pq.ParquetFile(f))
 
 
 def read_tables(fs, paths: Iterable[str], schema: pa.Schema,

@@ -46,8 +46,8 @@ from . import scratch as scratch_io
 from .blob_sources import BlobSources
 from .errors import TargetError, UsageError
 from .repository import Repository
-from .restore_writer import (IS_ROOT, RestoreBatchResult, TargetWriter, apply_link_meta, new_token,
-                             remove_stale_temporaries, temp_name)
+from .restore_writer import (IS_ROOT, RestoreBatchResult, TargetWriter, apply_link_meta, exact_mtime, link_target,
+                             new_token, remove_stale_temporaries, temp_name)
 from .scan import compile_patterns
 
 COALESCE_GAP = 1024 * 1024
@@ -55,7 +55,7 @@ CHUNK = 4 * 1024 * 1024
 MAX_BATCH_FILES = 4096
 MAX_BATCH_BYTES = 256 * 1024 * 1024
 OVERWRITE_MODES = ("never", "if-changed", "always")
-_BATCH_COLUMNS = ["path", "hash", "key", "offset", "length", "mode", "mtime_ns", "uid", "gid", "size"]
+_BATCH_COLUMNS = ["path", "hash", "key", "offset", "length", "mode", "mtime_ns", "mtime_ns_exact", "uid", "gid", "size"]
 
 
 @dataclass
@@ -338,13 +338,14 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
             if os.path.lexists(dest):
                 if plan["overwrite"] == "never":
                     continue
-                if os.path.islink(dest) and os.readlink(dest) == row["link_target"]:
+                target = link_target(row)
+                if os.path.islink(dest) and os.readlink(os.fsencode(dest) if isinstance(target, bytes) else dest) == target:
                     apply_link_meta(dest, row)
                     continue
                 if os.path.isdir(dest) and not os.path.islink(dest):
                     raise IsADirectoryError(21, "a folder is in the way", dest)
             tmp = temp_name(os.path.dirname(dest), token, n)
-            os.symlink(row["link_target"], tmp)
+            os.symlink(link_target(row), tmp)
             os.replace(tmp, dest)
             apply_link_meta(dest, row)
         except OSError as exc:
@@ -356,7 +357,8 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
             if IS_ROOT and row["uid"] is not None:
                 os.chown(dest, row["uid"], row["gid"])
             os.chmod(dest, stat.S_IMODE(row["mode"]))
-            os.utime(dest, ns=(row["mtime_ns"], row["mtime_ns"]))
+            mtime = exact_mtime(row["mtime_ns"], row["mtime_ns_exact"])
+            os.utime(dest, ns=(mtime, mtime))
         except OSError as exc:
             errors.append((row["path"], f"cannot set folder metadata: {exc.strerror or exc}"))
     return errors

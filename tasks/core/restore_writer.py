@@ -329,6 +329,17 @@ def remove_stale_temporaries(fs, root: str, folders, now: float | None = None) -
     return removed
 
 
+def exact_mtime(mtime_ns: int, exact) -> int:
+    """The entry's true mtime: ``mtime_ns_exact`` when the manifest had to clamp ``mtime_ns``."""
+    return mtime_ns if exact is None else int(exact)
+
+
+def link_target(row: dict) -> str | bytes:
+    """What to create the symlink with: the raw bytes when the target is not UTF-8."""
+    raw = row.get("link_target_bytes")
+    return raw if raw is not None else row["link_target"]
+
+
 def _apply_meta_fd(fd, cols, j) -> None:
     uid, gid = cols["uid"][j], cols["gid"][j]
     if IS_ROOT and uid is not None and (uid, gid) != _OWN_IDS:
@@ -337,7 +348,7 @@ def _apply_meta_fd(fd, cols, j) -> None:
         except OSError:
             pass
     os.fchmod(fd, stat.S_IMODE(cols["mode"][j]))
-    mtime = cols["mtime_ns"][j]
+    mtime = exact_mtime(cols["mtime_ns"][j], cols["mtime_ns_exact"][j])
     os.utime(fd, ns=(mtime, mtime))
 
 
@@ -348,7 +359,7 @@ def _apply_meta(path, cols, j) -> None:
         except OSError:
             pass
     os.chmod(path, stat.S_IMODE(cols["mode"][j]))
-    mtime = cols["mtime_ns"][j]
+    mtime = exact_mtime(cols["mtime_ns"][j], cols["mtime_ns_exact"][j])
     os.utime(path, ns=(mtime, mtime))
 
 
@@ -360,4 +371,5 @@ def apply_link_meta(dest, row):
         except OSError:
             pass
     if os.utime in os.supports_follow_symlinks:
-        os.utime(dest, ns=(row["mtime_ns"], row["mtime_ns"]), follow_symlinks=False)
+        mtime = exact_mtime(row["mtime_ns"], row.get("mtime_ns_exact"))
+        os.utime(dest, ns=(mtime, mtime), follow_symlinks=False)

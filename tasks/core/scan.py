@@ -23,6 +23,7 @@ scan goes on.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import os
 import stat
 from dataclasses import dataclass, field
@@ -32,11 +33,13 @@ import pyarrow as pa
 
 from . import storage
 from .errors import BadPatternError, SourceNotFoundError
+from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, readable_bytes
 
 IGNORE_FILE = ".keepflowignore"
 FLUSH_ROWS = 8192
 
-SCAN_COLUMNS = ["path", "type", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid", "link_target"]
+SCAN_COLUMNS = ["path", "type", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid", "link_target",
+                "mtime_ns_exact", "link_target_bytes"]
 
 
 @dataclass
@@ -93,6 +96,7 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
     add_path, add_type, add_size = cols["path"].append, cols["type"].append, cols["size"].append
     add_mtime, add_ctime, add_inode = cols["mtime_ns"].append, cols["ctime_ns"].append, cols["inode"].append
     add_mode, add_uid, add_gid, add_link = cols["mode"].append, cols["uid"].append, cols["gid"].append, cols["link_target"].append
+    add_mtime_exact, add_link_bytes = cols["mtime_ns_exact"].append, cols["link_target_bytes"].append
     S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
 
     # Each stack item: (absolute dir, relative dir, ignorer specs active there)
@@ -135,18 +139,29 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
                 continue
             if kind == "dir" and exclude_paths and entry.path in exclude_paths:
                 continue
-            link = None
+            link = link_bytes = None
             if kind == "symlink":
                 try:
                     link = os.readlink(entry.path)
                 except OSError as exc:
                     skipped.append((rel, f"cannot read link: {exc.strerror or exc}"))
                     continue
+                if not link.isascii() and not _utf8(link):
+                    # Kept byte-exact for restore; the string column shows it readably.
+                    link_bytes = os.fsencode(link)
+                    link = readable_bytes(link_bytes)
             add_path(rel)
             add_type(kind)
             add_size(st.st_size if kind == "file" else 0)
-            add_mtime(st.st_mtime_ns)
-            add_ctime(st.st_ctime_ns)
+            mtime = st.st_mtime_ns
+            if NS_MIN <= mtime <= NS_MAX:
+                add_mtime(mtime)
+                add_mtime_exact(None)
+            else:   # before 1677 or after 2262: clamped here, exact in its own column
+                add_mtime(clamp_ns(mtime))
+                add_mtime_exact(mtime)
+            add_link_bytes(link_bytes)
+            add_ctime(clamp_ns(st.st_ctime_ns))
             add_inode(st.st_ino)
             add_mode(mode)
             add_uid(st.st_uid)
@@ -192,12 +207,23 @@ def _to_table(cols: dict, sort: bool = True) -> pa.Table:
         "ctime_ns": pa.array(cols["ctime_ns"], pa.int64()),
         "inode": pa.array([i & 0x7FFFFFFFFFFFFFFF if i is not None else None for i in cols["inode"]], pa.int64()),
         "mode": pa.array(cols["mode"], pa.int32()),
-        "uid": pa.array(cols["uid"], pa.int32()),
-        "gid": pa.array(cols["gid"], pa.int32()),
+        "uid": pa.array(cols["uid"], pa.int64()),
+        "gid": pa.array(cols["gid"], pa.int64()),
         "link_target": pa.array(cols["link_target"], pa.string()),
+        "mtime_ns_exact": _sparse(cols, "mtime_ns_exact", decimal.Decimal),
+        "link_target_bytes": _sparse(cols, "link_target_bytes", bytes),
     }
     table = pa.table(arrays)
     return table.sort_by("path") if sort and table.num_rows else table
+
+
+def _sparse(cols: dict, name: str, convert) -> pa.Array:
+    """An optional column: all nulls (no per-row work) unless some entry needs it."""
+    values = cols[name]
+    kind = MANIFEST_SCHEMA.field(name).type
+    if not any(v is not None for v in values):
+        return pa.nulls(len(values), kind)
+    return pa.array([None if v is None else convert(v) for v in values], kind)
 
 
 def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
@@ -229,6 +255,8 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
         cols["uid"].append(None)
         cols["gid"].append(None)
         cols["link_target"].append(None)
+        cols["mtime_ns_exact"].append(None)
+        cols["link_target_bytes"].append(None)
     return ScanResult(_to_table(cols), [])
 
 

@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from . import progress, storage
 from .errors import RepositoryWriteError
+from .manifest import clamp_ns
 from .pack import PACK_MAGIC, encode_trailer  # noqa: F401 (PACK_MAGIC: importable from here too)
 
 INDEX_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()),
@@ -198,7 +199,8 @@ def _store_local_file(repo, path, threshold, known, packer, result, dry_run):
             after = os.fstat(fd)
             if not _same_stat(before, after):
                 raise ChangedWhileReading()
-        return blob_hash, before.st_size, before.st_mtime_ns, before.st_ctime_ns
+        # Clamped like the scan's mtime_ns (manifest.py); the exact value stays in the plan.
+        return blob_hash, before.st_size, clamp_ns(before.st_mtime_ns), clamp_ns(before.st_ctime_ns)
     finally:
         os.close(fd)
 
