@@ -115,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     _storage_options_arg(sp)
 
+    sp = add("repair", "rebuild the index from the stored data, or replace snapshots that reference lost data")
+    what = sp.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser, required=True)
+    rp = what.add_parser("index", help="rebuild the index from the packs' trailers and the objects",
+                         description="rebuild the index from the packs' trailers and the objects; damaged and "
+                                     "foreign files are reported, never deleted")
+    rp.add_argument("repo", metavar="REPO")
+    rp.add_argument("--read-data", action="store_true",
+                    help="re-hash every blob; leave out (and report) what does not match its hash")
+    rp.add_argument("--dry-run", action="store_true", help="report what would change, write nothing")
+    rp.add_argument("--json", action="store_true")
+    _storage_options_arg(rp)
+    rp = what.add_parser("snapshots", help="replace snapshots that reference lost data by ones without those files",
+                         description="repair the index, then write a replacement (tagged 'repaired') for every "
+                                     "snapshot that references data no pack or object holds, without those files")
+    rp.add_argument("repo", metavar="REPO")
+    rp.add_argument("--forget", action="store_true", help="remove each damaged original once its replacement exists")
+    rp.add_argument("--dry-run", action="store_true", help="report what would be dropped, write nothing")
+    rp.add_argument("--json", action="store_true")
+    _storage_options_arg(rp)
+
     sp = add("snapshots", "list snapshots")
     sp.add_argument("repo", metavar="REPO")
     sp.add_argument("--json", action="store_true")
@@ -545,6 +565,76 @@ def cmd_unlock(args) -> int:
     return 0
 
 
+def cmd_repair(args) -> int:
+    _prepare_prefect(args.verbose)
+    from flows.repair import repair
+
+    summary = _run_flow(repair, dict(repo=args.repo, what=args.what, read_data=getattr(args, "read_data", False),
+                                     forget=getattr(args, "forget", False), dry_run=args.dry_run,
+                                     storage_options=args.storage_options), args, "repair")
+    if args.json:
+        _print_json(summary)
+        return summary["exit_code"]
+    if args.what == "index":
+        _print_index_repair(summary, args.repo)
+        lost = summary["lost"]
+        if lost:
+            files = sum(p["files"] for p in lost)
+            print(f"keepflow: error: {len(lost)} blobs are lost ({files} files in "
+                  f"{len({s for p in lost for s in p['snapshots']})} snapshots); run `keepflow repair snapshots "
+                  f"{args.repo}` to replace those snapshots by ones without the lost files", file=sys.stderr)
+        elif summary["exit_code"]:
+            print(f"keepflow: error: {len(summary['unreadable'])} unreadable keys, {len(summary['corrupt'])} corrupt "
+                  f"blobs, {len(summary['damaged_manifests'])} damaged manifests (left alone, listed above); "
+                  "restore what they hold from a replica", file=sys.stderr)
+        return summary["exit_code"]
+    _print_index_repair(summary["index"], args.repo, brief=True)
+    verb = "would replace" if args.dry_run else "replaced"
+    print(f"{summary['snapshots']} snapshots checked, {summary['snapshots_damaged']} reference "
+          f"{summary['blobs_lost']} lost blobs")
+    for r in summary["replaced"]:
+        print(f"{verb} snapshot {r['original'][:8]} by {r['replacement'][:8]} (tagged repaired): "
+              f"dropped {r['files_dropped']} files")
+    for f in summary["files_dropped"]:
+        print(f"  dropped {f['snapshot'][:8]}: {f['path']}")
+    for r in summary["already_replaced"]:
+        print(f"snapshot {r['original'][:8]} was replaced before by {r['replacement'][:8]}")
+    for snap in summary["forgotten"]:
+        print(f"{'would forget' if args.dry_run else 'forgot'} snapshot {snap[:8]}")
+    if summary["files_dropped"]:
+        print(f"keepflow: error: the content of {len(summary['files_dropped'])} files is lost; the replacement "
+              "snapshots restore everything else (restore the lost files from a replica if one has them)",
+              file=sys.stderr)
+    elif summary["already_replaced"] and not args.forget:
+        print(f"keepflow: error: {len(summary['already_replaced'])} replaced originals still reference lost data; "
+              f"remove them with `keepflow repair snapshots {args.repo} --forget`", file=sys.stderr)
+    elif summary["exit_code"]:
+        print("keepflow: error: unreadable or corrupt data or damaged manifests were found (listed above, left "
+              "alone); restore what they hold from a replica", file=sys.stderr)
+    return summary["exit_code"]
+
+
+def _print_index_repair(s: dict, repo: str, brief: bool = False) -> None:
+    verb = "would index" if s["dry_run"] else "indexed"
+    print(f"{verb} {s['blobs_indexed']} blobs in {s['packs']} packs and {s['objects']} objects: "
+          f"{s['blobs_found']} newly found, {s['rows_dropped']} old index rows dropped (their data is gone)")
+    if s["index_written"]:
+        print(f"wrote index/{s['index_written']}, then removed {s['index_files_removed']} old index files")
+    elif not s["dry_run"]:
+        print("the index was already complete: nothing written")
+    if s["read_data"]:
+        print(f"re-hashed {s['keys_read']} keys ({s['bytes_read']} bytes)")
+    for kind in ("unreadable", "corrupt", "foreign", "index_files_unreadable", "damaged_manifests"):
+        for p in s[kind]:
+            print(f"  {kind.replace('_', ' ')}: {p['key']}{' ' + p['hash'][:16] if p.get('hash') else ''}: "
+                  f"{p['detail']}", file=sys.stderr)
+    if not brief:
+        for p in s["lost"]:
+            where = ", ".join(p["paths"][:3]) + (" ..." if len(p["paths"]) > 3 else "")
+            print(f"  lost {p['hash'][:16]}: {p['detail']} (snapshots {', '.join(x[:8] for x in p['snapshots'])}"
+                  f"; {where})", file=sys.stderr)
+
+
 def cmd_replicas(args) -> int:
     from tasks.core import replicate as core_replicate
     from tasks.core.repository import Repository
@@ -599,7 +689,7 @@ COMMANDS = {
     "init": cmd_init, "backup": cmd_backup, "restore": cmd_restore,
     "snapshots": cmd_snapshots, "ls": cmd_ls, "diff": cmd_diff,
     "replicate": cmd_replicate, "replicas": cmd_replicas, "verify": cmd_verify,
-    "prune": cmd_prune, "unlock": cmd_unlock,
+    "prune": cmd_prune, "unlock": cmd_unlock, "repair": cmd_repair,
     "stats": cmd_stats, "serve": cmd_serve,
 }
 
