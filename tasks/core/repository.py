@@ -110,6 +110,10 @@ class Repository:
             data = None
         except IsADirectoryError:
             raise NotARepositoryError(url=url) from None
+        except NotADirectoryError:
+            # The location (or a folder on its path) is a regular file.
+            raise NotARepositoryError(f"{url} is (or lies inside) a file, not a keepflow repository; "
+                                      "give the repository's folder or an empty or new location") from None
         except Exception as exc:
             if not storage.is_storage_failure(exc):
                 raise
