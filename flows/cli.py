@@ -459,8 +459,12 @@ def _print_replication(summary: dict) -> None:
                   f"({human_bytes(o['bytes_copied'])}), {o['index_copied']} index files, "
                   f"{o['snapshots_copied']} snapshots")
     if summary["failed"]:
-        print(f"keepflow: error: {len(summary['failed'])} replicas failed: {', '.join(summary['failed'])}; "
-              "run replicate again once they are reachable", file=sys.stderr)
+        # The remedy follows the cause: only a server that is down is fixed by waiting.
+        failed = [o for o in summary["replicas"] if not o["ok"]]
+        remedy = ("run replicate again once they are reachable" if all(o.get("transient") for o in failed)
+                  else "fix the cause given for each above, then run replicate again")
+        print(f"keepflow: error: {len(failed)} replicas failed: {', '.join(summary['failed'])}; {remedy}",
+              file=sys.stderr)
 
 
 def cmd_verify(args) -> int:

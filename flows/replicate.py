@@ -21,6 +21,7 @@ from flows._runs import HOOKS
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
 from tasks.replicate import replicate_to
+from tasks.retry import is_transient
 
 
 def replicate_all(repo: str, replicas: list[str], storage_options: dict | None,
@@ -36,12 +37,15 @@ def replicate_all(repo: str, replicas: list[str], storage_options: dict | None,
         if state.is_completed():
             outcomes.append({"replica": replica, "ok": True, **future.result()})
         else:
+            transient = False
             try:
                 future.result()
                 reason = state.message or "failed"
             except Exception as exc:  # the task's own error: one line for the summary
                 reason = str(exc) or type(exc).__name__
-            outcomes.append({"replica": replica, "ok": False, "error": reason})
+                transient = is_transient(exc)
+            # "transient": a later run may succeed as is (server down); otherwise the cause must be fixed.
+            outcomes.append({"replica": replica, "ok": False, "error": reason, "transient": transient})
             failed.append(replica)
     return {"repository": repo, "dry_run": dry_run, "replicas": outcomes, "failed": failed,
             "task_runs": len(replicas), "exit_code": EXIT_FAILED if failed else EXIT_OK}
