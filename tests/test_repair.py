@@ -282,6 +282,23 @@ def test_read_data_leaves_out_a_corrupt_blob_and_reports_it(tmp_path, cli):
     assert path.exists()                                                         # left alone
 
 
+@pytest.mark.damages_repository   # the truncated object stays
+def test_an_object_that_changed_size_keeps_its_recorded_row_and_is_reported(tmp_path):
+    src = make_tree(tmp_path / "src", {"big": os.urandom(1536 * 1024), "small": "x"})
+    url = str(tmp_path / "repo")
+    core_helpers.backup(src, url)
+    repo = Repository.open(url)
+    before = _index_rows(url)
+    (key,) = [r[1] for r in before if r[1].startswith("objects/")]
+    os.truncate(tmp_path / "repo" / key, 1000)
+    result = repair.repair_index(url)
+    assert result.exit_code == 1 and [(c["key"], "1000 bytes stored" in c["detail"]) for c in result.corrupt] == \
+        [(key, True)]
+    assert _index_rows(url) == before and result.index_written is None   # the recorded length stays
+    assert [p["kind"] for p in verify.check_structure(url).problems] == ["short key"]
+    assert repo.fs.size(repo.path(key)) == 1000                                  # left alone
+
+
 def test_repair_snapshots_replaces_what_lost_a_pack(tmp_path, cli):
     spec = {f"a{i}": os.urandom(2500 + i) for i in range(10)} | {"big": os.urandom(1536 * 1024)}
     src = make_tree(tmp_path / "src", spec)

@@ -18,7 +18,10 @@ holds rows for data that is gone is rebuilt from those facts:
    ``.tmp-`` temporary of an interrupted write) is *foreign*: reported, left
    alone, not indexed;
 3. read every pack's trailer with two range reads (8 threads: the reads are
-   small and latency-bound); an object is one blob at offset 0. With
+   small and latency-bound); an object is one blob at offset 0 (one whose
+   size is not the length the old index recorded has changed: its recorded
+   row is kept, so a restore detects it and can fall back, and it is reported
+   *corrupt*). With
    ``read_data`` every key is read whole instead (4 threads, bounded memory):
    a pack's name must be the BLAKE3 of its bytes and each blob must match its
    hash, an object's content its name; a blob that does not match is left out
@@ -201,6 +204,8 @@ def _rebuild_index(repo, read_data: bool, dry_run: bool) -> tuple[RepairIndexRes
     unreadable_keys = {u["key"] for u in result.unreadable}
     result.packs = sum(1 for k in packs if k not in unreadable_keys)
     result.objects = sum(1 for k in objects if k not in unreadable_keys)
+    if not read_data:
+        found_rows = _check_object_sizes(found_rows, old_rows, result)
     found = pa.table({c: pa.array([r[i] for r in found_rows], INDEX_SCHEMA.field(c).type)
                       for i, c in enumerate(_ROW_KEYS)}, schema=INDEX_SCHEMA)
 
@@ -326,6 +331,28 @@ def _read_data_keys(repo, packs: dict[str, int], objects: dict[str, int], read_d
     return rows
 
 
+def _check_object_sizes(rows: list[tuple], old_rows: pa.Table, result: RepairIndexResult) -> list[tuple]:
+    """An object whose size is not the length the index recorded has changed: keep the recorded row.
+
+    Its name is the hash of its content, so a sound object never changes size.
+    The recorded length is the right one; keeping it lets a restore detect the
+    damage and read the blob from a replica (``--fallback``). Reported corrupt.
+    """
+    objects = old_rows.filter(pc.starts_with(old_rows["key"], "objects/")) if old_rows.num_rows else old_rows
+    recorded = {(k, h): n for h, k, n in zip(objects["hash"].to_pylist(), objects["key"].to_pylist(),
+                                             objects["length"].to_pylist())}
+    out = []
+    for blob, key, offset, length in rows:
+        was = recorded.get((key, blob))
+        if key.startswith("objects/") and was is not None and was != length:
+            result.corrupt.append({"key": key, "hash": blob, "detail": f"{length} bytes stored, the index recorded "
+                                                                      f"{was}: kept as recorded (restore from a replica)"})
+            out.append((blob, key, 0, was))
+        else:
+            out.append((blob, key, offset, length))
+    return out
+
+
 def _read_and_check(repo, key: str, size: int, is_pack: bool):
     """Read one key whole; return its verified rows, unreadable and corrupt findings, bytes read."""
     name = key.rsplit("/", 1)[-1]
@@ -448,6 +475,11 @@ def _report_lost(repo, indexed, old_hashes, why_gone: dict[str, str], result: Re
     if len(lost) == 0:
         return
     was_indexed = set(pc.filter(lost, pc.is_in(lost, value_set=old_hashes)).to_pylist()) if len(old_hashes) else set()
+    unexplained = sorted(was_indexed - why_gone.keys())
+    if unexplained:   # cannot happen (steps 3-4 give every dropped row a reason): a bug, so change nothing
+        raise RuntimeError(f"repair index of {repo.url} stopped before changing anything: {len(unexplained)} "
+                           f"referenced blobs were indexed and would be dropped without a reason (first "
+                           f"{unexplained[0]}); please report this keepflow bug")
     affected = _affected_files(_manifests(repo, infos, ["path", "type", "hash", "size"], []), lost)
     by_hash: dict[str, dict] = {}
     for row in affected.to_pylist():
