@@ -18,14 +18,14 @@ holds rows for data that is gone is rebuilt from those facts:
    ``.tmp-`` temporary of an interrupted write) is *foreign*: reported, left
    alone, not indexed;
 3. read every pack's trailer with two range reads (8 threads: the reads are
-   small and latency-bound); an object is one blob at offset 0 (one whose
-   size is not the length the old index recorded has changed: its recorded
-   row is kept, so a restore detects it and can fall back, and it is reported
-   *corrupt*). With
-   ``read_data`` every key is read whole instead (4 threads, bounded memory):
-   a pack's name must be the BLAKE3 of its bytes and each blob must match its
-   hash, an object's content its name; a blob that does not match is left out
-   and reported *corrupt*. A pack whose trailer is damaged is *unreadable*;
+   small and latency-bound); an object is one blob at offset 0 (one whose size
+   is not the length the old index recorded has changed: its recorded row is
+   kept, so a restore detects it and can fall back, and it is reported
+   *corrupt*). With ``read_data`` every key is read whole instead (4 threads,
+   bounded memory): a pack's name must be the BLAKE3 of its bytes and each
+   blob must match its hash, an object's content its name; a blob that does
+   not match is left out and reported *corrupt*. A pack whose trailer is
+   damaged is *unreadable*;
 4. old rows the data did not confirm are judged one by one: a row whose key
    is gone is dropped; a row in an unreadable key is kept as it was (nothing
    proves it wrong; the report says the key is unreadable); a row in a
@@ -37,8 +37,10 @@ holds rows for data that is gone is rebuilt from those facts:
 6. the invariant: every blob a manifest references must be in the new table
    unless no pack or object holds it. Steps 3-4 make that true by
    construction (a referenced blob is only left out when its key is gone, its
-   bytes no longer match, or it was found corrupt); the blobs that are
-   missing are reported *lost*, with the snapshots and paths they affect;
+   bytes no longer match, or it was found corrupt), and it is checked again
+   before anything is written: an indexed, referenced blob dropped without
+   such a reason stops the run (a bug). The blobs that are missing are
+   reported *lost*, with the snapshots and paths they affect;
 7. write the new table as ``index/repair-<UTC time>-<id>.parquet`` (write-once),
    and only after it is stored remove the old index files listed in step 1.
    A crash in between leaves both, which readers merge (duplicates are
