@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -331,14 +332,14 @@ def test_special_entries_and_awkward_names_round_trip(cli, tmp_path):
     }))
     os.mkfifo(src / "a-fifo")
     age_tree(src)
-    expected = describe(str(src))  # describe leaves out the FIFO too
+    expected = describe(str(src))
     repo = tmp_path / "repo"
 
     summary = jrun(cli, "backup", src, repo)
-    assert summary["skipped"] == [] and summary["exit_code"] == 0  # the FIFO is skipped silently
+    assert summary["skipped"] == [] and summary["exit_code"] == 0
     assert summary["files"] == len(AWKWARD)
     entries = {e["path"]: e for e in jrun(cli, "ls", repo)["entries"]}
-    assert "a-fifo" not in entries
+    assert entries["a-fifo"]["type"] == "fifo" and entries["a-fifo"]["hash"] is None   # an entry, no content
     link = entries["passwd-link"]
     assert (link["type"], link["link_target"], link["size"], link["hash"]) == ("symlink", "/etc/passwd", 0, None)
     assert entries["dir-link"]["type"] == "symlink"
@@ -349,7 +350,7 @@ def test_special_entries_and_awkward_names_round_trip(cli, tmp_path):
     assert restored["errors"] == []
     same_tree(expected, describe(str(out)))
     assert os.readlink(out / "passwd-link") == "/etc/passwd"
-    assert not (out / "a-fifo").exists()
+    assert stat.S_ISFIFO(os.lstat(out / "a-fifo").st_mode)
     for name, content in AWKWARD.items():
         assert (out / name).read_text() == content
 

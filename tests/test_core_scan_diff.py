@@ -34,11 +34,17 @@ def test_scan_records_types_and_metadata(tmp_path):
     assert rows["a.txt"]["inode"] == os.stat(src / "a.txt").st_ino
 
 
-def test_scan_skips_fifos_and_never_follows_links(tmp_path):
+def test_scan_records_fifos_reports_sockets_and_never_follows_links(tmp_path):
+    import socket
+
     src = make_tree(tmp_path / "src", {"f": "x", "out": ("link", "/etc")})
     os.mkfifo(src / "pipe")
-    table = scan(str(src)).table
-    assert _paths(table) == ["f", "out"]
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(src / "sock"))
+        result = scan(str(src))
+    assert _paths(result.table) == ["f", "out", "pipe"]
+    assert result.table.to_pylist()[2]["type"] == "fifo"
+    assert result.skipped == [("sock", "a socket is not backed up (it belongs to a running program)")]
 
 
 def test_excludes_and_nested_ignore_files(tmp_path):

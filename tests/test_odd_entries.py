@@ -86,10 +86,46 @@ def test_manifests_written_before_the_optional_columns_still_read(tmp_path):
     pq.write_table(old.replace_schema_metadata(table.schema.metadata), path)
 
     read = manifest.read_manifest(repo, info)
-    assert read.column_names[-2:] == list(manifest.OPTIONAL_COLUMNS)
+    assert read.column_names[-len(manifest.OPTIONAL_COLUMNS):] == list(manifest.OPTIONAL_COLUMNS)
     assert read["mtime_ns_exact"].null_count == read.num_rows
     picked = manifest.read_manifest(repo, info, columns=["path", "link_target_bytes"])
     assert picked.column_names == ["path", "link_target_bytes"]
     out = tmp_path / "out"
     _, _, errors = core_helpers.restore(repo_url, out)
     assert errors == [] and os.readlink(out / "l") == "a"
+
+
+def test_fifos_and_devices_are_entries_sockets_are_reported(tmp_path):
+    import socket
+    import stat
+
+    src = make_tree(tmp_path / "src", {"data": "d"})
+    os.mkfifo(src / "pipe", 0o640)
+    if os.geteuid() == 0:
+        os.mknod(src / "null-again", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    age_tree(src)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(src / "app.sock"))
+        committed, _, _ = core_helpers.backup(src, str(tmp_path / "repo"))
+    assert committed.skipped == [("app.sock", "a socket is not backed up (it belongs to a running program)")]
+
+    out = tmp_path / "out"
+    _, _, errors = core_helpers.restore(str(tmp_path / "repo"), out)
+    assert errors == []
+    st = os.lstat(out / "pipe")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    assert st.st_mtime_ns == os.lstat(src / "pipe").st_mtime_ns
+    if os.geteuid() == 0:
+        dev = os.lstat(out / "null-again")
+        assert stat.S_ISCHR(dev.st_mode) and dev.st_rdev == os.makedev(1, 3)
+    assert not (out / "app.sock").exists()
+    # A second restore over the first finds them in place and changes nothing.
+    _, _, errors = core_helpers.restore(str(tmp_path / "repo"), out)
+    assert errors == [] and stat.S_ISFIFO(os.lstat(out / "pipe").st_mode)
+
+
+def test_names_that_are_not_utf8_are_reported_readably(tmp_path):
+    src = make_tree(tmp_path / "src", {"ok": "fine", "sub/x": "y"})
+    open(os.fsencode(src / "sub") + b"/\xff\xfe.txt", "w").close()
+    committed, _, _ = core_helpers.backup(src, str(tmp_path / "repo"))
+    assert committed.skipped == [("sub/\\xff\\xfe.txt", "name is not valid UTF-8; rename it to back it up")]

@@ -26,7 +26,7 @@ META_KEY = b"keepflow.snapshot"
 MANIFEST_SCHEMA = pa.schema(
     [
         ("path", pa.string()),        # relative POSIX path, no leading slash
-        ("type", pa.string()),        # file | dir | symlink
+        ("type", pa.string()),        # file | dir | symlink | fifo | chardev | blockdev
         ("size", pa.int64()),
         ("mtime_ns", pa.int64()),
         ("ctime_ns", pa.int64()),     # null where the source has none
@@ -40,9 +40,12 @@ MANIFEST_SCHEMA = pa.schema(
         # them, and read_manifest fills them with nulls.
         ("mtime_ns_exact", pa.decimal128(38, 0)),  # the true mtime when mtime_ns had to be clamped
         ("link_target_bytes", pa.binary()),        # the raw target when it is not valid UTF-8
+        ("rdev", pa.int64()),                      # device number of chardev/blockdev entries
     ]
 )
-OPTIONAL_COLUMNS = ("mtime_ns_exact", "link_target_bytes")
+OPTIONAL_COLUMNS = ("mtime_ns_exact", "link_target_bytes", "rdev")
+# Entries with no content that restore recreates from their metadata alone.
+SPECIAL_TYPES = ("fifo", "chardev", "blockdev")
 # mtime_ns is int64 nanoseconds: 1677-09-21 to 2262-04-11. Outside that range
 # it holds the nearest bound (so diffing and older readers keep working) and
 # mtime_ns_exact the exact value, which restore applies.

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import index as indexmod
-from . import manifest, progress, snapshots, storage
+from . import manifest, progress, restore_special, snapshots, storage
 from . import scratch as scratch_io
 from .blob_sources import BlobSources
 from .errors import TargetError, UsageError
@@ -102,6 +102,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     files = table.filter(pc.equal(table["type"], "file"))
     dirs = table.filter(pc.equal(table["type"], "dir"))
     links = table.filter(pc.equal(table["type"], "symlink"))
+    specials = table.filter(pc.is_in(table["type"], value_set=pa.array(manifest.SPECIAL_TYPES)))
 
     idx = indexmod.load_index(repo)
     located = files.join(idx, keys="hash", join_type="left outer")
@@ -110,8 +111,9 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
 
     scratch = tempfile.mkdtemp(prefix="keepflow-restore-")
-    scratch_io.write(scratch, "other", pa.concat_tables([dirs, links]))
-    folders = _folders(dirs["path"].to_pylist(), files["path"].to_pylist() + links["path"].to_pylist())
+    scratch_io.write(scratch, "other", pa.concat_tables([dirs, links, specials]))
+    folders = _folders(dirs["path"].to_pylist(), files["path"].to_pylist() + links["path"].to_pylist()
+                       + specials["path"].to_pylist())
     removed = []
     if not dry_run:
         _make_dirs(tfs, troot, folders, target)
@@ -322,7 +324,7 @@ def _restore_large(sources, cols, i, by_hash, writer):
 
 
 def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
-    """Create symlinks and apply folder metadata; returns errors."""
+    """Create symlinks, FIFOs and devices, then apply folder metadata; returns errors."""
     errors: list[tuple[str, str]] = []
     other = scratch_io.read(plan["scratch"], "other")
     tfs, troot = _target_fs(plan["target"], target_options)
@@ -350,6 +352,23 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
             apply_link_meta(dest, row)
         except OSError as exc:
             errors.append((row["path"], f"cannot create symlink: {exc.strerror or exc}"))
+    for n, row in enumerate(rows):
+        if row["type"] not in manifest.SPECIAL_TYPES:
+            continue
+        dest = os.path.join(troot, row["path"])
+        try:
+            if os.path.lexists(dest):
+                if plan["overwrite"] == "never":
+                    continue
+                if os.path.isdir(dest) and not os.path.islink(dest):
+                    raise IsADirectoryError(21, "a folder is in the way", dest)
+            if not os.path.lexists(dest) or not restore_special.matches(dest, row):
+                tmp = temp_name(os.path.dirname(dest), token, len(rows) + n)
+                restore_special.create(tmp, row)
+                os.replace(tmp, dest)
+            restore_special.apply_meta(dest, row)
+        except OSError as exc:
+            errors.append((row["path"], f"cannot create {row['type']}: {exc.strerror or exc}"))
     dirs = sorted((r for r in rows if r["type"] == "dir"), key=lambda r: r["path"].count("/"), reverse=True)
     for row in dirs:
         dest = os.path.join(troot, row["path"])

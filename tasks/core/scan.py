@@ -39,7 +39,7 @@ IGNORE_FILE = ".keepflowignore"
 FLUSH_ROWS = 8192
 
 SCAN_COLUMNS = ["path", "type", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid", "link_target",
-                "mtime_ns_exact", "link_target_bytes"]
+                "mtime_ns_exact", "link_target_bytes", "rdev"]
 
 
 @dataclass
@@ -97,6 +97,7 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
     add_mtime, add_ctime, add_inode = cols["mtime_ns"].append, cols["ctime_ns"].append, cols["inode"].append
     add_mode, add_uid, add_gid, add_link = cols["mode"].append, cols["uid"].append, cols["gid"].append, cols["link_target"].append
     add_mtime_exact, add_link_bytes = cols["mtime_ns_exact"].append, cols["link_target_bytes"].append
+    add_rdev = cols["rdev"].append
     S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
 
     # Each stack item: (absolute dir, relative dir, ignorer specs active there)
@@ -115,12 +116,12 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
         ignorer = _Ignorer(specs) if specs else None
         for entry in entries:
             name = entry.name
+            rel = f"{rel_dir}/{name}" if rel_dir else name
             if not name.isascii() and not _utf8(name):
                 # Manifests store names as UTF-8 text (readable by any Parquet tool).
-                skipped.append((f"{rel_dir}/{name}".encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-                                "name is not valid UTF-8; rename it to back it up"))
+                # Reported with its bad bytes as \xNN escapes, so it can be found.
+                skipped.append((readable_bytes(os.fsencode(rel)), "name is not valid UTF-8; rename it to back it up"))
                 continue
-            rel = f"{rel_dir}/{name}" if rel_dir else name
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError as exc:
@@ -133,8 +134,17 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
                 kind = "file"
             elif S_ISLNK(mode):
                 kind = "symlink"
+            elif stat.S_ISFIFO(mode):
+                kind = "fifo"          # an entry with no content: restore recreates it
+            elif stat.S_ISCHR(mode):
+                kind = "chardev"
+            elif stat.S_ISBLK(mode):
+                kind = "blockdev"
             else:
-                continue  # sockets, fifos, devices: not backed up (documented)
+                # A socket belongs to a running program and cannot be recreated: reported, never silent.
+                if ignorer is None or not ignorer.ignored(rel, False):
+                    skipped.append((rel, "a socket is not backed up (it belongs to a running program)"))
+                continue
             if ignorer is not None and ignorer.ignored(rel, kind == "dir"):
                 continue
             if kind == "dir" and exclude_paths and entry.path in exclude_paths:
@@ -161,6 +171,7 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
                 add_mtime(clamp_ns(mtime))
                 add_mtime_exact(mtime)
             add_link_bytes(link_bytes)
+            add_rdev(st.st_rdev if kind in ("chardev", "blockdev") else None)
             add_ctime(clamp_ns(st.st_ctime_ns))
             add_inode(st.st_ino)
             add_mode(mode)
@@ -212,6 +223,7 @@ def _to_table(cols: dict, sort: bool = True) -> pa.Table:
         "link_target": pa.array(cols["link_target"], pa.string()),
         "mtime_ns_exact": _sparse(cols, "mtime_ns_exact", decimal.Decimal),
         "link_target_bytes": _sparse(cols, "link_target_bytes", bytes),
+        "rdev": _sparse(cols, "rdev", int),
     }
     table = pa.table(arrays)
     return table.sort_by("path") if sort and table.num_rows else table
@@ -257,6 +269,7 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
         cols["link_target"].append(None)
         cols["mtime_ns_exact"].append(None)
         cols["link_target_bytes"].append(None)
+        cols["rdev"].append(None)
     return ScanResult(_to_table(cols), [])
 
 

@@ -1,7 +1,8 @@
 """A comparable description of a folder tree (used by the demo and the tests).
 
 ``describe(root)`` maps each relative path to its type, permission bits,
-size, mtime_ns, and content hash or link target, so two trees can be
+size, mtime_ns, and content hash, link target or device number (sockets are
+left out: they are not backed up), so two trees can be
 compared with ``==`` and differences listed with ``differences``.
 """
 
@@ -29,6 +30,11 @@ def describe(root: str, mtimes: bool = True, dir_mtimes: bool = True) -> dict[st
             elif stat.S_ISREG(st.st_mode):
                 out[rel] = ("file", mode, st.st_size, mtime, blake3.blake3().update_mmap(full).hexdigest()
                             if st.st_size else blake3.blake3(b"").hexdigest())
+            elif stat.S_ISFIFO(st.st_mode):
+                out[rel] = ("fifo", mode, 0, mtime, None)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                kind = "chardev" if stat.S_ISCHR(st.st_mode) else "blockdev"
+                out[rel] = (kind, mode, 0, mtime, st.st_rdev)
     return out
 
 
