@@ -214,3 +214,23 @@ def test_prune_compaction_guard_keeps_the_old_index_when_compaction_would_lose_b
     swept = gc.sweep(repo, grace_hours=0)
     assert swept.index_files_after == 1
     assert verifymod.verify(repo_url, read_data=100).problems == []
+
+
+@pytest.mark.damages_repository   # the first snapshot keeps referencing the deleted pack
+def test_backup_rereads_unchanged_files_whose_parent_blob_is_lost(tmp_path):
+    src = make_tree(tmp_path / "src", {f"f{i:02d}": f"content {i}" for i in range(30)})
+    age_tree(src)
+    repo_url = str(tmp_path / "repo")
+    core_helpers.backup(src, repo_url)
+    repo = Repository.open(repo_url)
+    # Lose the data by hand: the pack and the index file that points into it.
+    for folder in ("packs", "index"):
+        for dirpath, _, names in os.walk(tmp_path / "repo" / folder):
+            for name in names:
+                os.unlink(os.path.join(dirpath, name))
+    committed, plan, _ = core_helpers.backup(src, repo_url)
+    assert plan["to_read"] == 30 and committed.info.bytes_stored > 0
+    out = tmp_path / "out"
+    _, _, errors = core_helpers.restore(repo_url, out)
+    assert errors == [] and treeinfo.describe(str(src)) == treeinfo.describe(str(out))
+    assert len(list_snapshots(repo)) == 2

@@ -147,6 +147,8 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
         raise SnapshotNotFoundError(ref=parent, url=repo_url)
     parent_table = manifest.read_manifest(repo, parent_info, columns=diffmod.PARENT_COLUMNS) if parent_info else None
     result = diffmod.diff(scanned.table, parent_table, parent_info.start_ns if parent_info else 0, rehash=rehash)
+    if parent_table is not None and result.unchanged:
+        result = diffmod.distrust_unindexed(result, indexmod.load_index(repo, columns=["hash"], unique=False)["hash"])
 
     scratch = tempfile.mkdtemp(prefix="keepflow-backup-")
     plan_table = result.table

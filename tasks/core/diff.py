@@ -88,6 +88,27 @@ def diff(scan: pa.Table, parent: pa.Table | None, parent_start_ns: int = 0,
     return DiffResult(out, new=new, changed=files - new - unchanged, unchanged=unchanged, deleted=deleted)
 
 
+def distrust_unindexed(result: DiffResult, indexed: pa.Array | pa.ChunkedArray) -> DiffResult:
+    """Re-read unchanged files whose parent hash the index does not hold.
+
+    A parent snapshot can reference lost data (a pack deleted by hand, the
+    old compaction bug); reusing its hash would carry the loss into the new
+    snapshot, and the commit guard would then refuse the whole backup. Reading
+    such files again stores their data anew, so the backup heals instead.
+    """
+    table = result.table
+    reused = pc.and_(pc.invert(table["needs_read"]), pc.is_valid(table["hash"]))
+    lost = pc.and_(reused, pc.invert(pc.is_in(table["hash"], value_set=indexed)))
+    count = pc.sum(lost).as_py() or 0
+    if not count:
+        return result
+    table = table.set_column(table.schema.get_field_index("needs_read"), "needs_read", pc.or_(table["needs_read"], lost))
+    table = table.set_column(table.schema.get_field_index("hash"), "hash",
+                             pc.if_else(lost, pa.scalar(None, pa.string()), table["hash"]))
+    return DiffResult(table, new=result.new, changed=result.changed + count, unchanged=result.unchanged - count,
+                      deleted=result.deleted)
+
+
 def final_counts(table: pa.Table) -> dict:
     """Classify files by content once every hash is known (after storing).
 
