@@ -325,7 +325,8 @@ def _cols(path: str, data: bytes, mode: int = 0o644) -> dict:
     import blake3
 
     return {"path": [path], "hash": [blake3.blake3(data).hexdigest()], "mode": [stat.S_IFREG | mode],
-            "mtime_ns": [1_600_000_000_000_000_000], "uid": [None], "gid": [None], "size": [len(data)]}
+            "mtime_ns": [1_600_000_000_000_000_000], "mtime_ns_exact": [None], "uid": [None], "gid": [None],
+            "size": [len(data)]}
 
 
 def _wait_for_temp(folder: Path) -> Path:
