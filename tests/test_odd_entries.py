@@ -129,3 +129,32 @@ def test_names_that_are_not_utf8_are_reported_readably(tmp_path):
     open(os.fsencode(src / "sub") + b"/\xff\xfe.txt", "w").close()
     committed, _, _ = core_helpers.backup(src, str(tmp_path / "repo"))
     assert committed.skipped == [("sub/\\xff\\xfe.txt", "name is not valid UTF-8; rename it to back it up")]
+
+
+def test_hard_links_are_restored_as_links(tmp_path):
+    src = make_tree(tmp_path / "src", {"a/one": "shared inode", "solo": "s"})
+    os.link(src / "a" / "one", src / "two")
+    os.link(src / "a" / "one", src / "a" / "three")
+    age_tree(src)
+    repo_url = str(tmp_path / "repo")
+    committed, _, _ = core_helpers.backup(src, repo_url)
+    assert committed.info.files == 4 and committed.info.bytes_stored == len("shared inode") + 1
+    repo = Repository.open(repo_url)
+    rows = {r["path"]: r for r in manifest.read_manifest(repo, resolve(repo, "latest")).to_pylist()}
+    assert rows["a/three"]["hardlink_to"] == rows["two"]["hardlink_to"] == "a/one"
+    assert rows["a/one"]["hardlink_to"] is None and rows["solo"]["hardlink_to"] is None
+
+    out = tmp_path / "out"
+    _, _, errors = core_helpers.restore(repo_url, out)
+    assert errors == []
+    inode = os.stat(out / "a" / "one").st_ino
+    assert os.stat(out / "two").st_ino == inode == os.stat(out / "a" / "three").st_ino
+    assert os.stat(out / "a" / "one").st_nlink == 3 and (out / "two").read_text() == "shared inode"
+    # Restoring again over it keeps the links and reports nothing.
+    _, _, errors = core_helpers.restore(repo_url, out)
+    assert errors == [] and os.stat(out / "two").st_ino == os.stat(out / "a" / "one").st_ino
+
+    # A name whose first name is left out by --include is restored as a file of its own.
+    part = tmp_path / "part"
+    _, _, errors = core_helpers.restore(repo_url, part, includes=["two"])
+    assert errors == [] and (part / "two").read_text() == "shared inode" and os.stat(part / "two").st_nlink == 1

@@ -41,9 +41,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("mtime_ns_exact", pa.decimal128(38, 0)),  # the true mtime when mtime_ns had to be clamped
         ("link_target_bytes", pa.binary()),        # the raw target when it is not valid UTF-8
         ("rdev", pa.int64()),                      # device number of chardev/blockdev entries
+        ("hardlink_to", pa.string()),              # a file's first name (by path) when it has several
     ]
 )
-OPTIONAL_COLUMNS = ("mtime_ns_exact", "link_target_bytes", "rdev")
+OPTIONAL_COLUMNS = ("mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to")
 # Entries with no content that restore recreates from their metadata alone.
 SPECIAL_TYPES = ("fifo", "chardev", "blockdev")
 # mtime_ns is int64 nanoseconds: 1677-09-21 to 2262-04-11. Outside that range

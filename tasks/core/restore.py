@@ -103,6 +103,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     dirs = table.filter(pc.equal(table["type"], "dir"))
     links = table.filter(pc.equal(table["type"], "symlink"))
     specials = table.filter(pc.is_in(table["type"], value_set=pa.array(manifest.SPECIAL_TYPES)))
+    files, hard_links = _split_hard_links(files, local_target=storage.is_local(tfs))
 
     idx = indexmod.load_index(repo)
     located = files.join(idx, keys="hash", join_type="left outer")
@@ -111,9 +112,9 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
 
     scratch = tempfile.mkdtemp(prefix="keepflow-restore-")
-    scratch_io.write(scratch, "other", pa.concat_tables([dirs, links, specials]))
+    scratch_io.write(scratch, "other", pa.concat_tables([dirs, links, specials, hard_links]))
     folders = _folders(dirs["path"].to_pylist(), files["path"].to_pylist() + links["path"].to_pylist()
-                       + specials["path"].to_pylist())
+                       + specials["path"].to_pylist() + hard_links["path"].to_pylist())
     removed = []
     if not dry_run:
         _make_dirs(tfs, troot, folders, target)
@@ -132,6 +133,20 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
         primary_url=repo_url,
         missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
     )
+
+
+def _split_hard_links(files: pa.Table, local_target: bool) -> tuple[pa.Table, pa.Table]:
+    """Files to write, and further names of a file to link to it once it is written.
+
+    A name is linked only when the name it points at is restored too (an
+    ``--include`` may leave it out) and the target is local; otherwise it is
+    written as a file of its own, with the same content.
+    """
+    is_link = pc.is_valid(files["hardlink_to"])
+    if local_target and pc.any(is_link).as_py():
+        linked = pc.and_(is_link, pc.is_in(files["hardlink_to"], value_set=files["path"]))
+        return files.filter(pc.invert(linked)), files.filter(linked)
+    return files, files.slice(0, 0)
 
 
 def _select(table: pa.Table, spec) -> pa.Table:
@@ -324,7 +339,7 @@ def _restore_large(sources, cols, i, by_hash, writer):
 
 
 def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
-    """Create symlinks, FIFOs and devices, then apply folder metadata; returns errors."""
+    """Create symlinks, hard links, FIFOs and devices, then apply folder metadata; returns errors."""
     errors: list[tuple[str, str]] = []
     other = scratch_io.read(plan["scratch"], "other")
     tfs, troot = _target_fs(plan["target"], target_options)
@@ -352,6 +367,19 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
             apply_link_meta(dest, row)
         except OSError as exc:
             errors.append((row["path"], f"cannot create symlink: {exc.strerror or exc}"))
+    for n, row in enumerate(rows):
+        if row["type"] != "file":      # a further name of a file written by the batches
+            continue
+        dest, first = os.path.join(troot, row["path"]), os.path.join(troot, row["hardlink_to"])
+        try:
+            if os.path.lexists(dest):
+                if plan["overwrite"] == "never" or os.path.samefile(dest, first):
+                    continue
+            tmp = temp_name(os.path.dirname(dest), token, 2 * len(rows) + n)
+            os.link(first, tmp)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            errors.append((row["path"], f"cannot link to {row['hardlink_to']}: {exc.strerror or exc}"))
     for n, row in enumerate(rows):
         if row["type"] not in manifest.SPECIAL_TYPES:
             continue

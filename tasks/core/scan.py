@@ -39,7 +39,7 @@ IGNORE_FILE = ".keepflowignore"
 FLUSH_ROWS = 8192
 
 SCAN_COLUMNS = ["path", "type", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid", "link_target",
-                "mtime_ns_exact", "link_target_bytes", "rdev"]
+                "mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to"]
 
 
 @dataclass
@@ -99,6 +99,9 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
     add_mtime_exact, add_link_bytes = cols["mtime_ns_exact"].append, cols["link_target_bytes"].append
     add_rdev = cols["rdev"].append
     S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
+    # Files with several names: (device, inode) -> their paths. Only files
+    # with st_nlink > 1 enter it, so it stays small on ordinary trees.
+    link_groups: dict[tuple[int, int], list[str]] = {}
 
     # Each stack item: (absolute dir, relative dir, ignorer specs active there)
     stack: list[tuple[str, str, list]] = [(root, "", [("", root_spec)] if root_spec else [])]
@@ -172,6 +175,8 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
                 add_mtime_exact(mtime)
             add_link_bytes(link_bytes)
             add_rdev(st.st_rdev if kind in ("chardev", "blockdev") else None)
+            if kind == "file" and st.st_nlink > 1:
+                link_groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
             add_ctime(clamp_ns(st.st_ctime_ns))
             add_inode(st.st_ino)
             add_mode(mode)
@@ -187,7 +192,25 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
                 values.clear()
     batches.append(_to_table(cols, sort=False))
     table = pa.concat_tables(batches)
-    return ScanResult(table.sort_by("path") if table.num_rows else table, skipped)
+    table = table.sort_by("path") if table.num_rows else table
+    return ScanResult(_with_hard_links(table, link_groups), skipped)
+
+
+def _with_hard_links(table: pa.Table, groups: dict[tuple[int, int], list[str]]) -> pa.Table:
+    """Fill ``hardlink_to``: every name of a file but the first (by path) points at the first.
+
+    Names whose other links lie outside the source (or were excluded) form no
+    group and are stored as plain files.
+    """
+    leader = {}
+    for names in groups.values():
+        if len(names) > 1:
+            first = min(names)
+            leader.update((n, first) for n in names if n != first)
+    if not leader:
+        return table
+    column = pa.array([leader.get(p) for p in table["path"].to_pylist()], pa.string())
+    return table.set_column(table.schema.get_field_index("hardlink_to"), "hardlink_to", column)
 
 
 def _utf8(name: str) -> bool:
@@ -224,6 +247,7 @@ def _to_table(cols: dict, sort: bool = True) -> pa.Table:
         "mtime_ns_exact": _sparse(cols, "mtime_ns_exact", decimal.Decimal),
         "link_target_bytes": _sparse(cols, "link_target_bytes", bytes),
         "rdev": _sparse(cols, "rdev", int),
+        "hardlink_to": pa.nulls(len(cols["path"]), pa.string()),    # filled after sorting
     }
     table = pa.table(arrays)
     return table.sort_by("path") if sort and table.num_rows else table
@@ -270,6 +294,7 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
         cols["mtime_ns_exact"].append(None)
         cols["link_target_bytes"].append(None)
         cols["rdev"].append(None)
+        cols["hardlink_to"].append(None)
     return ScanResult(_to_table(cols), [])
 
 
