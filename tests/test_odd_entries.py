@@ -158,3 +158,28 @@ def test_hard_links_are_restored_as_links(tmp_path):
     part = tmp_path / "part"
     _, _, errors = core_helpers.restore(repo_url, part, includes=["two"])
     assert errors == [] and (part / "two").read_text() == "shared inode" and os.stat(part / "two").st_nlink == 1
+
+
+def test_restore_keeps_folders_private_until_they_get_the_snapshot_mode(tmp_path):
+    import stat
+
+    from tasks.core import restore as core_restore
+
+    src = make_tree(tmp_path / "src", {"open/a": "a", "secret/key": "k", "secret/deeper/b": "b"})
+    os.chmod(src / "open", 0o755)
+    os.chmod(src / "secret", 0o700)
+    age_tree(src)
+    repo_url = str(tmp_path / "repo")
+    core_helpers.backup(src, repo_url)
+
+    out = tmp_path / "out"
+    plan = core_restore.prepare(repo_url, str(out)).to_dict()
+    # While the restore runs (or after it was killed here), every folder it created is owner-only.
+    for folder in (out, out / "open", out / "secret", out / "secret" / "deeper"):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder
+    for i in range(len(plan["batches"])):
+        core_restore.restore_range(plan, i)
+    assert core_restore.finish(plan) == []
+    core_restore.cleanup(plan)
+    assert stat.S_IMODE(os.stat(out / "open").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(out / "secret").st_mode) == 0o700

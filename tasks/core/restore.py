@@ -206,13 +206,35 @@ def _folders(dir_paths, entry_paths) -> set[str]:
     return {""} | set(dir_paths) | {p.rsplit("/", 1)[0] if "/" in p else "" for p in entry_paths}
 
 
+def _makedirs_private(path: str) -> None:
+    """``os.makedirs`` with every folder it creates owner-only (0700).
+
+    A folder is private until ``finish`` gives it the snapshot's mode, so a
+    folder that is 0700 in the snapshot is never world-readable while the
+    restore runs or after it was killed (restic does the same).
+    """
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(folder):
+                raise
+
+
 def _make_dirs(fs, root, wanted, target):
     try:
         if storage.is_local(fs):
             if os.path.exists(root) and not os.path.isdir(root):
                 raise TargetError(target=target, reason="it exists and is not a folder")
             for d in sorted(wanted):
-                os.makedirs(os.path.join(root, d) if d else root, exist_ok=True)
+                _makedirs_private(os.path.join(root, d) if d else root)
         else:
             for d in sorted(wanted):
                 fs.makedirs(storage.join(root, d) if d else root, exist_ok=True)
