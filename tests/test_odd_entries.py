@@ -183,3 +183,38 @@ def test_restore_keeps_folders_private_until_they_get_the_snapshot_mode(tmp_path
     core_restore.cleanup(plan)
     assert stat.S_IMODE(os.stat(out / "open").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(out / "secret").st_mode) == 0o700
+
+
+def test_sparse_files_stay_sparse_on_restore(tmp_path):
+    from tasks.core import restore as core_restore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 48 * 1024 * 1024
+    with open(src / "disk.img", "wb") as f:      # data, a 40 MiB hole, data, a trailing hole
+        f.write(os.urandom(1024 * 1024))
+        f.seek(41 * 1024 * 1024)
+        f.write(os.urandom(512 * 1024))
+        f.truncate(size)
+    with open(src / "copy.img", "wb") as f:       # the same content again: restored by copying
+        f.write((src / "disk.img").read_bytes())
+    assert os.stat(src / "disk.img").st_blocks * 512 < 4 * 1024 * 1024
+    age_tree(src)
+    repo_url = str(tmp_path / "repo")
+    core_helpers.backup(src, repo_url)
+
+    out = tmp_path / "out"
+    _, _, errors = core_helpers.restore(repo_url, out)
+    assert errors == []
+    for name in ("disk.img", "copy.img"):
+        st = os.stat(out / name)
+        assert st.st_size == size and (out / name).read_bytes() == (src / "disk.img").read_bytes()
+        assert st.st_blocks * 512 < 4 * 1024 * 1024, f"{name}: {st.st_blocks * 512} bytes on disk"
+    # --no-sparse writes every byte.
+    dense = tmp_path / "dense"
+    plan = core_restore.prepare(repo_url, str(dense), sparse=False).to_dict()
+    for i in range(len(plan["batches"])):
+        core_restore.restore_range(plan, i)
+    core_restore.finish(plan)
+    core_restore.cleanup(plan)
+    assert os.stat(dense / "disk.img").st_blocks * 512 >= size

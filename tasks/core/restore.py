@@ -73,6 +73,7 @@ class RestorePlan:
     symlinks: int
     bytes: int
     fresh_target: bool = False
+    sparse: bool = True                 # write holes for runs of zeros in large files
     temporaries_removed: int = 0
     fallbacks: list[str] = field(default_factory=list)
     fallback_options: dict = field(default_factory=dict)
@@ -86,7 +87,7 @@ class RestorePlan:
 def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str | None = None,
             includes=(), overwrite: str = "if-changed", dry_run: bool = False,
             storage_options=None, target_options=None, fallbacks=(),
-            fallback_options: dict | None = None) -> RestorePlan:
+            fallback_options: dict | None = None, sparse: bool = True) -> RestorePlan:
     if overwrite not in OVERWRITE_MODES:
         raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}, not {overwrite!r}")
     spec = compile_patterns(includes, origin="--include")
@@ -127,7 +128,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     return RestorePlan(
         repo_url=used_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
         overwrite=overwrite, dry_run=dry_run, batches=batches, files=files.num_rows, dirs=dirs.num_rows,
-        symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0, fresh_target=fresh,
+        symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0, fresh_target=fresh, sparse=sparse,
         temporaries_removed=len(removed),
         fallbacks=[u for u in [repo_url, *fallbacks] if u != used_url], fallback_options=fallback_options or {},
         primary_url=repo_url,
@@ -250,7 +251,8 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
     table = scratch_io.read_part(plan["scratch"], "batch", batch_no)
     sources = BlobSources(plan, storage_options)
     tfs, troot = _target_fs(plan["target"], target_options)
-    writer = TargetWriter(tfs, troot, plan["overwrite"], plan["dry_run"], fresh=plan["fresh_target"])
+    writer = TargetWriter(tfs, troot, plan["overwrite"], plan["dry_run"], fresh=plan["fresh_target"],
+                          sparse=plan.get("sparse", True))
     if batch_no == 0:
         progress.start("restore", plan["files"], plan["bytes"])
     result = writer.result

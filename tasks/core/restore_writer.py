@@ -33,6 +33,12 @@ import blake3
 from . import liveness, progress, storage
 
 CHUNK = 4 * 1024 * 1024
+# Files at least this big are written sparse (holes for zero blocks); the
+# check costs one memcmp per block, and smaller files rarely have holes.
+SPARSE_MIN = 1024 * 1024
+HOLE_BLOCK = 64 * 1024
+_ZEROS = bytes(CHUNK)
+_ZERO_BLOCK = bytes(HOLE_BLOCK)
 PROGRESS_EVERY = 64
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # A new file already belongs to us: chown only when the owner differs.
@@ -53,9 +59,10 @@ class RestoreBatchResult:
 class TargetWriter:
     """Puts verified content in place under the overwrite policy."""
 
-    def __init__(self, fs, root, overwrite, dry_run, fresh=False):
+    def __init__(self, fs, root, overwrite, dry_run, fresh=False, sparse=True):
         self.fs, self.root, self.overwrite, self.dry_run = fs, root, overwrite, dry_run
         self.local = storage.is_local(fs)
+        self.sparse = sparse and self.local
         self.result = RestoreBatchResult()
         self._decided: dict[int, bool] = {}
         self._token, self._counter = new_token(), 0
@@ -177,7 +184,7 @@ class TargetWriter:
         dest = self.dest(cols, j)
         hasher = blake3.blake3()
         tmp = self._tmp_name(dest)
-        out = _create_private(tmp) if self.local else self.fs.open(tmp, "wb")
+        out = self._create_local(tmp, cols["size"][j]) if self.local else self.fs.open(tmp, "wb")
         written = 0
         try:
             with src_fs.open(src_path, "rb") as src, out:
@@ -211,7 +218,7 @@ class TargetWriter:
         try:
             if self.local:
                 tmp = self._tmp_name(dest)
-                with open(src, "rb") as fsrc, _create_private(tmp) as fdst:
+                with open(src, "rb") as fsrc, self._create_local(tmp, cols["size"][j]) as fdst:
                     shutil.copyfileobj(fsrc, fdst, CHUNK)
                 self._finish_local(tmp, dest, cols, j)
             else:
@@ -221,6 +228,11 @@ class TargetWriter:
             return
         self.result.written += 1
         self.result.bytes_written += cols["size"][j]
+
+    def _create_local(self, tmp: str, size: int):
+        if self.sparse and size >= SPARSE_MIN:
+            return SparseFile(tmp)
+        return _create_private(tmp)
 
     def _finish_local(self, tmp, dest, cols, j):
         try:
@@ -238,6 +250,50 @@ class TargetWriter:
                 self.fs.rm_file(tmp)
         except OSError:
             pass
+
+
+class SparseFile:
+    """A new owner-only file that leaves holes where whole blocks are zeros.
+
+    Written sequentially: each ``HOLE_BLOCK`` of zeros is skipped with a seek
+    instead of written, and ``close`` sets the final size (a trailing run of
+    zeros is a hole too). A 1 GiB file that was sparse in the source stays
+    small on disk; its content reads back the same, which restore has
+    verified by hash before the file gets its real name.
+    """
+
+    def __init__(self, tmp: str):
+        self._f = _create_private(tmp)
+        self._size = 0
+
+    def write(self, data) -> int:
+        # bytes == bytes is one memcmp (~13 GB/s here); memoryview == memoryview
+        # compares item by item (~0.4 GB/s), so compare bytes.
+        data = data if isinstance(data, bytes) else bytes(data)
+        n = len(data)
+        if n <= CHUNK and data == _ZEROS[:n]:
+            self._f.seek(n, os.SEEK_CUR)        # a whole chunk of zeros: one seek
+        else:
+            for start in range(0, n, HOLE_BLOCK):
+                block = data[start:start + HOLE_BLOCK]
+                if block == _ZERO_BLOCK[:len(block)]:
+                    self._f.seek(len(block), os.SEEK_CUR)
+                else:
+                    self._f.write(block)
+        self._size += n
+        return n
+
+    def close(self) -> None:
+        try:
+            self._f.truncate(self._size)
+        finally:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _create_private(tmp: str):
