@@ -8,10 +8,13 @@ after the state is recorded: a kill between the end of the flow's code and
 its final state still leaves a record, so no window remains in which a run
 can be left ``Running`` untracked.
 
-A dead record is judged only by a process talking to the Prefect API it was
-recorded in; a run already in a final state (it finished, then the process
-died before removing its record; or Prefect's runner reported it) is left as
-it is and only its record removed. The hooks never fail a run: a registry
+With the embedded server the record also names that server's process,
+which outlives a SIGKILLed parent; a dead record's server is stopped when
+the record is looked at (runs.stop_orphaned_helper). A dead record is
+marked only by a process talking to the Prefect API it was recorded in; a
+run already in a final state (it finished, then the process died before
+removing its record; or Prefect's runner reported it) is left as it is and
+only its record removed. The hooks never fail a run: a registry
 that cannot be written costs only crash detection, with a warning in the
 run's log.
 """
@@ -43,6 +46,8 @@ def crash_dead_runs(repo: str, by: str) -> tuple[list[runs.RunRecord], list[runs
 
     folder = runs.default_folder()
     dead = runs.dead_runs(folder, repo)
+    for record in dead:
+        runs.stop_orphaned_helper(record)     # the embedded server a killed CLI run left running
     ours = api_url()
     mine = [r for r in dead if (r.api_url or None) == ours]
     other = [r for r in dead if (r.api_url or None) != ours]
@@ -69,6 +74,22 @@ def crash_dead_runs(repo: str, by: str) -> tuple[list[runs.RunRecord], list[runs
     return marked, other
 
 
+def _temporary_server_pid() -> int | None:
+    """The pid of the embedded server this process started (None with a real server)."""
+    import sys
+
+    from flows._history import uses_temporary_server
+
+    module = sys.modules.get("prefect.server.api.server")   # imported only if this process started one
+    if module is None or not uses_temporary_server():
+        return None
+    for server in list(getattr(module.SubprocessASGIServer, "_instances", {}).values()):
+        process = getattr(server, "server_process", None)
+        if process is not None and process.poll() is None:
+            return process.pid
+    return None
+
+
 def _logger(flow, flow_run):
     from prefect.logging.loggers import flow_run_logger
 
@@ -80,7 +101,8 @@ def _started(flow, flow_run, state) -> None:
     if not isinstance(repo, str) or not repo:
         return
     try:
-        runs.register(runs.default_folder(), flow_run.id, flow_run.name, flow.name, repo, api_url())
+        runs.register(runs.default_folder(), flow_run.id, flow_run.name, flow.name, repo, api_url(),
+                      helper_pid=_temporary_server_pid())
         marked, _ = crash_dead_runs(repo, by=f"flow run {flow_run.name}")
     except Exception as exc:  # crash detection is a courtesy; the run itself goes on
         _logger(flow, flow_run).warning("run registry (%s): %s", runs.default_folder(), exc)

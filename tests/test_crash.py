@@ -372,3 +372,66 @@ def test_killed_prunes(world, cli_env, tmp_path):
         core_helpers.restore(repo, out)
         assert_same_tree(src, out, f"restore after killed prune round {k}")
     s.done()
+
+
+def test_killed_run_on_the_embedded_server(tmp_path):
+    """The default set-up: no PREFECT_API_URL, a temporary server inside the command. The
+    killed run's server outlives it (an orphan nobody stops); unlock marks the run Crashed
+    in the database in PREFECT_HOME and stops that orphan; the next backup completes."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    folder = home / "keepflow" / "runs"
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(SEED + 5)
+    for i in range(500):
+        (src / f"f{i}").write_bytes(rng.randbytes(rng.randint(100, 4000)))
+    (src / "big.bin").write_bytes(rng.randbytes(64 << 20))
+    age_tree(src)
+    repo = tmp_path / "repo"
+    proc = _spawn(["backup", src, repo], env, tmp_path / "killed.log")
+    try:
+        _kill_embedded_and_recover(proc, folder, env, home, src, repo, rng, tmp_path)
+    finally:
+        for r in runs.records(str(folder)):
+            runs.stop_orphaned_helper(r)      # never leave a server behind, even when failing
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _kill_embedded_and_recover(proc, folder, env, home, src, repo, rng, tmp_path):
+    import sqlite3
+
+    deadline = time.monotonic() + 180          # a cold temporary server: 10-15 s (PREFECT_NOTES)
+    record = None
+    while record is None:
+        record = next((r for r in runs.records(str(folder)) if r.pid == proc.pid), None)
+        assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert record.api_url is None and record.helper_pid
+    time.sleep(rng.uniform(0.0, 0.5))
+    proc.kill()
+    proc.wait()
+    server = liveness.proc_stat(record.helper_pid)
+    assert server is not None and server[1] == record.helper_start     # the orphan lives on
+
+    out = run_cli(["unlock", repo], env=env)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert f"marked flow run {record.flow_run_name} Crashed" in out.stdout, out.stdout
+    deadline = time.monotonic() + 20
+    while liveness.proc_stat(record.helper_pid) is not None:
+        assert time.monotonic() < deadline, "the orphaned temporary server was not stopped"
+        time.sleep(0.05)
+    with sqlite3.connect(home / "prefect.db") as db:
+        (state,) = db.execute("select state_type from flow_run where id = ?", (record.flow_run_id,)).fetchone()
+    assert state == "CRASHED"
+    assert runs.records(str(folder)) == []
+
+    nxt = run_cli(["backup", src, repo], env=env)
+    assert nxt.returncode == 0, nxt.stderr
+    assert dead_writers_temporaries(repo) == []
+    out_dir = tmp_path / "out"
+    core_helpers.restore(repo, out_dir)
+    assert_same_tree(src, out_dir, "restore after a killed backup on the embedded server")

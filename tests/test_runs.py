@@ -134,6 +134,33 @@ def test_registry_records_live_runs_and_finds_dead_ones_per_repository(tmp_path)
     assert [r.flow_run_id for r in runs.records(folder) if r.pid == os.getpid()] == ["run-live"]
 
 
+def test_a_dead_runs_orphaned_helper_is_stopped_but_never_a_reused_pid(tmp_path):
+    folder = str(tmp_path / "runs")
+    helper = _child()           # stands in for the embedded server a killed run started: a real process
+    other = _child()
+    try:
+        _dead_child(f"""
+            from tasks.core import runs
+            runs.register({folder!r}, "dead-1", "n", "backup", "/r", None, helper_pid={helper.pid})
+            runs.register({folder!r}, "dead-2", "n", "backup", "/r", None, helper_pid={other.pid})
+        """)
+        first, second = sorted(runs.dead_runs(folder, "/r"), key=lambda r: r.flow_run_id)
+        assert first.helper_pid == helper.pid and first.helper_start == liveness.proc_stat(helper.pid)[1]
+        second.helper_start += 1                    # as if that pid now belonged to another process
+        assert not runs.stop_orphaned_helper(second)
+        assert runs.stop_orphaned_helper(first)
+        assert helper.wait(timeout=10) == -signal.SIGTERM
+        assert other.poll() is None
+        live = runs.register(folder, "live", "n", "backup", "/r", None, helper_pid=other.pid)
+        assert not runs.stop_orphaned_helper(live)   # its run is alive: its helper is not an orphan
+        assert other.poll() is None
+    finally:
+        for p in (helper, other):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
 @pytest.fixture
 def prefect_client(prefect_api_url):
     from prefect.client.orchestration import get_client

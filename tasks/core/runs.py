@@ -20,8 +20,15 @@ registry for free.
 A record holds the flow run's id and name, the flow, the repository (as
 ``repo_key`` normalises it), the Prefect API it was recorded in (``None``: the
 embedded temporary server, i.e. the database in PREFECT_HOME), and the
-process identity (host, pid, start ticks, boot id; see liveness.py). It is
-written atomically (temporary name, rename), owner-only.
+process identity (host, pid, start ticks, boot id; see liveness.py), and,
+with the embedded server, the identity of that server's process (``helper``).
+It is written atomically (temporary name, rename), owner-only.
+
+The embedded server is a child process that outlives a SIGKILLed parent (it
+is not told, and nothing reaps it but init): each crash would leave a Prefect
+server of some 250 MiB running for good. When a dead record names one that is
+still exactly that process (same pid, start ticks and boot), it is sent
+SIGTERM (``stop_orphaned_helper``).
 
 Life cycle: written when the run enters ``Running``; removed when it has
 reached a final state (after the state is recorded: a kill between the end
@@ -38,6 +45,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -56,6 +64,8 @@ class RunRecord:
     start: int | None
     boot: str | None
     started_at: str
+    helper_pid: int | None = None      # the embedded Prefect server this run started, if any
+    helper_start: int | None = None
     path: str = ""
 
     @property
@@ -81,12 +91,15 @@ def repo_key(url: str) -> str:
 
 
 def register(folder: str, flow_run_id: str, flow_run_name: str, flow: str, repo: str,
-             api_url: str | None) -> RunRecord:
-    """Record the current process as running ``flow_run_id``."""
+             api_url: str | None, helper_pid: int | None = None) -> RunRecord:
+    """Record the current process as running ``flow_run_id`` (``helper_pid``: a child
+    process, the embedded server, to stop if we die and leave it behind)."""
     me = liveness.this_process()
+    helper = liveness.proc_stat(helper_pid) if helper_pid else None
     record = RunRecord(flow_run_id=str(flow_run_id), flow_run_name=flow_run_name, flow=flow, repo=repo_key(repo),
                        api_url=api_url, host=me.host, pid=me.pid, start=me.start, boot=me.boot,
-                       started_at=dt.datetime.now(dt.timezone.utc).isoformat())
+                       started_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                       helper_pid=helper_pid if helper else None, helper_start=helper[1] if helper else None)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     data = asdict(record)
     data.pop("path")
@@ -136,6 +149,23 @@ def dead_runs(folder: str, repo: str | None = None) -> list[RunRecord]:
     """Records of this host whose process is gone (of ``repo`` only, if given)."""
     key = repo_key(repo) if repo is not None else None
     return [r for r in records(folder) if (key is None or r.repo == key) and r.is_dead()]
+
+
+def stop_orphaned_helper(record: RunRecord) -> bool:
+    """SIGTERM the helper process of a dead run if it still runs and is still
+    exactly the process recorded (never a pid that has been reused since)."""
+    if record.helper_pid is None or record.helper_start is None or not record.is_dead():
+        return False
+    if record.boot != liveness.this_process().boot:
+        return False               # an earlier boot: that process is long gone
+    found = liveness.proc_stat(record.helper_pid)
+    if found is None or found[0] in ("Z", "X", "x", "?") or found[1] != record.helper_start:
+        return False
+    try:
+        os.kill(record.helper_pid, signal.SIGTERM)
+    except OSError:
+        return False
+    return True
 
 
 def crash_message(record: RunRecord, by: str) -> str:
