@@ -218,3 +218,40 @@ def test_sparse_files_stay_sparse_on_restore(tmp_path):
     core_restore.finish(plan)
     core_restore.cleanup(plan)
     assert os.stat(dense / "disk.img").st_blocks * 512 >= size
+
+
+def test_xattrs_on_files_and_folders_round_trip(tmp_path):
+    from tasks.core import restore as core_restore
+
+    src = make_tree(tmp_path / "src", {"doc.txt": "text", "dir/inner": "i", "plain": "p"})
+    os.setxattr(src / "doc.txt", "user.origin", b"scanner-7")
+    os.setxattr(src / "doc.txt", "user.binary", bytes(range(256)))
+    os.setxattr(src / "dir", "user.project", "keepflow".encode())
+    age_tree(src)
+    repo_url = str(tmp_path / "repo")
+    committed, _, _ = core_helpers.backup(src, repo_url)
+    assert committed.skipped == []
+    repo = Repository.open(repo_url)
+    rows = {r["path"]: r for r in manifest.read_manifest(repo, resolve(repo, "latest")).to_pylist()}
+    assert [a["name"] for a in rows["doc.txt"]["xattrs"]] == ["user.binary", "user.origin"]
+    assert rows["plain"]["xattrs"] is None
+
+    out = tmp_path / "out"
+    _, _, errors = core_helpers.restore(repo_url, out)
+    assert errors == []
+    assert os.getxattr(out / "doc.txt", "user.origin") == b"scanner-7"
+    assert os.getxattr(out / "doc.txt", "user.binary") == bytes(range(256))
+    assert os.getxattr(out / "dir", "user.project") == b"keepflow"
+    assert os.listxattr(out / "plain") == []
+
+    # --no-xattrs, on either side, leaves them out.
+    committed, _, _ = core_helpers.backup(src, str(tmp_path / "repo2"), xattrs=False)
+    repo2 = Repository.open(str(tmp_path / "repo2"))
+    assert manifest.read_manifest(repo2, resolve(repo2, "latest"))["xattrs"].null_count == committed.info.files + 1
+    bare = tmp_path / "bare"
+    plan = core_restore.prepare(repo_url, str(bare), xattrs=False).to_dict()
+    for i in range(len(plan["batches"])):
+        core_restore.restore_range(plan, i)
+    core_restore.finish(plan)
+    core_restore.cleanup(plan)
+    assert os.listxattr(bare / "doc.txt") == []

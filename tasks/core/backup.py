@@ -109,7 +109,7 @@ def check_inputs(source: str, excludes=(), source_options=None) -> None:
 
 def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
             parent: str | None = None, dry_run=False, storage_options=None,
-            source_options=None) -> BackupPlan:
+            source_options=None, xattrs: bool = True) -> BackupPlan:
     check_inputs(source, excludes, source_options)
     source = normalise_source(source)
     start = dt.datetime.now(dt.timezone.utc)
@@ -131,7 +131,8 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
         exclude_paths.append(repo.root)
     elif repo is None and "://" not in repo_url:
         exclude_paths.append(os.path.abspath(repo_url))
-    scanned = scan(source, excludes=excludes, exclude_paths=exclude_paths, storage_options=source_options)
+    scanned = scan(source, excludes=excludes, exclude_paths=exclude_paths, storage_options=source_options,
+                   with_xattrs=xattrs)
 
     host = socket.gethostname()
     parent_info = None

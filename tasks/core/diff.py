@@ -53,7 +53,12 @@ def diff(scan: pa.Table, parent: pa.Table | None, parent_start_ns: int = 0,
         return DiffResult(table, new=new, changed=0, unchanged=0, deleted=0)
 
     parent = parent.select(PARENT_COLUMNS).rename_columns([f"p_{c}" if c != "path" else "path" for c in PARENT_COLUMNS])
-    joined = scan.join(parent, keys="path", join_type="left outer").sort_by("path")
+    # Join only the columns compared: Arrow's hash join carries no nested
+    # columns (xattrs), and narrower is faster. Paths are unique, so sorting
+    # by the scan's row number lines the parent's columns up with the scan.
+    narrow = scan.select(["path", "type", "size", "mtime_ns", "ctime_ns", "inode"])
+    narrow = narrow.append_column("_row", pa.array(range(scan.num_rows), pa.int64()))
+    joined = narrow.join(parent, keys="path", join_type="left outer").sort_by("_row")
 
     in_parent = pc.is_valid(joined["p_type"])
     is_file = pc.equal(joined["type"], "file")
@@ -74,7 +79,7 @@ def diff(scan: pa.Table, parent: pa.Table | None, parent_start_ns: int = 0,
     needs_read = pc.and_(is_file, pc.invert(same))
 
     hashes = pc.if_else(same, joined["p_hash"], pa.scalar(None, pa.string()))
-    out = joined.select(list(scan.column_names)).append_column("hash", hashes)
+    out = scan.append_column("hash", hashes)
     out = out.append_column("needs_read", needs_read)
     # Kept so the final report can classify re-read files by content.
     out = out.append_column("parent_hash", pc.if_else(is_file, joined["p_hash"], pa.scalar(None, pa.string())))

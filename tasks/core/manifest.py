@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
-from . import parquet_io
+from . import parquet_io, xattrs
 
 META_KEY = b"keepflow.snapshot"
 
@@ -42,9 +42,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("link_target_bytes", pa.binary()),        # the raw target when it is not valid UTF-8
         ("rdev", pa.int64()),                      # device number of chardev/blockdev entries
         ("hardlink_to", pa.string()),              # a file's first name (by path) when it has several
+        ("xattrs", xattrs.TYPE),                   # extended attributes and ACLs (see xattrs.py)
     ]
 )
-OPTIONAL_COLUMNS = ("mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to")
+OPTIONAL_COLUMNS = ("mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to", "xattrs")
 # Entries with no content that restore recreates from their metadata alone.
 SPECIAL_TYPES = ("fifo", "chardev", "blockdev")
 # mtime_ns is int64 nanoseconds: 1677-09-21 to 2262-04-11. Outside that range

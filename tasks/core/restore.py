@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import index as indexmod
-from . import manifest, progress, restore_special, snapshots, storage
+from . import manifest, progress, restore_special, snapshots, storage, xattrs
 from . import scratch as scratch_io
 from .blob_sources import BlobSources
 from .errors import TargetError, UsageError
@@ -55,7 +55,8 @@ CHUNK = 4 * 1024 * 1024
 MAX_BATCH_FILES = 4096
 MAX_BATCH_BYTES = 256 * 1024 * 1024
 OVERWRITE_MODES = ("never", "if-changed", "always")
-_BATCH_COLUMNS = ["path", "hash", "key", "offset", "length", "mode", "mtime_ns", "mtime_ns_exact", "uid", "gid", "size"]
+_BATCH_COLUMNS = ["path", "hash", "key", "offset", "length", "mode", "mtime_ns", "mtime_ns_exact", "uid", "gid", "size",
+                  "xattrs"]
 
 
 @dataclass
@@ -74,6 +75,7 @@ class RestorePlan:
     bytes: int
     fresh_target: bool = False
     sparse: bool = True                 # write holes for runs of zeros in large files
+    xattrs: bool = True                 # set extended attributes and ACLs
     temporaries_removed: int = 0
     fallbacks: list[str] = field(default_factory=list)
     fallback_options: dict = field(default_factory=dict)
@@ -87,7 +89,7 @@ class RestorePlan:
 def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str | None = None,
             includes=(), overwrite: str = "if-changed", dry_run: bool = False,
             storage_options=None, target_options=None, fallbacks=(),
-            fallback_options: dict | None = None, sparse: bool = True) -> RestorePlan:
+            fallback_options: dict | None = None, sparse: bool = True, xattrs: bool = True) -> RestorePlan:
     if overwrite not in OVERWRITE_MODES:
         raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}, not {overwrite!r}")
     spec = compile_patterns(includes, origin="--include")
@@ -107,7 +109,13 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     files, hard_links = _split_hard_links(files, local_target=storage.is_local(tfs))
 
     idx = indexmod.load_index(repo)
-    located = files.join(idx, keys="hash", join_type="left outer")
+    # Join the hash only (Arrow's join carries no nested columns such as
+    # xattrs), then take the file rows: the index is unique by hash.
+    where = files.select(["hash"]).append_column("_row", pa.array(range(files.num_rows), pa.int64()))
+    where = where.join(idx, keys="hash", join_type="left outer").sort_by("_row")
+    located = files
+    for name in ("key", "offset", "length"):
+        located = located.append_column(name, where[name])
     missing_mask = pc.is_null(located["key"])
     missing = located.filter(missing_mask)
     located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
@@ -128,7 +136,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     return RestorePlan(
         repo_url=used_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
         overwrite=overwrite, dry_run=dry_run, batches=batches, files=files.num_rows, dirs=dirs.num_rows,
-        symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0, fresh_target=fresh, sparse=sparse,
+        symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0, fresh_target=fresh, sparse=sparse, xattrs=xattrs,
         temporaries_removed=len(removed),
         fallbacks=[u for u in [repo_url, *fallbacks] if u != used_url], fallback_options=fallback_options or {},
         primary_url=repo_url,
@@ -256,7 +264,7 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
     if batch_no == 0:
         progress.start("restore", plan["files"], plan["bytes"])
     result = writer.result
-    cols = {c: table[c].to_pylist() for c in _BATCH_COLUMNS}
+    cols = {c: table[c].to_pylist() for c in _BATCH_COLUMNS if c != "xattrs" or plan.get("xattrs", True)}
 
     # Group the paths by blob: a blob is read once however many files use it.
     by_hash: dict[str, list[int]] = {}
@@ -428,6 +436,8 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
             if IS_ROOT and row["uid"] is not None:
                 os.chown(dest, row["uid"], row["gid"])
             os.chmod(dest, stat.S_IMODE(row["mode"]))
+            for failure in xattrs.apply(dest, row["xattrs"]):
+                errors.append((row["path"], failure))
             mtime = exact_mtime(row["mtime_ns"], row["mtime_ns_exact"])
             os.utime(dest, ns=(mtime, mtime))
         except OSError as exc:

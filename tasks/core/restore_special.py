@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 
+from . import xattrs
 from .restore_writer import IS_ROOT, exact_mtime
 
 _CREATE_MODE = {"chardev": stat.S_IFCHR, "blockdev": stat.S_IFBLK}
@@ -45,5 +46,8 @@ def apply_meta(path: str, row: dict) -> None:
     if IS_ROOT and row["uid"] is not None:
         os.chown(path, row["uid"], row["gid"], follow_symlinks=False)
     os.chmod(path, stat.S_IMODE(row["mode"]))
+    failures = xattrs.apply(path, row["xattrs"])
+    if failures:
+        raise OSError(0, "; ".join(failures))
     mtime = exact_mtime(row["mtime_ns"], row["mtime_ns_exact"])
     os.utime(path, ns=(mtime, mtime))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from . import liveness, progress, storage
+from . import liveness, progress, storage, xattrs
 
 CHUNK = 4 * 1024 * 1024
 # Files at least this big are written sparse (holes for zero blocks); the
@@ -396,6 +396,16 @@ def link_target(row: dict) -> str | bytes:
     return raw if raw is not None else row["link_target"]
 
 
+def _set_xattrs(where, cols, j) -> None:
+    """Extended attributes of file ``j`` (after chown: it clears security.capability).
+
+    A failure fails this file (an OSError the writer reports), never the batch.
+    """
+    failures = xattrs.apply(where, cols["xattrs"][j]) if "xattrs" in cols else []
+    if failures:
+        raise OSError(0, "; ".join(failures))
+
+
 def _apply_meta_fd(fd, cols, j) -> None:
     uid, gid = cols["uid"][j], cols["gid"][j]
     if IS_ROOT and uid is not None and (uid, gid) != _OWN_IDS:
@@ -404,6 +414,7 @@ def _apply_meta_fd(fd, cols, j) -> None:
         except OSError:
             pass
     os.fchmod(fd, stat.S_IMODE(cols["mode"][j]))
+    _set_xattrs(fd, cols, j)
     mtime = exact_mtime(cols["mtime_ns"][j], cols["mtime_ns_exact"][j])
     os.utime(fd, ns=(mtime, mtime))
 
@@ -415,6 +426,7 @@ def _apply_meta(path, cols, j) -> None:
         except OSError:
             pass
     os.chmod(path, stat.S_IMODE(cols["mode"][j]))
+    _set_xattrs(path, cols, j)
     mtime = exact_mtime(cols["mtime_ns"][j], cols["mtime_ns_exact"][j])
     os.utime(path, ns=(mtime, mtime))
 
@@ -426,6 +438,9 @@ def apply_link_meta(dest, row):
             os.lchown(dest, row["uid"], row["gid"])
         except OSError:
             pass
+    failures = xattrs.apply(dest, row.get("xattrs"), follow_symlinks=False)
+    if failures:
+        raise OSError(0, "; ".join(failures))
     if os.utime in os.supports_follow_symlinks:
         mtime = exact_mtime(row["mtime_ns"], row.get("mtime_ns_exact"))
         os.utime(dest, ns=(mtime, mtime), follow_symlinks=False)

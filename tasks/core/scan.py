@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import pathspec
 import pyarrow as pa
 
-from . import storage
+from . import storage, xattrs
 from .errors import BadPatternError, SourceNotFoundError
 from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, readable_bytes
 
@@ -39,7 +39,7 @@ IGNORE_FILE = ".keepflowignore"
 FLUSH_ROWS = 8192
 
 SCAN_COLUMNS = ["path", "type", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid", "link_target",
-                "mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to"]
+                "mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to", "xattrs"]
 
 
 @dataclass
@@ -74,20 +74,23 @@ class _Ignorer:
         return False
 
 
-def scan(source: str, excludes=None, exclude_paths=(), storage_options=None) -> ScanResult:
-    """Scan ``source`` (a path or URL). ``exclude_paths`` are absolute local paths to skip."""
+def scan(source: str, excludes=None, exclude_paths=(), storage_options=None, with_xattrs: bool = True) -> ScanResult:
+    """Scan ``source`` (a path or URL). ``exclude_paths`` are absolute local paths to skip.
+
+    ``with_xattrs``: read extended attributes and ACLs (local sources; see xattrs.py).
+    """
     root_spec = compile_patterns(excludes)
     fs, root = storage.open_url(source, storage_options)
     start_ns = dt.datetime.now(dt.timezone.utc).timestamp() * 1e9
     if storage.is_local(fs):
-        result = _scan_local(root, root_spec, {os.path.abspath(p) for p in exclude_paths})
+        result = _scan_local(root, root_spec, {os.path.abspath(p) for p in exclude_paths}, with_xattrs)
     else:
         result = _scan_fsspec(fs, root, root_spec)
     result.start_ns = int(start_ns)
     return result
 
 
-def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
+def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool = True) -> ScanResult:
     if not os.path.isdir(root):
         raise SourceNotFoundError(source=root)
     cols = {c: [] for c in SCAN_COLUMNS}
@@ -97,7 +100,8 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
     add_mtime, add_ctime, add_inode = cols["mtime_ns"].append, cols["ctime_ns"].append, cols["inode"].append
     add_mode, add_uid, add_gid, add_link = cols["mode"].append, cols["uid"].append, cols["gid"].append, cols["link_target"].append
     add_mtime_exact, add_link_bytes = cols["mtime_ns_exact"].append, cols["link_target_bytes"].append
-    add_rdev = cols["rdev"].append
+    add_rdev, add_xattrs = cols["rdev"].append, cols["xattrs"].append
+    read_xattrs = xattrs.read if with_xattrs else None
     S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
     # Files with several names: (device, inode) -> their paths. Only files
     # with st_nlink > 1 enter it, so it stays small on ordinary trees.
@@ -175,6 +179,13 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str]) -> ScanResult:
                 add_mtime_exact(mtime)
             add_link_bytes(link_bytes)
             add_rdev(st.st_rdev if kind in ("chardev", "blockdev") else None)
+            attrs = None
+            if read_xattrs is not None:
+                try:
+                    attrs = read_xattrs(entry.path)
+                except OSError as exc:   # the entry is kept; only its attributes are lost
+                    skipped.append((rel, f"extended attributes not kept: {exc.strerror or exc}"))
+            add_xattrs(attrs)
             if kind == "file" and st.st_nlink > 1:
                 link_groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
             add_ctime(clamp_ns(st.st_ctime_ns))
@@ -248,6 +259,7 @@ def _to_table(cols: dict, sort: bool = True) -> pa.Table:
         "link_target_bytes": _sparse(cols, "link_target_bytes", bytes),
         "rdev": _sparse(cols, "rdev", int),
         "hardlink_to": pa.nulls(len(cols["path"]), pa.string()),    # filled after sorting
+        "xattrs": _sparse(cols, "xattrs", list),
     }
     table = pa.table(arrays)
     return table.sort_by("path") if sort and table.num_rows else table
@@ -295,6 +307,7 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
         cols["link_target_bytes"].append(None)
         cols["rdev"].append(None)
         cols["hardlink_to"].append(None)
+        cols["xattrs"].append(None)
     return ScanResult(_to_table(cols), [])
 
 
