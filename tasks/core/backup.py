@@ -1,14 +1,18 @@
 """A backup in three steps that the flow runs as tasks: prepare, store batches, commit.
 
 ``prepare`` opens (or creates) the repository, scans the source, picks the
-parent snapshot, diffs, and writes the plan (the diffed scan) as Parquet in a
-local scratch folder. It cuts the files to read into batches bounded in file
-count and bytes; only ``(start, end)`` row ranges travel as task parameters,
-never file lists (Prefect hashes and records task inputs).
+parent snapshot, diffs, and writes the plan (the diffed scan) as Parquet in
+the run folder (scratch.py: local by default, shared storage for a cluster).
+It cuts the files to read into batches bounded in file count and bytes and
+writes each batch's work list there; only batch numbers and the small plan
+dict travel as task parameters, never file lists (Prefect hashes and records
+task inputs). The plan carries the repository's config, so a batch, wherever
+it runs, opens the repository without reading keepflow.json again.
 
-``store_range`` reads one range of the plan, stores what is new (see
-store.py), writes the batch's index file, and saves its per-file results in
-the scratch folder.
+``store_range`` reads its batch's work list, stores what is new (see
+store.py), writes the batch's index file, saves its per-file results in the
+run folder, and hands back a small summary (counts, skipped files, and the
+process that ran it).
 
 ``commit`` merges the results into the plan, drops files that were skipped,
 merges the run's index files, and writes the manifest: the last write, the
@@ -19,18 +23,14 @@ index files already written are reused by the next run.
 from __future__ import annotations
 
 import datetime as dt
-import glob
 import os
-import shutil
 import socket
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import diff as diffmod
 from . import index as indexmod
@@ -51,7 +51,7 @@ class BackupPlan:
     run_id: str
     repo_url: str
     source: str                 # normalised: absolute path or URL
-    scratch: str                # local folder with plan.parquet and results
+    scratch: str                # the run folder's URL (scratch.py): plan, work lists, results
     host: str
     start_time: str
     start_ns: int
@@ -69,6 +69,7 @@ class BackupPlan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
     dry_run: bool = False
+    repo_config: dict | None = None     # keepflow.json as read by the plan (None: dry run, no repository yet)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +85,7 @@ class BatchSummary:
     packs_written: int
     objects_written: int
     skipped: list[tuple[str, str]]
+    process: str = ""           # "<host>:<pid>" that ran the batch (thread pool: the flow's own)
 
 
 def normalise_source(source: str) -> str:
@@ -109,8 +111,15 @@ def check_inputs(source: str, excludes=(), source_options=None) -> None:
 
 def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
             parent: str | None = None, dry_run=False, storage_options=None,
-            source_options=None, xattrs: bool = True) -> BackupPlan:
-    check_inputs(source, excludes, source_options)
+            source_options=None, work_dir: str | None = None, checked: bool = False,
+            xattrs: bool = True) -> BackupPlan:
+    """Plan a backup; ``work_dir`` is where the run folder goes (scratch.work_dir).
+
+    ``checked``: the caller already ran ``check_inputs`` (the flow does, before
+    it takes the lease), so the source is not looked at twice.
+    """
+    if not checked:
+        check_inputs(source, excludes, source_options)
     source = normalise_source(source)
     start = dt.datetime.now(dt.timezone.utc)
     # A dry run must not create anything: open without creating, and plan
@@ -151,22 +160,25 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
     if parent_table is not None and result.unchanged:
         result = diffmod.distrust_unindexed(result, indexmod.load_index(repo, columns=["hash"], unique=False)["hash"])
 
-    scratch = tempfile.mkdtemp(prefix="keepflow-backup-")
     plan_table = result.table
-    scratch_io.write(scratch, "plan", plan_table)
-
     needs = plan_table["needs_read"].to_numpy(zero_copy_only=False)
     sizes = plan_table["size"].to_numpy(zero_copy_only=False)
     # Each batch's own work list: the rows to read and their paths.
     rows = np.flatnonzero(needs)
     work = pa.table({"row": pa.array(rows, pa.int64()), "path": plan_table["path"].take(pa.array(rows))})
     work_ranges = scratch_io.cut_ranges(sizes[rows], MAX_BATCH_FILES, MAX_BATCH_BYTES)
-    scratch_io.write_parts(scratch, "batch", work, work_ranges)
+    run_id = start.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    scratch = scratch_io.create("backup", run_id, work_dir)
+    try:
+        scratch_io.write(scratch, "plan", plan_table)
+        scratch_io.write_parts(scratch, "batch", work, work_ranges)
+    except BaseException:
+        scratch_io.remove(scratch)      # nobody else knows the folder yet
+        raise
     batches = _plan_ranges(rows, work_ranges)
     types = plan_table["type"]
     return BackupPlan(
-        run_id=start.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8],
-        repo_url=repo_url, source=source, scratch=scratch, host=host,
+        run_id=run_id, repo_url=repo_url, source=source, scratch=scratch, host=host,
         start_time=start.isoformat(timespec="microseconds"), start_ns=scanned.start_ns,
         parent=parent_info.id if parent_info else None,
         parent_key=parent_info.key if parent_info else None,
@@ -176,6 +188,7 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
         to_read=int(needs.sum()), bytes_to_read=int(sizes[needs].sum()) if len(sizes) else 0,
         new=result.new, changed=result.changed, unchanged=result.unchanged, deleted=result.deleted,
         skipped=list(scanned.skipped), tags=list(tags), dry_run=dry_run,
+        repo_config=asdict(repo.config) if repo is not None else None,
     )
 
 
@@ -199,23 +212,26 @@ def store_range(plan: dict, batch_no: int, storage_options=None, source_options=
     rows = work["row"].to_pylist()
 
     dry_run = plan["dry_run"]
-    try:
-        repo = Repository.open(plan["repo_url"], storage_options, create=False)
+    if plan.get("repo_config") is not None:
+        # The plan read keepflow.json already: a batch on any machine reuses it.
+        repo = Repository.attach(plan["repo_url"], plan["repo_config"], storage_options)
         known = indexmod.known_blobs(repo, plan["run_id"])
-    except Exception:
-        if not dry_run:
-            raise
+    elif dry_run:                          # nothing stored yet: plan against an empty repository
         repo = _DryRunRepo(plan["repo_url"])
         known = indexmod.KnownBlobs()
+    else:
+        repo = Repository.open(plan["repo_url"], storage_options, create=False)
+        known = indexmod.known_blobs(repo, plan["run_id"])
     source_fs, source_root = storage.open_url(plan["source"], source_options)
     if batch_no == 0:
         progress.start("store", plan["to_read"], plan["bytes_to_read"])
     result = store_batch(repo, source_fs, source_root, paths, rows, known, dry_run=dry_run)
     if not dry_run:
         indexmod.write_index(repo, result.index_table(), f"{plan['run_id']}-b{batch_no:05d}")
-    pq.write_table(result.result_table(), os.path.join(plan["scratch"], f"result-{batch_no:05d}.parquet"))
+    scratch_io.write_part(plan["scratch"], "result", batch_no, result.result_table())
     return BatchSummary(batch_no, len(result.rows), result.bytes_read, result.bytes_stored,
-                        result.blobs_stored, result.packs_written, result.objects_written, result.skipped)
+                        result.blobs_stored, result.packs_written, result.objects_written, result.skipped,
+                        process=f"{socket.gethostname()}:{os.getpid()}")
 
 
 class _DryRunRepo:
@@ -243,8 +259,9 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> C
     """Merge batch results and write the manifest (unless dry run)."""
     scratch = plan["scratch"]
     table = scratch_io.read(scratch, "plan")
-    result_files = sorted(glob.glob(os.path.join(scratch, "result-*.parquet")))
-    results = pa.concat_tables([pq.ParquetFile(f).read() for f in result_files]) if result_files else None
+    # One result per batch, named by its number: read exactly those, no listing.
+    parts = [scratch_io.read_part(scratch, "result", b.batch) for b in summaries]
+    results = pa.concat_tables(parts) if parts else None
 
     n = table.num_rows
     needs = table["needs_read"].to_numpy(zero_copy_only=False)
@@ -286,10 +303,12 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> C
         indexmod.require_indexed(repo, out, f"backup of {plan['source']}")
         manifest.write_manifest(repo, out, info)
         indexmod.forget_run(plan["repo_url"], plan["run_id"])
-    shutil.rmtree(scratch, ignore_errors=True)
+    scratch_io.remove(scratch)
     return CommitResult(info, skipped)
 
 
-def cleanup(plan: dict) -> None:
-    shutil.rmtree(plan["scratch"], ignore_errors=True)
+def cleanup(plan: dict) -> bool:
+    """Drop the run's state whatever happened: its run folder and this process's
+    known-blob cache. True when the run folder is gone (never raises)."""
     indexmod.forget_run(plan["repo_url"], plan["run_id"])
+    return scratch_io.remove(plan["scratch"])

@@ -24,13 +24,17 @@ class BlobSources:
         self.options = storage_options
         self.fallback_options = plan.get("fallback_options") or {}
         self._repos: dict[str, Repository | None] = {}
+        self._primary_config = plan.get("repo_config")   # read by the plan: batches need not read it again
         self.used: dict[str, int] = {}
 
     def repo(self, url: str):
         if url not in self._repos:
             opts = self.options if url == self.original_url else self.fallback_options.get(url)
             try:
-                self._repos[url] = Repository.open(url, opts)
+                if url == self.primary_url and self._primary_config is not None:
+                    self._repos[url] = Repository.attach(url, self._primary_config, opts)
+                else:
+                    self._repos[url] = Repository.open(url, opts)
             except Exception:  # unreachable or damaged: try the next source
                 self._repos[url] = None
         return self._repos[url]

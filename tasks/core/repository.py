@@ -127,6 +127,19 @@ class Repository:
         return cls._from_config_bytes(url, fs, root, data, storage_options)
 
     @classmethod
+    def attach(cls, url: str, config: dict[str, Any], storage_options: dict[str, Any] | None = None) -> "Repository":
+        """A repository opened earlier in the same run, from the config that run read.
+
+        A run's plan carries ``keepflow.json`` (its batches may run on other
+        machines); each batch attaches instead of reading the file again, which
+        on an object store is a request per batch. Nothing is checked here: the
+        plan did that, and the commit opens the repository properly again.
+        """
+        fs, root = storage.open_url(url, storage_options)
+        known = {k: config[k] for k in RepoConfig.__dataclass_fields__ if k in config}
+        return cls(url, fs, root, RepoConfig(**known), storage_options)
+
+    @classmethod
     def init(cls, url: str, storage_options: dict[str, Any] | None = None,
              config: RepoConfig | None = None) -> "Repository":
         fs, root = storage.open_url(url, storage_options)

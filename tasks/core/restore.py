@@ -3,7 +3,8 @@
 ``prepare`` resolves the snapshot, filters its entries with the include
 patterns (gitignore syntax; a matching folder brings everything below it),
 joins the files with the index to learn where each blob lives, and writes the
-restore plan, sorted by (key, offset), to a local scratch folder. Folders are
+restore plan, sorted by (key, offset), to the run folder (scratch.py: local by
+default, shared storage for a cluster), one work list per batch. Folders are
 created up front so that batches can run in any order.
 
 ``restore_range`` handles one batch of the plan. Blobs in the same pack are
@@ -30,10 +31,10 @@ folder's mtime).
 
 from __future__ import annotations
 
+import datetime as dt
 import os
-import shutil
 import stat
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import blake3
@@ -81,6 +82,8 @@ class RestorePlan:
     fallback_options: dict = field(default_factory=dict)
     primary_url: str = ""
     missing: list[tuple[str, str]] = field(default_factory=list)
+    run_id: str = ""
+    repo_config: dict | None = None     # keepflow.json of repo_url, so batches need not read it again
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +92,9 @@ class RestorePlan:
 def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str | None = None,
             includes=(), overwrite: str = "if-changed", dry_run: bool = False,
             storage_options=None, target_options=None, fallbacks=(),
-            fallback_options: dict | None = None, sparse: bool = True, xattrs: bool = True) -> RestorePlan:
+            fallback_options: dict | None = None, work_dir: str | None = None,
+            sparse: bool = True, xattrs: bool = True) -> RestorePlan:
+    """Plan a restore; ``work_dir`` is where the run folder goes (scratch.work_dir)."""
     if overwrite not in OVERWRITE_MODES:
         raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}, not {overwrite!r}")
     spec = compile_patterns(includes, origin="--include")
@@ -120,8 +125,6 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     missing = located.filter(missing_mask)
     located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
 
-    scratch = tempfile.mkdtemp(prefix="keepflow-restore-")
-    scratch_io.write(scratch, "other", pa.concat_tables([dirs, links, specials, hard_links]))
     folders = _folders(dirs["path"].to_pylist(), files["path"].to_pylist() + links["path"].to_pylist()
                        + specials["path"].to_pylist() + hard_links["path"].to_pylist())
     removed = []
@@ -132,7 +135,14 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
 
     batches = scratch_io.cut_ranges(located["length"].to_numpy(zero_copy_only=False), MAX_BATCH_FILES,
                                     MAX_BATCH_BYTES)
-    scratch_io.write_parts(scratch, "batch", located.select(_BATCH_COLUMNS), batches)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    scratch = scratch_io.create("restore", run_id, work_dir)
+    try:
+        scratch_io.write(scratch, "other", pa.concat_tables([dirs, links, specials, hard_links]))
+        scratch_io.write_parts(scratch, "batch", located.select(_BATCH_COLUMNS), batches)
+    except BaseException:
+        scratch_io.remove(scratch)      # nobody else knows the folder yet
+        raise
     return RestorePlan(
         repo_url=used_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
         overwrite=overwrite, dry_run=dry_run, batches=batches, files=files.num_rows, dirs=dirs.num_rows,
@@ -141,6 +151,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
         fallbacks=[u for u in [repo_url, *fallbacks] if u != used_url], fallback_options=fallback_options or {},
         primary_url=repo_url,
         missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
+        run_id=run_id, repo_config=asdict(repo.config),
     )
 
 
@@ -445,5 +456,6 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
     return errors
 
 
-def cleanup(plan: dict) -> None:
-    shutil.rmtree(plan["scratch"], ignore_errors=True)
+def cleanup(plan: dict) -> bool:
+    """Remove the run folder (never raises); True when it is gone."""
+    return scratch_io.remove(plan["scratch"])

@@ -1,21 +1,170 @@
-"""The local scratch folder a flow run shares between its tasks.
+"""The run folder: the one owner of a run's state between its tasks.
 
-Task parameters stay small (Prefect records them): a planning task writes the
-work list here as Parquet, one file per batch, and each batch task reads only
-its own file. The folder lives on the machine running the flow (thread pool);
-it is removed when the run commits.
+A backup or restore plans in one task and works in many batch tasks that may
+run in other threads, other processes or on other machines (a Dask cluster).
+Task parameters stay small (Prefect records them), so everything bigger
+lives here, in one folder per run at a URL:
+
+    <work dir>/keepflow-<kind>-<run id>/
+        plan.parquet            backup: the diffed scan (restore: other.parquet,
+                                the folders, symlinks and special files)
+        batch-<NNNNN>.parquet   one work list per batch, written by the plan
+        result-<NNNNN>.parquet  what a backup batch read (hash, size, times)
+
+Every read, write and removal goes through fsspec (``storage.open_url``),
+so the folder can be on local disk or on shared storage that every worker
+reaches (S3, Azure, SFTP, a shared mount); its storage options come from the
+per-URL config (storage_config.py) and the storage library's own places
+(environment, profiles), the same on every machine. A batch reads only its
+own work list and writes only its own result, under names fixed by its batch
+number, so no step ever lists the folder and a retried batch simply
+replaces its result.
+
+The work dir is ``--work-dir`` / the flow's ``work_dir``, else
+``KEEPFLOW_WORK_DIR``, else the local temporary folder (``tempfile``):
+today's speed for the single-machine case. Local run folders are created
+0700, because the plan names every path of the source. The flows remove the
+folder in a ``finally``, whether the run committed or failed; a run killed
+with SIGKILL leaves it behind (in the temporary folder by default).
+
+Local files are written uncompressed: for a plan of 1M files, zstd took
+0.43 s against 0.27 s (63 MiB on disk instead of 7; reading costs the
+same), and through fsspec file objects writing and reading are as fast as
+with pyarrow's own paths (0.19 s, 0.16 s; 245 work lists 0.59 s against
+0.53 s). Remote files are written with zstd, because there the bytes
+travel over the network, and each is read in one request.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 
-def part_path(folder: str, prefix: str, number: int) -> str:
-    return os.path.join(folder, f"{prefix}-{number:05d}.parquet")
+WORK_DIR_ENV = "KEEPFLOW_WORK_DIR"
+# Work lists are written by a few threads when the folder is remote: each is
+# one PUT of a round trip or two.
+REMOTE_WRITERS = 8
+
+
+def work_dir(explicit: str | None = None) -> str:
+    """Where run folders are made: ``explicit``, else $KEEPFLOW_WORK_DIR, else the temporary folder."""
+    return explicit or os.environ.get(WORK_DIR_ENV) or tempfile.gettempdir()
+
+
+def is_default_work_dir(explicit: str | None = None) -> bool:
+    """True when run folders go to this machine's temporary folder (nobody else sees them)."""
+    return not (explicit or os.environ.get(WORK_DIR_ENV))
+
+
+def create(kind: str, run_id: str, work_dir_url: str | None = None) -> str:
+    """Make the run folder for run ``run_id`` and return its URL (a path for local disk)."""
+    base = work_dir(work_dir_url)
+    fs, root = storage.open_url(base)
+    name = f"keepflow-{kind}-{run_id}"
+    try:
+        if storage.is_local(fs):
+            os.makedirs(root, exist_ok=True)
+            folder = os.path.join(root, name)
+            os.mkdir(folder, 0o700)      # private: the plan names every path of the source
+            return folder
+        folder = storage.join(root, name)
+        if not storage.is_object_store(fs):   # object stores have no folders to make
+            fs.makedirs(folder, exist_ok=True)
+    except Exception as exc:
+        if not storage.is_storage_failure(exc):
+            raise
+        raise storage.describe_error(base, exc) from None
+    return base.rstrip("/") + "/" + name
+
+
+def _file(folder: str, name: str):
+    fs, root = storage.open_url(folder)
+    return fs, storage.join(root, f"{name}.parquet")
+
+
+def part_name(prefix: str, number: int) -> str:
+    return f"{prefix}-{number:05d}"
+
+
+def write(folder: str, name: str, table: pa.Table) -> None:
+    fs, path = _file(folder, name)
+    if storage.is_local(fs):
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f, compression="none")
+        return
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    fs.pipe_file(path, sink.getvalue())
+
+
+def read(folder: str, name: str, columns=None) -> pa.Table:
+    fs, path = _file(folder, name)
+    if storage.is_local(fs):
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).read(columns=columns)
+    return pq.ParquetFile(pa.BufferReader(fs.cat_file(path))).read(columns=columns)
+
+
+def write_parts(folder: str, prefix: str, table: pa.Table, ranges: list[tuple[int, int]]) -> None:
+    """One file per range: ``<prefix>-<NNNNN>.parquet`` holds rows ``[start, end)``."""
+    def one(item):
+        number, (start, end) = item
+        write(folder, part_name(prefix, number), table.slice(start, end - start))
+
+    fs, _ = storage.open_url(folder)
+    if storage.is_local(fs) or len(ranges) < 2:
+        for item in enumerate(ranges):
+            one(item)
+        return
+    with ThreadPoolExecutor(max_workers=REMOTE_WRITERS) as pool:
+        list(pool.map(one, enumerate(ranges)))
+
+
+def read_part(folder: str, prefix: str, number: int, columns=None) -> pa.Table:
+    return read(folder, part_name(prefix, number), columns)
+
+
+def write_part(folder: str, prefix: str, number: int, table: pa.Table) -> None:
+    write(folder, part_name(prefix, number), table)
+
+
+def remove(folder: str | None) -> bool:
+    """Remove the run folder and everything in it; True when it is gone.
+
+    Never raises: it runs in ``finally`` blocks, where an error of its own
+    would hide the run's. A folder already gone counts as removed.
+    """
+    if not folder:
+        return True
+    try:
+        fs, root = storage.open_url(folder)
+        try:
+            fs.rm(root, recursive=True)
+        except FileNotFoundError:
+            pass
+        if storage.is_object_store(fs):
+            # Stores with a filer behind their S3 API (SeaweedFS) keep a
+            # folder entry until the "<folder>/" key itself is deleted; on
+            # plain S3 this deletes nothing.
+            try:
+                fs.rm_file(root.rstrip("/") + "/")
+            except FileNotFoundError:
+                pass
+    except Exception:
+        return False
+    return True
+
+
+def exists(folder: str) -> bool:
+    fs, root = storage.open_url(folder)
+    return bool(fs.exists(root))
 
 
 def cut_ranges(sizes, max_files: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -34,20 +183,3 @@ def cut_ranges(sizes, max_files: int, max_bytes: int) -> list[tuple[int, int]]:
     if count:
         ranges.append((start, len(sizes)))
     return ranges
-
-
-def write_parts(folder: str, prefix: str, table: pa.Table, ranges: list[tuple[int, int]]) -> None:
-    for number, (start, end) in enumerate(ranges):
-        pq.write_table(table.slice(start, end - start), part_path(folder, prefix, number), compression="none")
-
-
-def read_part(folder: str, prefix: str, number: int, columns=None) -> pa.Table:
-    return pq.ParquetFile(part_path(folder, prefix, number)).read(columns=columns)
-
-
-def write(folder: str, name: str, table: pa.Table) -> None:
-    pq.write_table(table, os.path.join(folder, f"{name}.parquet"), compression="none")
-
-
-def read(folder: str, name: str, columns=None) -> pa.Table:
-    return pq.ParquetFile(os.path.join(folder, f"{name}.parquet")).read(columns=columns)
