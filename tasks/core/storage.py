@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import re
 import socket
 import threading
 import uuid
@@ -42,6 +43,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from . import liveness
 from .errors import RepositoryFullError, RepositoryWriteError, StorageError, UsageError
 
 LOCAL_PROTOCOLS = {"file", "local"}
@@ -260,7 +262,7 @@ def _write_once(fs, path: str, data: bytes) -> bool:
     if parent and not is_object_store(fs):   # object stores have no folders to create
         fs.makedirs(parent, exist_ok=True)
     if hasattr(fs, "rename_noreplace"):   # SFTP: temporary name, then a rename that never replaces
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = tmp_name(path)
         fs.pipe_file(tmp, data)
         try:
             fs.rename_noreplace(tmp, path)
@@ -289,7 +291,7 @@ def write_stream_once(fs, path: str, fileobj, chunk: int = 8 * 1024 * 1024) -> b
         if os.path.exists(path):
             return False
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = tmp_name(path)
         with open(tmp, "wb") as out:
             copy(out)
         return publish_local_tmp(tmp, path)
@@ -299,7 +301,7 @@ def write_stream_once(fs, path: str, fileobj, chunk: int = 8 * 1024 * 1024) -> b
         with fs.open(path, "wb") as out:
             copy(out)
         return True
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = tmp_name(path)
     with fs.open(tmp, "wb") as out:
         copy(out)
     try:
@@ -317,7 +319,7 @@ def _local_write_once(path: str, data: bytes) -> bool:
         return False
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -400,17 +402,38 @@ def info_mtime_ns(info: dict) -> int:
     return 0
 
 
+def tmp_name(path: str) -> str:
+    """A temporary name beside ``path`` that names its writer (host, pid, start, boot).
+
+    A rerun on the same host can then remove a dead writer's partial copy at
+    once (``stale_temporaries``) instead of an hour later: after killed
+    replicates, such copies held up to a GiB each on the replica.
+    """
+    return f"{path}.tmp-{liveness.this_process().tag()}-{uuid.uuid4().hex[:8]}"
+
+
+_TMP_WRITER = re.compile(rf"\.tmp-({liveness.TAG_PATTERN.pattern})-[0-9a-f]{{8}}$")
+
+
 def stale_temporaries(fs, root: str, folders, older_than_s: float) -> list[str]:
-    """Temporary files (``.tmp-`` names, and everything in ``tmp/``) older than
-    ``older_than_s``: left by writes that were interrupted, never data."""
+    """Temporary files (``.tmp-`` names, and everything in ``tmp/``) left by
+    writes that were interrupted, never data: those older than ``older_than_s``,
+    and at once those whose writer (named by ``tmp_name``) is known to be gone."""
     import time
 
-    limit_ns = (time.time() - older_than_s) * 1e9
+    now = time.time()
+    limit_ns = (now - older_than_s) * 1e9
     found = []
     for folder in folders:
         for info in list_files(fs, join(root, folder)):
             name = info["name"]
-            if (folder == "tmp" or ".tmp-" in name.rsplit("/", 1)[-1]) and 0 < info_mtime_ns(info) < limit_ns:
+            base = name.rsplit("/", 1)[-1]
+            if folder != "tmp" and ".tmp-" not in base:
+                continue
+            mtime_ns = info_mtime_ns(info)
+            m = _TMP_WRITER.search(base)
+            writer = liveness.parse_tag(m.group(1)) if m else None
+            if (writer is not None and liveness.gone(writer)) or 0 < mtime_ns < limit_ns:
                 found.append(name)
     return found
 

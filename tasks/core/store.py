@@ -301,7 +301,7 @@ def _upload_verified(repo, fileobj, blob_hash: str, size: int, source_changed=No
         if fs.exists(final):
             return
         direct = storage.is_object_store(fs)
-        target = final if direct else final + f".tmp-{uuid.uuid4().hex}"
+        target = final if direct else storage.tmp_name(final)
         hasher = blake3.blake3()
         with fs.open(target, "wb") as out:
             while chunk := fileobj.read(CHUNK):

@@ -1,0 +1,71 @@
+"""Partial copies of a killed writer go at the next run on the same host (issue 11).
+
+After killed replicates, partial `.tmp-` copies on the replica stayed after
+successful reruns (14 files, 1,016 MiB in one test), because temporaries were
+kept for an hour whoever wrote them. Now a temporary names its writer, so a
+rerun removes a dead writer's at once, and keeps a live writer's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tasks.core import replicate, storage
+
+from tests import core_helpers
+from tests.conftest import make_tree
+
+# A child that starts a write-once copy under a temporary name and is killed in the middle.
+_WRITER = """
+import sys, time
+from tasks.core import storage
+tmp = storage.tmp_name(sys.argv[1])
+with open(tmp, "wb") as f:
+    f.write(b"partial copy")
+    f.flush()
+    print(tmp, flush=True)
+    time.sleep(60)
+"""
+
+
+def _killed_writer(final: str) -> str:
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, final], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd())
+    tmp = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(tmp)
+    return tmp
+
+
+def test_a_rerun_of_replicate_removes_a_dead_writers_partial_copy_at_once(tmp_path):
+    src = make_tree(tmp_path / "src", {"a": "alpha", "b": "beta"})
+    repo, replica = tmp_path / "repo", tmp_path / "replica"
+    core_helpers.backup(src, repo)
+    replicate.replicate(str(repo), str(replica))
+    pack = next(p for p in (replica / "packs").rglob("*") if p.is_file())
+    dead = _killed_writer(str(pack.parent / ("f" * 64)))
+    live = storage.tmp_name(str(pack.parent / ("e" * 64)))      # this process: alive
+    with open(live, "wb") as f:
+        f.write(b"in progress")
+
+    result = replicate.replicate(str(repo), str(replica))
+    assert result.temporaries_removed == 1
+    assert not os.path.exists(dead) and os.path.exists(live)
+    os.unlink(live)
+
+
+def test_unnamed_temporaries_keep_the_one_hour_rule(tmp_path):
+    folder = tmp_path / "packs"
+    folder.mkdir()
+    young, old = folder / "x.tmp-0123abcd", folder / "y.tmp-4567cdef"
+    young.write_bytes(b"1")
+    old.write_bytes(b"2")
+    hour_ago = time.time() - 3700
+    os.utime(old, (hour_ago, hour_ago))
+    fs, root = storage.open_url(str(tmp_path))
+    assert storage.stale_temporaries(fs, root, ["packs"], 3600) == [str(old)]
