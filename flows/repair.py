@@ -22,6 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._credentials import resolve
 from flows._naming import run_name
+from flows._runs import HOOKS
 from tasks.core.errors import EXIT_OK, UsageError
 from tasks.core.format import human_bytes
 from tasks.repair import rebuild_index, replace_damaged_snapshots
@@ -37,7 +38,7 @@ def _run_name() -> str:
 
 
 @flow(name="repair", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1),
-      validate_parameters=False)
+      validate_parameters=False, **HOOKS)
 def repair(repo: str, what: str = "index", read_data: bool = False, forget: bool = False, dry_run: bool = False,
            storage_options: dict | str | None = None) -> dict:
     """Repair ``repo``'s index (``what="index"``) or its snapshots (``what="snapshots"``).
