@@ -6,17 +6,18 @@ Runnable as ``python -m flows.backup SOURCE REPO [options]`` (same options as
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import _dask
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
 from flows._progress_artifact import track
 from flows._runs import HOOKS
 from tasks.backup import commit_snapshot, plan_backup, store_batch
-from tasks.core.backup import check_inputs, normalise_source
+from tasks.core.backup import check_inputs, cleanup, normalise_source
 from tasks.core.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
 from tasks.core.format import human_bytes
 from tasks.core.lease import backup_lease
@@ -34,32 +35,46 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
            rehash: bool = False, parent: str | None = None, dry_run: bool = False,
            storage_options: dict | str | None = None, source_options: dict | str | None = None,
            replicate_to: list[str] | None = None, replica_options: dict | None = None,
-           wait_for_lease: float = 0.0) -> dict:
+           wait_for_lease: float = 0.0, work_dir: str | None = None, dask_address: str | None = None,
+           workers: int | None = None) -> dict:
     """Back up ``source`` (a folder or fsspec URL) into the repository at ``repo``.
 
     With ``replicate_to``, the same flow run then brings each replica up to date
-    (one task run per replica, see flows/replicate.py).
-    Returns the run summary (the same object ``keepflow backup --json`` prints).
+    (one task run per replica, see flows/replicate.py). ``work_dir`` is where
+    the run folder goes (default ``$KEEPFLOW_WORK_DIR`` or the temporary folder);
+    ``dask_address`` or ``workers`` run the batches on a Dask cluster
+    (flows/_dask.py). Returns the run summary (the same object
+    ``keepflow backup --json`` prints).
     """
     # The lease keeps a second backup of this source, and prune's deletion
     # phase, away until the manifest is written (tasks/core/lease.py).
     storage_options, source_options = resolve(storage_options), resolve(source_options)
     replica_options = resolve_map(replica_options)
     check_inputs(source, excludes or [], source_options)
-    remove_dead_repo_temporaries(repo, storage_options)   # large-file copies of killed runs (liveness.py)
-    holder = None if dry_run else backup_lease(repo, normalise_source(source), storage_options,
-                                               wait=wait_for_lease)
-    try:
-        plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
-                           storage_options, source_options)
-        futures = [store_batch.submit(plan, i, storage_options, source_options)
-                   for i in range(len(plan["batches"]))]
-        track(futures, "backup-progress", f"storing {plan['to_read']} files")
-        summaries = [f.result() for f in futures]
-        committed = commit_snapshot(plan, summaries, storage_options)
-    finally:
-        if holder is not None:
-            holder.release()
+    with _dask.batches(dask_address, workers, work_dir=work_dir, uses_work_dir=True) as batches:
+        remove_dead_repo_temporaries(repo, storage_options)   # large-file copies of killed runs (liveness.py)
+        holder = None if dry_run else backup_lease(repo, normalise_source(source), storage_options,
+                                                   wait=wait_for_lease)
+        plan = None
+        try:
+            plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
+                               storage_options, source_options, work_dir)
+            futures = [batches.submit(store_batch, plan=plan, batch_no=i, storage_options=storage_options,
+                                      source_options=source_options)
+                       for i in range(len(plan["batches"]))]
+            track(futures, "backup-progress", f"storing {plan['to_read']} files")
+            summaries = [f.result() for f in futures]
+            committed = commit_snapshot(plan, summaries, storage_options)
+        finally:
+            # Whatever happened: release the lease, remove the run folder, and
+            # drop the run's known-blob set here and on every worker.
+            if holder is not None:
+                holder.release()
+            if plan is not None:
+                batches.forget_run(plan["repo_url"], plan["run_id"])
+                if not cleanup(plan):
+                    get_run_logger().warning("could not remove the run folder %s; remove it by hand",
+                                             plan["scratch"])
     summary = summarise(plan, summaries, committed)
     _artifacts(summary)
     if not dry_run:
@@ -103,10 +118,19 @@ def summarise(plan: dict, summaries: list, committed) -> dict:
         "packs_written": sum(s.packs_written for s in summaries),
         "objects_written": sum(s.objects_written for s in summaries),
         "batches": len(summaries),
+        "ran_on": _processes(summaries),
         "task_runs": len(summaries) + 2,
         "skipped": skipped,
         "exit_code": EXIT_PARTIAL if skipped else EXIT_OK,
     }
+
+
+def _processes(summaries: list) -> dict:
+    """``host:pid`` -> batches it ran: where the work went (one entry on the thread pool)."""
+    counts: dict[str, int] = {}
+    for s in summaries:
+        counts[s.process] = counts.get(s.process, 0) + 1
+    return counts
 
 
 COMPLETED_EVENT = "keepflow.backup.completed"

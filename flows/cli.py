@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the backup, bring this replica up to date (repeatable)")
     sp.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
     _storage_options_arg(sp)
+    _cluster_args(sp, work_dir=True)
 
     sp = add("restore", "restore a snapshot from REPO into TARGET")
     sp.add_argument("repo", metavar="REPO")
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true")
     sp.add_argument("--json", action="store_true")
     _storage_options_arg(sp)
+    _cluster_args(sp, work_dir=True)
 
     sp = add("replicate", "copy to each replica what it lacks (packs/objects, then index, then manifests)")
     sp.add_argument("repo", metavar="REPO")
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="re-hash this share of the stored data, chosen at random (e.g. 10%%; 100%% = all)")
     sp.add_argument("--json", action="store_true")
     _storage_options_arg(sp)
+    _cluster_args(sp, work_dir=False)
 
     sp = add("prune", "forget snapshots by a retention policy and collect unreferenced data")
     sp.add_argument("repo", metavar="REPO")
@@ -190,6 +193,19 @@ def _skip_pyarrow_pandas_probe() -> None:
 def _storage_options_arg(sp) -> None:
     sp.add_argument("--storage-options", metavar="JSON", type=_json_object, default=None,
                     help='fsspec options for REPO as JSON, e.g. \'{"anon": false}\'')
+
+
+def _cluster_args(sp, work_dir: bool) -> None:
+    if work_dir:
+        sp.add_argument("--work-dir", metavar="URL", default=None,
+                        help="where the run folder goes (plan, work lists, batch results; removed at the end): "
+                             "a path or URL every worker reaches (default: $KEEPFLOW_WORK_DIR or the temporary "
+                             "folder)")
+    sp.add_argument("--dask", metavar="ADDRESS", default=None,
+                    help="run the batches on this Dask scheduler (default: $KEEPFLOW_DASK_ADDRESS); "
+                         "needs PREFECT_API_URL")
+    sp.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="run the batches on a local Dask cluster of N processes (all cores for small files)")
 
 
 def _json_object(text: str) -> dict:
@@ -372,14 +388,38 @@ def _run_flow(flow_fn, kwargs, args, phase: str) -> dict:
     return state.result(raise_on_failure=True)  # re-raises the task's own exception
 
 
+def _cluster(args, uses_work_dir: bool) -> dict:
+    """The flow parameters for --dask/--workers/--work-dir; usage errors before Prefect is imported."""
+    from flows import _dask
+
+    address, workers = _dask.choose(args.dask, args.workers)
+    out = dict(dask_address=address, workers=workers)
+    if uses_work_dir:
+        out["work_dir"] = args.work_dir
+    return out
+
+
+def _on_cluster(flow_fn, cluster: dict):
+    """``flow_fn`` with its batches on the Dask cluster asked for (or as it is)."""
+    from flows import _dask
+
+    address, workers = cluster["dask_address"], cluster["workers"]
+    _dask.check(address, workers, work_dir=cluster.get("work_dir"), uses_work_dir="work_dir" in cluster,
+                api_url=_dask.api_url())
+    runner = _dask.task_runner(address, workers)
+    return flow_fn.with_options(task_runner=runner) if runner is not None else flow_fn
+
+
 def cmd_backup(args) -> int:
+    cluster = _cluster(args, uses_work_dir=True)
     _prepare_prefect(args.verbose)
     from flows.backup import backup
 
-    summary = _run_flow(backup, dict(source=args.source, repo=args.repo, tags=args.tag, excludes=args.exclude,
-                                     rehash=args.rehash, parent=args.parent, dry_run=args.dry_run,
-                                     storage_options=args.storage_options,
-                                     replicate_to=args.replicate_to, wait_for_lease=args.retry_lock),
+    summary = _run_flow(_on_cluster(backup, cluster),
+                        dict(source=args.source, repo=args.repo, tags=args.tag, excludes=args.exclude,
+                             rehash=args.rehash, parent=args.parent, dry_run=args.dry_run,
+                             storage_options=args.storage_options,
+                             replicate_to=args.replicate_to, wait_for_lease=args.retry_lock, **cluster),
                         args, "backup")
     if args.json:
         _print_json(summary)
@@ -407,12 +447,14 @@ def cmd_backup(args) -> int:
 
 
 def cmd_restore(args) -> int:
+    cluster = _cluster(args, uses_work_dir=True)
     _prepare_prefect(args.verbose)
     from flows.restore import restore
 
-    summary = _run_flow(restore, dict(repo=args.repo, target=args.target, snapshot=args.snapshot, as_of=args.as_of,
-                                      includes=args.include, overwrite=args.overwrite, dry_run=args.dry_run,
-                                      storage_options=args.storage_options, fallbacks=args.fallback),
+    summary = _run_flow(_on_cluster(restore, cluster),
+                        dict(repo=args.repo, target=args.target, snapshot=args.snapshot, as_of=args.as_of,
+                             includes=args.include, overwrite=args.overwrite, dry_run=args.dry_run,
+                             storage_options=args.storage_options, fallbacks=args.fallback, **cluster),
                         args, "restore")
     if args.json:
         _print_json(summary)
@@ -471,10 +513,12 @@ def cmd_verify(args) -> int:
     from tasks.core.verify import parse_percent
 
     percent = parse_percent(args.read_data)
+    cluster = _cluster(args, uses_work_dir=False)
     _prepare_prefect(args.verbose)
     from flows.verify import verify
 
-    summary = _run_flow(verify, dict(repo=args.repo, read_data=percent, storage_options=args.storage_options),
+    summary = _run_flow(_on_cluster(verify, cluster),
+                        dict(repo=args.repo, read_data=percent, storage_options=args.storage_options, **cluster),
                         args, "verify")
     if args.json:
         _print_json(summary)

@@ -5,16 +5,18 @@ Runnable as ``python -m flows.restore REPO TARGET [options]`` and importable.
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import _dask
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
 from flows._runs import HOOKS
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
+from tasks.core.restore import cleanup
 from tasks.restore import finish_restore, plan_restore, restore_batch
 
 DEFAULT_WORKERS = 2
@@ -25,21 +27,30 @@ DEFAULT_WORKERS = 2
 def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None = None,
             includes: list[str] | None = None, overwrite: str = "if-changed", dry_run: bool = False,
             storage_options: dict | str | None = None, target_options: dict | str | None = None,
-            fallbacks: list[str] | None = None, fallback_options: dict | None = None) -> dict:
+            fallbacks: list[str] | None = None, fallback_options: dict | None = None,
+            work_dir: str | None = None, dask_address: str | None = None, workers: int | None = None) -> dict:
     """Restore a snapshot of ``repo`` (all of it, or the ``includes``) into ``target``.
 
     ``fallbacks`` are replica URLs read when the primary is unreachable or a
     blob is missing or corrupt there (``fallback_options`` maps URL -> options).
+    ``work_dir``, ``dask_address`` and ``workers`` as for the backup flow.
     """
     storage_options, target_options = resolve(storage_options), resolve(target_options)
     fallback_options = resolve_map(fallback_options)
-    plan = plan_restore(repo, target, snapshot, as_of, list(includes or []), overwrite, dry_run,
-                        storage_options, target_options, list(fallbacks or []), fallback_options)
-    futures = [restore_batch.submit(plan, i, storage_options, target_options)
-               for i in range(len(plan["batches"]))]
-    results = [f.result() for f in futures]
-    errors = [e for r in results for e in r.errors] + list(plan["missing"])
-    errors += finish_restore(plan, target_options)
+    with _dask.batches(dask_address, workers, work_dir=work_dir, uses_work_dir=True) as batches:
+        plan = plan_restore(repo, target, snapshot, as_of, list(includes or []), overwrite, dry_run,
+                            storage_options, target_options, list(fallbacks or []), fallback_options, work_dir)
+        try:
+            futures = [batches.submit(restore_batch, plan=plan, batch_no=i, storage_options=storage_options,
+                                      target_options=target_options)
+                       for i in range(len(plan["batches"]))]
+            results = [f.result() for f in futures]
+            errors = [e for r in results for e in r.errors] + list(plan["missing"])
+            errors += finish_restore(plan, target_options)
+        finally:
+            if not cleanup(plan):       # the run folder goes however the run ends
+                get_run_logger().warning("could not remove the run folder %s; remove it by hand",
+                                         plan["scratch"])
     summary = {
         "snapshot": plan["snapshot"],
         "snapshot_time": plan["snapshot_time"],

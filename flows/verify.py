@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import _dask
 from flows._credentials import resolve
 from flows._naming import run_name
 from flows._runs import HOOKS
@@ -26,8 +27,12 @@ DATA_PARTS = 4
 
 @flow(name="verify", flow_run_name=lambda: run_name("verify", "repo"),
       task_runner=ThreadPoolTaskRunner(max_workers=DATA_PARTS), validate_parameters=False, **HOOKS)
-def verify(repo: str, read_data: float = 0.0, storage_options: dict | str | None = None) -> dict:
-    """Check ``repo``; ``read_data`` is the percentage of stored data to re-hash (0-100)."""
+def verify(repo: str, read_data: float = 0.0, storage_options: dict | str | None = None,
+           dask_address: str | None = None, workers: int | None = None) -> dict:
+    """Check ``repo``; ``read_data`` is the percentage of stored data to re-hash (0-100).
+
+    ``dask_address`` or ``workers`` re-hash the parts on a Dask cluster (flows/_dask.py).
+    """
     storage_options = resolve(storage_options)
     structure = check_structure(repo, storage_options)
     problems = list(structure["problems"])
@@ -35,12 +40,14 @@ def verify(repo: str, read_data: float = 0.0, storage_options: dict | str | None
     parts = DATA_PARTS if read_data > 0 else 0
     if parts:
         seed = random.SystemRandom().randrange(2**31)   # a different sample every run
-        futures = [check_data.submit(repo, read_data, seed, i, parts, storage_options) for i in range(parts)]
-        for f in futures:
-            found = f.result()
-            problems += found["problems"]
-            keys_read += found["keys_read"]
-            bytes_read += found["bytes_read"]
+        with _dask.batches(dask_address, workers) as batches:
+            futures = [batches.submit(check_data, repo=repo, percent=read_data, seed=seed, part=i, parts=parts,
+                                      storage_options=storage_options) for i in range(parts)]
+            for f in futures:
+                found = f.result()
+                problems += found["problems"]
+                keys_read += found["keys_read"]
+                bytes_read += found["bytes_read"]
     if problems:
         problems = attribute_problems(repo, problems, storage_options)
     summary = {
