@@ -69,3 +69,43 @@ def test_unnamed_temporaries_keep_the_one_hour_rule(tmp_path):
     os.utime(old, (hour_ago, hour_ago))
     fs, root = storage.open_url(str(tmp_path))
     assert storage.stale_temporaries(fs, root, ["packs"], 3600) == [str(old)]
+
+
+def test_a_lease_is_released_when_acquiring_is_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C between writing our lease and reading the others left the lease behind (issue 11)."""
+    import pytest
+
+    from tasks.core import lease
+    from tasks.core.repository import Repository
+
+    repo = Repository.open(str(tmp_path / "repo"), create=True)
+
+    def interrupted(_repo):
+        # The fault: KeyboardInterrupt at exactly this point (a real Ctrl-C cannot be aimed here).
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lease, "list_leases", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lease.Holder(repo, "backup", "/src").acquire()
+    monkeypatch.undo()
+    assert lease.list_leases(repo) == []
+
+
+def test_ctrl_c_during_a_backup_exits_130_and_releases_the_lease(tmp_path, cli_env):
+    from tests.conftest import KEEPFLOW, age_tree
+
+    src = make_tree(tmp_path / "src", {f"big{i:02d}.bin": os.urandom(8 * 1024 * 1024) for i in range(40)})
+    age_tree(src)
+    repo = tmp_path / "repo"
+    proc = subprocess.Popen([KEEPFLOW, "backup", str(src), str(repo)], env=cli_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((repo / "locks").glob("backup-*.json")):
+        time.sleep(0.05)
+    assert list((repo / "locks").glob("backup-*.json")), "the backup never took its lease"
+    time.sleep(0.3)                       # into the store batches
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("keepflow: error: interrupted")
+    assert list((repo / "locks").glob("*.json")) == []

@@ -130,7 +130,13 @@ class Holder:
 
     def acquire(self) -> "Holder":
         self._write()
-        clash = conflicts(self.lease, list_leases(self.repo))
+        try:
+            clash = conflicts(self.lease, list_leases(self.repo))
+        except BaseException:
+            # Ctrl-C (or a storage error) between writing our lease and
+            # checking the others: release what we hold, never leave it behind.
+            self.release()
+            raise
         if clash:
             self.release()
             other = clash[0]
@@ -152,6 +158,9 @@ class Holder:
 
     def release(self) -> None:
         self._stop.set()
+        # A refresh in flight would write the lease again after we removed it.
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
         try:
             self.repo.fs.rm_file(self.path)
         except (FileNotFoundError, OSError):
