@@ -36,7 +36,7 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
            storage_options: dict | str | None = None, source_options: dict | str | None = None,
            replicate_to: list[str] | None = None, replica_options: dict | None = None,
            wait_for_lease: float = 0.0, work_dir: str | None = None, dask_address: str | None = None,
-           workers: int | None = None) -> dict:
+           workers: int | None = None, xattrs: bool = True) -> dict:
     """Back up ``source`` (a folder or fsspec URL) into the repository at ``repo``.
 
     With ``replicate_to``, the same flow run then brings each replica up to date
@@ -58,7 +58,7 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
         plan = None
         try:
             plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
-                               storage_options, source_options, work_dir)
+                               storage_options, source_options, work_dir, xattrs)
             futures = [batches.submit(store_batch, plan=plan, batch_no=i, storage_options=storage_options,
                                       source_options=source_options)
                        for i in range(len(plan["batches"]))]

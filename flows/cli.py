@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                     help="gitignore-style pattern to leave out (repeatable)")
     sp.add_argument("--rehash", action="store_true", help="full backup: read every file, trust no metadata")
+    sp.add_argument("--no-xattrs", dest="xattrs", action="store_false",
+                    help="do not store extended attributes and ACLs (saves one listxattr per entry)")
     sp.add_argument("--parent", metavar="ID", help="snapshot to diff against (default: latest of this source and host)")
     sp.add_argument("--dry-run", action="store_true", help="report what would be stored, store nothing")
     sp.add_argument("--retry-lock", type=float, default=0.0, metavar="SECONDS",
@@ -66,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--as-of", metavar="TIME", help="latest snapshot at or before TIME, e.g. '2026-11-20 14:00'")
     sp.add_argument("--include", action="append", default=[], metavar="PATTERN",
                     help="restore only matching paths (gitignore syntax, repeatable)")
+    sp.add_argument("--no-xattrs", dest="xattrs", action="store_false",
+                    help="do not set extended attributes and ACLs")
+    sp.add_argument("--no-sparse", dest="sparse", action="store_false",
+                    help="write every byte of large files (default: runs of zeros become holes)")
     sp.add_argument("--overwrite", default="if-changed", choices=["never", "if-changed", "always"],
                     help="what to do with files already at the target (default: if-changed)")
     sp.add_argument("--fallback", action="append", default=[], metavar="REPLICA",
@@ -419,7 +425,8 @@ def cmd_backup(args) -> int:
                         dict(source=args.source, repo=args.repo, tags=args.tag, excludes=args.exclude,
                              rehash=args.rehash, parent=args.parent, dry_run=args.dry_run,
                              storage_options=args.storage_options,
-                             replicate_to=args.replicate_to, wait_for_lease=args.retry_lock, **cluster),
+                             replicate_to=args.replicate_to, wait_for_lease=args.retry_lock, xattrs=args.xattrs,
+                             **cluster),
                         args, "backup")
     if args.json:
         _print_json(summary)
@@ -454,7 +461,8 @@ def cmd_restore(args) -> int:
     summary = _run_flow(_on_cluster(restore, cluster),
                         dict(repo=args.repo, target=args.target, snapshot=args.snapshot, as_of=args.as_of,
                              includes=args.include, overwrite=args.overwrite, dry_run=args.dry_run,
-                             storage_options=args.storage_options, fallbacks=args.fallback, **cluster),
+                             storage_options=args.storage_options, fallbacks=args.fallback, sparse=args.sparse,
+                             xattrs=args.xattrs, **cluster),
                         args, "restore")
     if args.json:
         _print_json(summary)

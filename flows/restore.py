@@ -28,7 +28,8 @@ def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None 
             includes: list[str] | None = None, overwrite: str = "if-changed", dry_run: bool = False,
             storage_options: dict | str | None = None, target_options: dict | str | None = None,
             fallbacks: list[str] | None = None, fallback_options: dict | None = None,
-            work_dir: str | None = None, dask_address: str | None = None, workers: int | None = None) -> dict:
+            work_dir: str | None = None, dask_address: str | None = None, workers: int | None = None,
+            sparse: bool = True, xattrs: bool = True) -> dict:
     """Restore a snapshot of ``repo`` (all of it, or the ``includes``) into ``target``.
 
     ``fallbacks`` are replica URLs read when the primary is unreachable or a
@@ -39,7 +40,8 @@ def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None 
     fallback_options = resolve_map(fallback_options)
     with _dask.batches(dask_address, workers, work_dir=work_dir, uses_work_dir=True) as batches:
         plan = plan_restore(repo, target, snapshot, as_of, list(includes or []), overwrite, dry_run,
-                            storage_options, target_options, list(fallbacks or []), fallback_options, work_dir)
+                            storage_options, target_options, list(fallbacks or []), fallback_options, work_dir,
+                            sparse, xattrs)
         try:
             futures = [batches.submit(restore_batch, plan=plan, batch_no=i, storage_options=storage_options,
                                       target_options=target_options)

@@ -13,11 +13,12 @@ from tasks.retry import retry_transient
 def plan_restore(repo: str, target: str, snapshot: str, as_of: str | None, includes: list[str],
                  overwrite: str, dry_run: bool, storage_options: dict | None,
                  target_options: dict | None, fallbacks: list[str] | None = None,
-                 fallback_options: dict | None = None, work_dir: str | None = None) -> dict:
+                 fallback_options: dict | None = None, work_dir: str | None = None, sparse: bool = True,
+                 xattrs: bool = True) -> dict:
     plan = core.prepare(repo, target, snapshot=snapshot, as_of=as_of, includes=includes,
                         overwrite=overwrite, dry_run=dry_run, storage_options=storage_options,
                         target_options=target_options, fallbacks=fallbacks or (),
-                        fallback_options=fallback_options, work_dir=work_dir)
+                        fallback_options=fallback_options, work_dir=work_dir, sparse=sparse, xattrs=xattrs)
     if plan.repo_url != repo:
         get_run_logger().warning("primary %s unavailable: reading snapshot from %s", repo, plan.repo_url)
     get_run_logger().info("snapshot %s: %d files (%d bytes), %d folders, %d symlinks in %d batches",

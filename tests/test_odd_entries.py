@@ -255,3 +255,24 @@ def test_xattrs_on_files_and_folders_round_trip(tmp_path):
     core_restore.finish(plan)
     core_restore.cleanup(plan)
     assert os.listxattr(bare / "doc.txt") == []
+
+
+def test_cli_no_xattrs_and_no_sparse(tmp_path, cli):
+    src = make_tree(tmp_path / "src", {"doc": "d"})
+    os.setxattr(src / "doc", "user.tag", b"t")
+    with open(src / "holes.img", "wb") as f:
+        f.truncate(8 * 1024 * 1024)
+    age_tree(src)
+    repo = tmp_path / "repo"
+    assert cli("backup", str(src), str(repo)).returncode == 0
+    out = tmp_path / "out"
+    restored = cli("restore", str(repo), str(out), "--no-xattrs", "--no-sparse")
+    assert restored.returncode == 0, restored.stderr
+    assert os.listxattr(out / "doc") == [] and os.stat(out / "holes.img").st_blocks * 512 >= 8 * 1024 * 1024
+    plain = tmp_path / "plain"
+    assert cli("restore", str(repo), str(plain)).returncode == 0
+    assert os.getxattr(plain / "doc", "user.tag") == b"t" and os.stat(plain / "holes.img").st_blocks == 0
+    bare = tmp_path / "bare"
+    assert cli("backup", str(src), str(bare), "--no-xattrs").returncode == 0
+    assert cli("restore", str(bare), str(tmp_path / "out2")).returncode == 0
+    assert os.listxattr(tmp_path / "out2" / "doc") == []
