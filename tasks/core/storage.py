@@ -13,9 +13,17 @@ depends on the backend:
   writer can never be overwritten and a crash never leaves a half-written
   file under the real name;
 * SFTP: temporary name then ``rename`` (SFTP v3 rename refuses to replace);
-* object stores (S3, Azure, GCS, memory): a PUT is atomic; we check existence
-  first because the names are content hashes, so an existing object already
-  holds the same bytes.
+* S3 and Azure Blob: a conditional create (``If-None-Match: *`` on the PUT,
+  on completing a multipart upload, on committing a block list): the server
+  refuses to replace an existing name, so of two writers on different
+  machines exactly one wins and the other is told so (412/409 -> False).
+  Azure has always honoured it; AWS S3 since August 2024; other S3 servers
+  are probed once per filesystem instance and bucket (``create_only``),
+  because some ignore the header and would silently replace;
+* other object stores (GCS, memory), and S3 servers that ignore the header:
+  check existence, then PUT (a PUT itself is atomic). Two writers can then
+  both "win" the same name; for content-hash names they wrote the same
+  bytes, and gc's grace period is the second line of defence for the rest.
 
 Providers differ where keepflow cannot afford it, so this module evens them
 out: SFTP (sshfs) gets a small subclass that honours byte ranges in
@@ -35,6 +43,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -256,6 +265,9 @@ def write_once(fs, path: str, data: bytes) -> bool:
 def _write_once(fs, path: str, data: bytes) -> bool:
     if is_local(fs):
         return _local_write_once(path, data)
+    if is_object_store(fs) and create_only(fs, path):
+        # No HEAD first: the server decides, in the PUT itself.
+        return _create_object(fs, path, data)
     if fs.exists(path):
         return False
     parent = path.rsplit("/", 1)[0]
@@ -281,7 +293,8 @@ def write_stream_once(fs, path: str, fileobj, chunk: int = 8 * 1024 * 1024) -> b
 
     Same atomicity rules: local disk and SFTP write a temporary name and
     publish it without replacing; object stores complete a multipart upload
-    atomically, so they are written under the final name.
+    atomically, so they are written under the final name (create-only where
+    the provider has it, see ``create_only``).
     """
     def copy(out) -> None:
         while block := fileobj.read(chunk):
@@ -295,6 +308,8 @@ def write_stream_once(fs, path: str, fileobj, chunk: int = 8 * 1024 * 1024) -> b
         with open(tmp, "wb") as out:
             copy(out)
         return publish_local_tmp(tmp, path)
+    if is_object_store(fs):
+        return _stream_object_once(fs, path, fileobj, chunk)
     if fs.exists(path):
         return False
     if not hasattr(fs, "rename_noreplace"):
@@ -331,6 +346,170 @@ def _local_write_once(path: str, data: bytes) -> bool:
             pass
         raise
     return publish_local_tmp(tmp, path)
+
+
+# -- create-only writes on object stores -----------------------------------------
+
+# AWS answers 409 ConditionalRequestConflict when a racing write on the same
+# name is still in flight and documents "retry": the retry then gets 412
+# (the other writer won) or succeeds (it failed).
+CONFLICT_RETRIES = 3
+_AZURE_BLOB_SCHEMES = {"az", "abfs", "abfss"}      # not "adl": Data Lake Gen1 has no conditional create
+_create_only_lock = threading.Lock()
+
+
+def create_only(fs, path: str) -> bool:
+    """True when ``fs`` itself refuses to replace an existing object at ``path``.
+
+    Azure Blob: always (conditional headers are part of the Blob API, and the
+    SDK's default upload relies on them). AWS S3: always (conditional writes
+    since August 2024). Any other S3 endpoint is probed, because S3 servers
+    differ: SeaweedFS before 3.97 accepted ``If-None-Match: *`` and replaced
+    the object anyway. The answer is kept per filesystem instance and bucket,
+    so a process probes once (fsspec caches instances).
+    """
+    protocols = _protocols(fs)
+    if protocols & _AZURE_BLOB_SCHEMES:
+        return True
+    if not protocols & S3_SCHEMES:
+        return False
+    bucket = path.split("/", 1)[0]
+    known = fs.__dict__.setdefault("_keepflow_create_only", {})
+    if bucket not in known:
+        with _create_only_lock:
+            if bucket not in known:
+                known[bucket] = _is_aws_endpoint(fs) or _probe_create_only(fs, path)
+    return known[bucket]
+
+
+def _is_aws_endpoint(fs) -> bool:
+    try:
+        host = urlsplit(fs.s3.meta.endpoint_url).hostname or ""
+    except Exception:
+        return False
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+
+
+def _probe_create_only(fs, path: str) -> bool:
+    """Create a throwaway name beside ``path`` twice: the second must be refused.
+
+    A ``.tmp-`` name, so listings skip it and, should the removal fail, the
+    next gc removes it. Three requests, once per process and bucket.
+    """
+    probe = tmp_name(path)
+    try:
+        try:
+            fs.pipe_file(probe, b"probe", mode="create")
+        except Exception as exc:
+            if is_storage_failure(exc) and classify(exc) == "other":
+                return False          # the header is rejected (501 NotImplemented and the like)
+            raise
+        try:
+            fs.pipe_file(probe, b"probe", mode="create")
+        except Exception as exc:
+            if is_exists_error(exc):
+                return True
+            if is_storage_failure(exc) and classify(exc) == "other":
+                return False
+            raise
+        return False                  # accepted twice: the header is ignored
+    finally:
+        try:
+            fs.rm_file(probe)
+        except Exception:
+            pass
+
+
+def is_exists_error(exc: BaseException) -> bool:
+    """True when a create-only write was refused because the name is taken.
+
+    S3 answers 412 PreconditionFailed; s3fs makes that a FileExistsError only
+    when the reply names the condition (AWS does, SeaweedFS 4.48 does not:
+    then it is an OSError(EINVAL) caused by the ClientError). Azure answers
+    409 BlobAlreadyExists (adlfs: FileExistsError) or 412 ConditionNotMet.
+    """
+    for e in _exception_chain(exc):
+        if isinstance(e, FileExistsError):
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:          # botocore ClientError
+            if response["Error"].get("Code") == "PreconditionFailed" or \
+                    response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                return True
+        if getattr(e, "error_code", None) in ("BlobAlreadyExists", "ConditionNotMet"):
+            return True
+    return False
+
+
+def _is_create_conflict(exc: BaseException) -> bool:
+    for e in _exception_chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            if response["Error"].get("Code") == "ConditionalRequestConflict" or \
+                    response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 409:
+                return True
+    return False
+
+
+def _create_object(fs, path: str, data) -> bool:
+    """One conditional PUT: True if it created ``path``, False if the name was taken."""
+    for attempt in range(CONFLICT_RETRIES + 1):
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except Exception as exc:
+            if is_exists_error(exc):
+                return False
+            if attempt < CONFLICT_RETRIES and _is_create_conflict(exc):
+                time.sleep(0.1 * 2 ** attempt)
+                continue
+            raise
+    raise AssertionError("unreachable")
+
+
+def _stream_object_once(fs, path: str, fileobj, chunk: int) -> bool:
+    """``write_stream_once`` on an object store: one multipart upload under the final name.
+
+    The existence check first is only a shortcut (it saves uploading
+    gigabytes that would be refused at the end); where the provider has it,
+    the upload completes create-only and a refusal aborts it, so no parts
+    are left behind. Content that fits in one chunk is a single PUT (s3fs
+    would write an empty file with a plain, unconditional PUT).
+    """
+    if fs.exists(path):
+        return False
+    first = fileobj.read(chunk)
+    second = fileobj.read(chunk)
+    if not second:
+        return write_once(fs, path, first)
+    strong = create_only(fs, path)
+    out = fs.open(path, "xb" if strong else "wb")
+    try:
+        out.write(first)
+        out.write(second)
+        while block := fileobj.read(chunk):
+            out.write(block)
+    except BaseException:
+        _discard(out)
+        raise
+    try:
+        out.close()
+    except Exception as exc:
+        _discard(out)
+        if strong and is_exists_error(exc):
+            return False
+        raise
+    return True
+
+
+def _discard(out) -> None:
+    """Abandon an upload that must not complete (s3fs aborts its multipart upload)."""
+    try:
+        if hasattr(out, "discard"):
+            out.discard()
+    except Exception:
+        pass
+    out.closed = True     # never commit it later (close() or the garbage collector)
 
 
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
