@@ -124,11 +124,17 @@ def test_fifos_and_devices_are_entries_sockets_are_reported(tmp_path):
     assert errors == [] and stat.S_ISFIFO(os.lstat(out / "pipe").st_mode)
 
 
-def test_names_that_are_not_utf8_are_reported_readably(tmp_path):
-    src = make_tree(tmp_path / "src", {"ok": "fine", "sub/x": "y"})
-    open(os.fsencode(src / "sub") + b"/\xff\xfe.txt", "w").close()
+def test_a_non_utf8_name_whose_shown_form_is_taken_is_reported(tmp_path):
+    # A real name spelled with the literal text \xff, beside one with the byte 0xff.
+    src = make_tree(tmp_path / "src", {"sub/\\xff.txt": "literal backslash", "sub/x": "y"})
+    with open(os.fsencode(src / "sub") + b"/\xff.txt", "wb") as f:
+        f.write(b"raw byte")
     committed, _, _ = core_helpers.backup(src, str(tmp_path / "repo"))
-    assert committed.skipped == [("sub/\\xff\\xfe.txt", "name is not valid UTF-8; rename it to back it up")]
+    assert committed.skipped == [("sub/\\xff.txt", "name is not valid UTF-8 and its shown form is another "
+                                                   "entry's name; rename one")]
+    out = tmp_path / "out"
+    _, _, errors = core_helpers.restore(str(tmp_path / "repo"), out)
+    assert errors == [] and (out / "sub" / "\\xff.txt").read_text() == "literal backslash"
 
 
 def test_hard_links_are_restored_as_links(tmp_path):
@@ -254,7 +260,7 @@ def test_xattrs_on_files_and_folders_round_trip(tmp_path):
         core_restore.restore_range(plan, i)
     core_restore.finish(plan)
     core_restore.cleanup(plan)
-    assert os.listxattr(bare / "doc.txt") == []
+    assert os.listxattr(bare / "doc.txt") == [] and os.listxattr(bare / "dir") == []
 
 
 def test_cli_no_xattrs_and_no_sparse(tmp_path, cli):
@@ -276,3 +282,41 @@ def test_cli_no_xattrs_and_no_sparse(tmp_path, cli):
     assert cli("backup", str(src), str(bare), "--no-xattrs").returncode == 0
     assert cli("restore", str(bare), str(tmp_path / "out2")).returncode == 0
     assert os.listxattr(tmp_path / "out2" / "doc") == []
+
+
+def test_names_that_are_not_utf8_round_trip_byte_exact(tmp_path):
+    bad_dir, bad_file = b"caf\xe9", b"\xff\xfe.txt"        # Latin-1 folder, junk bytes file
+    src = make_tree(tmp_path / "src", {"ok": "fine"})
+    base = os.fsencode(src)
+    os.mkdir(base + b"/" + bad_dir)
+    with open(base + b"/" + bad_dir + b"/" + bad_file, "wb") as f:
+        f.write(b"content under odd names")
+    with open(base + b"/" + bad_dir + b"/plain.txt", "wb") as f:
+        f.write(b"plain name, odd folder")
+    os.symlink(b"caf\xe9/" + bad_file, base + b"/link-\xfa")
+    age_tree(src)
+    repo_url = str(tmp_path / "repo")
+    committed, _, _ = core_helpers.backup(src, repo_url)
+    assert committed.skipped == [] and committed.info.files == 3
+
+    repo = Repository.open(repo_url)
+    rows = {r["path"]: r for r in manifest.read_manifest(repo, resolve(repo, "latest")).to_pylist()}
+    assert rows["caf\\xe9/\\xff\\xfe.txt"]["path_bytes"] == b"caf\xe9/\xff\xfe.txt"      # readable key, exact bytes
+    assert rows["ok"]["path_bytes"] is None
+
+    out = tmp_path / "out"
+    _, _, errors = core_helpers.restore(repo_url, out)
+    assert errors == []
+    obase = os.fsencode(out)
+    assert sorted(os.listdir(obase)) == sorted([b"ok", bad_dir, b"link-\xfa"])
+    with open(obase + b"/" + bad_dir + b"/" + bad_file, "rb") as f:
+        assert f.read() == b"content under odd names"
+    assert os.readlink(obase + b"/link-\xfa") == b"caf\xe9/" + bad_file
+    assert os.stat(obase + b"/" + bad_dir).st_mtime_ns == os.stat(base + b"/" + bad_dir).st_mtime_ns
+    # Unchanged on the next backup, found by its readable name with --include.
+    again, plan, _ = core_helpers.backup(src, repo_url)
+    assert plan["to_read"] == 0 and again.info.unchanged == 3
+    part = tmp_path / "part"
+    # gitignore syntax: the backslash of the shown form is written twice in a pattern.
+    _, _, errors = core_helpers.restore(repo_url, part, includes=["caf\\\\xe9/"])
+    assert errors == [] and sorted(os.listdir(os.fsencode(part) + b"/" + bad_dir)) == sorted([bad_file, b"plain.txt"])

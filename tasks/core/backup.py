@@ -165,7 +165,9 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
     sizes = plan_table["size"].to_numpy(zero_copy_only=False)
     # Each batch's own work list: the rows to read and their paths.
     rows = np.flatnonzero(needs)
-    work = pa.table({"row": pa.array(rows, pa.int64()), "path": plan_table["path"].take(pa.array(rows))})
+    take = pa.array(rows)
+    work = pa.table({"row": pa.array(rows, pa.int64()), "path": plan_table["path"].take(take),
+                     "path_bytes": plan_table["path_bytes"].take(take)})
     work_ranges = scratch_io.cut_ranges(sizes[rows], MAX_BATCH_FILES, MAX_BATCH_BYTES)
     run_id = start.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     scratch = scratch_io.create("backup", run_id, work_dir)
@@ -209,6 +211,8 @@ def store_range(plan: dict, batch_no: int, storage_options=None, source_options=
     """Store the files of batch ``batch_no`` of the plan."""
     work = scratch_io.read_part(plan["scratch"], "batch", batch_no)
     paths = work["path"].to_pylist()
+    if work["path_bytes"].null_count < work.num_rows:     # names that are not UTF-8: open their bytes
+        paths = [manifest.fs_path(p, raw) for p, raw in zip(paths, work["path_bytes"].to_pylist())]
     rows = work["row"].to_pylist()
 
     dry_run = plan["dry_run"]

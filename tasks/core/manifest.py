@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -43,9 +44,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("rdev", pa.int64()),                      # device number of chardev/blockdev entries
         ("hardlink_to", pa.string()),              # a file's first name (by path) when it has several
         ("xattrs", xattrs.TYPE),                   # extended attributes and ACLs (see xattrs.py)
+        ("path_bytes", pa.binary()),               # the raw path when it is not valid UTF-8
     ]
 )
-OPTIONAL_COLUMNS = ("mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to", "xattrs")
+OPTIONAL_COLUMNS = ("mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to", "xattrs", "path_bytes")
 # Entries with no content that restore recreates from their metadata alone.
 SPECIAL_TYPES = ("fifo", "chardev", "blockdev")
 # mtime_ns is int64 nanoseconds: 1677-09-21 to 2262-04-11. Outside that range
@@ -61,6 +63,25 @@ def clamp_ns(ns: int) -> int:
 def readable_bytes(raw: bytes) -> str:
     """A name or link target that is not UTF-8, shown with its bad bytes as \\xNN escapes."""
     return raw.decode("utf-8", "backslashreplace")
+
+
+def shown(name: str) -> str:
+    """``name`` as a user sees it: an OS string holding undecodable bytes
+    (surrogate escapes) becomes its ``readable_bytes`` form."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return readable_bytes(os.fsencode(name))
+
+
+def fs_path(path: str, raw: bytes | None) -> str:
+    """The OS path of a manifest entry: ``path``, or the raw bytes when the name is not UTF-8.
+
+    ``os.fsdecode`` gives a string with surrogate escapes that every ``os``
+    call turns back into exactly those bytes, so callers keep using ``str``.
+    """
+    return path if raw is None else os.fsdecode(raw)
 
 
 @dataclass

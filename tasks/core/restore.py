@@ -57,7 +57,7 @@ MAX_BATCH_FILES = 4096
 MAX_BATCH_BYTES = 256 * 1024 * 1024
 OVERWRITE_MODES = ("never", "if-changed", "always")
 _BATCH_COLUMNS = ["path", "hash", "key", "offset", "length", "mode", "mtime_ns", "mtime_ns_exact", "uid", "gid", "size",
-                  "xattrs"]
+                  "xattrs", "path_bytes"]
 
 
 @dataclass
@@ -107,6 +107,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
 
     tfs, troot = _target_fs(target, target_options)
     fresh = storage.is_local(tfs) and not os.path.lexists(troot)
+    table = _with_link_target_bytes(table)
     files = table.filter(pc.equal(table["type"], "file"))
     dirs = table.filter(pc.equal(table["type"], "dir"))
     links = table.filter(pc.equal(table["type"], "symlink"))
@@ -125,8 +126,9 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     missing = located.filter(missing_mask)
     located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
 
-    folders = _folders(dirs["path"].to_pylist(), files["path"].to_pylist() + links["path"].to_pylist()
-                       + specials["path"].to_pylist() + hard_links["path"].to_pylist())
+    local = storage.is_local(tfs)
+    folders = _folders(_fs_paths(dirs, local), _fs_paths(files, local) + _fs_paths(links, local)
+                       + _fs_paths(specials, local) + _fs_paths(hard_links, local))
     removed = []
     if not dry_run:
         _make_dirs(tfs, troot, folders, target)
@@ -153,6 +155,16 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
         missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
         run_id=run_id, repo_config=asdict(repo.config),
     )
+
+
+def _with_link_target_bytes(table: pa.Table) -> pa.Table:
+    """Add ``hardlink_to_bytes``: the raw path of each hard link's first name (when not UTF-8)."""
+    raw = pa.nulls(table.num_rows, pa.binary())
+    if table["path_bytes"].null_count < table.num_rows and table["hardlink_to"].null_count < table.num_rows:
+        by_path = dict(zip(*table.filter(pc.is_valid(table["path_bytes"])).select(["path", "path_bytes"])
+                           .to_pydict().values()))
+        raw = pa.array([by_path.get(p) for p in table["hardlink_to"].to_pylist()], pa.binary())
+    return table.append_column("hardlink_to_bytes", raw)
 
 
 def _split_hard_links(files: pa.Table, local_target: bool) -> tuple[pa.Table, pa.Table]:
@@ -219,6 +231,15 @@ def _target_fs(target: str, options=None):
         raise
     except Exception as exc:
         raise TargetError(target=target, reason=str(exc)) from None
+
+
+def _fs_paths(table: pa.Table, local: bool) -> list[str]:
+    """The entries' paths as the target's filesystem needs them: a name that
+    is not UTF-8 gets its exact bytes back on a local target (manifest.fs_path)."""
+    paths = table["path"].to_pylist()
+    if not local or table["path_bytes"].null_count == table.num_rows:
+        return paths
+    return [manifest.fs_path(p, raw) for p, raw in zip(paths, table["path_bytes"].to_pylist())]
 
 
 def _folders(dir_paths, entry_paths) -> set[str]:
@@ -389,11 +410,14 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
     if plan["dry_run"] or not storage.is_local(tfs):
         return errors
     rows = other.to_pylist()
+    if not plan.get("xattrs", True):       # --no-xattrs: folders, links and FIFOs get none either
+        for row in rows:
+            row["xattrs"] = None
     token = new_token()
     for n, row in enumerate(rows):
         if row["type"] != "symlink":
             continue
-        dest = os.path.join(troot, row["path"])
+        dest = os.path.join(troot, manifest.fs_path(row["path"], row["path_bytes"]))
         try:
             if os.path.lexists(dest):
                 if plan["overwrite"] == "never":
@@ -413,7 +437,8 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
     for n, row in enumerate(rows):
         if row["type"] != "file":      # a further name of a file written by the batches
             continue
-        dest, first = os.path.join(troot, row["path"]), os.path.join(troot, row["hardlink_to"])
+        dest = os.path.join(troot, manifest.fs_path(row["path"], row["path_bytes"]))
+        first = os.path.join(troot, manifest.fs_path(row["hardlink_to"], row["hardlink_to_bytes"]))
         try:
             if os.path.lexists(dest):
                 if plan["overwrite"] == "never" or os.path.samefile(dest, first):
@@ -426,7 +451,7 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
     for n, row in enumerate(rows):
         if row["type"] not in manifest.SPECIAL_TYPES:
             continue
-        dest = os.path.join(troot, row["path"])
+        dest = os.path.join(troot, manifest.fs_path(row["path"], row["path_bytes"]))
         try:
             if os.path.lexists(dest):
                 if plan["overwrite"] == "never":
@@ -442,7 +467,7 @@ def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
             errors.append((row["path"], f"cannot create {row['type']}: {exc.strerror or exc}"))
     dirs = sorted((r for r in rows if r["type"] == "dir"), key=lambda r: r["path"].count("/"), reverse=True)
     for row in dirs:
-        dest = os.path.join(troot, row["path"])
+        dest = os.path.join(troot, manifest.fs_path(row["path"], row["path_bytes"]))
         try:
             if IS_ROOT and row["uid"] is not None:
                 os.chown(dest, row["uid"], row["gid"])

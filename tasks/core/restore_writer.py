@@ -74,7 +74,8 @@ class TargetWriter:
 
     def dest(self, cols, j) -> str:
         # Manifest paths are relative POSIX paths: plain concatenation is enough.
-        return self._prefix + cols["path"][j]
+        raw = cols["path_bytes"][j] if self.local and "path_bytes" in cols else None
+        return self._prefix + (cols["path"][j] if raw is None else os.fsdecode(raw))
 
     def wants(self, cols, j) -> bool:
         """Decide once whether file ``j`` must be written."""

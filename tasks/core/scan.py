@@ -30,16 +30,17 @@ from dataclasses import dataclass, field
 
 import pathspec
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import storage, xattrs
 from .errors import BadPatternError, SourceNotFoundError
-from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, readable_bytes
+from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, readable_bytes, shown
 
 IGNORE_FILE = ".keepflowignore"
 FLUSH_ROWS = 8192
 
 SCAN_COLUMNS = ["path", "type", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid", "link_target",
-                "mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to", "xattrs"]
+                "mtime_ns_exact", "link_target_bytes", "rdev", "hardlink_to", "xattrs", "path_bytes"]
 
 
 @dataclass
@@ -100,22 +101,23 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
     add_mtime, add_ctime, add_inode = cols["mtime_ns"].append, cols["ctime_ns"].append, cols["inode"].append
     add_mode, add_uid, add_gid, add_link = cols["mode"].append, cols["uid"].append, cols["gid"].append, cols["link_target"].append
     add_mtime_exact, add_link_bytes = cols["mtime_ns_exact"].append, cols["link_target_bytes"].append
-    add_rdev, add_xattrs = cols["rdev"].append, cols["xattrs"].append
+    add_rdev, add_xattrs, add_path_bytes = cols["rdev"].append, cols["xattrs"].append, cols["path_bytes"].append
     read_xattrs = xattrs.read if with_xattrs else None
     S_ISDIR, S_ISREG, S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
     # Files with several names: (device, inode) -> their paths. Only files
     # with st_nlink > 1 enter it, so it stays small on ordinary trees.
     link_groups: dict[tuple[int, int], list[str]] = {}
 
-    # Each stack item: (absolute dir, relative dir, ignorer specs active there)
-    stack: list[tuple[str, str, list]] = [(root, "", [("", root_spec)] if root_spec else [])]
+    # Each stack item: (absolute dir, relative dir, ignorer specs active there,
+    # whether the relative dir holds bytes that are not UTF-8).
+    stack: list[tuple[str, str, list, bool]] = [(root, "", [("", root_spec)] if root_spec else [], False)]
     while stack:
-        abs_dir, rel_dir, specs = stack.pop()
+        abs_dir, rel_dir, specs, raw_dir = stack.pop()
         try:
             with os.scandir(abs_dir) as it:
                 entries = list(it)
         except OSError as exc:
-            skipped.append((rel_dir or ".", f"cannot list folder: {exc.strerror or exc}"))
+            skipped.append((shown(rel_dir) or ".", f"cannot list folder: {exc.strerror or exc}"))
             continue
         names = {e.name for e in entries}
         if IGNORE_FILE in names:
@@ -124,15 +126,17 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
         for entry in entries:
             name = entry.name
             rel = f"{rel_dir}/{name}" if rel_dir else name
-            if not name.isascii() and not _utf8(name):
-                # Manifests store names as UTF-8 text (readable by any Parquet tool).
-                # Reported with its bad bytes as \xNN escapes, so it can be found.
-                skipped.append((readable_bytes(os.fsencode(rel)), "name is not valid UTF-8; rename it to back it up"))
-                continue
+            # `path` is UTF-8 text (readable by any Parquet tool); a name that
+            # is not keeps its exact bytes in path_bytes, and `path` shows it
+            # with \xNN escapes (the key that diffs, --include and ls use).
+            raw = None
+            if raw_dir or (not name.isascii() and not _utf8(name)):
+                raw = os.fsencode(rel)
+            shown_rel = rel if raw is None else readable_bytes(raw)
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError as exc:
-                skipped.append((rel, f"cannot stat: {exc.strerror or exc}"))
+                skipped.append((shown_rel, f"cannot stat: {exc.strerror or exc}"))
                 continue
             mode = st.st_mode
             if S_ISDIR(mode):
@@ -150,7 +154,7 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
             else:
                 # A socket belongs to a running program and cannot be recreated: reported, never silent.
                 if ignorer is None or not ignorer.ignored(rel, False):
-                    skipped.append((rel, "a socket is not backed up (it belongs to a running program)"))
+                    skipped.append((shown_rel, "a socket is not backed up (it belongs to a running program)"))
                 continue
             if ignorer is not None and ignorer.ignored(rel, kind == "dir"):
                 continue
@@ -161,13 +165,14 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
                 try:
                     link = os.readlink(entry.path)
                 except OSError as exc:
-                    skipped.append((rel, f"cannot read link: {exc.strerror or exc}"))
+                    skipped.append((shown_rel, f"cannot read link: {exc.strerror or exc}"))
                     continue
                 if not link.isascii() and not _utf8(link):
                     # Kept byte-exact for restore; the string column shows it readably.
                     link_bytes = os.fsencode(link)
                     link = readable_bytes(link_bytes)
-            add_path(rel)
+            add_path(shown_rel)
+            add_path_bytes(raw)
             add_type(kind)
             add_size(st.st_size if kind == "file" else 0)
             mtime = st.st_mtime_ns
@@ -184,10 +189,10 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
                 try:
                     attrs = read_xattrs(entry.path)
                 except OSError as exc:   # the entry is kept; only its attributes are lost
-                    skipped.append((rel, f"extended attributes not kept: {exc.strerror or exc}"))
+                    skipped.append((shown_rel, f"extended attributes not kept: {exc.strerror or exc}"))
             add_xattrs(attrs)
             if kind == "file" and st.st_nlink > 1:
-                link_groups.setdefault((st.st_dev, st.st_ino), []).append(rel)
+                link_groups.setdefault((st.st_dev, st.st_ino), []).append(shown_rel)
             add_ctime(clamp_ns(st.st_ctime_ns))
             add_inode(st.st_ino)
             add_mode(mode)
@@ -195,7 +200,7 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
             add_gid(st.st_gid)
             add_link(link)
             if kind == "dir":
-                stack.append((entry.path, rel, specs))
+                stack.append((entry.path, rel, specs, raw is not None))
         if len(cols["path"]) >= FLUSH_ROWS:
             # Bound memory: Python lists cost ~1 KB per entry, Arrow ~70 bytes.
             batches.append(_to_table(cols, sort=False))
@@ -204,7 +209,27 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
     batches.append(_to_table(cols, sort=False))
     table = pa.concat_tables(batches)
     table = table.sort_by("path") if table.num_rows else table
+    table = _unique_shown_paths(table, skipped)
     return ScanResult(_with_hard_links(table, link_groups), skipped)
+
+
+def _unique_shown_paths(table: pa.Table, skipped: list) -> pa.Table:
+    """Leave out a non-UTF-8 name whose shown form is also another entry's path.
+
+    ``path`` is the key of every diff and restore; a real name spelled with
+    literal ``\\xNN`` text next to a name with those raw bytes would share it.
+    Unlikely, but a shared key could pair the wrong files, so such a name is
+    reported instead (rename one of the two).
+    """
+    raw = table["path_bytes"]
+    if raw.null_count == table.num_rows or pc.count_distinct(table["path"]).as_py() == table.num_rows:
+        return table
+    counts = table.group_by("path").aggregate([("path", "count")])
+    shared = counts.filter(pc.greater(counts["path_count"], 1))["path"]
+    clash = pc.and_(pc.is_valid(raw), pc.is_in(table["path"], value_set=shared))
+    for path in table.filter(clash)["path"].to_pylist():
+        skipped.append((path, "name is not valid UTF-8 and its shown form is another entry's name; rename one"))
+    return table.filter(pc.invert(clash))
 
 
 def _with_hard_links(table: pa.Table, groups: dict[tuple[int, int], list[str]]) -> pa.Table:
@@ -237,7 +262,7 @@ def _read_ignore_file(path: str, rel_dir: str, skipped) -> list:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as exc:
-        skipped.append((path, f"cannot read ignore file: {exc}"))
+        skipped.append((shown(path), f"cannot read ignore file: {exc.strerror or exc}"))
         return []
     spec = compile_patterns(lines, origin=path)
     return [(rel_dir, spec)] if spec else []
@@ -260,6 +285,7 @@ def _to_table(cols: dict, sort: bool = True) -> pa.Table:
         "rdev": _sparse(cols, "rdev", int),
         "hardlink_to": pa.nulls(len(cols["path"]), pa.string()),    # filled after sorting
         "xattrs": _sparse(cols, "xattrs", list),
+        "path_bytes": _sparse(cols, "path_bytes", bytes),
     }
     table = pa.table(arrays)
     return table.sort_by("path") if sort and table.num_rows else table
@@ -308,6 +334,7 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
         cols["rdev"].append(None)
         cols["hardlink_to"].append(None)
         cols["xattrs"].append(None)
+        cols["path_bytes"].append(None)
     return ScanResult(_to_table(cols), [])
 
 

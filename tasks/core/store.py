@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from . import progress, storage
 from .errors import RepositoryWriteError
-from .manifest import clamp_ns
+from .manifest import clamp_ns, shown
 from .pack import PACK_MAGIC, encode_trailer  # noqa: F401 (PACK_MAGIC: importable from here too)
 
 INDEX_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()),
@@ -145,16 +145,16 @@ def _store_files(repo, source_fs, source_root, paths, rows, known, packer, resul
         except RepositoryWriteError:
             raise
         except FileNotFoundError:
-            result.skipped.append((rel, "vanished before it could be read"))
+            result.skipped.append((shown(rel), "vanished before it could be read"))
             continue
         except ChangedWhileReading:
-            result.skipped.append((rel, "changed while it was read"))
+            result.skipped.append((shown(rel), "changed while it was read"))
             continue
         except IsADirectoryError:
-            result.skipped.append((rel, "became a folder while it was read"))
+            result.skipped.append((shown(rel), "became a folder while it was read"))
             continue
         except OSError as exc:
-            result.skipped.append((rel, f"cannot read: {exc.strerror or exc}"))
+            result.skipped.append((shown(rel), f"cannot read: {exc.strerror or exc}"))
             continue
         progress.advance("store", 1, size)
         result.rows.append(row)
