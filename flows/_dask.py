@@ -39,11 +39,13 @@ import contextlib
 import ipaddress
 import os
 import socket
+import threading
 from urllib.parse import urlsplit
 
 from tasks.core.errors import UsageError
 
 DASK_ENV = "KEEPFLOW_DASK_ADDRESS"
+PRELOAD = ("tasks.backup", "tasks.restore", "tasks.verify")
 
 
 def choose(dask_address: str | None, workers: int | None) -> tuple[str | None, int | None]:
@@ -133,18 +135,47 @@ def task_runner(dask_address: str | None, workers: int | None):
         # taken: any free loopback port instead.
         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         # Workers we spawn talk to the API this process uses (see the module docstring).
-        env={"PREFECT_API_URL": api_url() or _temporary_api_url()}))
+        env={"PREFECT_API_URL": api_url() or _temporary_api_url()},
+        # Each worker imports Prefect and keepflow as it starts (~3.4 s measured,
+        # once per run for a local cluster), while the flow is still planning.
+        preload=list(PRELOAD)))
 
 
 class Batches:
-    """Submits a flow's batch tasks to its task runner and cleans up after them on every worker."""
+    """Submits a flow's batch tasks to its task runner and cleans up after them on every worker.
+
+    With a Dask runner, connecting (and, for ``--workers``, starting the local
+    cluster and its workers' imports) begins at once in a thread, so it
+    overlaps the plan instead of following it: measured on 50,000 small files,
+    the first batch otherwise started 3.5 s after the plan ended.
+    """
 
     def __init__(self, runner=None, dask=None):
         self._runner = runner      # a runner the flow entered itself (deployments), else None
         self._dask = dask          # the DaskTaskRunner in use, if any
         self.submitted = 0
+        self._warm_error: BaseException | None = None
+        self._warming: threading.Thread | None = None
+        if dask is not None:
+            self._warming = threading.Thread(target=self._warm, name="keepflow-dask-connect", daemon=True)
+            self._warming.start()
+
+    def _warm(self) -> None:
+        try:
+            self._dask.client          # the property connects (and starts a local cluster)
+        except BaseException as exc:   # raised where the batches are submitted
+            self._warm_error = exc
+
+    def wait_ready(self) -> None:
+        """Let the connecting thread finish; the runner must never be used (or closed) while it runs."""
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
 
     def submit(self, task, **parameters):
+        self.wait_ready()
+        if self._warm_error is not None:
+            raise self._warm_error
         self.submitted += 1
         if self._runner is None:
             return task.submit(**parameters)
@@ -173,14 +204,22 @@ def batches(dask_address: str | None, workers: int | None, *, work_dir: str | No
     ctx = FlowRunContext.get()
     current = ctx.task_runner if ctx else None
     if _is_dask(current):                          # the command line passed it (with_options)
-        yield Batches(dask=current)
+        batches = Batches(dask=current)
+        try:
+            yield batches
+        finally:
+            batches.wait_ready()                   # before the engine closes the runner
         return
     if not dask_address and workers is None:
         yield Batches()
         return
     check(dask_address, workers, work_dir=work_dir, uses_work_dir=uses_work_dir, api_url=api_url())
     with task_runner(dask_address, workers) as runner:
-        yield Batches(runner=runner, dask=runner)
+        batches = Batches(runner=runner, dask=runner)
+        try:
+            yield batches
+        finally:
+            batches.wait_ready()
 
 
 def _is_dask(runner) -> bool:
