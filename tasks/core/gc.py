@@ -259,7 +259,7 @@ def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
     return result
 
 
-TEMP_FOLDERS = ("packs", "objects", "index", "snapshots", "tmp", "trash")
+TEMP_FOLDERS = ("packs", "objects", "index", "snapshots", "tmp", "trash", "locks")   # locks: a refresh cut short
 
 
 def remove_stale_temporaries(repo, older_than_hours: float, dry_run: bool = False) -> int:

@@ -18,8 +18,29 @@ processes starting at the same moment always see each other):
   started before could rely on blobs being deleted, one that starts during
   could load an index that still lists them.
 
-Leases on object stores are best effort (no atomic compare-and-swap): the
-grace period of two-phase garbage collection is the second line of defence.
+Writes. Our lease file is created create-only (``storage.write_once``: a
+link on local disk, a rename that never replaces on SFTP, a conditional PUT
+on S3 and Azure) and refreshed by an atomic replace
+(``storage.replace_atomically``), so a reader sees a whole lease or none,
+never a truncated one it would skip as "not a lease".
+
+Exclusion comes from the order, write then list, not from the name: of two
+runs starting at the same moment the one that lists last sees the other; at
+worst both see each other and both back off (exit 11, or another try with
+``--retry-lock``). That holds wherever a listing after a write shows it:
+local disk, SFTP, AWS S3 (consistent listings since December 2020), Azure
+Blob, SeaweedFS. Conditional create adds nothing here, since every lease has
+its own name. A fixed name per source and host
+(``locks/backup-<hash>.json``) claimed create-only would let exactly one of
+two racers win instead of both backing off, but it does not fit the rules:
+a lease whose holder died would then block the name until someone deleted
+or replaced it, and taking it over safely needs a compare-and-swap on its
+ETag (``If-Match``), which s3fs and adlfs do not expose and many S3 servers
+lack: without it two runs taking over the same stale lease can each remove
+the other's fresh claim and both run; the holder's refreshes would need the
+same guard; and prune must see every backup, so the listing stays anyway.
+Where a server's listings lag behind its writes, the grace period of
+two-phase garbage collection is the second line of defence.
 """
 
 from __future__ import annotations
@@ -122,14 +143,19 @@ class Holder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _write(self) -> None:
+    def _write(self, first: bool = False) -> None:
         data = asdict(self.lease)
         data.pop("key")
+        body = json.dumps(data).encode()
         self.repo.fs.makedirs(self.repo.path("locks"), exist_ok=True)
-        self.repo.fs.pipe_file(self.path, json.dumps(data).encode())
+        if not first:
+            storage.replace_atomically(self.repo.fs, self.path, body)
+        elif not storage.write_once(self.repo.fs, self.path, body):
+            # A random 128-bit name that exists: never replace someone's lease.
+            raise FileExistsError(f"lease {self.path} exists already")
 
     def acquire(self) -> "Holder":
-        self._write()
+        self._write(first=True)
         try:
             clash = conflicts(self.lease, list_leases(self.repo))
         except BaseException:
