@@ -313,3 +313,42 @@ def test_a_refreshing_lease_is_never_invisible(lease_repo):
         held.release()
     assert reads > 20 and missed == 0, (reads, missed)
     assert storage.list_files(lease_repo.fs, lease_repo.path("locks")) == []      # no temporaries either
+
+
+# -- large blobs uploaded whole (store.py) ---------------------------------------
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_large_blob_upload_meets_another_writer(objstore, changed):
+    """Another writer stores the same blob while our upload is in flight. Ours is
+    refused at completion (or abandoned, when our source changed meanwhile), and
+    the other writer's object is never removed."""
+    import blake3
+
+    from tasks.core import store
+    from tasks.core.repository import Repository
+
+    repo = Repository.open(objstore.unique_url("large"), objstore.storage_options, create=True)
+    content = os.urandom(12 * MiB)
+    blob_hash = blake3.blake3(content).hexdigest()
+    final = repo.path(repo.object_key(blob_hash))
+    ours = content if not changed else content[:-1] + bytes([content[-1] ^ 1])
+    started, release = threading.Event(), threading.Event()
+    outcome = {}
+
+    def upload():
+        try:
+            store._upload_verified(repo, _HeldStream(ours, started, release), blob_hash, len(ours))
+            outcome["result"] = "stored or refused"
+        except store.ChangedWhileReading:
+            outcome["result"] = "changed"
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    try:
+        assert started.wait(30)
+        assert storage.write_once(repo.fs, final, content) is True      # the other writer
+    finally:
+        release.set()
+        thread.join(60)
+    assert outcome == {"result": "changed" if changed else "stored or refused"}
+    assert repo.fs.cat_file(final) == content

@@ -536,26 +536,29 @@ def _stream_object_once(fs, path: str, fileobj, chunk: int) -> bool:
         while block := fileobj.read(chunk):
             out.write(block)
     except BaseException:
-        _discard(out)
+        discard_upload(out)
         raise
     try:
         out.close()
     except Exception as exc:
-        _discard(out)
+        discard_upload(out)
         if strong and is_exists_error(exc):
             return False
         raise
     return True
 
 
-def _discard(out) -> None:
+def discard_upload(out) -> None:
     """Abandon an upload that must not complete (s3fs aborts its multipart upload)."""
     try:
         if hasattr(out, "discard"):
             out.discard()
     except Exception:
         pass
-    out.closed = True     # never commit it later (close() or the garbage collector)
+    try:
+        out.closed = True     # never commit it later (close() or the garbage collector)
+    except AttributeError:
+        pass
 
 
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}

@@ -291,36 +291,41 @@ def _upload_verified(repo, fileobj, blob_hash: str, size: int, source_changed=No
     """Upload ``fileobj`` as the object ``blob_hash``, hashing it again while sending.
 
     Object stores publish a (multipart) upload atomically when it completes,
-    so the final name is written directly; other filesystems get a temporary
-    name and a rename. A content mismatch (the source changed since it was
-    hashed) removes the upload and skips the file.
+    so the final name is written directly, create-only where the provider
+    has it (``storage.create_only``): a refusal means another writer stored
+    the same blob first. Other filesystems get a temporary name and a
+    rename. A content mismatch (the source changed since it was hashed)
+    abandons the upload and skips the file; under the final name nothing of
+    ours was published, and whatever is there belongs to another writer.
     """
     fs = repo.fs
     final = repo.path(repo.object_key(blob_hash))
+    direct = storage.is_object_store(fs)
     try:
         if fs.exists(final):
             return
-        direct = storage.is_object_store(fs)
         target = final if direct else storage.tmp_name(final)
         hasher = blake3.blake3()
-        with fs.open(target, "wb") as out:
+        with fs.open(target, "xb" if direct and storage.create_only(fs, final) else "wb") as out:
             while chunk := fileobj.read(CHUNK):
                 hasher.update(chunk)
                 out.write(chunk)
             if hasher.hexdigest() != blob_hash or (source_changed and source_changed()):
                 # Abandon the upload: for object stores, discard before it completes.
-                if hasattr(out, "discard"):
-                    out.discard()
+                if direct:
+                    storage.discard_upload(out)
                 mismatch = True
             else:
                 mismatch = False
     except ChangedWhileReading:
         raise
     except Exception as exc:
+        if direct and storage.is_exists_error(exc):
+            return
         raise storage.write_failure(f"cannot upload {repo.object_key(blob_hash)} to {repo.url}: {exc}", exc) from exc
     if mismatch:
         try:
-            if fs.exists(target):
+            if not direct and fs.exists(target):
                 fs.rm_file(target)
         except Exception:
             pass
