@@ -352,3 +352,22 @@ def test_large_blob_upload_meets_another_writer(objstore, changed):
         thread.join(60)
     assert outcome == {"result": "changed" if changed else "stored or refused"}
     assert repo.fs.cat_file(final) == content
+
+
+@pytest.mark.parametrize("kind", ["sftp", "s3", "azure"])
+def test_racing_uploads_of_one_large_blob_all_succeed(kind, request):
+    """Two batches that hash the same large content at the same moment both upload
+    it; the one refused (rename without replace, If-None-Match) must not fail."""
+    import blake3
+
+    from tasks.core import store
+    from tasks.core.repository import Repository
+
+    server = request.getfixturevalue({"sftp": "sftp_server", "s3": "s3_server", "azure": "azure_server"}[kind])
+    repo = Repository.open(server.unique_url("large"), server.storage_options, create=True)
+    content = os.urandom(6 * MiB)
+    blob_hash = blake3.blake3(content).hexdigest()
+    results = _race(lambda i: store._upload_verified(repo, _NoShortcut(content), blob_hash, len(content)), 3)
+    assert results == [None, None, None], results
+    assert repo.fs.cat_file(repo.path(repo.object_key(blob_hash))) == content
+    assert [k for k in storage.list_files(repo.fs, repo.path("objects")) if ".tmp-" in k["name"]] == []

@@ -197,6 +197,45 @@ def test_cli_with_credentials_from_environment_only(remote, tmp_path, cli_env):
     assert treeinfo.describe(str(src)) == treeinfo.describe(str(tmp_path / "out"))
 
 
+# -- write-once --------------------------------------------------------------------
+
+def test_write_once_never_replaces_and_racers_have_one_winner(provider):
+    """Sequential and racing writes of one name. Every provider but memory refuses
+    a taken name in the write itself (link, rename without replace, If-None-Match),
+    so of 4 racing threads exactly one wins (tests/test_conditional_create.py
+    races harder, and from two processes)."""
+    import io
+    import threading
+
+    from tasks.core import storage
+
+    repo = Repository.open(provider.unique_url(), provider.storage_options, create=True)
+    path = repo.path("objects", "ab", "write-once")
+    assert storage.write_once(repo.fs, path, b"first") is True
+    assert storage.write_once(repo.fs, path, b"second") is False
+    stream = repo.path("objects", "ab", "stream-once")
+    assert storage.write_stream_once(repo.fs, stream, io.BytesIO(b"a" * 3000), chunk=1000) is True
+    assert storage.write_stream_once(repo.fs, stream, io.BytesIO(b"b" * 3000), chunk=1000) is False
+    assert repo.fs.cat_file(path) == b"first" and repo.fs.cat_file(stream) == b"a" * 3000
+    if provider.name == "memory":
+        return      # check-then-write: racers can both win (README, Providers)
+    raced = repo.path("objects", "ab", "raced")
+    barrier, results = threading.Barrier(4), [None] * 4
+
+    def write(i):
+        barrier.wait()
+        results[i] = storage.write_once(repo.fs, raced, b"writer %d" % i)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1 and results.count(False) == 3, results
+    assert repo.fs.cat_file(raced) == b"writer %d" % results.index(True)
+    assert [k for k in storage.list_files(repo.fs, repo.path("objects")) if ".tmp-" in k["name"]] == []
+
+
 # -- request cost on S3 ----------------------------------------------------------
 
 def _delta(after, before):

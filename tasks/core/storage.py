@@ -142,9 +142,23 @@ def _sftp_filesystem_class():
             return super()._open(path, mode, *args, **kwargs)
 
         async def _rename_noreplace(self, src, dst):
-            """SFTP v3 rename: the server refuses to replace an existing name."""
+            """SFTP v3 rename: the server refuses to replace an existing name.
+
+            OpenSSH refuses with a bare SSH_FX_FAILURE, which sshfs leaves as an
+            asyncssh error: make it an OSError, so callers can check whether the
+            name is now taken (a racing writer won) and say False.
+            """
+            from asyncssh.sftp import SFTPError, SFTPNoSuchFile, SFTPPermissionDenied
+
             async with self._pool.get() as channel:
-                await channel.rename(src, dst)
+                try:
+                    await channel.rename(src, dst)
+                except SFTPNoSuchFile as exc:
+                    raise FileNotFoundError(errno.ENOENT, f"{src}: {exc.reason}") from exc
+                except SFTPPermissionDenied as exc:
+                    raise PermissionError(errno.EACCES, f"{dst}: {exc.reason}") from exc
+                except SFTPError as exc:
+                    raise OSError(errno.EIO, f"cannot rename {src} to {dst}: {exc.reason}") from exc
 
         rename_noreplace = sync_wrapper(_rename_noreplace)
 

@@ -337,7 +337,25 @@ def _upload_verified(repo, fileobj, blob_hash: str, size: int, source_changed=No
             else:
                 fs.mv(target, final)
         except Exception as exc:
+            # Refused because another writer published the same blob first: theirs stays.
+            if hasattr(fs, "rename_noreplace") and _exists_quietly(fs, final):
+                _remove_quietly(fs, target)
+                return
             raise storage.write_failure(f"cannot publish {final}: {exc}", exc) from exc
+
+
+def _exists_quietly(fs, path: str) -> bool:
+    try:
+        return fs.exists(path)
+    except Exception:
+        return False
+
+
+def _remove_quietly(fs, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except Exception:
+        pass     # a .tmp- name: gc removes it
 
 
 def _changed(fd: int, st: os.stat_result) -> bool:
