@@ -348,6 +348,16 @@ def test_cli_workers_2_backs_up_restores_and_verifies_a_local_tree(tmp_path, cli
     assert diffs == [], format_differences(diffs)
     cli("verify", tmp_path / "repo", "--read-data", "100%", "--workers", "2", check=True)
 
+    # A deployment's way: the flow parameter alone; the flow starts the local cluster itself.
+    from flows.backup import backup
+
+    (src / "d00" / "f00000.txt").write_text("changed\n")
+    state = backup(str(src), str(tmp_path / "repo"), workers=2, return_state=True)
+    assert state.is_completed(), state
+    again = state.result()
+    assert again["files_changed"] == 1 and again["batches"] == 1
+    assert list(again["ran_on"]) != [f"{socket.gethostname()}:{os.getpid()}"]     # not this process
+
 
 def test_cluster_set_ups_that_cannot_work_are_one_line_usage_errors(tmp_path, cli_env):
     src = make_tree(tmp_path / "src", {"a.txt": "a"})
