@@ -181,6 +181,15 @@ class Batches:
             return task.submit(**parameters)
         return self._runner.submit(task, parameters=parameters)
 
+    @staticmethod
+    def settle(futures) -> None:
+        """Wait until every submitted batch has ended (success or not); nothing is raised."""
+        for future in futures:
+            try:
+                future.wait()
+            except Exception:
+                pass
+
     def forget_run(self, repo_url: str, run_id: str) -> None:
         """Drop the run's known-blob set in this process and, on a cluster, in every worker."""
         from tasks.core import index

@@ -55,7 +55,7 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
         remove_dead_repo_temporaries(repo, storage_options)   # large-file copies of killed runs (liveness.py)
         holder = None if dry_run else backup_lease(repo, normalise_source(source), storage_options,
                                                    wait=wait_for_lease)
-        plan = None
+        plan, futures = None, []
         try:
             plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
                                storage_options, source_options, work_dir, xattrs)
@@ -68,6 +68,7 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
         finally:
             # Whatever happened: release the lease, remove the run folder, and
             # drop the run's known-blob set here and on every worker.
+            batches.settle(futures)      # no batch may still run when the lease and run folder go
             if holder is not None:
                 holder.release()
             if plan is not None:
