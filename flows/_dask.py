@@ -128,6 +128,8 @@ def task_runner(dask_address: str | None, workers: int | None):
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
+    # Note: prefect-dask uses the process's default distributed client, if
+    # one exists, instead of starting this cluster (never the case in the CLI).
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=dict(
         n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
         # No dashboard, but the scheduler still serves HTTP (health, metrics), by

@@ -109,7 +109,10 @@ class Cluster:
         import distributed
 
         if self._client is None:
-            self._client = distributed.Client(self.address, timeout=60)
+            # Not the process's default client: prefect-dask's DaskTaskRunner
+            # connects to a default client's cluster instead of starting its own
+            # (the --workers test below would land on these workers).
+            self._client = distributed.Client(self.address, timeout=60, set_as_default=False)
         return self._client
 
     def idents(self) -> dict[str, str]:
@@ -292,7 +295,7 @@ def test_a_worker_killed_mid_run_is_survived(cluster, s3_server, s3_config, smal
     def kill_a_busy_worker_after_the_first_batches():
         import distributed
 
-        with distributed.Client(cluster.address, timeout=60) as watcher:
+        with distributed.Client(cluster.address, timeout=60, set_as_default=False) as watcher:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and "killed" not in seen:
                 states = watcher.run_on_scheduler(
