@@ -167,3 +167,30 @@ def test_memory_work_dir_holds_the_whole_run_state(tmp_path):
     plan_r, _, errors = core_helpers.restore(tmp_path / "repo", tmp_path / "out", work_dir=work)
     assert errors == [] and not scratch.exists(plan_r["scratch"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["d0", "d1", "d2"]
+
+
+def test_a_killed_runs_folder_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """A run killed with SIGKILL never reaches its finally; the next run in the same work dir cleans up (issue 11)."""
+    import signal
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from tasks.core import scratch\n"
+        f"print(scratch.create('backup', '20261201T000000Z-0123abcd', {str(work)!r}), flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    dead = child.stdout.readline().strip()
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert os.path.isdir(dead)
+    foreign = work / "keepflow-backup-not-ours"          # not a run folder name: never touched
+    foreign.mkdir()
+    mine = scratch.create("restore", "20261201T000001Z-4567cdef", str(work))
+    assert not os.path.exists(dead) and os.path.isdir(mine) and foreign.is_dir()
+    again = scratch.create("backup", "20261201T000002Z-89abcdef", str(work))
+    assert os.path.isdir(mine) and os.path.isdir(again)      # a live run's folder stays
+    scratch.remove(mine)
+    scratch.remove(again)

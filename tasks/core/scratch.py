@@ -5,7 +5,7 @@ run in other threads, other processes or on other machines (a Dask cluster).
 Task parameters stay small (Prefect records them), so everything bigger
 lives here, in one folder per run at a URL:
 
-    <work dir>/keepflow-<kind>-<run id>/
+    <work dir>/keepflow-<kind>-<run id>-<host>-<pid>-<start>-<boot>/
         plan.parquet            backup: the diffed scan (restore: other.parquet,
                                 the folders, symlinks and special files)
         batch-<NNNNN>.parquet   one work list per batch, written by the plan
@@ -25,7 +25,8 @@ The work dir is ``--work-dir`` / the flow's ``work_dir``, else
 today's speed for the single-machine case. Local run folders are created
 0700, because the plan names every path of the source. The flows remove the
 folder in a ``finally``, whether the run committed or failed; a run killed
-with SIGKILL leaves it behind (in the temporary folder by default).
+with SIGKILL leaves it behind, and the next run that makes a run folder in
+the same local work dir removes it (the name says which process made it).
 
 Local files are written uncompressed: for a plan of 1M files, zstd took
 0.43 s against 0.27 s (63 MiB on disk instead of 7; reading costs the
@@ -39,13 +40,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from . import liveness, storage
 
 WORK_DIR_ENV = "KEEPFLOW_WORK_DIR"
 # Work lists are written by a few threads when the folder is remote: each is
@@ -63,14 +66,23 @@ def is_default_work_dir(explicit: str | None = None) -> bool:
     return not (explicit or os.environ.get(WORK_DIR_ENV))
 
 
+_RUN_FOLDER = re.compile(rf"^keepflow-(backup|restore)-\d{{8}}T\d{{6}}Z-[0-9a-f]{{8}}-({liveness.TAG_PATTERN.pattern})$")
+
+
 def create(kind: str, run_id: str, work_dir_url: str | None = None) -> str:
-    """Make the run folder for run ``run_id`` and return its URL (a path for local disk)."""
+    """Make the run folder for run ``run_id`` and return its URL (a path for local disk).
+
+    The name ends with the writer's process tag (liveness.py), so a run killed
+    with SIGKILL, which never reaches its ``finally``, leaves a folder that
+    the next run in the same local work dir recognises and removes.
+    """
     base = work_dir(work_dir_url)
     fs, root = storage.open_url(base)
-    name = f"keepflow-{kind}-{run_id}"
+    name = f"keepflow-{kind}-{run_id}-{liveness.this_process().tag()}"
     try:
         if storage.is_local(fs):
             os.makedirs(root, exist_ok=True)
+            remove_dead_run_folders(root)
             folder = os.path.join(root, name)
             os.mkdir(folder, 0o700)      # private: the plan names every path of the source
             return folder
@@ -82,6 +94,25 @@ def create(kind: str, run_id: str, work_dir_url: str | None = None) -> str:
             raise
         raise storage.describe_error(base, exc) from None
     return base.rstrip("/") + "/" + name
+
+
+def remove_dead_run_folders(root: str) -> int:
+    """Remove the run folders in the local folder ``root`` whose run ran on this
+    host and whose process is gone; returns how many. Never raises."""
+    removed = 0
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return 0
+    for entry in entries:
+        m = _RUN_FOLDER.match(entry.name)
+        if not m or not entry.is_dir(follow_symlinks=False):
+            continue
+        writer = liveness.parse_tag(m.group(2))
+        if writer is not None and liveness.gone(writer):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += not os.path.exists(entry.path)
+    return removed
 
 
 def _file(folder: str, name: str):
