@@ -12,7 +12,7 @@ import pytest
 from tasks.core import index as indexmod
 from tasks.core import manifest, snapshots, treeinfo
 from tasks.core.repository import Repository
-from tasks.core.store import PACK_MAGIC
+from tasks.core.pack import PACK_MAGIC
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import stat
 import uuid
 from dataclasses import asdict, dataclass, field
 
@@ -42,13 +41,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import index as indexmod
-from . import manifest, progress, restore_special, snapshots, storage, xattrs
+from . import manifest, progress, restore_entries, snapshots, storage
 from . import scratch as scratch_io
 from .blob_sources import BlobSources
 from .errors import TargetError, UsageError
 from .repository import Repository
-from .restore_writer import (IS_ROOT, RestoreBatchResult, TargetWriter, apply_link_meta, exact_mtime, link_target,
-                             new_token, remove_stale_temporaries, temp_name)
+from .restore_writer import RestoreBatchResult, TargetWriter, remove_stale_temporaries
 from .scan import compile_patterns
 
 COALESCE_GAP = 1024 * 1024
@@ -403,82 +401,14 @@ def _restore_large(sources, cols, i, by_hash, writer):
 
 
 def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
-    """Create symlinks, hard links, FIFOs and devices, then apply folder metadata; returns errors."""
-    errors: list[tuple[str, str]] = []
+    """Create symlinks, hard links, FIFOs and devices, then apply folder metadata
+    (restore_entries.py); returns errors."""
     other = scratch_io.read(plan["scratch"], "other")
     tfs, troot = _target_fs(plan["target"], target_options)
     if plan["dry_run"] or not storage.is_local(tfs):
-        return errors
-    rows = other.to_pylist()
-    if not plan.get("xattrs", True):       # --no-xattrs: folders, links and FIFOs get none either
-        for row in rows:
-            row["xattrs"] = None
-    token = new_token()
-    for n, row in enumerate(rows):
-        if row["type"] != "symlink":
-            continue
-        dest = os.path.join(troot, manifest.fs_path(row["path"], row["path_bytes"]))
-        try:
-            if os.path.lexists(dest):
-                if plan["overwrite"] == "never":
-                    continue
-                target = link_target(row)
-                if os.path.islink(dest) and os.readlink(os.fsencode(dest) if isinstance(target, bytes) else dest) == target:
-                    apply_link_meta(dest, row)
-                    continue
-                if os.path.isdir(dest) and not os.path.islink(dest):
-                    raise IsADirectoryError(21, "a folder is in the way", dest)
-            tmp = temp_name(os.path.dirname(dest), token, n)
-            os.symlink(link_target(row), tmp)
-            os.replace(tmp, dest)
-            apply_link_meta(dest, row)
-        except OSError as exc:
-            errors.append((row["path"], f"cannot create symlink: {exc.strerror or exc}"))
-    for n, row in enumerate(rows):
-        if row["type"] != "file":      # a further name of a file written by the batches
-            continue
-        dest = os.path.join(troot, manifest.fs_path(row["path"], row["path_bytes"]))
-        first = os.path.join(troot, manifest.fs_path(row["hardlink_to"], row["hardlink_to_bytes"]))
-        try:
-            if os.path.lexists(dest):
-                if plan["overwrite"] == "never" or os.path.samefile(dest, first):
-                    continue
-            tmp = temp_name(os.path.dirname(dest), token, 2 * len(rows) + n)
-            os.link(first, tmp)
-            os.replace(tmp, dest)
-        except OSError as exc:
-            errors.append((row["path"], f"cannot link to {row['hardlink_to']}: {exc.strerror or exc}"))
-    for n, row in enumerate(rows):
-        if row["type"] not in manifest.SPECIAL_TYPES:
-            continue
-        dest = os.path.join(troot, manifest.fs_path(row["path"], row["path_bytes"]))
-        try:
-            if os.path.lexists(dest):
-                if plan["overwrite"] == "never":
-                    continue
-                if os.path.isdir(dest) and not os.path.islink(dest):
-                    raise IsADirectoryError(21, "a folder is in the way", dest)
-            if not os.path.lexists(dest) or not restore_special.matches(dest, row):
-                tmp = temp_name(os.path.dirname(dest), token, len(rows) + n)
-                restore_special.create(tmp, row)
-                os.replace(tmp, dest)
-            restore_special.apply_meta(dest, row)
-        except OSError as exc:
-            errors.append((row["path"], f"cannot create {row['type']}: {exc.strerror or exc}"))
-    dirs = sorted((r for r in rows if r["type"] == "dir"), key=lambda r: r["path"].count("/"), reverse=True)
-    for row in dirs:
-        dest = os.path.join(troot, manifest.fs_path(row["path"], row["path_bytes"]))
-        try:
-            if IS_ROOT and row["uid"] is not None:
-                os.chown(dest, row["uid"], row["gid"])
-            os.chmod(dest, stat.S_IMODE(row["mode"]))
-            for failure in xattrs.apply(dest, row["xattrs"]):
-                errors.append((row["path"], failure))
-            mtime = exact_mtime(row["mtime_ns"], row["mtime_ns_exact"])
-            os.utime(dest, ns=(mtime, mtime))
-        except OSError as exc:
-            errors.append((row["path"], f"cannot set folder metadata: {exc.strerror or exc}"))
-    return errors
+        return []
+    placer = restore_entries.EntryPlacer(troot, plan["overwrite"], with_xattrs=plan.get("xattrs", True))
+    return placer.place_all(other.to_pylist())
 
 
 def cleanup(plan: dict) -> bool:

@@ -391,12 +391,6 @@ def exact_mtime(mtime_ns: int, exact) -> int:
     return mtime_ns if exact is None else int(exact)
 
 
-def link_target(row: dict) -> str | bytes:
-    """What to create the symlink with: the raw bytes when the target is not UTF-8."""
-    raw = row.get("link_target_bytes")
-    return raw if raw is not None else row["link_target"]
-
-
 def _set_xattrs(where, cols, j) -> None:
     """Extended attributes of file ``j`` (after chown: it clears security.capability).
 
@@ -430,18 +424,3 @@ def _apply_meta(path, cols, j) -> None:
     _set_xattrs(path, cols, j)
     mtime = exact_mtime(cols["mtime_ns"][j], cols["mtime_ns_exact"][j])
     os.utime(path, ns=(mtime, mtime))
-
-
-
-def apply_link_meta(dest, row):
-    if IS_ROOT and row["uid"] is not None:
-        try:
-            os.lchown(dest, row["uid"], row["gid"])
-        except OSError:
-            pass
-    failures = xattrs.apply(dest, row.get("xattrs"), follow_symlinks=False)
-    if failures:
-        raise OSError(0, "; ".join(failures))
-    if os.utime in os.supports_follow_symlinks:
-        mtime = exact_mtime(row["mtime_ns"], row.get("mtime_ns_exact"))
-        os.utime(dest, ns=(mtime, mtime), follow_symlinks=False)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import uuid
 from dataclasses import dataclass, field
 
 import blake3
@@ -38,7 +37,7 @@ import pyarrow as pa
 from . import progress, storage
 from .errors import RepositoryWriteError
 from .manifest import clamp_ns, shown
-from .pack import PACK_MAGIC, encode_trailer  # noqa: F401 (PACK_MAGIC: importable from here too)
+from .pack import encode_trailer
 
 INDEX_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()),
                           ("offset", pa.int64()), ("length", pa.int64())])
