@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import stat
+import struct
 
 import pytest
 
@@ -79,9 +80,16 @@ def _build(root: str) -> None:
     os.makedirs(p(b"caf\xe9"))
     with open(p(b"caf\xe9/\xff\xfe.txt"), "wb") as f:
         f.write(b"odd names")
-    # Extended attributes on a file and a folder.
+    # Extended attributes on a file and a folder, and a POSIX ACL (its xattr,
+    # as setfacl writes it: version 2, then (tag, perm, id) entries).
     os.setxattr(p(b"plain.txt"), "user.origin", b"fidelity")
     os.setxattr(p(b"dir"), "user.folder", bytes(range(32)))
+    undefined = 0xFFFFFFFF
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in (
+        (0x01, 6, undefined), (0x02, 4, 1000), (0x04, 4, undefined), (0x10, 4, undefined), (0x20, 4, undefined)))
+    with open(p(b"acl.txt"), "wb") as f:
+        f.write(b"user 1000 may read this")
+    os.setxattr(p(b"acl.txt"), "system.posix_acl_access", acl)
     # A sparse file: 256 MiB, a few KiB on disk.
     with open(p(b"sparse.img"), "wb") as f:
         f.write(b"head")
@@ -150,6 +158,7 @@ def test_every_property_survives_backup_and_restore(tmp_path, cli):
     _build(str(src))
     expected = _describe(str(src))
     assert expected[b"sparse.img"]["sparse"] and len(expected[b"dir/hard-2"]["hard_links"]) == 3
+    assert "system.posix_acl_access" in expected[b"acl.txt"]["xattrs"]
 
     repo = tmp_path / "repo"
     backed = cli("backup", str(src), str(repo), "--json")
