@@ -25,10 +25,12 @@ local tree. Usage errors for impossible set-ups are one line, exit 2.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -58,6 +60,30 @@ def _can_unshare() -> bool:
     proc = subprocess.run(["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && test -z "$(ls -A /tmp)"'],
                           capture_output=True)
     return proc.returncode == 0
+
+
+def _private_tmp_script(home: Path) -> str:
+    """Shell commands that put an empty tmpfs on /tmp, keeping keepflow itself visible.
+
+    A clean clone (and its venv) may itself live under /tmp, as CI's does:
+    those folders are bind-mounted aside first and back in place on top of
+    the tmpfs, so the worker still runs the same interpreter and code while
+    everything else under /tmp (the flow's temporary folder, every pytest
+    tmp_path) is gone.
+    """
+    keep = sorted({p for p in (Path(__file__).resolve().parents[1], Path(sys.prefix).resolve())
+                   if p.is_relative_to("/tmp")})
+    steps = []
+    for k, path in enumerate(keep):
+        stage = home / f"keep{k}"
+        stage.mkdir(parents=True, exist_ok=True)
+        steps.append(f"mount --bind {shlex.quote(str(path))} {shlex.quote(str(stage))}")
+    steps.append("mount -t tmpfs tmpfs /tmp")
+    for k, path in enumerate(keep):
+        stage = home / f"keep{k}"
+        steps.append(f"mkdir -p {shlex.quote(str(path))} && mount --bind {shlex.quote(str(stage))} "
+                     f"{shlex.quote(str(path))}")
+    return " && ".join(steps)
 
 
 class Cluster:
@@ -100,7 +126,7 @@ class Cluster:
                    DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
         # A private mount namespace with an empty tmpfs on /tmp: the flow's
         # temporary folder (and this test's tmp_path) does not exist there.
-        cmd = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /tmp && exec "$0" "$@"',
+        cmd = ["unshare", "--mount", "sh", "-c", _private_tmp_script(home) + ' && exec "$0" "$@"',
                DASK, "worker", self.address, "--nthreads", "1", "--no-dashboard", "--name", f"w{i}",
                "--local-directory", str(home / "dask")]
         self.workers[i] = self._spawn(cmd, f"worker{i}", home, env)
