@@ -65,14 +65,19 @@ def readable_bytes(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def shown(name: str) -> str:
-    """``name`` as a user sees it: an OS string holding undecodable bytes
-    (surrogate escapes) becomes its ``readable_bytes`` form."""
+def is_utf8(name: str) -> bool:
+    """False for an OS string that holds undecodable bytes (surrogate escapes)."""
     try:
         name.encode("utf-8")
-        return name
+        return True
     except UnicodeEncodeError:
-        return readable_bytes(os.fsencode(name))
+        return False
+
+
+def shown(name: str) -> str:
+    """``name`` as a user sees it: an OS string holding undecodable bytes
+    becomes its ``readable_bytes`` form."""
+    return name if is_utf8(name) else readable_bytes(os.fsencode(name))
 
 
 def fs_path(path: str, raw: bytes | None) -> str:

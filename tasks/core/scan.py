@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from . import storage, xattrs
 from .errors import BadPatternError, SourceNotFoundError
-from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, readable_bytes, shown
+from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, is_utf8, readable_bytes, shown
 
 IGNORE_FILE = ".keepflowignore"
 FLUSH_ROWS = 8192
@@ -130,7 +130,7 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
             # is not keeps its exact bytes in path_bytes, and `path` shows it
             # with \xNN escapes (the key that diffs, --include and ls use).
             raw = None
-            if raw_dir or (not name.isascii() and not _utf8(name)):
+            if raw_dir or (not name.isascii() and not is_utf8(name)):
                 raw = os.fsencode(rel)
             shown_rel = rel if raw is None else readable_bytes(raw)
             try:
@@ -167,7 +167,7 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
                 except OSError as exc:
                     skipped.append((shown_rel, f"cannot read link: {exc.strerror or exc}"))
                     continue
-                if not link.isascii() and not _utf8(link):
+                if not link.isascii() and not is_utf8(link):
                     # Kept byte-exact for restore; the string column shows it readably.
                     link_bytes = os.fsencode(link)
                     link = readable_bytes(link_bytes)
@@ -247,14 +247,6 @@ def _with_hard_links(table: pa.Table, groups: dict[tuple[int, int], list[str]]) 
         return table
     column = pa.array([leader.get(p) for p in table["path"].to_pylist()], pa.string())
     return table.set_column(table.schema.get_field_index("hardlink_to"), "hardlink_to", column)
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _read_ignore_file(path: str, rel_dir: str, skipped) -> list:
