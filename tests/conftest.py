@@ -82,6 +82,18 @@ def cli(cli_env):
     return _run
 
 
+@pytest.fixture
+def s3_config(s3_server, tmp_path, monkeypatch):
+    """The S3 server's options in a per-URL storage config file (storage_config.py), as a user would
+    set them, for this (the flow's) process."""
+    opts = s3_server.storage_options
+    path = tmp_path / "storage.toml"
+    path.write_text(f'["s3://{s3_server.bucket}"]\nkey = "{opts["key"]}"\nsecret = "{opts["secret"]}"\n'
+                    f'endpoint_url = "{s3_server.endpoint}"\nclient_kwargs = {{region_name = "us-east-1"}}\n')
+    monkeypatch.setenv("KEEPFLOW_STORAGE_CONFIG", str(path))
+    return path
+
+
 def make_tree(root: Path, spec: dict) -> Path:
     """Build a tree declaratively (restic's TestCreateFiles idea).
 

@@ -188,17 +188,6 @@ def cluster(prefect_api_url, s3_server):
 
 
 @pytest.fixture
-def s3_config(s3_server, tmp_path, monkeypatch):
-    """The S3 server's options in a per-URL storage config file, for this (the flow's) process."""
-    opts = s3_server.storage_options
-    path = tmp_path / "storage.toml"
-    path.write_text(f'["s3://{s3_server.bucket}"]\nkey = "{opts["key"]}"\nsecret = "{opts["secret"]}"\n'
-                    f'endpoint_url = "{s3_server.endpoint}"\nclient_kwargs = {{region_name = "us-east-1"}}\n')
-    monkeypatch.setenv("KEEPFLOW_STORAGE_CONFIG", str(path))
-    return path
-
-
-@pytest.fixture
 def small_batches(monkeypatch):
     # Batches are cut in the flow process (the plan), so this reaches every worker.
     monkeypatch.setattr(core_backup, "MAX_BATCH_FILES", BATCH_FILES)

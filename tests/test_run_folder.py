@@ -32,17 +32,6 @@ def flows(prefect_api_url):
     return backup, restore
 
 
-@pytest.fixture
-def s3_config(s3_server, tmp_path, monkeypatch):
-    """The S3 server's options in a per-URL storage config file (storage_config.py), as a user would set them."""
-    opts = s3_server.storage_options
-    path = tmp_path / "storage.toml"
-    path.write_text(f'["s3://{s3_server.bucket}"]\nkey = "{opts["key"]}"\nsecret = "{opts["secret"]}"\n'
-                    f'endpoint_url = "{s3_server.endpoint}"\nclient_kwargs = {{region_name = "us-east-1"}}\n')
-    monkeypatch.setenv("KEEPFLOW_STORAGE_CONFIG", str(path))
-    return path
-
-
 def _broken_repo(tmp_path: Path) -> str:
     """A repository whose ``packs`` is a regular file: storing any small file fails."""
     repo = tmp_path / "repo"

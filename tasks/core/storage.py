@@ -360,16 +360,11 @@ def replace_atomically(fs, path: str, data: bytes) -> None:
     then ``os.replace``; SFTP: a temporary name, then OpenSSH's posix-rename.
     """
     if is_local(fs):
-        tmp = tmp_name(path)
+        tmp = _write_local_tmp(path, data)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
             os.replace(tmp, path)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(tmp)
             raise
         return
     if hasattr(fs, "rename_replace"):
@@ -394,18 +389,29 @@ def _local_write_once(path: str, data: bytes) -> bool:
         return False
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
+    return publish_local_tmp(_write_local_tmp(path, data), path)
+
+
+def _write_local_tmp(path: str, data: bytes) -> str:
+    """Write ``data`` under a new temporary name beside ``path``; returns that name.
+
+    On failure the partial copy is removed: after a full disk it would hold the space.
+    """
     tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
     except BaseException:
-        # A full disk must not keep the partial copy (it holds the space).
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(tmp)
         raise
-    return publish_local_tmp(tmp, path)
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 # -- create-only writes on object stores -----------------------------------------
