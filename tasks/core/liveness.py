@@ -201,7 +201,7 @@ def stale(writer: ProcessId | None, mtime_s: float, now: float | None = None) ->
 # A local repository's tmp/ holds large blobs while they are copied and hashed
 # (store._store_large_local): up to a GiB each, so a dead writer's file is
 # worth removing at the next backup rather than an hour later.
-_REPO_TMP_RE = re.compile(rf"^{_TAG}-[0-9a-f]{{32}}$")
+_REPO_TMP_RE = re.compile(rf"^(?P<writer>{_TAG})-[0-9a-f]{{32}}$")
 
 
 def repo_tmp_name() -> str:
@@ -224,19 +224,29 @@ def remove_dead_repo_temporaries(repo_url: str, storage_options=None) -> int:
     if not storage.is_local(fs):
         return 0          # tmp/ is used by local repositories only
     removed = 0
-    try:
-        entries = list(os.scandir(os.path.join(root, "tmp")))
-    except OSError:
-        return 0
-    for entry in entries:
-        m = _REPO_TMP_RE.match(entry.name)
-        if not m or not entry.is_file(follow_symlinks=False):
-            continue
-        writer = parse_tag(entry.name[: -33])
-        if writer is not None and gone(writer):
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except OSError:
-                pass
+    for entry in dead_writers_entries(os.path.join(root, "tmp"), _REPO_TMP_RE, dirs=False):
+        try:
+            os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            pass
     return removed
+
+
+def dead_writers_entries(folder: str, pattern: re.Pattern, dirs: bool) -> list[os.DirEntry]:
+    """The files (or folders, with ``dirs``) in the local ``folder`` whose name
+    matches ``pattern``, with the writer's tag in its group ``writer``, and
+    whose writer ran on this host and is gone. Never raises."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if not m or not (entry.is_dir(follow_symlinks=False) if dirs else entry.is_file(follow_symlinks=False)):
+            continue
+        writer = parse_tag(m.group("writer"))
+        if writer is not None and gone(writer):
+            found.append(entry)
+    return found

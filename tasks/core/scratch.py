@@ -66,7 +66,7 @@ def is_default_work_dir(explicit: str | None = None) -> bool:
     return not (explicit or os.environ.get(WORK_DIR_ENV))
 
 
-_RUN_FOLDER = re.compile(rf"^keepflow-(backup|restore)-\d{{8}}T\d{{6}}Z-[0-9a-f]{{8}}-({liveness.TAG_PATTERN.pattern})$")
+_RUN_FOLDER = re.compile(rf"^keepflow-(backup|restore)-\d{{8}}T\d{{6}}Z-[0-9a-f]{{8}}-(?P<writer>{liveness.TAG_PATTERN.pattern})$")
 
 
 def create(kind: str, run_id: str, work_dir_url: str | None = None) -> str:
@@ -100,18 +100,9 @@ def remove_dead_run_folders(root: str) -> int:
     """Remove the run folders in the local folder ``root`` whose run ran on this
     host and whose process is gone; returns how many. Never raises."""
     removed = 0
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return 0
-    for entry in entries:
-        m = _RUN_FOLDER.match(entry.name)
-        if not m or not entry.is_dir(follow_symlinks=False):
-            continue
-        writer = liveness.parse_tag(m.group(2))
-        if writer is not None and liveness.gone(writer):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed += not os.path.exists(entry.path)
+    for entry in liveness.dead_writers_entries(root, _RUN_FOLDER, dirs=True):
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed += not os.path.exists(entry.path)
     return removed
 
 
