@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core import liveness, runs, treeinfo
+from tasks.core.repository import Repository
 from tasks.core.verify import check_structure
 
 from tests import core_helpers
@@ -232,6 +233,9 @@ def test_killed_backups(world, cli_env, tmp_path):
     running = measure(["backup", src, tmp_path / "repo-measure"], cli_env, tmp_path / "measure.log")
     for k in range(KILLS):
         repo = tmp_path / f"repo-{k}"          # a fresh repository: the kill meets the full work
+        # Created first: a kill that lands before the backup has created it
+        # would leave nothing for the `unlock` of even rounds to open (exit 10).
+        Repository.init(str(repo))
         s.crash(k, ["backup", src, repo], running, [str(repo)], ["backup", src, repo],
                 left=lambda: f"{len(os.listdir(repo / 'tmp')) if (repo / 'tmp').exists() else 0} in tmp/")
         left = os.listdir(repo / "tmp") if (repo / "tmp").exists() else []
