@@ -18,6 +18,7 @@ from tasks.core import store, treeinfo
 from tasks.core import verify as verifymod
 from tasks.core.backup import MAX_BATCH_FILES, commit, prepare, store_range
 from tasks.core.errors import EXIT_FAILED, UnindexedBlobsError
+from tasks.core.known_blobs import KnownBlobs
 from tasks.core.repository import Repository
 from tasks.core.snapshots import list_snapshots
 
@@ -127,7 +128,7 @@ def test_shared_contents_in_concurrent_batches_all_restore_and_survive_compactio
 def test_a_failed_batch_releases_its_claims_so_a_retry_stores_the_data(tmp_path):
     src = make_tree(tmp_path / "src", {f"f{i}": f"blob {i}" for i in range(20)})
     repo = Repository.open(str(tmp_path / "repo"), create=True)
-    known = store.KnownBlobs()
+    known = KnownBlobs()
     fs, root = __import__("tasks.core.storage", fromlist=["open_url"]).open_url(str(src))
     paths = sorted(os.listdir(src))
     # A real write fault: `packs` is a regular file, so no pack can be created.
@@ -149,7 +150,7 @@ def test_a_failed_batch_releases_its_claims_so_a_retry_stores_the_data(tmp_path)
 
 def test_a_claim_held_by_a_running_batch_is_not_packed_twice(tmp_path):
     repo = Repository.open(str(tmp_path / "repo"), create=True)
-    known = store.KnownBlobs()
+    known = KnownBlobs()
     a = store.PackWriter(repo, store.BatchResult(), dry_run=True)
     b = store.PackWriter(repo, store.BatchResult(), dry_run=True)
     h = "ab" * 32

@@ -18,14 +18,13 @@ data it describes, about 120 bytes per blob).
 
 from __future__ import annotations
 
-import threading
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import parquet_io, storage
 from .errors import UnindexedBlobsError
-from .store import INDEX_SCHEMA, KnownBlobs
+from .known_blobs import CACHED_RUNS, KnownBlobs, cached_runs, forget_run, known_blobs  # noqa: F401  (re-exported)
+from .store import INDEX_SCHEMA
 
 # How many of the affected files an UnindexedBlobsError names.
 NAMED_FILES = 10
@@ -114,39 +113,3 @@ def merge_run_index(repo, run_id: str) -> int:
         except FileNotFoundError:
             pass
     return table.num_rows
-
-
-# The per-process known-blob caches, keyed by (repository URL, run id), newest
-# last. A run drops its entry when it commits or fails (forget_run; on a Dask
-# cluster the flow asks every worker to). A worker whose flow process was
-# killed never hears that, so a process keeps at most CACHED_RUNS entries and
-# drops the least recently used: a long-lived worker cannot fill up with
-# dead runs' sets, and a live run that lost its entry only reloads the index.
-CACHED_RUNS = 4
-_known_cache: dict[tuple[str, str], KnownBlobs] = {}
-_cache_lock = threading.Lock()
-
-
-def known_blobs(repo, run_id: str) -> KnownBlobs:
-    """The run's shared KnownBlobs, loaded from the index once per process."""
-    key = (repo.url, run_id)
-    with _cache_lock:
-        known = _known_cache.pop(key, None)
-        if known is None:
-            hashes = load_index(repo, columns=["hash"])["hash"].to_pylist()
-            known = KnownBlobs(hashes)
-        _known_cache[key] = known                  # most recently used last
-        while len(_known_cache) > CACHED_RUNS:
-            del _known_cache[next(iter(_known_cache))]
-    return known
-
-
-def forget_run(repo_url: str, run_id: str) -> None:
-    with _cache_lock:
-        _known_cache.pop((repo_url, run_id), None)
-
-
-def cached_runs() -> list[tuple[str, str]]:
-    """(repository URL, run id) of the runs whose known-blob set this process holds."""
-    with _cache_lock:
-        return list(_known_cache)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from dataclasses import dataclass, field
 
 import blake3
@@ -394,63 +393,3 @@ def _store_remote_file(repo, fs, path, threshold, known, packer, result, dry_run
         _record_object(result, repo, blob_hash, size)
         known.add([blob_hash])
     return blob_hash, size, mtime, None
-
-
-class KnownBlobs:
-    """The set of blob hashes already stored: the index plus this run's writes.
-
-    Shared by the batches of one run in one process (threads). Two sets, both
-    guarded by one lock:
-
-    * ``stored``: in the index, or written by a batch of this run that has
-      finished (its index file follows before the commit);
-    * ``claims``: hash -> the pack writer that will hold it. A batch claims a
-      hash before packing it, so a batch running at the same time that meets
-      the same content (licences, empty ``__init__.py``: common in real trees)
-      does not pack it a second time. When the claiming batch finishes, its
-      claims become ``stored``; when it fails, ``release`` drops them so a
-      retry (or another batch) stores the data again. Relying on a claim is
-      safe: the flow commits only after every batch finished, and the commit
-      guard (backup.commit) checks that every hash the manifest references is
-      indexed.
-
-    Duplicates that still happen (a retry of a batch whose first pack did land,
-    two processes, large files hashed at the same moment) only cost space: the
-    index keeps the first location of each hash.
-    """
-
-    def __init__(self, hashes=()):
-        self._stored = set(hashes)
-        self._claims: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def __len__(self):
-        return len(self._stored)
-
-    def contains(self, blob_hash: str) -> bool:
-        return blob_hash in self._stored
-
-    def contains_or_claim(self, blob_hash: str, packer: PackWriter) -> bool:
-        """True when the blob is stored or claimed by any batch; else claim it for ``packer``."""
-        if blob_hash in self._stored:        # the common case needs no lock (set lookups are atomic)
-            return True
-        with self._lock:
-            if blob_hash in self._stored or blob_hash in self._claims:
-                return True
-            self._claims[blob_hash] = id(packer)
-        packer.claimed.add(blob_hash)
-        return False
-
-    def add(self, hashes) -> None:
-        with self._lock:
-            self._stored.update(hashes)
-
-    def settle(self, packer: PackWriter, stored: bool) -> None:
-        """The batch of ``packer`` ended: its claims become stored, or are released."""
-        with self._lock:
-            for blob_hash in packer.claimed:
-                if self._claims.get(blob_hash) == id(packer):
-                    del self._claims[blob_hash]
-            if stored:
-                self._stored.update(packer.claimed)
-        packer.claimed = set()
