@@ -143,3 +143,32 @@ class PackFormatError(KeepflowError):
 
     template = "{key} is not a keepflow pack: {reason}"
     exit_code = EXIT_FAILED
+
+
+class PasswordMissingError(RepositoryError):
+    """No password source is set (tasks/core/passwords.py lists them in order)."""
+
+    template = ("no password for repository {url}: set KEEPFLOW_PASSWORD, give a file whose first line "
+                "is the password with KEEPFLOW_PASSWORD_FILE or --password-file, set "
+                "KEEPFLOW_PASSWORD_COMMAND to a command that prints it, or run from a terminal to be asked "
+                "(a flow: password='secret/NAME', a Prefect Secret block)")
+    exit_code = EXIT_NO_REPO
+
+
+class WrongPasswordError(RepositoryError):
+    """No key file under ``keys/`` unwraps the master key with the password given; nothing was written."""
+
+    template = ("wrong password for {url}: no key file in keys/ opens with it; check which source gave it, the "
+                "first set of: --password-file or the flow's Secret block, KEEPFLOW_PASSWORD, "
+                "KEEPFLOW_PASSWORD_FILE, KEEPFLOW_PASSWORD_COMMAND, the terminal; nothing was written")
+    exit_code = EXIT_NO_REPO
+
+
+class PasswordSourceError(RepositoryError):
+    """The password source that is set failed (unreadable file, failing command, mismatch at the prompt).
+
+    ``reason`` never quotes the password, the file's contents or the command's output.
+    """
+
+    template = "cannot get the password from {source}: {reason}"
+    exit_code = EXIT_NO_REPO
