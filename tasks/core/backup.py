@@ -28,6 +28,7 @@ import socket
 import uuid
 from dataclasses import asdict, dataclass, field
 
+import blake3
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -190,7 +191,7 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
         to_read=int(needs.sum()), bytes_to_read=int(sizes[needs].sum()) if len(sizes) else 0,
         new=result.new, changed=result.changed, unchanged=result.unchanged, deleted=result.deleted,
         skipped=list(scanned.skipped), tags=list(tags), dry_run=dry_run,
-        repo_config=asdict(repo.config) if repo is not None else None,
+        repo_config=repo.config.to_plan() if repo is not None else None,
     )
 
 
@@ -229,9 +230,10 @@ def store_range(plan: dict, batch_no: int, storage_options=None, source_options=
     source_fs, source_root = storage.open_url(plan["source"], source_options)
     if batch_no == 0:
         progress.start("store", plan["to_read"], plan["bytes_to_read"])
-    result = store_batch(repo, source_fs, source_root, paths, rows, known, dry_run=dry_run)
+    result = store_batch(repo, source_fs, source_root, paths, rows, known, dry_run=dry_run,
+                         compression=plan.get("compression"))
     if not dry_run:
-        indexmod.write_index(repo, result.index_table(), f"{plan['run_id']}-b{batch_no:05d}")
+        indexmod.write_index(repo, result.index_table(repo.version), f"{plan['run_id']}-b{batch_no:05d}")
     scratch_io.write_part(plan["scratch"], "result", batch_no, result.result_table())
     return BatchSummary(batch_no, len(result.rows), result.bytes_read, result.bytes_stored,
                         result.blobs_stored, result.packs_written, result.objects_written, result.skipped,
@@ -245,6 +247,11 @@ class _DryRunRepo:
         from .repository import RepoConfig
 
         self.url, self.config, self.is_local = url, RepoConfig(), False
+        self.version, self.keys, self.encrypted = 1, None, False
+
+    @staticmethod
+    def blob_id(data) -> str:
+        return blake3.blake3(data).hexdigest()
 
     def path(self, *parts):
         return "/".join(parts)

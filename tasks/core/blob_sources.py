@@ -48,7 +48,12 @@ class BlobSources:
             raise OSError(f"{self.primary_url} is unreachable")
         return repo.fs.cat_file(repo.path(key), start=start, end=end)
 
-    def from_fallbacks(self, key: str, offset: int, length: int, blob_hash: str):
+    def from_fallbacks(self, key: str, offset: int, length: int, blob_hash: str, check=None):
+        """A verified copy of the blob from the first fallback that has one: (bytes, None) or (None, problem).
+
+        ``check(stored) -> plaintext | None`` opens a format 2 blob; format 1
+        blobs are checked against their BLAKE3.
+        """
         problem = f"cannot read a verified copy of {key} from {self.primary_url}"
         for url in self.fallback_urls:
             repo = self.repo(url)
@@ -58,9 +63,10 @@ class BlobSources:
                 blob = repo.fs.cat_file(repo.path(key), start=offset, end=offset + length)
             except OSError:
                 continue
-            if blake3.blake3(blob).hexdigest() == blob_hash:
+            opened = check(blob) if check else (blob if blake3.blake3(blob).hexdigest() == blob_hash else None)
+            if opened is not None:
                 self.count(url)
-                return blob, None
+                return opened, None
         if self.fallback_urls:
             problem += " or any fallback"
         return None, problem + "; add a --fallback replica to read it from"

@@ -89,8 +89,8 @@ class Subkeys:
     lease: bytes
     config: bytes
     salt: bytes
-    data_id: bytes
-    list_id: bytes
+    data_id_key: bytes
+    list_id_key: bytes
     chunker: bytes
     encrypted: bool
 
@@ -102,8 +102,8 @@ class Subkeys:
             return hkdf(master, idbytes, f"keepflow 2 {purpose}".encode("ascii"))
 
         return cls(pack=sub("pack"), index=sub("index"), snapshot=sub("snapshot"), trash=sub("trash"),
-                   lease=sub("lease"), config=sub("config"), salt=sub("salt"), data_id=sub("data id"),
-                   list_id=sub("list id"), chunker=sub("chunker"), encrypted=encrypted)
+                   lease=sub("lease"), config=sub("config"), salt=sub("salt"), data_id_key=sub("data id"),
+                   list_id_key=sub("list id"), chunker=sub("chunker"), encrypted=encrypted)
 
     def kind_key(self, magic: bytes) -> bytes:
         return {PACK: self.pack, INDEX: self.index, SNAPSHOT: self.snapshot, TRASH: self.trash,
@@ -122,11 +122,11 @@ class Subkeys:
 
     def blob_id(self, data) -> str:
         """A data blob's id (a small file's content or one chunk), as hex."""
-        return blake3.blake3(data, key=self.data_id, max_threads=blake3.blake3.AUTO
+        return blake3.blake3(data, key=self.data_id_key, max_threads=blake3.blake3.AUTO
                              if len(data) >= 8 << 20 else 1).hexdigest()
 
     def list_id(self, data) -> str:
-        return blake3.blake3(data, key=self.list_id).hexdigest()
+        return blake3.blake3(data, key=self.list_id_key).hexdigest()
 
 
 @lru_cache(maxsize=4096)
@@ -165,6 +165,26 @@ def unseal(keys: Subkeys, magic: bytes, data: bytes) -> bytes:
         raise AuthenticationFailed()
     salt = data[-len(magic) - SALT_SIZE: -len(magic)]
     return decrypt(keys.cipher(magic, salt), 0, data[: -len(magic) - SALT_SIZE], magic)
+
+
+# -- keepflow.json's config -------------------------------------------------------------------
+
+def seal_config(keys: Subkeys, plain: dict, fields: dict) -> str:
+    """``b64(salt || AEAD(K_f, N(0), canon(fields), "KFCONF02" || canon(plain)))``, a random salt per write."""
+    salt = os.urandom(SALT_SIZE)
+    body = encrypt(keys.cipher(CONFIG, salt), 0, canon(fields), CONFIG + canon(plain))
+    return base64.b64encode(salt + body).decode("ascii")
+
+
+def unseal_config(keys: Subkeys, plain: dict, sealed: str) -> dict:
+    try:
+        raw = base64.b64decode(sealed, validate=True)
+    except ValueError:
+        raise AuthenticationFailed() from None
+    if len(raw) < SALT_SIZE + TAG_SIZE:
+        raise AuthenticationFailed()
+    salt, body = raw[:SALT_SIZE], raw[SALT_SIZE:]
+    return json.loads(decrypt(keys.cipher(CONFIG, salt), 0, body, CONFIG + canon(plain)))
 
 
 # -- key files ------------------------------------------------------------------------------------

@@ -172,3 +172,17 @@ class PasswordSourceError(RepositoryError):
 
     template = "cannot get the password from {source}: {reason}"
     exit_code = EXIT_NO_REPO
+
+
+class KeyFileError(RepositoryError):
+    """keys/ cannot open the repository for a reason other than the password (none there, all damaged)."""
+
+    template = "{what}"
+    exit_code = EXIT_NO_REPO
+
+
+class BlobFormatError(KeepflowError):
+    """A stored blob, index file or manifest fails authentication or decoding (format 2)."""
+
+    template = "{key} is damaged: {reason}"
+    exit_code = EXIT_FAILED

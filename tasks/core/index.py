@@ -21,10 +21,19 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import parquet_io, storage
-from .errors import UnindexedBlobsError
+import io
+
+import pyarrow.parquet as pq
+
+from . import crypto, ids, parquet_io, storage
+from .errors import BlobFormatError, UnindexedBlobsError
 from .known_blobs import CACHED_RUNS, KnownBlobs, cached_runs, forget_run, known_blobs  # noqa: F401  (re-exported)
-from .store import INDEX_SCHEMA
+from .store import INDEX2_SCHEMA, INDEX_SCHEMA
+
+# Format 2's stored index table (ARCHITECTURE.md, "### Index files").
+STORED2_SCHEMA = pa.schema([("id", ids.BINARY_ID), ("type", pa.int8()), ("pack", ids.BINARY_ID),
+                            ("salt", pa.binary(32)), ("seq", pa.int32()), ("offset", pa.int64()),
+                            ("length", pa.int64()), ("raw_length", pa.int64()), ("compressed", pa.bool_())])
 
 # How many of the affected files an UnindexedBlobsError names.
 NAMED_FILES = 10
@@ -32,7 +41,76 @@ NAMED_FILES = 10
 
 def list_index_names(repo) -> list[str]:
     files = storage.list_files(repo.fs, repo.path("index"))
-    return sorted(f["name"].rsplit("/", 1)[-1] for f in files if f["name"].endswith(".parquet"))
+    names = (f["name"].rsplit("/", 1)[-1] for f in files)
+    return sorted(n for n in names if repo.index_label(n) is not None)
+
+
+def schema(repo) -> pa.Schema:
+    """The in-memory index schema of the repository's format."""
+    return INDEX2_SCHEMA if repo.version >= 2 else INDEX_SCHEMA
+
+
+def to_stored(table: pa.Table) -> pa.Table:
+    """Format 2: in-memory rows (hex ids, pack keys) to the stored table (binary ids, pack names)."""
+    return pa.table({"id": ids.hex_to_binary(table["hash"]), "type": table["type"],
+                     "pack": ids.pack_names_from_keys(table["key"]), "salt": table["salt"], "seq": table["seq"],
+                     "offset": table["offset"], "length": table["length"], "raw_length": table["raw_length"],
+                     "compressed": table["compressed"]}, schema=STORED2_SCHEMA)
+
+
+def from_stored(table: pa.Table) -> pa.Table:
+    table = table.cast(STORED2_SCHEMA)
+    return pa.table({"hash": ids.binary_to_hex(table["id"]), "key": ids.pack_keys_from_binary(table["pack"]),
+                     "offset": table["offset"], "length": table["length"], "type": table["type"],
+                     "seq": table["seq"], "salt": table["salt"], "raw_length": table["raw_length"],
+                     "compressed": table["compressed"]}, schema=INDEX2_SCHEMA)
+
+
+def encode_index_file(repo, table: pa.Table) -> bytes:
+    """The stored bytes of an index file holding ``table`` (in-memory rows)."""
+    if repo.version < 2:
+        return parquet_io.table_to_bytes(table.cast(INDEX_SCHEMA))
+    data = parquet_io.table_to_bytes(to_stored(table))
+    return crypto.seal(repo.keys, crypto.INDEX, data) if repo.encrypted else data
+
+
+def decode_index_file(repo, data: bytes, name: str) -> pa.Table:
+    """In-memory rows from an index file's bytes; BlobFormatError when it is damaged."""
+    if repo.version < 2:
+        return pq.read_table(pa.BufferReader(data)).cast(INDEX_SCHEMA)
+    import blake3
+
+    if blake3.blake3(data).hexdigest() != name.rsplit("-", 1)[-1].split(".", 1)[0]:
+        raise BlobFormatError(key=f"index/{name}", reason="its name is not the BLAKE3 of its bytes")
+    if repo.encrypted:
+        try:
+            data = crypto.unseal(repo.keys, crypto.INDEX, data)
+        except crypto.AuthenticationFailed:
+            raise BlobFormatError(key=f"index/{name}", reason="it does not authenticate") from None
+    try:
+        return from_stored(pq.read_table(pa.BufferReader(data)))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, ValueError) as exc:
+        raise BlobFormatError(key=f"index/{name}", reason=f"not an index table ({exc})") from None
+
+
+def read_index_files(repo, names: list[str]) -> pa.Table:
+    """The rows of the index files ``names`` (in memory form), concatenated."""
+    if repo.version < 2:
+        return parquet_io.read_tables(repo.fs, [repo.path("index", n) for n in names], INDEX_SCHEMA)
+    if not names:
+        return INDEX2_SCHEMA.empty_table()
+
+    def one(name):
+        return decode_index_file(repo, repo.fs.cat_file(repo.path("index", name)), name)
+
+    if repo.is_local or len(names) < 3:
+        tables = [one(n) for n in names]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            tables = list(pool.map(one, names))
+    return pa.concat_tables(tables)
 
 
 def load_index(repo, columns=None, unique: bool = True) -> pa.Table:
@@ -40,7 +118,7 @@ def load_index(repo, columns=None, unique: bool = True) -> pa.Table:
     for attempt in range(3):
         names = list_index_names(repo)
         try:
-            table = parquet_io.read_tables(repo.fs, [repo.path("index", n) for n in names], INDEX_SCHEMA)
+            table = read_index_files(repo, names)
             break
         except FileNotFoundError:
             # A run merged its batch files between our listing and reading.
@@ -92,20 +170,22 @@ def require_indexed(repo, entries: pa.Table, what: str) -> None:
 
 
 def write_index(repo, table: pa.Table, name: str) -> str | None:
+    """Write ``table`` as the index file labelled ``name``; returns its path (None when empty)."""
     if table.num_rows == 0:
         return None
-    path = repo.path("index", f"{name}.parquet")
-    parquet_io.write_table_once(repo.fs, path, table.cast(INDEX_SCHEMA))
+    data = encode_index_file(repo, table)
+    path = repo.path(repo.index_key(name, data))
+    storage.write_once(repo.fs, path, data)
     return path
 
 
 def merge_run_index(repo, run_id: str) -> int:
-    """Merge ``<run>-b*.parquet`` into ``<run>.parquet``; returns entries merged."""
+    """Merge the run's batch files (label ``<run>-b<NNNNN>``) into one labelled ``<run>``; returns entries merged."""
     prefix = f"{run_id}-b"
-    parts = [n for n in list_index_names(repo) if n.startswith(prefix)]
+    parts = [n for n in list_index_names(repo) if (repo.index_label(n) or "").startswith(prefix)]
     if not parts:
         return 0
-    table = parquet_io.read_tables(repo.fs, [repo.path("index", n) for n in parts], INDEX_SCHEMA)
+    table = read_index_files(repo, parts)
     write_index(repo, table, run_id)
     for n in parts:
         try:

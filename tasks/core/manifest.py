@@ -18,9 +18,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+import struct
+
+import blake3
 import pyarrow as pa
 
-from . import parquet_io, xattrs
+from . import parquet_io, storage, xattrs
 
 META_KEY = b"keepflow.snapshot"
 
@@ -144,17 +147,121 @@ def with_snapshot_metadata(table: pa.Table, info: SnapshotInfo) -> pa.Table:
 
 def write_manifest(repo, table: pa.Table, info: SnapshotInfo) -> str:
     """Write the manifest last: once this file exists, the snapshot exists."""
-    name = manifest_name(info)
     table = with_snapshot_metadata(table.sort_by("path"), info)
-    parquet_io.write_table_once(repo.fs, repo.path("snapshots", name), table)
+    if repo.version < 2:
+        name = manifest_name(info)
+        parquet_io.write_table_once(repo.fs, repo.path("snapshots", name), table)
+    else:
+        data = encode_manifest(repo, table, info)
+        stamp = manifest_name(info)[: -len(".parquet")]
+        name = f"{stamp}-{blake3.blake3(data).hexdigest()}" + ("" if repo.encrypted else ".parquet")
+        storage.write_once(repo.fs, repo.path("snapshots", name), data)
     info.key = name
     return name
 
 
+# -- format 2 (ARCHITECTURE.md, "### Snapshots (manifests)") ------------------------------
+#
+#   AEAD(K_f, N(0), parquet, "KFSNAP02") || AEAD(K_f, N(1), facts, "KFSNAP02") || salt (32)
+#       || u32 len(EncFacts) || "KFSNAP02"
+#
+# ``hash`` is stored as fixed_size_binary(32); in memory it stays 64-character hex.
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+LIST_TAIL = 4096          # one read of the file's end gives the facts (a second when longer)
+
+
+def encode_manifest(repo, table: pa.Table, info: SnapshotInfo) -> bytes:
+    from . import crypto, ids
+
+    stored = table.set_column(table.schema.get_field_index("hash"), pa.field("hash", ids.BINARY_ID),
+                              ids.hex_to_binary(table["hash"]))
+    stored = stored.replace_schema_metadata(table.schema.metadata)
+    body = parquet_io.table_to_bytes(stored)
+    if not repo.encrypted:
+        return body
+    keys, facts = repo.keys, info.to_json().encode()
+    salt = keys.deterministic_salt(crypto.SNAPSHOT, _U64.pack(len(body)), body, facts)
+    cipher = keys.cipher(crypto.SNAPSHOT, salt)
+    enc_facts = crypto.encrypt(cipher, 1, facts, crypto.SNAPSHOT)
+    return b"".join([crypto.encrypt(cipher, 0, body, crypto.SNAPSHOT), enc_facts, salt,
+                     _U32.pack(len(enc_facts)), crypto.SNAPSHOT])
+
+
+def _check_name(name: str, data: bytes) -> None:
+    digest = name.split(".", 1)[0].rsplit("-", 1)[-1]
+    if blake3.blake3(data).hexdigest() != digest:
+        raise ValueError("its name is not the BLAKE3 of its bytes (damaged)")
+
+
+def decode_manifest_body(repo, data: bytes, name: str) -> bytes:
+    """The Parquet bytes of a whole format 2 manifest file; ValueError when damaged."""
+    from . import crypto
+
+    _check_name(name, data)
+    if not repo.encrypted:
+        return data
+    magic = crypto.SNAPSHOT
+    if len(data) < 8 + 4 + crypto.SALT_SIZE or data[-8:] != magic:
+        raise ValueError(f"it does not end with {magic.decode()}")
+    (flen,) = _U32.unpack(data[-12:-8])
+    salt = data[-12 - crypto.SALT_SIZE: -12]
+    body_end = len(data) - 12 - crypto.SALT_SIZE - flen
+    if body_end < crypto.TAG_SIZE:
+        raise ValueError("its facts length does not fit")
+    try:
+        return crypto.decrypt(repo.keys.cipher(magic, salt), 0, data[:body_end], magic)
+    except crypto.AuthenticationFailed:
+        raise ValueError("it does not authenticate (damaged, or not this repository's)") from None
+
+
+def _facts_from_tail(repo, tail: bytes, size: int, name: str, path: str) -> bytes:
+    from . import crypto
+
+    magic = crypto.SNAPSHOT
+    if len(tail) < 12 + crypto.SALT_SIZE or tail[-8:] != magic:
+        raise ValueError(f"it does not end with {magic.decode()}")
+    (flen,) = _U32.unpack(tail[-12:-8])
+    salt = tail[-12 - crypto.SALT_SIZE: -12]
+    need = 12 + crypto.SALT_SIZE + flen
+    if need > size:
+        raise ValueError("its facts length does not fit")
+    if need > len(tail):
+        tail = repo.fs.cat_file(path, start=size - need, end=size)
+    enc = tail[len(tail) - need: len(tail) - 12 - crypto.SALT_SIZE]
+    try:
+        return crypto.decrypt(repo.keys.cipher(magic, salt), 1, enc, magic)
+    except crypto.AuthenticationFailed:
+        raise ValueError("its facts do not authenticate (damaged, or not this repository's)") from None
+
+
+def _read_table_v2(repo, name: str, columns=None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    from . import ids
+
+    data = repo.fs.cat_file(repo.path("snapshots", name))
+    body = decode_manifest_body(repo, data, name)
+    pf = pq.ParquetFile(pa.BufferReader(body))
+    cols = columns
+    if cols is not None:
+        present = set(pf.schema_arrow.names)
+        cols = [c for c in cols if c in present or c not in OPTIONAL_COLUMNS]
+    table = pf.read(columns=cols)
+    if "hash" in table.column_names:
+        table = table.set_column(table.schema.get_field_index("hash"), pa.field("hash", pa.string()),
+                                 ids.binary_to_hex(table["hash"]))
+    return table
+
+
 def read_manifest(repo, info: SnapshotInfo, columns=None) -> pa.Table:
     """The manifest's rows (``columns`` only); optional columns an older manifest lacks come back null."""
-    table = parquet_io.read_table(repo.fs, repo.path("snapshots", info.key), columns=columns,
-                                  optional=OPTIONAL_COLUMNS)
+    if repo.version >= 2:
+        table = _read_table_v2(repo, info.key, columns)
+    else:
+        table = parquet_io.read_table(repo.fs, repo.path("snapshots", info.key), columns=columns,
+                                      optional=OPTIONAL_COLUMNS)
     for name in OPTIONAL_COLUMNS:
         if name not in table.column_names and (columns is None or name in columns):
             field = MANIFEST_SCHEMA.field(name)
@@ -163,5 +270,17 @@ def read_manifest(repo, info: SnapshotInfo, columns=None) -> pa.Table:
 
 
 def read_info(repo, name: str) -> SnapshotInfo:
-    meta = parquet_io.read_key_value_metadata(repo.fs, repo.path("snapshots", name))
-    return SnapshotInfo.from_json(meta[META_KEY], key=name)
+    """The snapshot facts of manifest ``name``, without reading its rows."""
+    path = repo.path("snapshots", name)
+    if repo.version < 2 or not repo.encrypted:
+        meta = parquet_io.read_key_value_metadata(repo.fs, path)
+        info = SnapshotInfo.from_json(meta[META_KEY], key=name)
+    else:
+        size = int(repo.fs.size(path))
+        tail = repo.fs.cat_file(path, start=max(0, size - LIST_TAIL), end=size)
+        info = SnapshotInfo.from_json(_facts_from_tail(repo, tail, size, name, path), key=name)
+    if repo.version >= 2:
+        stamp = manifest_name(info)[: -len(".parquet")]
+        if not name.startswith(stamp + "-"):
+            raise ValueError(f"its name does not match its facts (snapshot {info.id[:8]} of {info.time})")
+    return info

@@ -27,7 +27,7 @@ import json
 import re
 import struct
 
-from .errors import PackFormatError
+from .errors import BlobFormatError, PackFormatError
 
 PACK_MAGIC = b"KFPACK01"
 _LENGTH = struct.Struct("<Q")
@@ -96,3 +96,185 @@ def _entries(trailer: bytes, data_end: int, where: str) -> list[tuple[str, int, 
                                                     f"{data_end} data bytes")
         entries.append((blob, offset, length))
     return entries
+
+
+# -- format 2 ---------------------------------------------------------------------------------
+#
+#   EncBlob_0 || ... || EncBlob_{n-1} || EncHeader || salt (32) || u32 len(EncHeader) || "KFPACK02"
+#
+# EncBlob_i = AEAD(K_f, N(i), payload_i, "KFPACK02" || type_i || id_i); EncHeader =
+# AEAD(K_f, N_LAST, header, "KFPACK02"); header = 41-byte entries (type u8, stored
+# length u32, raw length u32, id 32), padded with 0xff entries to a multiple of
+# header_pad. Unencrypted repositories: the same without tags, footer magic
+# "KFPACKP2" and a zero salt. ARCHITECTURE.md, "### Packs", is the specification.
+
+from dataclasses import dataclass   # noqa: E402  (format 2's half of the module)
+
+from . import crypto   # noqa: E402
+
+PACK2_MAGIC = crypto.PACK
+PACK2_PLAIN_MAGIC = b"KFPACKP2"
+_ENTRY2 = struct.Struct("<BII32s")
+ENTRY2_SIZE = _ENTRY2.size                      # 41
+_U32 = struct.Struct("<I")
+FOOTER2_SIZE = crypto.SALT_SIZE + _U32.size + 8  # 44: salt, header length, magic
+TYPE_DATA, TYPE_DATA_ZSTD, TYPE_LIST, TYPE_LIST_ZSTD, TYPE_PAD = 0x00, 0x01, 0x02, 0x03, 0xFF
+KIND_DATA, KIND_LIST = 0, 1                      # the index's `type` column
+
+
+def header_type(kind: int, compressed: bool) -> int:
+    return (TYPE_LIST if kind == KIND_LIST else TYPE_DATA) | (1 if compressed else 0)
+
+
+@dataclass
+class Entry2:
+    """One blob of a format 2 pack, as its header (and the index) describe it."""
+
+    id: str                 # hex
+    kind: int               # KIND_DATA or KIND_LIST
+    compressed: bool
+    seq: int                # its number in the pack: its nonce
+    offset: int             # where its stored bytes start
+    length: int             # stored length (payload + tag when encrypted)
+    raw_length: int         # plaintext length after decompression
+
+
+def blob_aad(htype: int, blob_id: bytes) -> bytes:
+    return PACK2_MAGIC + bytes([htype]) + blob_id
+
+
+def encode_pack2(keys: crypto.Subkeys, blobs, header_pad: int = 128) -> tuple[list[bytes], bytes, list[Entry2]]:
+    """A format 2 pack from ``blobs`` [(id hex, kind, payload, compressed, raw_length), ...].
+
+    Returns the pack's parts (to write concatenated, without joining them in
+    memory twice), its salt and its entries. The salt is deterministic (a
+    retried batch packing the same blobs writes the same bytes).
+    """
+    n = len(blobs)
+    padded = -(-max(n, 1) // header_pad) * header_pad
+    tag = crypto.TAG_SIZE if keys.encrypted else 0
+    entries, header, offset = [], bytearray(), 0
+    for seq, (hid, kind, payload, compressed, raw_length) in enumerate(blobs):
+        stored = len(payload) + tag
+        htype = header_type(kind, compressed)
+        header += _ENTRY2.pack(htype, stored, raw_length, bytes.fromhex(hid))
+        entries.append(Entry2(hid, kind, compressed, seq, offset, stored, raw_length))
+        offset += stored
+    header += _ENTRY2.pack(TYPE_PAD, 0, 0, bytes(32)) * (padded - n)
+    if not keys.encrypted:
+        salt = bytes(crypto.SALT_SIZE)
+        parts = [p for (_, _, p, _, _) in blobs]
+        parts += [bytes(header), salt + _U32.pack(len(header)) + PACK2_PLAIN_MAGIC]
+        return parts, salt, entries
+    salt = keys.deterministic_salt(PACK2_MAGIC, header, *(p for (_, _, p, _, _) in blobs))
+    cipher = keys.cipher(PACK2_MAGIC, salt)
+    parts = []
+    for (hid, kind, payload, compressed, _), e in zip(blobs, entries):
+        parts.append(crypto.encrypt(cipher, e.seq, payload, blob_aad(header_type(kind, compressed), bytes.fromhex(hid))))
+    enc_header = cipher.encrypt(crypto.N_LAST, bytes(header), PACK2_MAGIC)
+    parts += [enc_header, salt + _U32.pack(len(enc_header)) + PACK2_MAGIC]
+    return parts, salt, entries
+
+
+def read_header2(keys: crypto.Subkeys, fs, path: str, size: int | None = None) -> tuple[bytes, list[Entry2]]:
+    """(salt, entries) of the format 2 pack at ``path`` from its tail: two range reads."""
+    if size is None:
+        size = int(fs.size(path))
+    if size < FOOTER2_SIZE:
+        raise PackFormatError(key=path, reason=f"{size} bytes, shorter than the {FOOTER2_SIZE}-byte pack footer")
+    footer = fs.cat_file(path, start=size - FOOTER2_SIZE, end=size)
+    salt, hlen = _footer2(keys, footer, size, path)
+    enc_header = fs.cat_file(path, start=size - FOOTER2_SIZE - hlen, end=size - FOOTER2_SIZE)
+    return salt, _entries2(keys, salt, enc_header, size - FOOTER2_SIZE - hlen, path)
+
+
+def header2_from_bytes(keys: crypto.Subkeys, data, where: str) -> tuple[bytes, list[Entry2]]:
+    size = len(data)
+    if size < FOOTER2_SIZE:
+        raise PackFormatError(key=where, reason=f"{size} bytes, shorter than the {FOOTER2_SIZE}-byte pack footer")
+    salt, hlen = _footer2(keys, bytes(data[size - FOOTER2_SIZE:]), size, where)
+    start = size - FOOTER2_SIZE - hlen
+    return salt, _entries2(keys, salt, bytes(data[start: size - FOOTER2_SIZE]), start, where)
+
+
+def well_formed_footer2(footer: bytes, size: int) -> bool:
+    """The footer check ``verify --ciphertext-only`` can make without a key."""
+    if len(footer) != FOOTER2_SIZE or footer[-8:] not in (PACK2_MAGIC, PACK2_PLAIN_MAGIC):
+        return False
+    (hlen,) = _U32.unpack(footer[crypto.SALT_SIZE: crypto.SALT_SIZE + 4])
+    tag = crypto.TAG_SIZE if footer[-8:] == PACK2_MAGIC else 0
+    return hlen <= size - FOOTER2_SIZE and (hlen - tag) % ENTRY2_SIZE == 0 and hlen > tag
+
+
+def _footer2(keys, footer: bytes, size: int, where: str) -> tuple[bytes, int]:
+    magic = PACK2_MAGIC if keys.encrypted else PACK2_PLAIN_MAGIC
+    if len(footer) != FOOTER2_SIZE:
+        raise PackFormatError(key=where, reason=f"read {len(footer)} footer bytes, expected {FOOTER2_SIZE}")
+    if footer[-8:] != magic:
+        raise PackFormatError(key=where, reason=f"it does not end with {magic.decode()}")
+    salt = footer[: crypto.SALT_SIZE]
+    (hlen,) = _U32.unpack(footer[crypto.SALT_SIZE: crypto.SALT_SIZE + 4])
+    tag = crypto.TAG_SIZE if keys.encrypted else 0
+    if hlen > size - FOOTER2_SIZE or hlen <= tag or (hlen - tag) % ENTRY2_SIZE:
+        raise PackFormatError(key=where, reason=f"header length {hlen} does not fit in {size} bytes")
+    return salt, hlen
+
+
+def _entries2(keys, salt: bytes, enc_header: bytes, data_end: int, where: str) -> list[Entry2]:
+    if keys.encrypted:
+        try:
+            header = crypto.decrypt(keys.cipher(PACK2_MAGIC, salt), 0, enc_header, PACK2_MAGIC,
+                                    nonce_bytes=crypto.N_LAST)
+        except crypto.AuthenticationFailed:
+            raise PackFormatError(key=where, reason="its header does not authenticate (damaged, or not this "
+                                                    "repository's)") from None
+    else:
+        header = enc_header
+    entries, offset, padding = [], 0, False
+    for seq in range(len(header) // ENTRY2_SIZE):
+        htype, stored, raw_length, bid = _ENTRY2.unpack_from(header, seq * ENTRY2_SIZE)
+        if htype == TYPE_PAD:
+            padding = True
+            continue
+        if padding or htype not in (TYPE_DATA, TYPE_DATA_ZSTD, TYPE_LIST, TYPE_LIST_ZSTD):
+            raise PackFormatError(key=where, reason=f"header entry {seq} has type {htype:#x}")
+        entries.append(Entry2(bid.hex(), KIND_LIST if htype & TYPE_LIST else KIND_DATA, bool(htype & 1), seq,
+                              offset, stored, raw_length))
+        offset += stored
+    if offset != data_end:
+        raise PackFormatError(key=where, reason=f"its header's lengths add up to {offset}, not the {data_end} "
+                                                "data bytes")
+    return entries
+
+
+def open_blob2(keys: crypto.Subkeys, salt: bytes, entry: Entry2, stored) -> bytes:
+    """A blob's plaintext from its stored bytes, authenticated, decompressed and its id checked.
+
+    Raises ``PackFormatError`` (a subclass of KeepflowError) naming the blob for anything wrong.
+    """
+    from . import compress
+
+    htype = header_type(entry.kind, entry.compressed)
+    if len(stored) != entry.length:
+        raise BlobFormatError(key=f"blob {entry.id[:16]}", reason=f"read {len(stored)} of its {entry.length} bytes")
+    if keys.encrypted:
+        try:
+            payload = crypto.decrypt(keys.cipher(PACK2_MAGIC, salt), entry.seq, stored,
+                                     blob_aad(htype, bytes.fromhex(entry.id)))
+        except crypto.AuthenticationFailed:
+            raise BlobFormatError(key=f"blob {entry.id[:16]}", reason="does not authenticate") from None
+    else:
+        payload = stored
+    if entry.compressed:
+        try:
+            plain = compress.decompress(payload, entry.raw_length)
+        except ValueError as exc:
+            raise BlobFormatError(key=f"blob {entry.id[:16]}", reason=f"does not decompress ({exc})") from None
+    else:
+        plain = bytes(payload) if isinstance(payload, memoryview) else payload
+        if len(plain) != entry.raw_length:
+            raise BlobFormatError(key=f"blob {entry.id[:16]}", reason=f"{len(plain)} bytes, expected {entry.raw_length}")
+    expected = keys.list_id(plain) if entry.kind == KIND_LIST else keys.blob_id(plain)
+    if expected != entry.id:
+        raise BlobFormatError(key=f"blob {entry.id[:16]}", reason="its content does not match its id")
+    return plain

@@ -1,6 +1,13 @@
-"""The repository: its layout, its config file, and how it is created and opened.
+"""The repository: its layout, its config file, its keys, and how it is created and opened.
 
-Layout (format version 1, see ARCHITECTURE.md)::
+Two formats (ARCHITECTURE.md): version 2, the default for new repositories
+(encrypted and authenticated, compressed, content-defined chunks; its own
+section there is the specification), and version 1 (plaintext), read and
+written as before. ``Repository`` is the only code that builds keys (paths
+inside the repository) for both; ``pack.py`` is the only code that knows a
+pack's bytes, ``crypto.py`` the only code that encrypts.
+
+Layout of format version 1::
 
     keepflow.json                     format version, repo id, hash, pack settings
     snapshots/<UTC-ts>-<id>.parquet   one manifest per snapshot, written last
@@ -22,9 +29,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import blake3
 
 from . import storage
 from .errors import (
@@ -34,37 +44,116 @@ from .errors import (
     RepositoryVersionError,
 )
 
-FORMAT_VERSION = 1
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+FORMAT_VERSION = 2                  # the newest format this code reads and writes
+DEFAULT_FORMAT = 2                  # what ``init`` makes unless told ``--format 1``
+ENCRYPTIONS = ("aes-256-gcm", "none")
 CONFIG_NAME = "keepflow.json"
 DEFAULT_PACK_SIZE = 16 * 1024 * 1024
 DEFAULT_SMALL_FILE_THRESHOLD = 1024 * 1024
 # Folders a repository may contain; anything else at the top level means the
 # location belongs to somebody else.
-KNOWN_ENTRIES = {CONFIG_NAME, "snapshots", "index", "packs", "objects", "locks", "trash", "tmp"}
+KNOWN_ENTRIES = {CONFIG_NAME, "snapshots", "index", "packs", "objects", "locks", "trash", "tmp", "keys"}
+# Format 2's fixed choices (ARCHITECTURE.md, "keepflow.json"): part of the
+# encrypted config, fixed for the repository's life.
+ZSTD_LEVELS = {"fastest": 1, "auto": 3, "max": 9}
+CHUNKER = {"name": "fastcdc2020-keyed", "min": 512 * 1024, "avg": 1024 * 1024, "max": 8 * 1024 * 1024, "nc": 2}
+HEADER_PAD = 128
+COMPRESSIONS = ("auto", "off", "fastest", "max")
+# The fields of format 2's encrypted "config" object.
+_V2_SEALED = ("pack_size", "small_file_threshold", "compression", "zstd_levels", "chunker", "header_pad", "ids", "aead")
 
 
 @dataclass
 class RepoConfig:
-    version: int = FORMAT_VERSION
+    """``keepflow.json``, both formats. Format 1 stores these fields as plain
+    JSON; format 2 keeps version, id, encryption and created_at in the clear
+    and the rest in the encrypted ``config`` object (``sealed``, opened once
+    the master key is known)."""
+
+    version: int = 1
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    hash: str = "blake3-256"
+    hash: str = "blake3-256"                 # format 1's blob ids
     pack_size: int = DEFAULT_PACK_SIZE
     small_file_threshold: int = DEFAULT_SMALL_FILE_THRESHOLD
     created_at: str = field(
         default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     )
-    # Room for the planned features: None means "not used" in version 1.
+    # Format 1: both None. Format 2: the default compression of backups, and
+    # "aes-256-gcm" or "none".
     compression: str | None = None
-    encryption: dict[str, Any] | None = None
+    encryption: Any = None
+    # Format 2 only.
+    zstd_levels: dict | None = None
+    chunker: dict | None = None
+    header_pad: int = HEADER_PAD
+    ids: str | None = None
+    aead: str | None = None
+    sealed: str | None = None                # format 2: the "config" field as read, until opened
 
-    def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+    @classmethod
+    def new_v2(cls, encryption: str = "aes-256-gcm", compression: str = "auto", **overrides) -> "RepoConfig":
+        return cls(version=2, hash="", compression=compression, encryption=encryption,
+                   zstd_levels=dict(ZSTD_LEVELS), chunker=dict(CHUNKER), header_pad=HEADER_PAD,
+                   ids="blake3-256-keyed", aead="aes-256-gcm" if encryption != "none" else "none", **overrides)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.version >= 2 and self.encryption not in (None, "none")
+
+    def sealed_fields(self) -> dict:
+        return {k: getattr(self, k) for k in _V2_SEALED}
+
+    def plain_fields(self) -> dict:
+        return {"version": self.version, "id": self.id, "encryption": self.encryption, "created_at": self.created_at}
+
+    def to_json(self, keys=None) -> bytes:
+        """The file's bytes; format 2 with encryption needs the subkeys to seal the config."""
+        if self.version < 2:
+            data = {k: v for k, v in asdict(self).items() if k in _V1_FIELDS}
+        else:
+            data = self.plain_fields()
+            if self.encrypted:
+                from . import crypto
+
+                data["config"] = crypto.seal_config(keys, data, self.sealed_fields())
+            else:
+                data["config"] = self.sealed_fields()
+        return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> "RepoConfig":
         raw = json.loads(data)
-        known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
-        return cls(**known)
+        if not isinstance(raw, dict):
+            raise ValueError("not an object")
+        version = raw.get("version", 1)
+        if not isinstance(version, int):
+            raise ValueError("version is not a number")
+        if version < 2:
+            return cls(**{k: raw[k] for k in _V1_FIELDS if k in raw})
+        config = cls(version=version, id=raw["id"], hash="", encryption=raw.get("encryption"),
+                     created_at=raw.get("created_at", ""))
+        inner = raw.get("config")
+        if isinstance(inner, dict):
+            config.apply_sealed(inner)
+        elif isinstance(inner, str):
+            config.sealed = inner
+        else:
+            raise ValueError("config is missing")
+        return config
+
+    def apply_sealed(self, fields: dict) -> None:
+        for k in _V2_SEALED:
+            if k in fields:
+                setattr(self, k, fields[k])
+        self.sealed = None
+
+    def to_plan(self) -> dict:
+        """What a run's plan carries so batches can attach (the opened config, never a key)."""
+        return asdict(self)
+
+
+_V1_FIELDS = ("version", "id", "hash", "pack_size", "small_file_threshold", "created_at", "compression", "encryption")
 
 
 class Repository:
@@ -81,8 +170,58 @@ class Repository:
         self.root = root
         self.config = config
         self.storage_options = storage_options or {}
+        self._keys = None
 
-    # -- paths ---------------------------------------------------------------
+    # -- format ----------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.config.version
+
+    @property
+    def encrypted(self) -> bool:
+        return self.config.encrypted
+
+    @property
+    def keys(self):
+        """Format 2's subkeys (crypto.Subkeys); None for format 1.
+
+        An encrypted repository is unlocked on first use with the process's
+        password (keyring.py: the master key is kept per repository id for
+        the life of the process, so the batches of a run derive it once).
+        """
+        if self.version < 2:
+            return None
+        if self._keys is None:
+            from . import keyring
+
+            self._keys = keyring.subkeys(self)
+            if self.config.sealed is not None:
+                self._open_sealed_config()
+        return self._keys
+
+    def unlock(self) -> "Repository":
+        """Check the password now (before anything is written); returns self."""
+        _ = self.keys
+        return self
+
+    def _open_sealed_config(self) -> None:
+        from . import crypto
+
+        try:
+            fields = crypto.unseal_config(self._keys, self.config.plain_fields(), self.config.sealed)
+        except crypto.AuthenticationFailed:
+            raise NotARepositoryError(
+                f"{self.url}/{CONFIG_NAME} does not authenticate with this repository's key: its config or "
+                "its plain fields were changed; restore keepflow.json from a replica") from None
+        self.config.apply_sealed(fields)
+
+    def blob_id(self, data) -> str:
+        """The id of a data blob (a small file's bytes, or a chunk), as hex."""
+        if self.version < 2:
+            return blake3.blake3(data).hexdigest()
+        return self.keys.blob_id(data)
+
+    # -- paths (every key inside the repository is built here) ------------------
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
 
@@ -92,7 +231,31 @@ class Repository:
 
     @staticmethod
     def object_key(blob_hash: str) -> str:
+        """Format 1 only: a large blob stored whole."""
         return f"objects/{blob_hash[:2]}/{blob_hash}"
+
+    @staticmethod
+    def key_file_key(name: str) -> str:
+        return f"keys/{name}"
+
+    def index_key(self, label: str, stored: bytes | None = None) -> str:
+        """``index/<label>.parquet`` (format 1), ``index/<label>-<B3 of the file>`` (format 2,
+        ``.parquet`` appended when it is not encrypted)."""
+        if self.version < 2:
+            return f"index/{label}.parquet"
+        name = f"{label}-{blake3.blake3(stored).hexdigest()}"
+        return f"index/{name}" + ("" if self.encrypted else ".parquet")
+
+    def index_label(self, name: str) -> str | None:
+        """The label of an index file name (``index_key``'s inverse); None for a foreign name."""
+        if self.version < 2:
+            return name[: -len(".parquet")] if name.endswith(".parquet") else None
+        if not self.encrypted:
+            if not name.endswith(".parquet"):
+                return None
+            name = name[: -len(".parquet")]
+        label, _, digest = name.rpartition("-")
+        return label if label and _HEX64.fullmatch(digest) else None
 
     @property
     def is_local(self) -> bool:
@@ -101,7 +264,21 @@ class Repository:
     # -- open / create -------------------------------------------------------
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None,
-             create: bool = False) -> "Repository":
+             create: bool = False, unlock: bool = True) -> "Repository":
+        """Open (or, with ``create``, create) the repository at ``url``.
+
+        An encrypted repository is unlocked here unless ``unlock`` is False
+        (replication and ``verify --ciphertext-only`` copy and check
+        ciphertext, and need no password): a missing or wrong password fails
+        before anything is written.
+        """
+        repo = cls._open(url, storage_options, create)
+        if unlock and repo.encrypted:
+            repo.unlock()
+        return repo
+
+    @classmethod
+    def _open(cls, url: str, storage_options: dict[str, Any] | None, create: bool) -> "Repository":
         fs, root = storage.open_url(url, storage_options)
         config_path = storage.join(root, CONFIG_NAME)
         try:
@@ -141,7 +318,13 @@ class Repository:
 
     @classmethod
     def init(cls, url: str, storage_options: dict[str, Any] | None = None,
-             config: RepoConfig | None = None) -> "Repository":
+             config: RepoConfig | None = None, password: str | None = None) -> "Repository":
+        """Create a repository (format 2, encrypted, unless ``config`` says otherwise).
+
+        An encrypted one takes ``password`` or asks passwords.get_password
+        (confirmed at a terminal); its first key file is written before
+        ``keepflow.json``, so a repository never exists without a way in.
+        """
         fs, root = storage.open_url(url, storage_options)
         try:
             exists = fs.exists(storage.join(root, CONFIG_NAME))
@@ -153,35 +336,47 @@ class Repository:
             raise RepositoryExistsError(url=url)
         storage.check_container(fs, url)
         _check_empty_or_missing(fs, root, url)
-        return cls._create(url, fs, root, storage_options, config)
+        return cls._create(url, fs, root, storage_options, config, password)
 
     @classmethod
-    def _create(cls, url, fs, root, storage_options, config: RepoConfig | None = None):
-        config = config or RepoConfig()
+    def _create(cls, url, fs, root, storage_options, config: RepoConfig | None = None,
+                password: str | None = None):
+        config = config or RepoConfig.new_v2()
+        repo = cls(url, fs, root, config, storage_options)
+        keys = None
+        if config.version >= 2:
+            from . import keyring
+
+            keys = keyring.create_first_key(repo, password)   # writes keys/<name> (before keepflow.json)
+            repo._keys = keys
         try:
             fs.makedirs(root, exist_ok=True)
-            created = storage.write_once(fs, storage.join(root, CONFIG_NAME), config.to_json())
+            created = storage.write_once(fs, storage.join(root, CONFIG_NAME), config.to_json(keys))
         except Exception as exc:
             if not storage.is_storage_failure(exc):
                 raise
             raise storage.describe_error(url, exc) from None
         if not created:
-            # Somebody else created it at the same moment: use theirs.
+            # Somebody else created it at the same moment: use theirs (our key
+            # file, if any, names another repository id and opens nothing).
             data = fs.cat_file(storage.join(root, CONFIG_NAME))
             return cls._from_config_bytes(url, fs, root, data, storage_options)
-        return cls(url, fs, root, config, storage_options)
+        return repo
 
     @classmethod
     def _from_config_bytes(cls, url, fs, root, data, storage_options):
         try:
             config = RepoConfig.from_json(data)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, KeyError):
             raise NotARepositoryError(
                 f"{url}/{CONFIG_NAME} is not a valid keepflow config; "
                 "this location is damaged or not a keepflow repository"
             ) from None
         if config.version > FORMAT_VERSION:
             raise RepositoryVersionError(url=url, found=config.version, supported=FORMAT_VERSION)
+        if config.version >= 2 and config.encryption not in ENCRYPTIONS:
+            raise NotARepositoryError(f"{url}/{CONFIG_NAME} names encryption {config.encryption!r}, which this "
+                                      f"keepflow does not know ({', '.join(ENCRYPTIONS)}); upgrade keepflow")
         return cls(url, fs, root, config, storage_options)
 
 

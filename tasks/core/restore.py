@@ -41,13 +41,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import index as indexmod
-from . import manifest, progress, restore_entries, snapshots, storage
+from . import manifest, progress, restore_chunks, restore_entries, snapshots, storage
 from . import scratch as scratch_io
 from .blob_sources import BlobSources
 from .errors import TargetError, UsageError
 from .repository import Repository
 from .restore_writer import RestoreBatchResult, TargetWriter, remove_stale_temporaries
 from .scan import compile_patterns
+# Format 2: what opening a blob needs besides key, offset and length.
+V2_ROW_COLUMNS = ("kind", "seq", "salt", "raw_length", "compressed")
 
 COALESCE_GAP = 1024 * 1024
 CHUNK = 4 * 1024 * 1024
@@ -113,16 +115,23 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     files, hard_links = _split_hard_links(files, local_target=storage.is_local(tfs))
 
     idx = indexmod.load_index(repo)
+    if "type" in idx.column_names:      # format 2: the blob's kind (data or list), not the entry's type
+        idx = idx.rename_columns(["kind" if c == "type" else c for c in idx.column_names])
     # Join the hash only (Arrow's join carries no nested columns such as
     # xattrs), then take the file rows: the index is unique by hash.
     where = files.select(["hash"]).append_column("_row", pa.array(range(files.num_rows), pa.int64()))
     where = where.join(idx, keys="hash", join_type="left outer").sort_by("_row")
     located = files
-    for name in ("key", "offset", "length"):
+    location_columns = [c for c in idx.column_names if c != "hash"]
+    for name in location_columns:
         located = located.append_column(name, where[name])
     missing_mask = pc.is_null(located["key"])
     missing = located.filter(missing_mask)
     located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
+    chunks = None
+    if repo.version >= 2:
+        located, chunks, unreadable = restore_chunks.expand_lists(repo, located, idx)
+        missing = pa.concat_tables([missing.select(["path"]), unreadable.select(["path"])])
 
     local = storage.is_local(tfs)
     folders = _folders(_fs_paths(dirs, local), _fs_paths(files, local) + _fs_paths(links, local)
@@ -133,13 +142,17 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
         if not fresh:
             removed = remove_stale_temporaries(tfs, troot, folders)
 
-    batches = scratch_io.cut_ranges(located["length"].to_numpy(zero_copy_only=False), MAX_BATCH_FILES,
+    sized_by = "size" if chunks is not None else "length"
+    batches = scratch_io.cut_ranges(located[sized_by].to_numpy(zero_copy_only=False), MAX_BATCH_FILES,
                                     MAX_BATCH_BYTES)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     scratch = scratch_io.create("restore", run_id, work_dir)
     try:
         scratch_io.write(scratch, "other", pa.concat_tables([dirs, links, specials, hard_links]))
-        scratch_io.write_parts(scratch, "batch", located.select(_BATCH_COLUMNS), batches)
+        columns = _BATCH_COLUMNS + (list(V2_ROW_COLUMNS) if chunks is not None else [])
+        scratch_io.write_parts(scratch, "batch", located.select(columns), batches)
+        if chunks is not None:
+            restore_chunks.write_chunk_parts(scratch, chunks, batches)
     except BaseException:
         scratch_io.remove(scratch)      # nobody else knows the folder yet
         raise
@@ -151,7 +164,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
         fallbacks=[u for u in [repo_url, *fallbacks] if u != used_url], fallback_options=fallback_options or {},
         primary_url=repo_url,
         missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
-        run_id=run_id, repo_config=asdict(repo.config),
+        run_id=run_id, repo_config=repo.config.to_plan(),
     )
 
 
@@ -294,7 +307,12 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
     if batch_no == 0:
         progress.start("restore", plan["files"], plan["bytes"])
     result = writer.result
-    cols = {c: table[c].to_pylist() for c in _BATCH_COLUMNS if c != "xattrs" or plan.get("xattrs", True)}
+    wanted_columns = _BATCH_COLUMNS + [c for c in V2_ROW_COLUMNS if c in table.column_names]
+    cols = {c: table[c].to_pylist() for c in wanted_columns if c != "xattrs" or plan.get("xattrs", True)}
+    v2 = "seq" in cols
+    opener = restore_chunks.BlobOpener(sources, cols) if v2 else None
+    if v2:
+        writer.content_id = restore_chunks.content_id_function(sources.repo(sources.primary_url))
 
     # Group the paths by blob: a blob is read once however many files use it.
     by_hash: dict[str, list[int]] = {}
@@ -316,8 +334,14 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
         return result
 
     by_key: dict[str, list[int]] = {}
+    chunked = []
     for i in needed:
+        if v2 and cols["kind"][i] == 1:
+            chunked.append(i)
+            continue
         by_key.setdefault(cols["key"][i], []).append(i)
+    if chunked:
+        restore_chunks.restore_chunked(plan, batch_no, sources, cols, chunked, by_hash, writer)
     for key, items in by_key.items():
         if key.startswith("objects/"):
             for i in items:
@@ -337,12 +361,13 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
                 if data is not None:
                     off = cols["offset"][i] - span_start
                     blob = data[off: off + length]
-                    if blake3.blake3(blob).hexdigest() != blob_hash:
-                        blob = None
-                    else:
+                    blob = opener.open(i, blob) if v2 else (blob if blake3.blake3(blob).hexdigest() == blob_hash
+                                                            else None)
+                    if blob is not None:
                         sources.count(sources.primary_url)
                 if blob is None:
-                    blob, problem = sources.from_fallbacks(key, cols["offset"][i], length, blob_hash)
+                    blob, problem = sources.from_fallbacks(key, cols["offset"][i], length, blob_hash,
+                                                           check=(lambda b, i=i: opener.open(i, b)) if v2 else None)
                     if blob is None:
                         for j in by_hash[blob_hash]:
                             result.errors.append((cols["path"][j], problem))

@@ -71,6 +71,9 @@ class TargetWriter:
         # Nothing can be in the way in a folder that did not exist before
         # this restore: skip the per-file look at the target.
         self.fresh = fresh
+        # How a file's content id is computed to compare it with the
+        # snapshot's (format 1: plain BLAKE3; format 2 sets a keyed one).
+        self.content_id = None
 
     def dest(self, cols, j) -> str:
         # Manifest paths are relative POSIX paths: plain concatenation is enough.
@@ -116,6 +119,11 @@ class TargetWriter:
         return True
 
     def _hash_of(self, dest) -> str | None:
+        if self.content_id is not None:
+            try:
+                return self.content_id(self.fs, dest, self.local)
+            except (OSError, ValueError):
+                return None
         try:
             h = blake3.blake3()
             if self.local:

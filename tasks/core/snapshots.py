@@ -28,6 +28,7 @@ from . import storage
 from .errors import (
     AmbiguousSnapshotError,
     DamagedManifestError,
+    KeepflowError,
     NoSnapshotsError,
     SnapshotNotFoundError,
     UsageError,
@@ -38,10 +39,13 @@ from .manifest import SnapshotInfo, read_info
 def list_snapshot_names(repo) -> list[str]:
     files = storage.list_files(repo.fs, repo.path("snapshots"))
     names = [f["name"].rsplit("/", 1)[-1] for f in files]
+    if repo.version >= 2 and repo.encrypted:
+        return sorted(n for n in names if ".tmp-" not in n)   # everything else: a manifest, or reported damaged
     return sorted(n for n in names if n.endswith(".parquet"))
 
 
-_NAME = re.compile(r"(\d{8}T\d{6}\d{6}Z)-([0-9a-f]+)\.parquet")
+# Format 1: <time>-<id>.parquet; format 2: <time>-<id>-<B3 of the file>[.parquet].
+_NAME = re.compile(r"(\d{8}T\d{6}\d{6}Z)-([0-9a-f]+)(?:-[0-9a-f]{64})?(?:\.parquet)?")
 
 
 @dataclass
@@ -79,7 +83,7 @@ def list_snapshots(repo, damaged: list[DamagedManifest] | None = None) -> list[S
     def load(name):
         try:
             return read_info(repo, name)
-        except (KeyError, ValueError, OSError, TypeError) as exc:
+        except (KeyError, ValueError, OSError, TypeError, KeepflowError) as exc:
             return DamagedManifest.from_name(name, _reason(exc))
 
     if repo.is_local or len(names) < 4:

@@ -35,11 +35,19 @@ import pyarrow as pa
 
 from . import progress, storage
 from .errors import RepositoryWriteError
+from . import pack
 from .manifest import clamp_ns, shown
 from .pack import encode_trailer
 
 INDEX_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()),
                           ("offset", pa.int64()), ("length", pa.int64())])
+# Format 2's index rows in memory: format 1's columns (ids as hex, the pack's
+# key) plus what opening a blob needs. index.py converts them to and from the
+# stored form (binary ids, ARCHITECTURE.md "### Index files").
+INDEX2_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()), ("offset", pa.int64()),
+                           ("length", pa.int64()), ("type", pa.int8()), ("seq", pa.int32()),
+                           ("salt", pa.binary(32)), ("raw_length", pa.int64()), ("compressed", pa.bool_())])
+V2_COLUMNS = ("type", "seq", "salt", "raw_length", "compressed")
 CHUNK = 4 * 1024 * 1024
 # Files at least this big are hashed with several threads (blake3 scales well).
 PARALLEL_HASH_MIN = 64 * 1024 * 1024
@@ -53,15 +61,17 @@ class BatchResult:
     mtimes: list[int] = field(default_factory=list)
     ctimes: list[int | None] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    index_rows: dict[str, list] = field(default_factory=lambda: {"hash": [], "key": [], "offset": [], "length": []})
+    index_rows: dict[str, list] = field(default_factory=lambda: {c: [] for c in INDEX2_SCHEMA.names})
     bytes_read: int = 0
     bytes_stored: int = 0
     blobs_stored: int = 0
     packs_written: int = 0
     objects_written: int = 0
 
-    def index_table(self) -> pa.Table:
-        return pa.table(self.index_rows, schema=INDEX_SCHEMA)
+    def index_table(self, version: int = 1) -> pa.Table:
+        if version >= 2:
+            return pa.table(self.index_rows, schema=INDEX2_SCHEMA)
+        return pa.table({c: self.index_rows[c] for c in INDEX_SCHEMA.names}, schema=INDEX_SCHEMA)
 
     def result_table(self) -> pa.Table:
         return pa.table({"row": pa.array(self.rows, pa.int64()), "hash": pa.array(self.hashes, pa.string()),
@@ -78,21 +88,33 @@ _DEST_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 class PackWriter:
-    """Concatenates small blobs and writes full packs write-once."""
+    """Concatenates small blobs (format 2: also chunks, or chunk lists) and writes full packs write-once."""
 
-    def __init__(self, repo, result: BatchResult, dry_run: bool = False):
-        self.repo, self.result, self.dry_run = repo, result, dry_run
+    def __init__(self, repo, result: BatchResult, dry_run: bool = False, kind: int = pack.KIND_DATA):
+        self.repo, self.result, self.dry_run, self.kind = repo, result, dry_run, kind
+        self.v2 = repo.version >= 2
         self.buffer = bytearray()
         self.entries: list[tuple[str, int, int]] = []
+        self.blobs: list[tuple] = []     # format 2: (id, kind, payload, compressed, raw length)
+        self.size = 0
         self.claimed: set[str] = set()   # hashes this batch has packed (see KnownBlobs)
 
-    def add(self, blob_hash: str, data: bytes) -> None:
+    def add(self, blob_hash: str, data, compressed: bool = False, raw_length: int | None = None) -> None:
+        if self.v2:
+            self.blobs.append((blob_hash, self.kind, data, compressed, len(data) if raw_length is None else raw_length))
+            self.size += len(data)
+            if self.size >= self.repo.config.pack_size:
+                self.flush()
+            return
         self.entries.append((blob_hash, len(self.buffer), len(data)))
         self.buffer += data
         if len(self.buffer) >= self.repo.config.pack_size:
             self.flush()
 
     def flush(self) -> None:
+        if self.v2:
+            self._flush_v2()
+            return
         if not self.entries:
             return
         self.buffer += encode_trailer(self.entries)
@@ -114,19 +136,59 @@ class PackWriter:
         self.buffer = bytearray()
         self.entries = []
 
+    def _flush_v2(self) -> None:
+        if not self.blobs:
+            return
+        parts, salt, entries = pack.encode_pack2(self.repo.keys, self.blobs, self.repo.config.header_pad)
+        hasher = blake3.blake3()
+        for part in parts:
+            hasher.update(part)
+        key = self.repo.pack_key(hasher.hexdigest())
+        if not self.dry_run:
+            try:
+                storage.write_once(self.repo.fs, self.repo.path(key), b"".join(parts))
+            except Exception as exc:
+                raise storage.write_failure(f"cannot write {key} to {self.repo.url}: {exc}", exc) from exc
+        rows = self.result.index_rows
+        for e in entries:
+            rows["hash"].append(e.id)
+            rows["key"].append(key)
+            rows["offset"].append(e.offset)
+            rows["length"].append(e.length)
+            rows["type"].append(e.kind)
+            rows["seq"].append(e.seq)
+            rows["salt"].append(salt)
+            rows["raw_length"].append(e.raw_length)
+            rows["compressed"].append(e.compressed)
+        self.result.packs_written += 1
+        self.result.bytes_stored += sum(len(p) for p in parts)
+        self.blobs = []
+        self.size = 0
+
 
 def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[int],
-                known: "KnownBlobs", dry_run: bool = False) -> BatchResult:
+                known: "KnownBlobs", dry_run: bool = False, compression: str | None = None) -> BatchResult:
+    """Store one batch; ``compression`` (format 2) overrides the repository's default mode."""
     result = BatchResult()
     packer = PackWriter(repo, result, dry_run)
+    writers = [packer]
+    if repo.version >= 2:
+        from .store_v2 import ChunkedStore
+
+        packer.chunked = ChunkedStore(repo, packer, PackWriter(repo, result, dry_run, kind=pack.KIND_LIST),
+                                      known, result, compression or repo.config.compression or "auto")
+        writers.append(packer.chunked.lists)
     try:
         _store_files(repo, source_fs, source_root, paths, rows, known, packer, result, dry_run)
-        packer.flush()
+        for w in writers:
+            w.flush()
     except BaseException:
-        known.settle(packer, stored=False)   # a retry must store these blobs itself
+        for w in writers:
+            known.settle(w, stored=False)    # a retry must store these blobs itself
         raise
     known.add(result.index_rows["hash"])
-    known.settle(packer, stored=True)
+    for w in writers:
+        known.settle(w, stored=True)
     return result
 
 
@@ -136,7 +198,9 @@ def _store_files(repo, source_fs, source_root, paths, rows, known, packer, resul
     for row, rel in zip(rows, paths):
         full = os.path.join(source_root, rel) if local_source else storage.join(source_root, rel)
         try:
-            if local_source:
+            if packer.v2:
+                blob_hash, size, mtime, ctime = packer.chunked.store_file(source_fs, full, local_source, threshold)
+            elif local_source:
                 blob_hash, size, mtime, ctime = _store_local_file(repo, full, threshold, known, packer, result, dry_run)
             else:
                 blob_hash, size, mtime, ctime = _store_remote_file(repo, source_fs, full, threshold, known, packer, result, dry_run)

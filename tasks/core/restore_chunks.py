@@ -1,0 +1,261 @@
+"""Restoring format 2 content: opening blobs, and files assembled from chunks.
+
+A file whose content id is a list blob (ARCHITECTURE.md, "### Packs", "List
+blobs") is restored from its chunks. ``prepare`` (restore.py) calls
+``expand_lists``: every list blob of the restore is read (range reads, in a
+thread pool on object stores), authenticated and decoded, and its chunks are
+joined with the index, so each batch gets a work list of chunk locations
+(``chunks`` parts in the run folder, one per batch) and never needs the
+index. A file whose list cannot be read or that has a chunk the index lacks
+is reported, not restored.
+
+``restore_chunked`` writes each such file to a temporary name in file order
+while a small thread pool reads and opens the next chunks (zstd releases the
+GIL); every chunk is authenticated, decompressed and its keyed id recomputed
+before it is written, and the file is renamed into place only when all of its
+chunks were good.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import pack, progress
+from . import scratch as scratch_io
+from .errors import KeepflowError
+from .store_v2 import chunker_for, decode_list, encode_list
+
+PREFETCH = 4
+_CHUNK_COLUMNS = ["_file", "pos", "hash", "key", "offset", "length", "seq", "salt", "raw_length", "compressed"]
+
+
+def entry_of(cols: dict, i: int) -> pack.Entry2:
+    return pack.Entry2(cols["hash"][i], cols["kind"][i], cols["compressed"][i], cols["seq"][i],
+                       cols["offset"][i], cols["length"][i], cols["raw_length"][i])
+
+
+class BlobOpener:
+    """Opens format 2 blobs of a batch's rows: plaintext, or None when the stored bytes are bad."""
+
+    def __init__(self, sources, cols: dict):
+        self.keys = sources.repo(sources.primary_url).keys
+        self.cols = cols
+
+    def open(self, i: int, stored):
+        try:
+            return pack.open_blob2(self.keys, self.cols["salt"][i], entry_of(self.cols, i), stored)
+        except KeepflowError:
+            return None
+
+
+def _read_blob(repo, cols: dict, i: int) -> bytes:
+    stored = repo.fs.cat_file(repo.path(cols["key"][i]), start=cols["offset"][i],
+                              end=cols["offset"][i] + cols["length"][i])
+    return pack.open_blob2(repo.keys, cols["salt"][i], entry_of(cols, i), stored)
+
+
+def expand_lists(repo, located: pa.Table, idx: pa.Table):
+    """(located without unrestorable files, chunk work table, unrestorable files).
+
+    ``located`` holds the files with their index rows (format 2 columns);
+    the chunk table's ``_file`` is the row number in the returned ``located``.
+    """
+    is_list = pc.equal(located["kind"], 1)
+    if not pc.any(is_list).as_py():
+        return located, _empty_chunks(), located.slice(0, 0)
+    list_rows = np.flatnonzero(is_list.to_numpy(zero_copy_only=False))
+    cols = {c: located[c].take(pa.array(list_rows)).to_pylist()
+            for c in ("hash", "key", "offset", "length", "kind", "seq", "salt", "raw_length", "compressed")}
+
+    def one(k):
+        try:
+            return decode_list(_read_blob(repo, cols, k))
+        except (KeepflowError, OSError, ValueError):
+            return None
+
+    if repo.is_local or len(list_rows) < 4:
+        lists = [one(k) for k in range(len(list_rows))]
+    else:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            lists = list(pool.map(one, range(len(list_rows))))
+    bad = np.zeros(located.num_rows, dtype=bool)
+    files, positions, hashes = [], [], []
+    for row, chunks in zip(list_rows, lists):
+        if chunks is None:
+            bad[row] = True
+            continue
+        pos = 0
+        for cid, n in chunks:
+            files.append(int(row))
+            positions.append(pos)
+            hashes.append(cid)
+            pos += n
+    table = pa.table({"_file": pa.array(files, pa.int64()), "pos": pa.array(positions, pa.int64()),
+                      "hash": pa.array(hashes, pa.string())})
+    table = table.append_column("_order", pa.array(np.arange(table.num_rows), pa.int64()))
+    joined = table.join(idx.select(["hash", "key", "offset", "length", "seq", "salt", "raw_length", "compressed"]),
+                        keys="hash", join_type="left outer").sort_by("_order")
+    unindexed = pc.is_null(joined["key"])
+    if pc.any(unindexed).as_py():
+        bad[np.unique(joined.filter(unindexed)["_file"].to_numpy())] = True
+    keep = ~bad
+    new_number = np.cumsum(keep) - 1
+    chunks = joined.filter(pa.array(keep[joined["_file"].to_numpy()]))
+    chunks = chunks.set_column(0, "_file", pa.array(new_number[chunks["_file"].to_numpy()], pa.int64()))
+    return located.filter(pa.array(keep)), chunks.select(_CHUNK_COLUMNS), located.filter(pa.array(bad))
+
+
+def _empty_chunks() -> pa.Table:
+    return pa.table({"_file": pa.array([], pa.int64()), "pos": pa.array([], pa.int64()),
+                     "hash": pa.array([], pa.string()), "key": pa.array([], pa.string()),
+                     "offset": pa.array([], pa.int64()), "length": pa.array([], pa.int64()),
+                     "seq": pa.array([], pa.int32()), "salt": pa.array([], pa.binary(32)),
+                     "raw_length": pa.array([], pa.int64()), "compressed": pa.array([], pa.bool_())})
+
+
+def write_chunk_parts(scratch: str, chunks: pa.Table, batches: list[tuple[int, int]]) -> None:
+    files = chunks["_file"]
+    for number, (a, b) in enumerate(batches):
+        mine = chunks.filter(pc.and_(pc.greater_equal(files, a), pc.less(files, b)))
+        mine = mine.set_column(0, "_file", pc.subtract(mine["_file"], a))
+        scratch_io.write_part(scratch, "chunks", number, mine)
+
+
+def content_id_function(repo):
+    """fn(fs, path, local) -> the format 2 content id of a file at the target (for --overwrite if-changed)."""
+    keys, threshold = repo.keys, repo.config.small_file_threshold
+
+    def content_id(fs, path: str, local: bool) -> str:
+        f = open(path, "rb") if local else fs.open(path, "rb")
+        with f:
+            head = f.read(threshold)
+            if len(head) < threshold:
+                return keys.blob_id(head)
+            first = [head]
+
+            def read(n):
+                return first.pop() if first else f.read(n)
+
+            chunks = [(keys.blob_id(c), len(c)) for c in chunker_for(repo).iter_chunks(read)]
+        if len(chunks) == 1:
+            return chunks[0][0]
+        return keys.list_id(encode_list(chunks))
+
+    return content_id
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(PREFETCH, thread_name_prefix="keepflow-restore")
+    return _pool
+
+
+def restore_chunked(plan: dict, batch_no: int, sources, cols: dict, rows: list[int], by_hash: dict, writer) -> None:
+    """Write the batch's chunked files ``rows`` (and their duplicates in ``by_hash``)."""
+    table = scratch_io.read_part(plan["scratch"], "chunks", batch_no)
+    ccols = {c: table[c].to_pylist() for c in _CHUNK_COLUMNS}
+    ccols["kind"] = [pack.KIND_DATA] * table.num_rows
+    starts: dict[int, list[int]] = {}
+    for k, f in enumerate(ccols["_file"]):
+        starts.setdefault(f, []).append(k)
+    keys = sources.repo(sources.primary_url).keys
+    for i in rows:
+        paths = [j for j in by_hash[cols["hash"][i]] if writer.pending(j)]
+        if not paths:
+            continue
+        problem = _write_chunked(writer, sources, keys, cols, paths[0], ccols, starts.get(i, []))
+        if problem:
+            for j in paths:
+                writer.result.errors.append((cols["path"][j], problem))
+            continue
+        for j in paths[1:]:
+            writer.copy_from(cols, paths[0], j)
+
+
+def _fetch(sources, keys, ccols, k):
+    key, off, length = ccols["key"][k], ccols["offset"][k], ccols["length"][k]
+    entry = entry_of(ccols, k)
+
+    def check(stored):
+        try:
+            return pack.open_blob2(keys, ccols["salt"][k], entry, stored)
+        except KeepflowError:
+            return None
+
+    try:
+        plain = check(sources.primary_range(key, off, off + length))
+    except OSError:
+        plain = None
+    if plain is not None:
+        sources.count(sources.primary_url)
+        return plain, length, None
+    plain, problem = sources.from_fallbacks(key, off, length, ccols["hash"][k], check=check)
+    return plain, length, problem
+
+
+def _write_chunked(writer, sources, keys, cols, j, ccols, chunk_rows: list[int]) -> str | None:
+    dest = writer.dest(cols, j)
+    tmp = writer._tmp_name(dest)
+    pool = _threads()
+    pending: deque = deque()
+    todo = iter(chunk_rows)
+    written = read = 0
+    try:
+        out = writer._create_local(tmp, cols["size"][j]) if writer.local else writer.fs.open(tmp, "wb")
+    except OSError as exc:
+        return f"cannot write: {exc.strerror or exc}"
+    problem = None
+    try:
+        with out:
+            for k in todo:
+                pending.append(pool.submit(_fetch, sources, keys, ccols, k))
+                if len(pending) >= PREFETCH:
+                    break
+            while pending:
+                plain, stored, problem = pending.popleft().result()
+                if plain is None:
+                    break
+                out.write(plain)
+                written += len(plain)
+                read += stored
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_fetch, sources, keys, ccols, nxt))
+    except OSError as exc:
+        problem = f"cannot write: {exc.strerror or exc}"
+    except BaseException:
+        writer._discard(tmp)
+        raise
+    finally:
+        for f in pending:
+            f.cancel()
+    writer.result.bytes_read += read
+    if problem is None and written != cols["size"][j]:
+        problem = f"its chunks hold {written} bytes, the snapshot says {cols['size'][j]}"
+    if problem is not None:
+        writer._discard(tmp)
+        return problem
+    try:
+        if writer.local:
+            writer._finish_local(tmp, dest, cols, j)
+        else:
+            writer.fs.mv(tmp, dest)
+    except OSError as exc:
+        writer._discard(tmp)
+        return f"cannot write: {exc.strerror or exc}"
+    writer.result.written += 1
+    writer.result.bytes_written += written
+    progress.advance("restore", 1, written)
+    return None
+
+
+
