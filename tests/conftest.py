@@ -25,6 +25,15 @@ os.environ["PREFECT_HOME"] = _HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
+# Format 2 repositories are encrypted by default: every test (and every
+# keepflow subprocess it starts) has a password, and key files made with a
+# cheap KDF (the defaults cost half a second per unlock). Tests of missing or
+# wrong passwords set their own environment.
+TEST_PASSWORD = "keepflow test password"
+os.environ["KEEPFLOW_PASSWORD"] = TEST_PASSWORD
+os.environ["KEEPFLOW_KDF"] = "argon2id:t=1,m=1024,p=1"
+for _name in ("KEEPFLOW_PASSWORD_FILE", "KEEPFLOW_PASSWORD_COMMAND"):
+    os.environ.pop(_name, None)
 
 VENV_BIN = Path(sys.executable).parent
 KEEPFLOW = str(VENV_BIN / "keepflow")

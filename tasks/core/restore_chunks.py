@@ -28,7 +28,8 @@ import pyarrow.compute as pc
 from . import pack, progress
 from . import scratch as scratch_io
 from .errors import KeepflowError
-from .store_v2 import chunker_for, decode_list, encode_list
+from .chunk_lists import encode_list, read_lists
+from .store_v2 import chunker_for
 
 PREFETCH = 4
 _CHUNK_COLUMNS = ["_file", "pos", "hash", "key", "offset", "length", "seq", "salt", "raw_length", "compressed"]
@@ -53,12 +54,6 @@ class BlobOpener:
             return None
 
 
-def _read_blob(repo, cols: dict, i: int) -> bytes:
-    stored = repo.fs.cat_file(repo.path(cols["key"][i]), start=cols["offset"][i],
-                              end=cols["offset"][i] + cols["length"][i])
-    return pack.open_blob2(repo.keys, cols["salt"][i], entry_of(cols, i), stored)
-
-
 def expand_lists(repo, located: pa.Table, idx: pa.Table):
     """(located without unrestorable files, chunk work table, unrestorable files).
 
@@ -69,20 +64,7 @@ def expand_lists(repo, located: pa.Table, idx: pa.Table):
     if not pc.any(is_list).as_py():
         return located, _empty_chunks(), located.slice(0, 0)
     list_rows = np.flatnonzero(is_list.to_numpy(zero_copy_only=False))
-    cols = {c: located[c].take(pa.array(list_rows)).to_pylist()
-            for c in ("hash", "key", "offset", "length", "kind", "seq", "salt", "raw_length", "compressed")}
-
-    def one(k):
-        try:
-            return decode_list(_read_blob(repo, cols, k))
-        except (KeepflowError, OSError, ValueError):
-            return None
-
-    if repo.is_local or len(list_rows) < 4:
-        lists = [one(k) for k in range(len(list_rows))]
-    else:
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            lists = list(pool.map(one, range(len(list_rows))))
+    lists = read_lists(repo, located.take(pa.array(list_rows)))
     bad = np.zeros(located.num_rows, dtype=bool)
     files, positions, hashes = [], [], []
     for row, chunks in zip(list_rows, lists):

@@ -21,19 +21,18 @@ references them (prune collects them).
 from __future__ import annotations
 
 import os
-import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from . import compress, storage
+from .chunk_lists import encode_list
 from .chunker import Chunker
 from .manifest import clamp_ns
 
 if TYPE_CHECKING:
     from .store import PackWriter
 
-LIST_ENTRY = struct.Struct("<32sI")    # chunk id, raw length
 HASH_THREADS = 2
 IN_FLIGHT = 4
 READ_STEP = 4 * 1024 * 1024
@@ -56,17 +55,6 @@ def chunker_for(repo) -> Chunker:
     if key not in _chunkers:
         _chunkers[key] = Chunker.from_config(key, repo.config.chunker)
     return _chunkers[key]
-
-
-def encode_list(chunks: list[tuple[str, int]]) -> bytes:
-    return b"".join(LIST_ENTRY.pack(bytes.fromhex(cid), n) for cid, n in chunks)
-
-
-def decode_list(data: bytes) -> list[tuple[str, int]]:
-    """[(chunk id hex, raw length), ...]; ValueError when ``data`` is not a list blob."""
-    if len(data) % LIST_ENTRY.size:
-        raise ValueError(f"{len(data)} bytes is not a whole number of {LIST_ENTRY.size}-byte entries")
-    return [(cid.hex(), n) for cid, n in LIST_ENTRY.iter_unpack(data)]
 
 
 class ChunkedStore:

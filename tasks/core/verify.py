@@ -56,11 +56,27 @@ def _problem(kind: str, detail: str, key: str | None = None, blob: str | None = 
     return {"kind": kind, "key": key, "hash": blob, "detail": detail, "snapshots": [], "paths": []}
 
 
+def _load_index_reporting(repo, result: VerifyResult) -> pa.Table:
+    """The index; a damaged index file (format 2 authenticates each) is a finding, the rest is used."""
+    names = indexmod.list_index_names(repo)
+    tables = []
+    for name in names:
+        try:
+            tables.append(indexmod.read_index_files(repo, [name]))
+        except FileNotFoundError:
+            continue          # merged away by a run that committed meanwhile
+        except Exception as exc:
+            result.problems.append(_problem("bad index", f"index/{name} cannot be read: {exc}", key=f"index/{name}"))
+    if not tables:
+        return indexmod.schema(repo).empty_table()
+    return indexmod.unique_hashes(pa.concat_tables(tables))
+
+
 def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
     """Structural checks."""
     repo = Repository.open(repo_url, storage_options)
     result = VerifyResult(repo_url)
-    idx = indexmod.load_index(repo)
+    idx = _load_index_reporting(repo, result)
     result.blobs = idx.num_rows
 
     # Manifests: parse, and attribute missing blobs to snapshots and paths.
@@ -68,6 +84,7 @@ def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
     result.snapshots = len(names)
     indexed = idx["hash"]
     missing: dict[str, dict] = {}
+    lists_seen: dict[str, str | None] = {}     # format 2: list id -> None (good) or what is wrong
     for name in names:
         try:
             info = manifest.read_info(repo, name)
@@ -78,6 +95,8 @@ def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
             continue
         files = table.filter(pc.equal(table["type"], "file"))
         absent = files.filter(pc.invert(pc.is_in(files["hash"], value_set=indexed)))
+        if repo.version >= 2:
+            absent = pa.concat_tables([absent, _files_with_bad_lists(repo, files, idx, lists_seen)])
         for path, blob in zip(absent["path"].to_pylist(), absent["hash"].to_pylist()):
             p = missing.setdefault(blob, _problem("missing blob", "referenced by a manifest but not in the index",
                                                   blob=blob))
@@ -86,6 +105,11 @@ def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
             if len(p["paths"]) < MAX_PATHS_PER_PROBLEM and path not in p["paths"]:
                 p["paths"].append(path)
     result.problems.extend(missing.values())
+    for list_id, trouble in sorted(lists_seen.items()):
+        if trouble:
+            p = missing.get(list_id)
+            if p is not None:
+                p["kind"], p["detail"] = "bad list", trouble
 
     # Keys: every indexed key exists and is long enough.
     listing = {**storage.list_keys(repo.fs, repo.root, "packs"), **storage.list_keys(repo.fs, repo.root, "objects")}
@@ -102,6 +126,33 @@ def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
     return result
 
 
+def _files_with_bad_lists(repo, files: pa.Table, idx: pa.Table, seen: dict) -> pa.Table:
+    """Format 2: the files whose chunk list cannot be read, or names a chunk the index lacks.
+
+    Each list is read once per verify (``seen``), however many snapshots use it.
+    """
+    from .chunk_lists import read_lists
+
+    lists = idx.filter(pc.equal(idx["type"], 1))
+    used = files.filter(pc.is_in(files["hash"], value_set=lists["hash"]))
+    if used.num_rows == 0:
+        return used.slice(0, 0)
+    new = pc.unique(used["hash"])
+    new = new.filter(pc.invert(pc.is_in(new, value_set=pa.array(list(seen), pa.string()))))
+    if len(new):
+        rows = lists.filter(pc.is_in(lists["hash"], value_set=new))
+        indexed = idx["hash"]
+        for list_id, chunks in zip(rows["hash"].to_pylist(), read_lists(repo, rows)):
+            if chunks is None:
+                seen[list_id] = "its chunk list cannot be read or does not authenticate"
+                continue
+            ids = pa.array([c for c, _ in chunks], pa.string())
+            absent = len(ids) - pc.sum(pc.is_in(ids, value_set=indexed)).as_py()
+            seen[list_id] = f"{absent} of its {len(ids)} chunks are not in the index" if absent else None
+    bad = pa.array([k for k, v in seen.items() if v], pa.string())
+    return used.filter(pc.is_in(used["hash"], value_set=bad))
+
+
 def check_data(repo_url: str, percent: float, storage_options=None, seed: int | None = None,
                part: int = 0, parts: int = 1) -> tuple[list[dict], int, int]:
     """Re-hash ``percent`` of the stored keys (and every blob in them).
@@ -116,6 +167,8 @@ def check_data(repo_url: str, percent: float, storage_options=None, seed: int | 
     idx = indexmod.load_index(repo)
     if idx.num_rows == 0:
         return [], 0, 0
+    if repo.version >= 2:
+        return _check_data_v2(repo, idx, percent, seed, part, parts)
     by_key: dict[str, list[tuple[str, int, int]]] = {}
     for blob, key, off, length in zip(idx["hash"].to_pylist(), idx["key"].to_pylist(),
                                       idx["offset"].to_pylist(), idx["length"].to_pylist()):
@@ -151,6 +204,52 @@ def check_data(repo_url: str, percent: float, storage_options=None, seed: int | 
 
     problems, total = [], 0
     with ThreadPoolExecutor(max_workers=4) as pool:
+        for found, nbytes in pool.map(check, chosen):
+            problems.extend(found)
+            total += nbytes
+    return problems, len(chosen), total
+
+
+def _check_data_v2(repo, idx: pa.Table, percent: float, seed, part: int, parts: int):
+    """Format 2: each chosen pack read whole; its name, its header against the index, every blob opened."""
+    from . import pack
+
+    by_key: dict[str, list[dict]] = {}
+    for row in idx.to_pylist():
+        by_key.setdefault(row["key"], []).append(row)
+    chosen = choose_keys(sorted(by_key), percent, seed)[part::parts]
+
+    def check(key):
+        try:
+            data = repo.fs.cat_file(repo.path(key))
+        except FileNotFoundError:
+            return [_problem("missing key", "indexed but not stored", key=key)], 0
+        except OSError as exc:
+            return [_problem("unreadable key", str(exc), key=key)], 0
+        problems = []
+        if blake3.blake3(data).hexdigest() != key.rsplit("/", 1)[-1]:
+            problems.append(_problem("wrong name", "pack bytes do not match the pack's name", key=key))
+        try:
+            salt, entries = pack.header2_from_bytes(repo.keys, data, key)
+        except Exception as exc:
+            return problems + [_problem("bad pack", str(exc), key=key)], len(data)
+        by_id = {e.id: e for e in entries}
+        view = memoryview(data)
+        for row in by_key[key]:
+            e = by_id.get(row["hash"])
+            if e is None or (e.seq, e.offset, e.length) != (row["seq"], row["offset"], row["length"]) \
+                    or salt != row["salt"]:
+                problems.append(_problem("corrupt blob", "the pack's header does not place it where the index does",
+                                         key=key, blob=row["hash"]))
+                continue
+            try:
+                pack.open_blob2(repo.keys, salt, e, view[e.offset: e.offset + e.length])
+            except Exception as exc:
+                problems.append(_problem("corrupt blob", str(exc), key=key, blob=row["hash"]))
+        return problems, len(data)
+
+    problems, total = [], 0
+    with ThreadPoolExecutor(max_workers=2) as pool:     # AES-GCM holds the GIL: more threads buy nothing
         for found, nbytes in pool.map(check, chosen):
             problems.extend(found)
             total += nbytes
@@ -219,3 +318,71 @@ def parse_percent(text: str | float) -> float:
     if not 0 <= value <= 100:
         raise UsageError(f"--read-data must be between 0% and 100%, not {text!r}")
     return value
+
+
+# -- format 2 without the key ------------------------------------------------------------------
+
+CIPHERTEXT_FOLDERS = ("keys", "index", "snapshots", "trash")
+
+
+def check_ciphertext(repo_url: str, percent: float = 0.0, storage_options=None, seed: int | None = None) -> VerifyResult:
+    """``verify --ciphertext-only``: what can be checked with no password (a replication host).
+
+    Every file under keys/, index/, snapshots/ and trash/ must have the BLAKE3
+    of its bytes as the last field of its name; every pack must end in a
+    well-formed footer, and ``percent`` of the packs are read whole and their
+    names checked. Tags and cross-references need the key and are not checked.
+    """
+    from . import pack
+
+    repo = Repository.open(repo_url, storage_options, unlock=False)
+    result = VerifyResult(repo_url)
+    if repo.version < 2:
+        from .errors import UsageError
+
+        raise UsageError(f"{repo_url} is a format 1 repository (plaintext): run `keepflow verify` without "
+                         "--ciphertext-only, it needs no password")
+
+    def named_by_hash(folder: str, name: str) -> bool:
+        digest = name.split(".", 1)[0].rsplit("-", 1)[-1]
+        try:
+            data = repo.fs.cat_file(repo.path(folder, name))
+        except OSError:
+            return False
+        result.bytes_read += len(data)
+        return blake3.blake3(data).hexdigest() == digest
+
+    for folder in CIPHERTEXT_FOLDERS:
+        for info in storage.list_files(repo.fs, repo.path(folder)):
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if ".tmp-" in name:
+                continue
+            if folder == "snapshots":
+                result.snapshots += 1
+            if not named_by_hash(folder, name):
+                result.problems.append(_problem("wrong name", "its bytes do not match the hash in its name",
+                                                key=f"{folder}/{name}"))
+    listing = storage.list_keys(repo.fs, repo.root, "packs")
+    result.keys = len(listing)
+    chosen = set(choose_keys(sorted(listing), percent, seed)) if percent > 0 and listing else set()
+
+    def check_pack(key: str) -> list[dict]:
+        size = listing[key]
+        try:
+            footer = repo.fs.cat_file(repo.path(key), start=max(0, size - pack.FOOTER2_SIZE), end=size)
+        except OSError as exc:
+            return [_problem("unreadable key", str(exc), key=key)]
+        if not pack.well_formed_footer2(footer, size):
+            return [_problem("bad pack", "it does not end in a well-formed format 2 pack footer", key=key)]
+        if key in chosen:
+            data = repo.fs.cat_file(repo.path(key))
+            if blake3.blake3(data).hexdigest() != key.rsplit("/", 1)[-1]:
+                return [_problem("wrong name", "pack bytes do not match the pack's name", key=key)]
+        return []
+
+    with ThreadPoolExecutor(max_workers=8 if not repo.is_local else 2) as pool:
+        for found in pool.map(check_pack, sorted(listing)):
+            result.problems.extend(found)
+    result.keys_read = len(chosen)
+    result.bytes_read += sum(listing[k] for k in chosen)
+    return result
