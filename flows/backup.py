@@ -15,6 +15,7 @@ from flows import _dask
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
 from flows._progress_artifact import track
+from flows._password import resolve_password_param
 from flows._runs import HOOKS
 from tasks.backup import commit_snapshot, plan_backup, store_batch
 from tasks.core.backup import check_inputs, cleanup, normalise_source
@@ -36,7 +37,8 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
            storage_options: dict | str | None = None, source_options: dict | str | None = None,
            replicate_to: list[str] | None = None, replica_options: dict | None = None,
            wait_for_lease: float = 0.0, work_dir: str | None = None, dask_address: str | None = None,
-           workers: int | None = None, xattrs: bool = True) -> dict:
+           workers: int | None = None, xattrs: bool = True, compression: str | None = None,
+           password: str | None = None) -> dict:
     """Back up ``source`` (a folder or fsspec URL) into the repository at ``repo``.
 
     With ``replicate_to``, the same flow run then brings each replica up to date
@@ -45,7 +47,12 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
     ``dask_address`` or ``workers`` run the batches on a Dask cluster
     (flows/_dask.py). Returns the run summary (the same object
     ``keepflow backup --json`` prints).
+
+    ``password`` names a Prefect Secret block (``"secret/NAME"``) holding the
+    repository password; left out, the password comes from the environment
+    (``KEEPFLOW_PASSWORD``...), never from a flow parameter's value.
     """
+    resolve_password_param(password)
     # The lease keeps a second backup of this source, and prune's deletion
     # phase, away until the manifest is written (tasks/core/lease.py).
     storage_options, source_options = resolve(storage_options), resolve(source_options)
@@ -58,7 +65,7 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
         plan, futures = None, []
         try:
             plan = plan_backup(source, repo, list(excludes or []), list(tags or []), rehash, parent, dry_run,
-                               storage_options, source_options, work_dir, xattrs)
+                               storage_options, source_options, work_dir, xattrs, compression)
             futures = [batches.submit(store_batch, plan=plan, batch_no=i, storage_options=storage_options,
                                       source_options=source_options)
                        for i in range(len(plan["batches"]))]

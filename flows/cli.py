@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+from flows.cli_keys import add_key_parser, cmd_key
 from flows.cli_stats import add_stats_parser, cmd_stats
 from tasks.core.errors import EXIT_FAILED, EXIT_NO_SPACE, EXIT_PARTIAL, EXIT_USAGE, KeepflowError, UsageError
 
@@ -38,9 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         return sp
 
-    sp = add("init", "create an empty repository")
+    sp = add("init", "create an empty repository (format 2: encrypted and compressed, unless told otherwise)")
     sp.add_argument("repo", metavar="REPO", help="path or fsspec URL")
+    sp.add_argument("--format", type=int, choices=[1, 2], default=2,
+                    help="repository format: 2 (default; encrypted, compressed, content-defined chunks) or 1 "
+                         "(plaintext, whole files, as keepflow before 2026-12)")
+    sp.add_argument("--encryption", choices=["aes-256-gcm", "none"], default="aes-256-gcm",
+                    help="format 2 only: 'none' keeps manifests and index plain Parquet that DuckDB reads with no "
+                         "key, and needs no password (default: aes-256-gcm)")
+    sp.add_argument("--compression", choices=["auto", "off", "fastest", "max"], default="auto",
+                    help="format 2 only: the default zstd mode of backups (auto: level 3, raw when it does not "
+                         "pay; fastest: 1; max: 9; off)")
     sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
 
     sp = add("backup", "back up SOURCE into REPO (creates the repository if needed)")
     sp.add_argument("source", metavar="SOURCE", help="folder or fsspec URL to back up")
@@ -49,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                     help="gitignore-style pattern to leave out (repeatable)")
     sp.add_argument("--rehash", action="store_true", help="full backup: read every file, trust no metadata")
+    sp.add_argument("--compression", choices=["auto", "off", "fastest", "max"], default=None,
+                    help="format 2: zstd mode for this backup (default: the repository's, set at init)")
     sp.add_argument("--no-xattrs", dest="xattrs", action="store_false",
                     help="do not store extended attributes and ACLs (saves one listxattr per entry)")
     sp.add_argument("--parent", metavar="ID", help="snapshot to diff against (default: latest of this source and host)")
@@ -98,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("repo", metavar="REPO")
     sp.add_argument("--read-data", default="0%", metavar="PERCENT",
                     help="re-hash this share of the stored data, chosen at random (e.g. 10%%; 100%% = all)")
+    sp.add_argument("--ciphertext-only", action="store_true",
+                    help="format 2, no password needed (a replication host): check that every file is named by "
+                         "the BLAKE3 of its bytes and every pack ends in a well-formed footer")
     sp.add_argument("--json", action="store_true")
     _storage_options_arg(sp)
     _cluster_args(sp, work_dir=False)
@@ -147,17 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("snapshots", "list snapshots")
     sp.add_argument("repo", metavar="REPO")
     sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
 
     sp = add("ls", "list the entries of a snapshot")
     sp.add_argument("repo", metavar="REPO")
     sp.add_argument("snapshot", metavar="SNAPSHOT", nargs="?", default="latest")
     sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
 
     sp = add("diff", "compare two snapshots")
     sp.add_argument("repo", metavar="REPO")
     sp.add_argument("snap_a", metavar="SNAP_A")
     sp.add_argument("snap_b", metavar="SNAP_B")
     sp.add_argument("--json", action="store_true")
+    _storage_options_arg(sp)
 
     sp = add("serve", "run the scheduled jobs of a TOML configuration file from this process (needs a Prefect server)")
     sp.add_argument("config", metavar="CONFIG", help="TOML file: sources, repositories, replicas, schedules")
@@ -165,7 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=None, metavar="N", help="run at most N flow runs at once")
 
     add_stats_parser(sub)
+    add_key_parser(sub, _password_arg)
+    # Every command that opens a repository takes --password-file.
+    for name, sp in sub.choices.items():
+        if name not in ("serve", "key") and "--password-file" not in sp._option_string_actions:
+            _password_arg(sp)
+    for sp in what.choices.values():
+        _password_arg(sp)
     return p
+
+
+def _password_arg(sp) -> None:
+    sp.add_argument("--password-file", metavar="FILE", default=None,
+                    help="the repository password is the first line of FILE (else $KEEPFLOW_PASSWORD, "
+                         "$KEEPFLOW_PASSWORD_FILE, $KEEPFLOW_PASSWORD_COMMAND, or a prompt)")
 
 
 def _skip_pyarrow_pandas_probe() -> None:
@@ -232,6 +264,10 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        if getattr(args, "password_file", None):
+            from tasks.core import passwords
+
+            passwords.use_password_file(args.password_file)
         return COMMANDS[args.command](args)
     except KeepflowError as exc:
         _fail(str(exc))
@@ -263,13 +299,23 @@ def _print_json(obj) -> None:
 # -- read-only commands (no Prefect) -----------------------------------------
 
 def cmd_init(args) -> int:
-    from tasks.core.repository import Repository
+    from tasks.core.repository import RepoConfig, Repository
 
-    repo = Repository.init(args.repo)
-    if args.json:
-        _print_json({"repository": args.repo, "id": repo.config.id, "version": repo.config.version})
+    if args.format == 1:
+        if args.encryption != "aes-256-gcm" or args.compression != "auto":
+            raise UsageError("--encryption and --compression are format 2 settings; format 1 is plaintext and "
+                             "uncompressed")
+        config = RepoConfig()
     else:
-        print(f"created keepflow repository {repo.config.id[:8]} at {args.repo}")
+        config = RepoConfig.new_v2(encryption=args.encryption, compression=args.compression)
+    repo = Repository.init(args.repo, args.storage_options, config=config)
+    if args.json:
+        _print_json({"repository": args.repo, "id": repo.config.id, "version": repo.config.version,
+                     "encryption": repo.config.encryption, "compression": repo.config.compression})
+    else:
+        kind = ("plaintext" if repo.version < 2 else
+                "encrypted" if repo.encrypted else "not encrypted") 
+        print(f"created keepflow repository {repo.config.id[:8]} at {args.repo} (format {repo.version}, {kind})")
     return 0
 
 
@@ -278,7 +324,7 @@ def cmd_snapshots(args) -> int:
     from tasks.core.snapshots import list_snapshots
 
     damaged: list = []
-    snaps = list_snapshots(Repository.open(args.repo), damaged)
+    snaps = list_snapshots(Repository.open(args.repo, args.storage_options), damaged)
     # Damaged manifests are never left out silently: one warning line each, exit 3.
     for d in damaged:
         print(f"keepflow: warning: {d.error(args.repo)}", file=sys.stderr)
@@ -312,7 +358,7 @@ def cmd_ls(args) -> int:
     from tasks.core import manifest, snapshots
     from tasks.core.repository import Repository
 
-    repo = Repository.open(args.repo)
+    repo = Repository.open(args.repo, args.storage_options)
     info = snapshots.resolve(repo, args.snapshot)
     table = manifest.read_manifest(repo, info, columns=["path", "type", "size", "mtime_ns", "mode", "hash", "link_target"])
     if args.json:
@@ -335,7 +381,7 @@ def cmd_diff(args) -> int:
     from tasks.core import snapshot_diff
     from tasks.core.repository import Repository
 
-    repo = Repository.open(args.repo)
+    repo = Repository.open(args.repo, args.storage_options)
     result = snapshot_diff.compare(repo, args.snap_a, args.snap_b)
     if args.json:
         _print_json(result)
@@ -426,7 +472,7 @@ def cmd_backup(args) -> int:
                              rehash=args.rehash, parent=args.parent, dry_run=args.dry_run,
                              storage_options=args.storage_options,
                              replicate_to=args.replicate_to, wait_for_lease=args.retry_lock, xattrs=args.xattrs,
-                             **cluster),
+                             compression=args.compression, **cluster),
                         args, "backup")
     if args.json:
         _print_json(summary)
@@ -526,15 +572,21 @@ def cmd_verify(args) -> int:
     from flows.verify import verify
 
     summary = _run_flow(_on_cluster(verify, cluster),
-                        dict(repo=args.repo, read_data=percent, storage_options=args.storage_options, **cluster),
+                        dict(repo=args.repo, read_data=percent, storage_options=args.storage_options,
+                             ciphertext_only=args.ciphertext_only, **cluster),
                         args, "verify")
     if args.json:
         _print_json(summary)
         return summary["exit_code"]
     from tasks.core.format import human_bytes
 
-    print(f"{summary['snapshots']} snapshots, {summary['blobs']} blobs in {summary['keys']} keys; "
-          f"re-hashed {summary['keys_read']} keys ({human_bytes(summary['bytes_read'])})")
+    if summary.get("ciphertext_only"):
+        print(f"ciphertext only (no key): {summary['snapshots']} snapshots, {summary['keys']} packs; every file "
+              f"checked against its name, {summary['keys_read']} packs read whole "
+              f"({human_bytes(summary['bytes_read'])}); tags and references were not checked")
+    else:
+        print(f"{summary['snapshots']} snapshots, {summary['blobs']} blobs in {summary['keys']} keys; "
+              f"re-hashed {summary['keys_read']} keys ({human_bytes(summary['bytes_read'])})")
     for p in summary["problems"][:100]:
         where = ", ".join(p["paths"][:3]) + (" ..." if len(p["paths"]) > 3 else "")
         snaps = ", ".join(s[:8] for s in p["snapshots"][:5])
@@ -743,7 +795,7 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {
     "init": cmd_init, "backup": cmd_backup, "restore": cmd_restore,
-    "snapshots": cmd_snapshots, "ls": cmd_ls, "diff": cmd_diff,
+    "snapshots": cmd_snapshots, "ls": cmd_ls, "diff": cmd_diff, "key": cmd_key,
     "replicate": cmd_replicate, "replicas": cmd_replicas, "verify": cmd_verify,
     "prune": cmd_prune, "unlock": cmd_unlock, "repair": cmd_repair,
     "stats": cmd_stats, "serve": cmd_serve,

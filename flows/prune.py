@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
+from flows._password import resolve_password_param
 from flows._runs import HOOKS
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
@@ -32,14 +33,20 @@ def prune(repo: str, keep_last: int | None = None, keep_hourly: int | None = Non
           keep_daily: int | None = None, keep_weekly: int | None = None, keep_monthly: int | None = None,
           keep_yearly: int | None = None, keep_tags: list[str] | None = None, grace_hours: float = 24.0,
           dry_run: bool = False, storage_options: dict | str | None = None,
-          replicas: list[str] | None = None, replica_options: dict | None = None) -> dict:
+          replicas: list[str] | None = None, replica_options: dict | None = None,
+          password: str | None = None) -> dict:
     """Forget snapshots outside the policy and collect unreferenced data.
 
     With ``replicas``, the same policy is then applied to each replica: their
     manifests are copies of the primary's, so the decisions are the same, and
     each replica collects its own garbage. A failing replica does not stop
     the others; the run then ends Failed, naming it.
+
+    ``password`` names a Prefect Secret block (``"secret/NAME"``) holding the
+    repository password; left out, the password comes from the environment
+    (``KEEPFLOW_PASSWORD``...), never from a flow parameter's value.
     """
+    resolve_password_param(password)
     policy = dict(keep_last=keep_last, keep_hourly=keep_hourly, keep_daily=keep_daily, keep_weekly=keep_weekly,
                   keep_monthly=keep_monthly, keep_yearly=keep_yearly, keep_tags=list(keep_tags or []))
     summary = _prune_one(repo, policy, grace_hours, dry_run, resolve(storage_options))

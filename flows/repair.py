@@ -22,6 +22,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._credentials import resolve
 from flows._naming import run_name
+from flows._password import resolve_password_param
 from flows._runs import HOOKS
 from tasks.core.errors import EXIT_OK, UsageError
 from tasks.core.format import human_bytes
@@ -40,13 +41,18 @@ def _run_name() -> str:
 @flow(name="repair", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1),
       validate_parameters=False, **HOOKS)
 def repair(repo: str, what: str = "index", read_data: bool = False, forget: bool = False, dry_run: bool = False,
-           storage_options: dict | str | None = None) -> dict:
+           storage_options: dict | str | None = None, password: str | None = None) -> dict:
     """Repair ``repo``'s index (``what="index"``) or its snapshots (``what="snapshots"``).
 
     ``read_data`` (index): re-hash every blob and leave out what does not
     match. ``forget`` (snapshots): remove each damaged original once its
     replacement is written. ``dry_run``: report, change nothing.
+
+    ``password`` names a Prefect Secret block (``"secret/NAME"``) holding the
+    repository password; left out, the password comes from the environment
+    (``KEEPFLOW_PASSWORD``...), never from a flow parameter's value.
     """
+    resolve_password_param(password)
     if what not in WHATS:
         raise UsageError(f"repair what={what!r}: choose 'index' or 'snapshots'")
     storage_options = resolve(storage_options)

@@ -13,6 +13,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import _dask
 from flows._credentials import resolve, resolve_map
 from flows._naming import run_name
+from flows._password import resolve_password_param
 from flows._runs import HOOKS
 from tasks.core.errors import EXIT_FAILED, EXIT_OK
 from tasks.core.format import human_bytes
@@ -29,13 +30,18 @@ def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None 
             storage_options: dict | str | None = None, target_options: dict | str | None = None,
             fallbacks: list[str] | None = None, fallback_options: dict | None = None,
             work_dir: str | None = None, dask_address: str | None = None, workers: int | None = None,
-            sparse: bool = True, xattrs: bool = True) -> dict:
+            sparse: bool = True, xattrs: bool = True, password: str | None = None) -> dict:
     """Restore a snapshot of ``repo`` (all of it, or the ``includes``) into ``target``.
 
     ``fallbacks`` are replica URLs read when the primary is unreachable or a
     blob is missing or corrupt there (``fallback_options`` maps URL -> options).
     ``work_dir``, ``dask_address`` and ``workers`` as for the backup flow.
+
+    ``password`` names a Prefect Secret block (``"secret/NAME"``) holding the
+    repository password; left out, the password comes from the environment
+    (``KEEPFLOW_PASSWORD``...), never from a flow parameter's value.
     """
+    resolve_password_param(password)
     storage_options, target_options = resolve(storage_options), resolve(target_options)
     fallback_options = resolve_map(fallback_options)
     with _dask.batches(dask_address, workers, work_dir=work_dir, uses_work_dir=True) as batches:

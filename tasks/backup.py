@@ -12,11 +12,12 @@ from tasks.retry import retry_transient
 @task(name="plan-backup", cache_policy=NO_CACHE, task_run_name="plan-{source}")
 def plan_backup(source: str, repo: str, excludes: list[str], tags: list[str], rehash: bool,
                 parent: str | None, dry_run: bool, storage_options: dict | None,
-                source_options: dict | None, work_dir: str | None = None, xattrs: bool = True) -> dict:
+                source_options: dict | None, work_dir: str | None = None, xattrs: bool = True,
+                compression: str | None = None) -> dict:
     # The flow checked the inputs before taking the lease: checked=True.
     plan = core.prepare(source, repo, excludes=excludes, tags=tags, rehash=rehash, parent=parent,
                         dry_run=dry_run, storage_options=storage_options, source_options=source_options,
-                        work_dir=work_dir, checked=True, xattrs=xattrs)
+                        work_dir=work_dir, checked=True, xattrs=xattrs, compression=compression)
     get_run_logger().info(
         "scanned %d files, %d folders: %d new, %d changed, %d unchanged, %d deleted; "
         "%d files (%d bytes) to read in %d batches; parent %s",

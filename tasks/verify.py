@@ -32,3 +32,13 @@ def check_data(repo: str, percent: float, seed: int, part: int, parts: int,
 def attribute_problems(repo: str, problems: list, storage_options: dict | None) -> list:
     core.attribute(repo, problems, storage_options)
     return problems
+
+
+@task(name="check-ciphertext", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=retry_transient)
+def check_ciphertext(repo: str, percent: float, storage_options: dict | None) -> dict:
+    """Format 2 without the key: names against contents, pack footers (a replication host)."""
+    result = core.check_ciphertext(repo, percent, storage_options)
+    get_run_logger().info("%d files checked against their names (%d packs read whole): %d problems",
+                          result.keys, result.keys_read, len(result.problems))
+    return result.to_dict()

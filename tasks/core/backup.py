@@ -37,8 +37,8 @@ from . import diff as diffmod
 from . import index as indexmod
 from . import manifest, progress, snapshots, storage
 from . import scratch as scratch_io
-from .errors import SnapshotNotFoundError
-from .repository import Repository
+from .errors import SnapshotNotFoundError, UsageError
+from .repository import COMPRESSIONS, Repository
 from .scan import scan
 from .store import store_batch
 
@@ -71,6 +71,7 @@ class BackupPlan:
     tags: list[str] = field(default_factory=list)
     dry_run: bool = False
     repo_config: dict | None = None     # keepflow.json as read by the plan (None: dry run, no repository yet)
+    compression: str | None = None      # format 2: this backup's zstd mode (None: the repository's default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,12 +114,14 @@ def check_inputs(source: str, excludes=(), source_options=None) -> None:
 def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
             parent: str | None = None, dry_run=False, storage_options=None,
             source_options=None, work_dir: str | None = None, checked: bool = False,
-            xattrs: bool = True) -> BackupPlan:
+            xattrs: bool = True, compression: str | None = None) -> BackupPlan:
     """Plan a backup; ``work_dir`` is where the run folder goes (scratch.work_dir).
 
     ``checked``: the caller already ran ``check_inputs`` (the flow does, before
     it takes the lease), so the source is not looked at twice.
     """
+    if compression is not None and compression not in COMPRESSIONS:
+        raise UsageError(f"--compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
     if not checked:
         check_inputs(source, excludes, source_options)
     source = normalise_source(source)
@@ -135,6 +138,9 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
             repo = None
     else:
         repo = Repository.open(repo_url, storage_options, create=True)
+    if compression is not None and repo is not None and repo.version < 2 and compression != "off":
+        raise UsageError(f"{repo_url} is a format 1 repository, which stores data uncompressed; "
+                         "--compression needs format 2 (`keepflow init --format 2` a new repository)")
 
     exclude_paths = []
     if repo is not None and repo.is_local and "://" not in source:
@@ -191,7 +197,7 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
         to_read=int(needs.sum()), bytes_to_read=int(sizes[needs].sum()) if len(sizes) else 0,
         new=result.new, changed=result.changed, unchanged=result.unchanged, deleted=result.deleted,
         skipped=list(scanned.skipped), tags=list(tags), dry_run=dry_run,
-        repo_config=repo.config.to_plan() if repo is not None else None,
+        repo_config=repo.config.to_plan() if repo is not None else None, compression=compression,
     )
 
 

@@ -86,10 +86,34 @@ def get_password(repo_url: str, *, confirm: bool = False) -> str:
         return _read_password_file(path, ENV_PASSWORD_FILE)
     command = os.environ.get(ENV_PASSWORD_COMMAND, "")
     if command.strip():
-        return _run_password_command(command)
-    if _stdin_is_a_tty():
-        return _prompt(repo_url, confirm)
-    raise PasswordMissingError(url=repo_url)
+        value = _run_password_command(command)
+    elif _stdin_is_a_tty():
+        value = _prompt(repo_url, confirm)
+    else:
+        raise PasswordMissingError(url=repo_url)
+    # Asked once per process: a command that opens the repository twice (or a
+    # key command that checks which key the password opens) does not ask again.
+    use_password(value)
+    return value
+
+
+def read_password_file(path, *, origin: str) -> str:
+    """The password in ``path`` (its first line), without using it; ``origin`` names the option."""
+    return _read_password_file(os.fspath(path), origin)
+
+
+def prompt_new(label: str) -> str:
+    """Ask twice on the terminal for a new password (``label`` says for what)."""
+    source = "the terminal"
+    try:
+        password = getpass.getpass(f"{label}: ")
+        if not password:
+            raise PasswordSourceError(source=source, reason="an empty password was entered")
+        if getpass.getpass(f"{label} (again): ") != password:
+            raise PasswordSourceError(source=source, reason="the two passwords entered do not match")
+    except EOFError:
+        raise PasswordSourceError(source=source, reason="no password was entered (end of input)") from None
+    return password
 
 
 def password_sources_described() -> str:
