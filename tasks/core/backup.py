@@ -318,6 +318,8 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> C
         out = table.select([f.name for f in manifest.MANIFEST_SCHEMA])
         # A snapshot never references a blob a reader could not find.
         indexmod.require_indexed(repo, out, f"backup of {plan['source']}")
+        if repo.version >= 2:
+            indexmod.require_chunks_indexed(repo, [plan["run_id"]], f"backup of {plan['source']}")
         manifest.write_manifest(repo, out, info)
         indexmod.forget_run(plan["repo_url"], plan["run_id"])
     scratch_io.remove(scratch)

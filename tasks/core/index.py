@@ -169,6 +169,38 @@ def require_indexed(repo, entries: pa.Table, what: str) -> None:
     raise UnindexedBlobsError(what=what, count=len(absent), files=len(paths), paths=named, url=repo.url)
 
 
+def require_chunks_indexed(repo, labels: list[str], what: str) -> None:
+    """Format 2's half of the commit guard: every chunk of every list blob in the index files
+    labelled ``labels`` (the run's own) is indexed.
+
+    A list written by this run may name a chunk another batch claimed (known_blobs.py);
+    should that batch have failed and its retry not stored the chunk, this stops the commit.
+    """
+    from .chunk_lists import read_lists
+
+    names = [n for n in list_index_names(repo) if repo.index_label(n) in labels]
+    if not names:
+        return
+    own = read_index_files(repo, names)
+    lists = own.filter(pc.equal(own["type"], 1))
+    if lists.num_rows == 0:
+        return
+    lists = unique_hashes(lists)
+    indexed = load_index(repo, columns=["hash"], unique=False)["hash"]
+    unreadable, chunk_ids = 0, []
+    for chunks in read_lists(repo, lists):
+        if chunks is None:
+            unreadable += 1
+        else:
+            chunk_ids.extend(c for c, _ in chunks)
+    absent = not_indexed(pa.array(chunk_ids, pa.string()), indexed) if chunk_ids else pa.array([], pa.string())
+    if unreadable or len(absent):
+        raise UnindexedBlobsError(
+            f"{what}: {len(absent)} chunks of this run's files are not in the index"
+            + (f" and {unreadable} chunk lists cannot be read" if unreadable else "")
+            + f"; no snapshot was written to {repo.url}; run the backup again (it stores them)")
+
+
 def write_index(repo, table: pa.Table, name: str) -> str | None:
     """Write ``table`` as the index file labelled ``name``; returns its path (None when empty)."""
     if table.num_rows == 0:
