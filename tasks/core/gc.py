@@ -21,25 +21,59 @@ manifest it writes at its end. So deletion is split:
    The index is compacted in the same step: one new index file with every
    surviving entry is written, then the index files it replaces are deleted,
    then the keys. A crash at any point leaves extra data, never missing data.
+
+Format 2 (ARCHITECTURE.md, "Repository format 2", "Reading, writing, and who
+needs the key") changes what is live and how blobs move, not the phases:
+
+* **live** = every manifest's content ids plus, for content ids the index
+  types as list blobs, the chunk ids in those lists (chunk_lists.read_lists,
+  each list read once). A live list that cannot be read or does not
+  authenticate stops prune before it changes anything: without it nobody can
+  tell which chunks are live. There is no ``objects/``: only ``packs/`` hold data.
+* **repack** opens each live blob of a sparse pack (``pack.open_blob2``:
+  authenticated, decompressed, its id recomputed) and writes the plaintext
+  into new packs with ``store.PackWriter`` (data blobs into data packs, lists
+  into a list pack; new salt, key and nonces), never moving ciphertext. A
+  blob that does not open keeps its pack out of the mark.
+* **marks** are ``trash/<time>-<8 hex>-<B3 hex of the file>``, the mark JSON
+  sealed with ``K_trash`` (deterministic salt; plain JSON with ``encryption:
+  none``). A mark whose name is not the B3 of its bytes, or that does not
+  authenticate, is never acted on (counted in ``marks_unreadable``).
+* **the sweep's guard** reads the compacted index back from storage and
+  requires every live id the old index held (content ids and the chunks of
+  every live list) to be in it before any index file or pack is removed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 
+import blake3
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import crypto, pack
 from . import index as indexmod
 from . import manifest, snapshots, storage
-from .errors import UnindexedBlobsError
-from .store import INDEX_SCHEMA, BatchResult, PackWriter
+from .errors import KeepflowError, UnindexedBlobsError
+from .store import BatchResult, PackWriter
 
 REPACK_BELOW = 0.5
 DATA_FOLDERS = ("packs", "objects")
+DATA_FOLDERS2 = ("packs",)             # format 2 has no objects/
+# Format 2 mark names: <UTC time>-<8 hex>-<B3 hex of the file> (ARCHITECTURE.md, "### Layout").
+_MARK2_NAME = re.compile(r"(\d{8}T\d{6}Z)-([0-9a-f]{8})-([0-9a-f]{64})")
+
+
+class UnreadableListsError(KeepflowError):
+    template = ("prune of {url} stopped before changing anything: {count} chunk list(s) that snapshots "
+                "reference cannot be read or do not authenticate (first {first}), so prune cannot tell which "
+                "chunks are still needed; find the damage with `keepflow verify {url} --read-data 100%` and "
+                "restore the affected packs from a replica")
 
 
 @dataclass
@@ -62,6 +96,7 @@ class SweepResult:
     index_files_before: int = 0
     index_files_after: int = 0
     temporaries_removed: int = 0
+    marks_unreadable: int = 0          # marks that do not parse (format 2: or do not authenticate): never used
 
 
 def referenced_hashes(repo, exclude: set[str] = frozenset()) -> pa.Array:
@@ -77,9 +112,57 @@ def referenced_hashes(repo, exclude: set[str] = frozenset()) -> pa.Array:
     return pc.unique(pa.concat_arrays(arrays))
 
 
+def live_ids(repo, idx: pa.Table, exclude: set[str] = frozenset(), content: pa.Array | None = None) -> pa.Array:
+    """Every blob id that must be kept (unique).
+
+    Format 1: the manifests' hashes (``referenced_hashes``). Format 2: the
+    manifests' content ids plus every chunk of every content id that ``idx``
+    types as a list blob. ``content`` saves reading the manifests again.
+    """
+    content = referenced_hashes(repo, exclude) if content is None else content
+    if repo.version < 2 or idx.num_rows == 0 or len(content) == 0:
+        return content
+    chunks = live_chunks(repo, idx, content)
+    if len(chunks) == 0:
+        return content
+    return pc.unique(pa.concat_arrays([content, chunks]))
+
+
+def live_chunks(repo, idx: pa.Table, content: pa.Array) -> pa.Array:
+    """Format 2: the chunk ids of the list blobs among ``content`` (each list read once).
+
+    A list is read from its first indexed location, then from any other the
+    index knows; one that no location gives raises UnreadableListsError.
+    """
+    from .chunk_lists import read_lists
+
+    lists = idx.filter(pc.and_(pc.equal(idx["type"], pack.KIND_LIST), pc.is_in(idx["hash"], value_set=content)))
+    if lists.num_rows == 0:
+        return pa.array([], pa.string())
+    first = indexmod.unique_hashes(lists)
+    chunk_ids: list[str] = []
+    failed: list[str] = []
+    for list_id, chunks in zip(first["hash"].to_pylist(), read_lists(repo, first)):
+        if chunks is None:
+            failed.append(list_id)
+        else:
+            chunk_ids.extend(c for c, _ in chunks)
+    if failed and lists.num_rows > first.num_rows:
+        others = lists.filter(pc.is_in(lists["hash"], value_set=pa.array(failed, pa.string())))
+        missing = set(failed)
+        for list_id, chunks in zip(others["hash"].to_pylist(), read_lists(repo, others)):
+            if chunks is not None and list_id in missing:
+                missing.discard(list_id)
+                chunk_ids.extend(c for c, _ in chunks)
+        failed = [f for f in failed if f in missing]
+    if failed:
+        raise UnreadableListsError(url=repo.url, count=len(failed), first=failed[0])
+    return pc.unique(pa.array(chunk_ids, pa.string())) if chunk_ids else pa.array([], pa.string())
+
+
 def _stored_keys(repo) -> dict[str, int]:
     out: dict[str, int] = {}
-    for folder in DATA_FOLDERS:
+    for folder in (DATA_FOLDERS if repo.version < 2 else DATA_FOLDERS2):
         out.update(storage.list_keys(repo.fs, repo.root, folder))
     return out
 
@@ -91,7 +174,10 @@ def _marked_keys(repo) -> set[str]:
     return keys
 
 
-def _list_marks(repo) -> list[dict]:
+def _list_marks(repo, unreadable: list[str] | None = None) -> list[dict]:
+    """The marks under ``trash/``, oldest first; names of those that cannot be used go to ``unreadable``."""
+    if repo.version >= 2:
+        return _list_marks2(repo, unreadable)
     marks = []
     for info in storage.list_files(repo.fs, repo.path("trash")):
         if info["name"].endswith(".json"):
@@ -99,9 +185,68 @@ def _list_marks(repo) -> list[dict]:
                 data = json.loads(repo.fs.cat_file(info["name"]))
                 data["_path"] = info["name"]
                 marks.append(data)
-            except (FileNotFoundError, ValueError):
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                if unreadable is not None:
+                    unreadable.append(info["name"])
                 continue
     return sorted(marks, key=lambda m: m["marked_at"])
+
+
+def _list_marks2(repo, unreadable: list[str] | None) -> list[dict]:
+    marks = []
+    for info in storage.list_files(repo.fs, repo.path("trash")):
+        path = info["name"]
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if ".tmp-" in name:
+            continue
+        try:
+            data = repo.fs.cat_file(path)
+        except FileNotFoundError:
+            continue                       # swept meanwhile
+        body = _open_mark2(repo, name, data)
+        if body is None:
+            if unreadable is not None:
+                unreadable.append(path)
+            continue
+        body["_path"] = path
+        marks.append(body)
+    return sorted(marks, key=lambda m: m["marked_at"])
+
+
+def _open_mark2(repo, name: str, data: bytes) -> dict | None:
+    """A format 2 mark's JSON, or None when its name, bytes, tag or content are not a mark's (fail closed)."""
+    m = _MARK2_NAME.fullmatch(name)
+    if not m or blake3.blake3(data).hexdigest() != m.group(3):
+        return None
+    if repo.encrypted:
+        try:
+            data = crypto.unseal(repo.keys, crypto.TRASH, data)
+        except crypto.AuthenticationFailed:
+            return None
+    try:
+        body = json.loads(data)
+        when = dt.datetime.fromisoformat(body["marked_at"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if when.tzinfo is None or not isinstance(body.get("keys"), list) \
+            or not all(isinstance(k, str) for k in body["keys"]):
+        return None
+    return body
+
+
+def _write_mark(repo, now: dt.datetime, body: dict) -> str:
+    """Store one mark write-once; returns its name under ``trash/``."""
+    stamp, tag = now.strftime("%Y%m%dT%H%M%SZ"), uuid.uuid4().hex[:8]
+    if repo.version < 2:
+        name, data = f"{stamp}-{tag}.json", json.dumps(body).encode()
+    else:
+        plain = crypto.canon(body)
+        data = crypto.seal(repo.keys, crypto.TRASH, plain) if repo.encrypted else plain
+        name = f"{stamp}-{tag}-{blake3.blake3(data).hexdigest()}"
+    storage.write_once(repo.fs, repo.path("trash", name), data)
+    return name
 
 
 def plan_garbage(repo, exclude: set[str] = frozenset()) -> dict:
@@ -110,7 +255,7 @@ def plan_garbage(repo, exclude: set[str] = frozenset()) -> dict:
     ``exclude``: snapshot ids to treat as already forgotten (for dry runs).
     """
     idx = indexmod.load_index(repo, unique=False)
-    live = referenced_hashes(repo, exclude)
+    live = live_ids(repo, idx, exclude)
     stored = _stored_keys(repo)
     already = _marked_keys(repo)
     is_live = pc.is_in(idx["hash"], value_set=live) if idx.num_rows else pa.array([], pa.bool_())
@@ -137,18 +282,21 @@ def mark(repo, plan: dict | None = None, dry_run: bool = False, exclude: set[str
     result = MarkResult()
     candidates = dict(plan["garbage"])
     if plan["repack"]:
-        moved = _repack(repo, plan, dry_run)
-        result.repacked_packs = len(plan["repack"])
+        if repo.version < 2:
+            moved = _repack(repo, plan, dry_run)
+            repacked = plan["repack"]
+        else:
+            *moved, kept = _repack2(repo, plan, dry_run)
+            repacked = [k for k in plan["repack"] if k not in kept]
+        result.repacked_packs = len(repacked)
         result.repacked_blobs, result.repacked_bytes = moved
-        for key in plan["repack"]:
+        for key in repacked:
             candidates[key] = plan["stored"][key]
     result.keys, result.bytes = len(candidates), sum(candidates.values())
     if candidates and not dry_run:
         now = dt.datetime.now(dt.timezone.utc)
-        name = f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}.json"
         body = {"marked_at": now.isoformat(), "keys": sorted(candidates), "bytes": result.bytes}
-        storage.write_once(repo.fs, repo.path("trash", name), json.dumps(body).encode())
-        result.mark = name
+        result.mark = _write_mark(repo, now, body)
     return result
 
 
@@ -179,16 +327,82 @@ def _repack(repo, plan: dict, dry_run: bool) -> tuple[int, int]:
             moved_bytes += n
     packer.flush()
     if not dry_run and result.index_rows["hash"]:
-        indexmod.write_index(repo, result.index_table(),
-                             f"repack-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}")
+        indexmod.write_index(repo, result.index_table(), _label("repack"))
     return moved, moved_bytes
+
+
+def _label(what: str) -> str:
+    return f"{what}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+
+
+def _repack2(repo, plan: dict, dry_run: bool) -> tuple[int, int, set[str]]:
+    """Format 2: open the live blobs of mostly-garbage packs and write their plaintext into new packs.
+
+    Returns (blobs moved, their stored bytes in the old packs, the packs that
+    must stay: one of their live blobs could not be read or opened). Each blob
+    keeps its kind (data packs and list packs never mix) and its choice of
+    compression (raw stays raw; compressed is compressed again at the
+    repository's level, ``auto`` when its default is ``off``).
+    """
+    from . import compress
+
+    idx = plan["index"]
+    wanted = pa.array(sorted(plan["repack"]), pa.string())
+    rows = idx.filter(pc.and_(pc.is_in(idx["key"], value_set=wanted), pc.is_in(idx["hash"], value_set=plan["live"])))
+    result = BatchResult()
+    writers = {pack.KIND_DATA: PackWriter(repo, result, dry_run),
+               pack.KIND_LIST: PackWriter(repo, result, dry_run, kind=pack.KIND_LIST)}
+    mode = repo.config.compression if repo.config.compression not in (None, "off") else "auto"
+    by_key: dict[str, list[dict]] = {}
+    for row in rows.to_pylist():
+        by_key.setdefault(row["key"], []).append(row)
+    moved = moved_bytes = 0
+    kept: set[str] = set()
+    done: set[str] = set()              # a blob two of these packs hold is moved once
+    for key, blobs in sorted(by_key.items()):
+        try:
+            data = memoryview(repo.fs.cat_file(repo.path(key)))
+        except FileNotFoundError:
+            kept.add(key)
+            continue
+        opened, here = [], set()
+        for row in sorted(blobs, key=lambda r: r["offset"]):
+            if row["hash"] in done or row["hash"] in here:
+                continue
+            here.add(row["hash"])
+            entry = pack.Entry2(row["hash"], row["type"], row["compressed"], row["seq"], row["offset"],
+                                row["length"], row["raw_length"])
+            try:
+                opened.append((entry, pack.open_blob2(repo.keys, row["salt"], entry,
+                                                      data[entry.offset: entry.offset + entry.length])))
+            except KeepflowError:
+                kept.add(key)           # damaged: leave the old pack alone, move none of it (verify reports it)
+                break
+        if key in kept:
+            continue
+        for entry, plain in opened:
+            if entry.compressed:
+                payload, compressed = compress.compress(plain, mode, repo.config.zstd_levels)
+            else:
+                payload, compressed = plain, False
+            writers[entry.kind].add(entry.id, payload, compressed, len(plain))
+            done.add(entry.id)
+            moved += 1
+            moved_bytes += entry.length
+    for w in writers.values():
+        w.flush()
+    if not dry_run and result.index_rows["hash"]:
+        indexmod.write_index(repo, result.index_table(repo.version), _label("repack"))
+    return moved, moved_bytes, kept
 
 
 def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
     """Delete marked keys whose mark is older than the grace period (caller holds a prune lease)."""
     result = SweepResult()
     result.temporaries_removed = remove_stale_temporaries(repo, max(grace_hours, 1.0), dry_run)
-    marks = _list_marks(repo)
+    unreadable: list[str] = []
+    marks = _list_marks(repo, unreadable)
+    result.marks_unreadable = len(unreadable)
     limit = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=grace_hours)
     due = [m for m in marks if dt.datetime.fromisoformat(m["marked_at"]) <= limit]
     result.marks_waiting = len(marks) - len(due)
@@ -199,7 +413,7 @@ def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
         return result
 
     idx = indexmod.load_index(repo, unique=False)
-    live = referenced_hashes(repo)
+    live = live_ids(repo, idx)
     candidates = set().union(*(set(m["keys"]) for m in due))
     stored = _stored_keys(repo)
     deleting = set()
@@ -228,19 +442,27 @@ def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
     # 3. delete the keys, 4. drop the marks.
     survivors = idx.filter(pc.invert(pc.is_in(idx["key"], value_set=pa.array(sorted(deleting), pa.string())))) \
         if deleting else idx
-    name = f"compact-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+    name = _label("compact")
     if survivors.num_rows:
         survivors = indexmod.unique_hashes(survivors)
-    written = indexmod.write_index(repo, survivors.cast(INDEX_SCHEMA), name)
+    written = indexmod.write_index(repo, survivors.cast(indexmod.schema(repo)), name)
+    written_name = written.rsplit("/", 1)[-1] if written else None
     # The compaction guard: every live blob the old index knew is still
     # indexed (the rescue rule above keeps its key), or nothing is removed.
+    # Format 2 checks the compacted file as a reader will find it once the
+    # old ones are gone (read back from storage), and live includes every
+    # chunk of every live list.
     was_indexed = live.filter(pc.is_in(live, value_set=idx["hash"])) if idx.num_rows else live
-    lost = indexmod.not_indexed(was_indexed, survivors["hash"] if survivors.num_rows else pa.array([], pa.string()))
+    if repo.version < 2:
+        now_indexed = survivors["hash"] if survivors.num_rows else pa.array([], pa.string())
+    else:
+        now_indexed = indexmod.read_index_files(repo, [written_name] if written_name else [])["hash"]
+    lost = indexmod.not_indexed(was_indexed, now_indexed)
     if len(lost):
         raise UnindexedBlobsError(what=f"prune of {repo.url}", count=len(lost), files="the live",
                                   paths=", ".join(lost[:indexmod.NAMED_FILES].to_pylist()), url=repo.url)
     for old in index_names:
-        if written is None or old != f"{name}.parquet":
+        if written is None or old != written_name:
             try:
                 repo.fs.rm_file(repo.path("index", old))
             except FileNotFoundError:
@@ -259,7 +481,8 @@ def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
     return result
 
 
-TEMP_FOLDERS = ("packs", "objects", "index", "snapshots", "tmp", "trash", "locks")   # locks: a refresh cut short
+# locks: a refresh cut short; keys: format 2's key files (written write-once like the rest)
+TEMP_FOLDERS = ("packs", "objects", "index", "snapshots", "tmp", "trash", "locks", "keys")
 
 
 def remove_stale_temporaries(repo, older_than_hours: float, dry_run: bool = False) -> int:
