@@ -41,6 +41,13 @@ the other's fresh claim and both run; the holder's refreshes would need the
 same guard; and prune must see every backup, so the listing stays anyway.
 Where a server's listings lag behind its writes, the grace period of
 two-phase garbage collection is the second line of defence.
+
+Format 2 (ARCHITECTURE.md, "### Leases, marks"): the same name and JSON, but
+an encrypted repository stores ``crypto.seal(keys, LEASE, JSON,
+random_salt=True)`` (a lease names the source path and host; the salt is
+random because the file is replaced while held). A lease that does not
+authenticate is treated like an unreadable lease in format 1: it is no
+lease, so it blocks nobody and ``unlock`` leaves it alone.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from . import liveness, storage
+from . import crypto, liveness, storage
 from .errors import KeepflowError
 
 DEFAULT_TTL = 30 * 60          # seconds; refreshed every TTL/3 while held
@@ -102,6 +109,29 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _sealed(repo) -> bool:
+    return repo.version >= 2 and repo.encrypted
+
+
+def encode_lease(repo, data: dict) -> bytes:
+    """A lease file's bytes: JSON, sealed with the lease key in an encrypted repository."""
+    body = json.dumps(data).encode()
+    return crypto.seal(repo.keys, crypto.LEASE, body, random_salt=True) if _sealed(repo) else body
+
+
+def decode_lease(repo, raw: bytes) -> dict:
+    """The JSON of a lease file; ValueError when it is not one (format 2: also when it does not authenticate)."""
+    if _sealed(repo):
+        try:
+            raw = crypto.unseal(repo.keys, crypto.LEASE, raw)
+        except crypto.AuthenticationFailed:
+            raise ValueError("the lease does not authenticate") from None
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("not a lease")
+    return data
+
+
 def list_leases(repo) -> list[Lease]:
     leases = []
     for info in storage.list_files(repo.fs, repo.path("locks")):
@@ -109,7 +139,7 @@ def list_leases(repo) -> list[Lease]:
         if not name.endswith(".json"):
             continue
         try:
-            data = json.loads(repo.fs.cat_file(name))
+            data = decode_lease(repo, repo.fs.cat_file(name))
             data.pop("key", None)
             leases.append(Lease(**data, key=name))
         except (FileNotFoundError, ValueError, TypeError):
@@ -146,7 +176,7 @@ class Holder:
     def _write(self, first: bool = False) -> None:
         data = asdict(self.lease)
         data.pop("key")
-        body = json.dumps(data).encode()
+        body = encode_lease(self.repo, data)
         self.repo.fs.makedirs(self.repo.path("locks"), exist_ok=True)
         if not first:
             storage.replace_atomically(self.repo.fs, self.path, body)
