@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pytest
 
-from tasks.core import gc, lease, retention, snapshots, treeinfo, verify
+from tasks.core import gc, lease, manifest, retention, snapshots, treeinfo, verify
+from tasks.core import index as indexmod
 from tasks.core.errors import UsageError
 from tasks.core.manifest import SnapshotInfo
-from tasks.core.repository import Repository
+from tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import KEEPFLOW, age_tree, make_tree
@@ -46,11 +48,12 @@ def test_empty_policy_is_refused():
         retention.choose([_snap(1, "2026-11-01 10:00")], retention.Policy())
 
 
-@pytest.fixture
-def repo_with_history(tmp_path):
+def _history(tmp_path, fmt: int = 2):
     src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(4000) for i in range(40)} | {"big": os.urandom(2 << 20)})
     age_tree(src)
     repo = str(tmp_path / "repo")
+    if fmt == 1:
+        Repository.init(repo, config=RepoConfig())
     core_helpers.backup(src, repo)
     for i in range(30):                                   # later snapshots lose most small files
         (src / f"f{i}").unlink()
@@ -60,8 +63,28 @@ def repo_with_history(tmp_path):
     return src, repo
 
 
-def test_gc_two_phases_respects_grace_and_frees_data(tmp_path, repo_with_history):
-    src, repo_url = repo_with_history
+@pytest.fixture
+def repo_with_history(tmp_path):
+    """Two snapshots in a (default: format 2) repository; the second lost 30 small files and "big"."""
+    return _history(tmp_path)
+
+
+@pytest.fixture(params=[1, 2], ids=["format1", "format2"])
+def history_any_format(request, tmp_path):
+    """The same history in a format 1 and in a format 2 repository (the core gc tests run on both)."""
+    return _history(tmp_path, request.param)
+
+
+def _marked_keys_holding(repo, content_id: str) -> set[str]:
+    """The keys in trash marks that hold a blob of the content ``content_id`` (format 2: its list and chunks)."""
+    idx = indexmod.load_index(repo, unique=False)
+    blobs = set(gc.live_ids(repo, idx, content=pa.array([content_id], pa.string())).to_pylist())
+    marked = set().union(*(set(m["keys"]) for m in gc._list_marks(repo)))
+    return {k for h, k in zip(idx["hash"].to_pylist(), idx["key"].to_pylist()) if h in blobs and k in marked}
+
+
+def test_gc_two_phases_respects_grace_and_frees_data(tmp_path, history_any_format):
+    src, repo_url = history_any_format
     repo = Repository.open(repo_url)
     snaps = snapshots.list_snapshots(repo)
     before = treeinfo.describe(str(src))
@@ -78,20 +101,26 @@ def test_gc_two_phases_respects_grace_and_frees_data(tmp_path, repo_with_history
     assert errors == [] and treeinfo.describe(str(tmp_path / "out")) == before
 
 
-def test_blob_used_by_a_backup_after_marking_is_rescued(tmp_path, repo_with_history):
-    src, repo_url = repo_with_history
+def test_blob_used_by_a_backup_after_marking_is_rescued(tmp_path, history_any_format):
+    src, repo_url = history_any_format
     repo = Repository.open(repo_url)
     first = snapshots.list_snapshots(repo)[0]
     # Bring the big file back from the first snapshot before it is forgotten.
     core_helpers.restore(repo_url, tmp_path / "old", snapshot=first.id, includes=["big"])
+    big = manifest.read_manifest(repo, first, columns=["path", "hash"]).to_pylist()
+    big_id = next(r["hash"] for r in big if r["path"] == "big")
     gc.forget(repo, [first])
-    marked = gc.mark(repo)                          # the big object is now marked as garbage
+    marked = gc.mark(repo)                          # the big object (format 2: its list and chunks) is now garbage
+    holding = _marked_keys_holding(repo, big_id)
+    # Format 1: the object; format 2: the list pack and the repacked data pack that hold its list and chunks.
+    assert len(holding) >= 1
     # Meanwhile a backup finds the same content again: it deduplicates against the marked object.
     (src / "big").write_bytes((tmp_path / "old" / "big").read_bytes())
     committed, _, _ = core_helpers.backup(src, repo_url)
     assert committed.info.bytes_stored == 0
     swept = gc.sweep(repo, grace_hours=0)
-    assert swept.keys_rescued == 1 and swept.keys_deleted == marked.keys - 1
+    assert swept.keys_rescued == len(holding) and swept.keys_deleted == marked.keys - len(holding)
+    assert all(os.path.exists(os.path.join(repo_url, k)) for k in holding)
     assert verify.verify(repo_url, read_data=100).problems == []
     _, _, errors = core_helpers.restore(repo_url, tmp_path / "out")
     assert errors == [] and (tmp_path / "out" / "big").read_bytes() == (src / "big").read_bytes()
@@ -225,7 +254,7 @@ def test_stale_temporaries_are_removed_fresh_ones_kept(tmp_path, repo_with_histo
     root = tmp_path / "repo"
     (root / "tmp").mkdir(exist_ok=True)
     old_files = [root / "packs" / "ab" / "abcd.tmp-1234", root / "tmp" / "deadbeef"]
-    young = root / "objects" / "cd" / "cdef.tmp-5678"
+    young = root / "packs" / "cd" / "cdef.tmp-5678"
     for f in old_files + [young]:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(b"partial")
