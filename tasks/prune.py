@@ -57,4 +57,7 @@ def sweep_garbage(repo: str, grace_hours: float, dry_run: bool, storage_options:
     logger.info("deleted %d keys (%d bytes), rescued %d; %d marks still in their grace period; "
                 "index files %d -> %d", result.keys_deleted, result.bytes_freed, result.keys_rescued,
                 result.marks_waiting, result.index_files_before, result.index_files_after)
+    if result.marks_unreadable:
+        logger.warning("%d files under trash/ are not marks this repository wrote (damaged, or they do not "
+                       "authenticate); they were not used and are left in place", result.marks_unreadable)
     return asdict(result)
