@@ -1,8 +1,9 @@
 """The repair flow: rebuild the index from the data, or replace snapshots that lost data.
 
 ``what="index"``: one ``rebuild-index`` task run (tasks/core/repair.py): the
-index is rebuilt from the packs' trailers and the objects, written, and only
-then are the index files it replaces removed. ``what="snapshots"``: one
+index is rebuilt from the packs' trailers and the objects (format 2: the
+packs' encrypted headers, so it needs the password), written, and only then
+are the index files it replaces removed. ``what="snapshots"``: one
 ``replace-snapshots`` task run: the index repair first, then a replacement
 (tagged ``repaired``) for every snapshot that references data no pack or
 object holds. Both hold a prune lease for their whole run.

@@ -5,6 +5,11 @@ index held a hash twice (two runs packed the same content), the old
 de-duplication then dropped the last unique hashes of the index, and a prune's
 compaction wrote that loss into the only index file left. The blobs are still
 in their packs; only the index forgot them.
+
+Tests that look at format 1's insides (pack trailers, ``objects/``, blob ids
+that are the plain BLAKE3 of the content) make a format 1 repository
+(``_format1``); the others run on the default, format 2. Format 2's own
+cases are in test_format2_repair_replicate.py.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from tasks.core import index as indexmod
 from tasks.core import lease, manifest, pack, repair, snapshots, treeinfo, verify
 from tasks.core.backup import commit, prepare, store_range
 from tasks.core.errors import PackFormatError
-from tasks.core.repository import Repository
+from tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
@@ -31,6 +36,12 @@ SHARED, UNIQUE = 10, 20
 
 # -- helpers -------------------------------------------------------------------------
 
+def _format1(url, so=None) -> str:
+    """Make ``url`` a format 1 repository (plaintext, whole-file blobs, pack trailers)."""
+    Repository.init(str(url), so, config=RepoConfig())
+    return str(url)
+
+
 def _old_unique_hashes(table: pa.Table) -> pa.Table:
     """The loader's old de-duplication (the bug): positions within ``first``, not rows."""
     indices = pa.table({"hash": table["hash"], "i": pa.array(range(table.num_rows), pa.int64())})
@@ -38,7 +49,7 @@ def _old_unique_hashes(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(first))
 
 
-def _two_sources_sharing_content(tmp_path, url, so=None) -> dict:
+def _two_sources_sharing_content(tmp_path, url, so=None, version: int = 2) -> dict:
     """Two backups of different sources, run side by side, that both pack the same 10 contents.
 
     Backups of different sources share a repository; each loads the index once
@@ -46,12 +57,14 @@ def _two_sources_sharing_content(tmp_path, url, so=None) -> dict:
     shared files: the index then holds those 10 hashes twice (in the second
     index file, before that run's own unique files, since "s.." < "u..").
     """
+    if version == 1:
+        _format1(url, so)
     shared = {f"s{i:02d}": os.urandom(3000 + i) for i in range(SHARED)}
     sources = {}
     for name in ("a", "b"):
         spec = dict(shared) | {f"u{i:02d}": os.urandom(2000 + i) for i in range(UNIQUE)}
         if name == "a":
-            spec["big"] = os.urandom(1536 * 1024)          # an object, stored whole
+            spec["big"] = os.urandom(1536 * 1024)          # format 1: an object stored whole; 2: chunks
         src = make_tree(tmp_path / f"src-{name}", spec)
         age_tree(src)
         sources[name] = src
@@ -61,8 +74,15 @@ def _two_sources_sharing_content(tmp_path, url, so=None) -> dict:
     for n, p in plans.items():
         commit(p, stored[n], so)
     repo = Repository.open(url, so)
-    assert indexmod.load_index(repo, unique=False).num_rows == 2 * (SHARED + UNIQUE) + 1   # the duplicates
+    table = indexmod.load_index(repo, unique=False)
+    assert table.num_rows == len(pc.unique(table["hash"])) + SHARED                         # the duplicates
+    assert version == 2 or table.num_rows == 2 * (SHARED + UNIQUE) + 1
     return sources
+
+
+def _blobs(url, so=None) -> int:
+    """Distinct blobs of the index (before the old compaction: every blob the repository holds)."""
+    return len(pc.unique(indexmod.load_index(Repository.open(url, so), unique=False)["hash"]))
 
 
 def _compact_with_the_old_bug(url, so=None) -> tuple[int, pa.Table]:
@@ -96,7 +116,7 @@ def _restores_exactly(tmp_path, url, sources: dict, so=None) -> None:
 
 def test_trailer_is_what_the_pack_writer_appends_and_is_read_from_the_tail(tmp_path):
     src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(1000 + i) for i in range(50)})
-    url = str(tmp_path / "repo")
+    url = _format1(tmp_path / "repo")
     core_helpers.backup(src, url)
     repo = Repository.open(url)
     idx = indexmod.load_index(repo)
@@ -140,7 +160,7 @@ def test_read_trailer_refuses_what_is_not_a_pack(tmp_path, content, reason):
 
 def test_repair_index_heals_the_damage_of_the_old_compaction(tmp_path, cli):
     url = str(tmp_path / "repo")
-    sources = _two_sources_sharing_content(tmp_path, url)
+    sources = _two_sources_sharing_content(tmp_path, url, version=1)
     lost, _ = _compact_with_the_old_bug(url)
     assert lost == UNIQUE - SHARED                      # the last unique hashes of the index are gone
     problems = verify.check_structure(url).problems
@@ -162,6 +182,7 @@ def test_repair_index_heals_the_damage_of_the_old_compaction(tmp_path, cli):
 
 def test_repair_index_is_idempotent_and_keeps_the_locations_in_use(tmp_path, repo_url):
     sources = _two_sources_sharing_content(tmp_path, repo_url)
+    blobs = _blobs(repo_url)
     lost, compacted = _compact_with_the_old_bug(repo_url)
     before = _index_rows(repo_url)
 
@@ -170,7 +191,7 @@ def test_repair_index_is_idempotent_and_keeps_the_locations_in_use(tmp_path, rep
 
     first = repair.repair_index(repo_url)
     rows = _index_rows(repo_url)
-    assert first.blobs_found == lost and len(rows) == SHARED + 2 * UNIQUE + 1
+    assert first.blobs_found == lost and len(rows) == blobs
     # Where the old index knew a location, the repaired index keeps one it knew (no needless moves).
     known = {r[0] for r in before}
     assert all(r in before for r in rows if r[0] in known)
@@ -197,7 +218,7 @@ def test_repair_index_is_idempotent_and_keeps_the_locations_in_use(tmp_path, rep
 def test_foreign_and_unreadable_files_are_reported_and_left_alone(tmp_path, cli):
     src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(2000) for i in range(20)})
     age_tree(src)
-    url = str(tmp_path / "repo")
+    url = _format1(tmp_path / "repo")
     core_helpers.backup(src, url)
     root = tmp_path / "repo"
     before = _index_rows(url)
@@ -254,7 +275,7 @@ def test_a_damaged_manifest_is_named_and_does_not_stop_the_repair(tmp_path):
 def test_read_data_leaves_out_a_corrupt_blob_and_reports_it(tmp_path, cli):
     src = make_tree(tmp_path / "src", {f"f{i:02d}": os.urandom(2000 + i) for i in range(20)})
     age_tree(src)
-    url = str(tmp_path / "repo")
+    url = _format1(tmp_path / "repo")
     core_helpers.backup(src, url)
     repo = Repository.open(url)
     idx = indexmod.load_index(repo)
@@ -285,7 +306,7 @@ def test_read_data_leaves_out_a_corrupt_blob_and_reports_it(tmp_path, cli):
 @pytest.mark.damages_repository   # the truncated object stays
 def test_an_object_that_changed_size_keeps_its_recorded_row_and_is_reported(tmp_path):
     src = make_tree(tmp_path / "src", {"big": os.urandom(1536 * 1024), "small": "x"})
-    url = str(tmp_path / "repo")
+    url = _format1(tmp_path / "repo")
     core_helpers.backup(src, url)
     repo = Repository.open(url)
     before = _index_rows(url)
@@ -303,7 +324,7 @@ def test_repair_snapshots_replaces_what_lost_a_pack(tmp_path, cli):
     spec = {f"a{i}": os.urandom(2500 + i) for i in range(10)} | {"big": os.urandom(1536 * 1024)}
     src = make_tree(tmp_path / "src", spec)
     age_tree(src)
-    url = str(tmp_path / "repo")
+    url = _format1(tmp_path / "repo")
     core_helpers.backup(src, url, tags=["daily"])
     lost_paths = [f"b{i}" for i in range(5)]
     for p in lost_paths:
@@ -424,11 +445,11 @@ def test_repair_flow_names_its_run_and_writes_artifacts(tmp_path, prefect_api_ur
 
 # -- providers ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["s3", "sftp", "azure"])
-def test_repair_index_on_remote_providers(tmp_path, request, kind, fresh_fs_caches):
+@pytest.mark.parametrize("kind, version", [("s3", 1), ("s3", 2), ("sftp", 2), ("azure", 2)])
+def test_repair_index_on_remote_providers(tmp_path, request, kind, version, fresh_fs_caches):
     server = request.getfixturevalue(f"{kind}_server")
     so, url = server.storage_options, server.unique_url("repair")
-    sources = _two_sources_sharing_content(tmp_path, url, so)
+    sources = _two_sources_sharing_content(tmp_path, url, so, version=version)
     lost, _ = _compact_with_the_old_bug(url, so)
     result = repair.repair_index(url, so)
     assert result.blobs_found == lost > 0 and result.lost == [] and result.exit_code == 0
@@ -436,12 +457,15 @@ def test_repair_index_on_remote_providers(tmp_path, request, kind, fresh_fs_cach
     _restores_exactly(tmp_path, url, sources, so)
     assert repair.repair_index(url, so, read_data=True).index_written is None   # re-hashed: all sound, no change
 
-    if kind == "s3":                                 # a trailer costs two range reads, whatever the pack's size
+    if kind == "s3":          # a trailer (format 2: a header) costs two range reads, whatever the pack's size
         from tests.servers import S3RequestCounter
 
         repo = Repository.open(url, so)
         key = next(k for k in indexmod.load_index(repo)["key"].to_pylist() if k.startswith("packs/"))
         size = repo.fs.size(repo.path(key))
         with S3RequestCounter() as counter:
-            pack.read_trailer(repo.fs, repo.path(key), size)
+            if version == 1:
+                pack.read_trailer(repo.fs, repo.path(key), size)
+            else:
+                pack.read_header2(repo.keys, repo.fs, repo.path(key), size)
         assert counter.counts == {"get_object": 2}, counter.counts

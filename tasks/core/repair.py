@@ -63,6 +63,22 @@ replacement is written. A snapshot that already has a replacement (tagged
 ``repaired``, parent = its id) is not replaced again, so a second run writes
 nothing; with ``forget`` it is forgotten then. Snapshots that are whole are
 untouched. Every dropped file is named (snapshot, path).
+
+**Format 2** (ARCHITECTURE.md, "Repository format 2"). The same steps, with
+the key (the repository is unlocked when opened): a pack's 44-byte footer and
+its encrypted header take the trailer's place (``pack.read_header2``, two
+range reads per pack, 8 threads on object stores); the rows come from the
+header (id, type, seq, offset, stored and raw length, compressed) and the
+footer (the pack's salt). There is no ``objects/``. ``read_data`` reads each
+pack whole and opens every blob (``pack.open_blob2``: tag, decompression,
+keyed id); what does not open is left out and reported *corrupt*. A pack
+whose footer is malformed or whose header does not authenticate is
+*unreadable* and left alone. An old row the headers do not confirm is kept
+only when its blob still opens at the recorded place. Index files are written
+with ``index.write_index`` (named ``repair-<time>-<id>-<B3 of the file>``),
+then the old ones are removed. A file whose content id is a list blob is
+*lost* when the list is in no pack, cannot be read or opened, or names a
+chunk no pack holds; ``repair snapshots`` drops such files like the others.
 """
 
 from __future__ import annotations
@@ -79,11 +95,10 @@ import blake3
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import gc, lease, manifest, pack, parquet_io, progress, snapshots, storage
+from . import gc, lease, manifest, pack, progress, snapshots, storage
 from . import index as indexmod
-from .errors import EXIT_FAILED, EXIT_OK, PackFormatError
+from .errors import EXIT_FAILED, EXIT_OK, KeepflowError, PackFormatError
 from .repository import Repository
-from .store import INDEX_SCHEMA
 
 TRAILER_THREADS = 8     # two small range reads per pack: latency-bound, so more threads than cores
 DATA_THREADS = 4        # whole keys in memory: at most 4 packs (4 x 16 MiB) at a time
@@ -166,7 +181,12 @@ def repair_snapshots(repo_url: str, storage_options=None, forget: bool = False, 
     with _prune_lease(repo, dry_run, wait):
         index_result, table = _rebuild_index(repo, read_data=False, dry_run=dry_run)
         result.index = index_result.to_dict()
-        _replace_snapshots(repo, table["hash"], result)
+        usable = table["hash"]
+        # Format 2: a list blob that is indexed but lost (its list or a chunk is gone) serves no file.
+        lost_lists = pa.array([p["hash"] for p in index_result.lost], pa.string())
+        if len(lost_lists) and table.num_rows:
+            usable = pc.filter(usable, pc.invert(pc.is_in(usable, value_set=lost_lists)))
+        _replace_snapshots(repo, usable, result)
     # Lost blobs are what this repair handles: it fails when it had to drop files, when replaced
     # originals still reference lost data, or when the index repair met unreadable or corrupt data.
     damaged = bool(result.files_dropped) or (bool(result.already_replaced) and not forget) \
@@ -191,6 +211,7 @@ def _prune_lease(repo, dry_run: bool, wait: float):
 
 def _rebuild_index(repo, read_data: bool, dry_run: bool) -> tuple[RepairIndexResult, pa.Table]:
     result = RepairIndexResult(repo.url, read_data=read_data, dry_run=dry_run)
+    schema = indexmod.schema(repo)
 
     # 1. the old index: the files this run replaces.
     old_names = indexmod.list_index_names(repo)
@@ -206,10 +227,9 @@ def _rebuild_index(repo, read_data: bool, dry_run: bool) -> tuple[RepairIndexRes
     unreadable_keys = {u["key"] for u in result.unreadable}
     result.packs = sum(1 for k in packs if k not in unreadable_keys)
     result.objects = sum(1 for k in objects if k not in unreadable_keys)
-    if not read_data:
+    if not read_data and repo.version < 2:
         found_rows = _check_object_sizes(found_rows, old_rows, result)
-    found = pa.table({c: pa.array([r[i] for r in found_rows], INDEX_SCHEMA.field(c).type)
-                      for i, c in enumerate(_ROW_KEYS)}, schema=INDEX_SCHEMA)
+    found = _rows_table(found_rows, schema)
 
     # 4. old rows the data did not confirm.
     sizes = {**packs, **objects}
@@ -224,7 +244,7 @@ def _rebuild_index(repo, read_data: bool, dry_run: bool) -> tuple[RepairIndexRes
     result.blobs_found = int(pc.sum(pc.invert(pc.is_in(table["hash"], value_set=old_hashes))).as_py() or 0)
 
     # 6. the invariant: a referenced blob is missing only when its data is gone.
-    _report_lost(repo, table["hash"], old_hashes, why_gone, result)
+    _report_lost(repo, table, old_hashes, why_gone, result)
 
     # 7. write the new index, then remove the files it replaces.
     unchanged = (not result.index_files_unreadable and table.num_rows == old_rows.num_rows
@@ -246,27 +266,42 @@ def _rebuild_index(repo, read_data: bool, dry_run: bool) -> tuple[RepairIndexRes
 
 
 def _read_old_index(repo, names: list[str], result: RepairIndexResult) -> pa.Table:
-    paths = [repo.path("index", n) for n in names]
+    """The rows of the index files ``names``; a damaged one (format 2: one that does not
+    authenticate, or whose name is not the BLAKE3 of its bytes) is named and left out."""
     try:
-        return parquet_io.read_tables(repo.fs, paths, INDEX_SCHEMA)
+        return indexmod.read_index_files(repo, names)
     except FileNotFoundError:
         raise
     except Exception:   # a damaged file: read them one by one to name it
         tables = []
-    for name, path in zip(names, paths):
+    for name in names:
         try:
-            tables.append(parquet_io.read_tables(repo.fs, [path], INDEX_SCHEMA))
+            tables.append(indexmod.read_index_files(repo, [name]))
         except FileNotFoundError:
             raise
         except Exception as exc:
             result.index_files_unreadable.append({"key": f"index/{name}", "detail": _one_line(exc)})
-    return pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+    return pa.concat_tables(tables) if tables else indexmod.schema(repo).empty_table()
+
+
+def _rows_table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
+    """Index rows (tuples in ``schema``'s column order) as a table."""
+    return pa.table({c: pa.array([r[i] for r in rows], schema.field(c).type) for i, c in enumerate(schema.names)},
+                    schema=schema)
 
 
 def _distinct_rows(table: pa.Table) -> pa.Table:
+    """One row per location (hash, key, offset, length); format 2's other columns from the first such row."""
     if table.num_rows == 0:
         return table
-    return table.group_by(_ROW_KEYS, use_threads=False).aggregate([]).select(_ROW_KEYS).cast(INDEX_SCHEMA)
+    schema = table.schema
+    extra = [c for c in schema.names if c not in _ROW_KEYS]
+    if not extra:
+        return table.group_by(_ROW_KEYS, use_threads=False).aggregate([]).select(_ROW_KEYS).cast(schema)
+    grouped = table.group_by(_ROW_KEYS, use_threads=False).aggregate([(c, "first") for c in extra])
+    grouped = grouped.rename_columns([n[: -len("_first")] if n.endswith("_first") else n
+                                      for n in grouped.column_names])
+    return grouped.select(schema.names).cast(schema)
 
 
 def _list_data(repo, result: RepairIndexResult) -> tuple[dict[str, int], dict[str, int]]:
@@ -277,7 +312,7 @@ def _list_data(repo, result: RepairIndexResult) -> tuple[dict[str, int], dict[st
     """
     found: dict[str, dict[str, int]] = {"packs": {}, "objects": {}}
     prefix = repo.root.rstrip("/") + "/"
-    for folder in found:
+    for folder in (("packs",) if repo.version >= 2 else found):     # format 2 has no objects/
         for info in storage.list_files(repo.fs, repo.path(folder)):
             name = info["name"]
             key = name[len(prefix):] if name.startswith(prefix) else name
@@ -303,14 +338,21 @@ def _foreign_reason(key: str, folder: str) -> str | None:
 
 def _read_data_keys(repo, packs: dict[str, int], objects: dict[str, int], read_data: bool,
                     result: RepairIndexResult) -> list[tuple]:
-    """Index rows ``(hash, key, offset, length)`` for every blob the data holds."""
+    """Index rows for every blob the data holds: ``(hash, key, offset, length)`` (format 1), the
+    whole in-memory row (format 2, ``store.INDEX2_SCHEMA``'s order)."""
     jobs = [(k, s, True) for k, s in sorted(packs.items())] + [(k, s, False) for k, s in sorted(objects.items())]
     if read_data:
         progress.start("read", len(jobs), sum(s for _, s, _ in jobs))
+    v2 = repo.version >= 2
 
     def one(job):
         key, size, is_pack = job
         try:
+            if v2:
+                if read_data:
+                    return _read_and_check2(repo, key)
+                salt, entries = pack.read_header2(repo.keys, repo.fs, repo.path(key), size)
+                return [_row2(key, salt, e) for e in entries], [], [], 0
             if not read_data:
                 if not is_pack:
                     return [(key.rsplit("/", 1)[-1], key, 0, size)], [], [], 0
@@ -322,7 +364,11 @@ def _read_data_keys(repo, packs: dict[str, int], objects: dict[str, int], read_d
             return [], [{"key": key, "detail": f"cannot be read: {_one_line(exc)}"}], [], 0
 
     rows: list[tuple] = []
-    with ThreadPoolExecutor(max_workers=DATA_THREADS if read_data else TRAILER_THREADS) as pool:
+    if v2 and repo.is_local:     # local reads are cheap, and AES-GCM holds the GIL
+        threads = 2 if read_data else 4
+    else:
+        threads = DATA_THREADS if read_data else TRAILER_THREADS
+    with ThreadPoolExecutor(max_workers=threads) as pool:
         for (key, size, _), (found, unreadable, corrupt, nbytes) in zip(jobs, pool.map(one, jobs)):
             rows.extend(found)
             result.unreadable.extend(unreadable)
@@ -385,6 +431,38 @@ def _read_and_check(repo, key: str, size: int, is_pack: bool):
     return rows, [], corrupt, len(data)
 
 
+def _row2(key: str, salt: bytes, e: pack.Entry2) -> tuple:
+    """A format 2 index row (``store.INDEX2_SCHEMA``'s order) for blob ``e`` of the pack ``key``."""
+    return (e.id, key, e.offset, e.length, e.kind, e.seq, salt, e.raw_length, e.compressed)
+
+
+def _entry_of_row(row: tuple) -> tuple[bytes, pack.Entry2]:
+    blob, _key, offset, length, kind, seq, salt, raw_length, compressed = row
+    return salt, pack.Entry2(blob, kind, compressed, seq, offset, length, raw_length)
+
+
+def _read_and_check2(repo, key: str):
+    """Format 2: read one pack whole; its name, its header, and every blob opened (tag, zstd, id)."""
+    data = repo.fs.cat_file(repo.path(key))
+    progress.advance("read", 1, len(data))
+    corrupt = []
+    if blake3.blake3(data).hexdigest() != key.rsplit("/", 1)[-1]:
+        corrupt.append({"key": key, "hash": None, "detail": "pack bytes do not match the pack's name"})
+    salt, entries = pack.header2_from_bytes(repo.keys, data, key)     # PackFormatError: unreadable
+    rows = []
+    view = memoryview(data)
+    for e in entries:
+        try:
+            pack.open_blob2(repo.keys, salt, e, view[e.offset: e.offset + e.length])
+        except KeepflowError as exc:
+            reason = exc.fields.get("reason") or _one_line(exc)
+            corrupt.append({"key": key, "hash": e.id,
+                            "detail": f"blob {e.seq} at {e.offset}+{e.length} {reason}; left out"})
+            continue
+        rows.append(_row2(key, salt, e))
+    return rows, [], corrupt, len(data)
+
+
 def _judge_unconfirmed(repo, old_rows: pa.Table, found_hashes, sizes: dict[str, int],
                        unreadable_keys: set[str], corrupt: set[tuple], why_gone: dict[str, str],
                        result: RepairIndexResult) -> pa.Table:
@@ -395,12 +473,14 @@ def _judge_unconfirmed(repo, old_rows: pa.Table, found_hashes, sizes: dict[str, 
     """
     keep: list[tuple] = []
     recheck: list[tuple] = []
+    schema = old_rows.schema
+    v2 = repo.version >= 2
     unconfirmed = old_rows.filter(pc.invert(pc.is_in(old_rows["hash"], value_set=found_hashes))) \
         if old_rows.num_rows else old_rows
     gone_keys = pc.invert(pc.is_in(old_rows["key"], value_set=pa.array(sorted(sizes), pa.string())))
     result.rows_dropped = int(pc.sum(gone_keys).as_py() or 0) if old_rows.num_rows else 0
-    for row in zip(*(unconfirmed[c].to_pylist() for c in _ROW_KEYS)):
-        blob, key, offset, length = row
+    for row in zip(*(unconfirmed[c].to_pylist() for c in schema.names)):
+        blob, key, offset, length = row[:4]
         if key not in sizes:
             why_gone.setdefault(blob, f"its key {key} is gone")
         elif (key, blob) in corrupt:
@@ -418,11 +498,18 @@ def _judge_unconfirmed(repo, old_rows: pa.Table, found_hashes, sizes: dict[str, 
     result.rows_unconfirmed = len(recheck)
 
     def check(row):
-        blob, key, offset, length = row
+        blob, key, offset, length = row[:4]
         try:
             data = repo.fs.cat_file(repo.path(key), start=offset, end=offset + length) if length else b""
         except OSError as exc:
             return row, f"{key} cannot be read: {_one_line(exc)}"
+        if v2:
+            salt, entry = _entry_of_row(row)
+            try:
+                pack.open_blob2(repo.keys, salt, entry, data)
+                return row, None
+            except KeepflowError:
+                return row, f"{key} no longer holds it (its blob at {offset}+{length} does not open)"
         if blake3.blake3(data).hexdigest() == blob:
             return row, None
         return row, f"{key} no longer holds it (bytes {offset}-{offset + length} do not match)"
@@ -434,39 +521,45 @@ def _judge_unconfirmed(repo, old_rows: pa.Table, found_hashes, sizes: dict[str, 
                     keep.append(row)
                 else:
                     why_gone.setdefault(row[0], problem)
-    return pa.table({c: pa.array([r[i] for r in keep], INDEX_SCHEMA.field(c).type)
-                     for i, c in enumerate(_ROW_KEYS)}, schema=INDEX_SCHEMA)
+    return _rows_table(keep, schema)
 
 
 def _choose_locations(candidates: pa.Table, old_rows: pa.Table) -> pa.Table:
     """One row per hash: the old index's location first, then the lowest (key, offset)."""
     if candidates.num_rows == 0:
         return candidates
+    schema = candidates.schema
     candidates = _distinct_rows(candidates)
     if old_rows.num_rows:
-        marked = old_rows.append_column("was", pa.array([0] * old_rows.num_rows, pa.int8()))
+        marked = old_rows.select(_ROW_KEYS).append_column("was", pa.array([0] * old_rows.num_rows, pa.int8()))
         candidates = candidates.join(marked, keys=_ROW_KEYS, join_type="left outer")
         rank = pc.fill_null(candidates["was"], 1)
     else:
         rank = pa.array([1] * candidates.num_rows, pa.int8())
-    ranked = candidates.select(_ROW_KEYS).append_column("rank", rank)
+    ranked = candidates.select(schema.names).append_column("rank", rank)
     ranked = ranked.sort_by([("rank", "ascending"), ("key", "ascending"), ("offset", "ascending")])
-    chosen = indexmod.unique_hashes(ranked.select(_ROW_KEYS))
-    return chosen.sort_by([("key", "ascending"), ("offset", "ascending")]).cast(INDEX_SCHEMA)
+    chosen = indexmod.unique_hashes(ranked.select(schema.names))
+    return chosen.sort_by([("key", "ascending"), ("offset", "ascending")]).cast(schema)
 
 
 def _same_rows(a: pa.Table, b: pa.Table) -> bool:
-    """Two tables of distinct rows hold the same rows."""
+    """Two tables of distinct rows hold the same rows (every column: format 2's salt, seq... too)."""
     if a.num_rows != b.num_rows:
         return False
     if a.num_rows == 0:
         return True
-    both = a.join(b.append_column("b", pa.array([1] * b.num_rows, pa.int8())), keys=_ROW_KEYS,
+    both = a.join(b.append_column("b", pa.array([1] * b.num_rows, pa.int8())), keys=a.column_names,
                   join_type="inner")
     return both.num_rows == a.num_rows
 
 
-def _report_lost(repo, indexed, old_hashes, why_gone: dict[str, str], result: RepairIndexResult) -> None:
+def _report_lost(repo, table: pa.Table, old_hashes, why_gone: dict[str, str], result: RepairIndexResult) -> None:
+    """Every content id a manifest references that the new index ``table`` cannot serve is *lost*.
+
+    Format 2: a content id that is a list blob is lost too when its list
+    cannot be read or opened, or names a chunk the new index lacks.
+    """
+    indexed = table["hash"]
     infos = _readable_snapshots(repo, result.damaged_manifests)
     # Two passes, one manifest at a time: the hash column of every manifest first (like
     # gc.referenced_hashes), the paths only when something is lost.
@@ -474,14 +567,23 @@ def _report_lost(repo, indexed, old_hashes, why_gone: dict[str, str], result: Re
               for _, t in _manifests(repo, infos, ["hash"], result.damaged_manifests)]
     referenced = pc.unique(pa.concat_arrays(arrays)) if arrays else pa.array([], pa.string())
     lost = referenced.filter(pc.invert(pc.is_in(referenced, value_set=indexed))) if len(referenced) else referenced
-    if len(lost) == 0:
+    bad_lists: dict[str, str] = {}
+    missing_chunks = pa.array([], pa.string())
+    if repo.version >= 2 and len(referenced):
+        bad_lists, missing_chunks = _lists_that_lost_data(repo, table, referenced, why_gone)
+    if len(lost) == 0 and not bad_lists:
         return
-    was_indexed = set(pc.filter(lost, pc.is_in(lost, value_set=old_hashes)).to_pylist()) if len(old_hashes) else set()
+    dropped = pa.concat_arrays([lost, missing_chunks]) if len(missing_chunks) else lost
+    was_indexed = set(pc.filter(dropped, pc.is_in(dropped, value_set=old_hashes)).to_pylist()) \
+        if len(old_hashes) and len(dropped) else set()
     unexplained = sorted(was_indexed - why_gone.keys())
     if unexplained:   # cannot happen (steps 3-4 give every dropped row a reason): a bug, so change nothing
         raise RuntimeError(f"repair index of {repo.url} stopped before changing anything: {len(unexplained)} "
                            f"referenced blobs were indexed and would be dropped without a reason (first "
                            f"{unexplained[0]}); please report this keepflow bug")
+    was_indexed &= set(lost.to_pylist())
+    if bad_lists:
+        lost = pa.concat_arrays([lost, pa.array(sorted(bad_lists), pa.string())])
     affected = _affected_files(_manifests(repo, infos, ["path", "type", "hash", "size"], []), lost)
     by_hash: dict[str, dict] = {}
     for row in affected.to_pylist():
@@ -492,10 +594,54 @@ def _report_lost(repo, indexed, old_hashes, why_gone: dict[str, str], result: Re
         if len(entry["paths"]) < MAX_PATHS and row["path"] not in entry["paths"]:
             entry["paths"].append(row["path"])
     for blob in sorted(lost.to_pylist()):
-        detail = why_gone.get(blob) or ("indexed before, but no pack or object holds it" if blob in was_indexed
-                                        else "in no index file and in no pack or object")
+        detail = bad_lists.get(blob) or why_gone.get(blob) or (
+            "indexed before, but no pack or object holds it" if blob in was_indexed
+            else "in no index file and in no pack or object")
         entry = by_hash.get(blob, {"snapshots": [], "paths": [], "files": 0})
         result.lost.append({"hash": blob, "detail": detail, **entry})
+
+
+def _lists_that_lost_data(repo, table: pa.Table, referenced, why_gone: dict[str, str]) -> tuple[dict, pa.Array]:
+    """Format 2: the referenced list blobs of ``table`` that cannot serve their file.
+
+    Returns ``{list id: why}`` (its list cannot be read or opened, or names
+    chunks ``table`` lacks) and the distinct chunk ids that are missing. Each
+    list is read once (``chunk_lists.read_lists``: range reads, 8 threads on
+    object stores).
+    """
+    from .chunk_lists import read_lists
+
+    lists = table.filter(pc.and_(pc.equal(table["type"], pack.KIND_LIST),
+                                 pc.is_in(table["hash"], value_set=referenced)))
+    if lists.num_rows == 0:
+        return {}, pa.array([], pa.string())
+    bad: dict[str, str] = {}
+    owners: list[int] = []
+    totals: dict[int, int] = {}
+    chunk_ids: list[str] = []
+    list_ids, keys = lists["hash"].to_pylist(), lists["key"].to_pylist()
+    for i, chunks in enumerate(read_lists(repo, lists)):
+        if chunks is None:
+            bad[list_ids[i]] = f"its chunk list in {keys[i]} cannot be read or does not open"
+            continue
+        chunk_ids.extend(c for c, _ in chunks)
+        owners.extend([i] * len(chunks))
+        totals[i] = len(chunks)
+    if not chunk_ids:
+        return bad, pa.array([], pa.string())
+    ids = pa.array(chunk_ids, pa.string())
+    absent = pc.invert(pc.is_in(ids, value_set=table["hash"]))
+    missing = pc.filter(ids, absent).to_pylist()
+    first_missing: dict[int, str] = {}
+    counts: dict[int, int] = {}
+    for owner, chunk in zip(pc.filter(pa.array(owners, pa.int64()), absent).to_pylist(), missing):
+        first_missing.setdefault(owner, chunk)
+        counts[owner] = counts.get(owner, 0) + 1
+    for owner, chunk in first_missing.items():
+        why = why_gone.get(chunk, "in no index file and in no pack")
+        bad[list_ids[owner]] = (f"{counts[owner]} of its {totals[owner]} chunks are in no pack (first {chunk[:16]}: "
+                                f"{why})")
+    return bad, pc.unique(pa.array(missing, pa.string()))
 
 
 def _readable_snapshots(repo, damaged: list[dict]) -> list[manifest.SnapshotInfo]:
