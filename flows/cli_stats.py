@@ -1,11 +1,14 @@
 """``keepflow stats REPO [--json] [--last N]``: what a repository holds and how it grows.
 
 Read-only, like ``snapshots``/``ls``/``diff``: it calls ``tasks.core`` directly
-(no Prefect, no pandas) and reads only manifest footers, the index and a
-listing of ``packs/`` and ``objects/``, so it answers in well under a second
-even for a long history. The richer per-snapshot figures (stored bytes
-recomputed from the index, churn, largest files) are in
-``tasks.core.analysis`` and the notebooks.
+(no Prefect, no pandas) and reads only the snapshot facts (format 2: each
+manifest's small encrypted facts block; format 1: the Parquet footers), the
+index and a listing of ``packs/`` (and format 1's ``objects/``), so it answers
+in well under a second even for a long history. An encrypted repository
+needs its password (``--password-file``, ``KEEPFLOW_PASSWORD``, ...). The
+richer per-snapshot figures (stored bytes recomputed from the index with the
+chunks of chunked files, churn, largest files) are in ``tasks.core.analysis``
+and the notebooks.
 """
 
 from __future__ import annotations
@@ -36,16 +39,25 @@ def cmd_stats(args) -> int:
         return 0
 
     ratio = f"{s['dedup_ratio']:.2f}x" if s["dedup_ratio"] else "-"
+    if s["format"] >= 2:
+        fmt = f"format {s['format']}, " + ("not encrypted" if s["encryption"] in (None, "none") else s["encryption"])
+        stored = f"{human_bytes(s['stored_bytes'])} in {s['packs']:,} packs"
+        blobs = (f"{s['blobs']:,} ({human_bytes(s['blob_bytes'])} stored, {human_bytes(s['blob_raw_bytes'])} "
+                 f"before compression; {s['chunk_lists']:,} chunk lists)")
+    else:
+        fmt = "format 1"
+        stored = (f"{human_bytes(s['stored_bytes'])} ({s['packs']:,} packs {human_bytes(s['pack_bytes'])}, "
+                  f"{s['objects']:,} objects {human_bytes(s['object_bytes'])})")
+        blobs = f"{s['blobs']:,} ({human_bytes(s['blob_bytes'])})"
     lines = [
-        ("repository", f"{s['repository']} ({s['id'][:8]})"),
+        ("repository", f"{s['repository']} ({s['id'][:8]}, {fmt})"),
         ("snapshots", f"{s['snapshots']}" + (f", {s['first'][:19].replace('T', ' ')} .. "
                                              f"{s['latest_time'][:19].replace('T', ' ')} UTC" if s["snapshots"] else "")),
         ("files", f"{s['files']:,} in the latest snapshot" + (f" ({s['latest'][:8]})" if s["latest"] else "")),
         ("logical size", f"{human_bytes(s['logical_bytes'])} latest, "
                          f"{human_bytes(s['logical_bytes_all'])} all snapshots together"),
-        ("stored size", f"{human_bytes(s['stored_bytes'])} ({s['packs']:,} packs {human_bytes(s['pack_bytes'])}, "
-                        f"{s['objects']:,} objects {human_bytes(s['object_bytes'])})"),
-        ("blobs", f"{s['blobs']:,} ({human_bytes(s['blob_bytes'])})"),
+        ("stored size", stored),
+        ("blobs", blobs),
         ("dedup ratio", f"{ratio} (all snapshots' logical size / stored size)"),
     ]
     width = max(len(k) for k, _ in lines)

@@ -1,17 +1,25 @@
-"""``tasks.core.analysis``, ``keepflow stats`` and DuckDB on real repositories.
+"""``tasks.core.analysis``, ``keepflow stats``, ``keepflow diff`` and DuckDB on real repositories.
 
 The repository is made by the real backup steps (``tests.core_helpers``, no
 Prefect): four snapshots of a tree whose history is known exactly, so every
 answer can be checked against a number worked out here by hand or against
-another reader (the files on disk, ``keepflow diff``'s own comparison,
-footers). The same repository copied into ``memory://`` must give the same
-answers; ``keepflow stats`` is run as the real command.
+another reader (the files on disk, ``keepflow diff``'s own comparison, the
+snapshot facts, the index files). It is built three times: format 2
+encrypted (what ``init`` makes), format 2 with ``--encryption none`` (plain
+Parquet manifests with binary ids) and format 1; the checks that depend on a
+format's internals (format 1's ``objects/``, stored bytes equal to raw bytes,
+DuckDB reading Parquet in place) say which format they are about. The same
+repository copied into ``memory://`` must give the same answers; ``keepflow
+stats`` and ``keepflow diff`` are run as the real commands. A second history
+holds a 5 MiB file and a copy of it with a small change, for the figures on
+chunked files.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,14 +31,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.core import analysis, manifest, snapshot_diff, snapshots as core_snapshots
-from tasks.core.errors import UsageError
-from tasks.core.repository import Repository
+from tasks.core import analysis, index as indexmod, manifest, snapshot_diff, snapshots as core_snapshots
+from tasks.core.errors import DamagedManifestError, UsageError
+from tasks.core.repository import RepoConfig, Repository
 from tests import core_helpers
-from tests.conftest import KEEPFLOW, age_tree, make_tree
+from tests.conftest import KEEPFLOW, TEST_PASSWORD, age_tree, make_tree
 
 ROOT = Path(__file__).resolve().parent.parent
-BIG = os.urandom(2 * 1024 * 1024)  # above the 1 MiB threshold: stored whole under objects/
+BIG = os.urandom(2 * 1024 * 1024)  # above the 1 MiB threshold: format 1 stores it whole under objects/,
+                                    # format 2 cuts it into chunks
 V1 = {
     "src/a.py": "print('a')\n",
     "src/b.py": "print('b')\n",
@@ -43,6 +52,12 @@ V1 = {
     "link": ("link", "Makefile"),
 }
 LOG = {1: "xx", 2: "xxx", 3: "xxxx"}  # logs/app.log after runs 2, 3, 4: changes every run
+TAG = 16                              # AES-GCM tag: an encrypted blob's stored length is its payload + 16
+FORMATS = {
+    "v2": lambda: RepoConfig.new_v2(),                        # encrypted, compressed, chunked
+    "v2-plain": lambda: RepoConfig.new_v2(encryption="none"),  # the same, plaintext Parquet manifests
+    "v1": lambda: RepoConfig(),                               # format 1
+}
 
 
 def _distinct_size(contents) -> int:
@@ -50,10 +65,17 @@ def _distinct_size(contents) -> int:
     return sum(len(c) for c in seen)
 
 
-@pytest.fixture(scope="module")
-def hist(tmp_path_factory):
-    base = tmp_path_factory.mktemp("analysis")
+def init(url, fmt: str) -> str:
+    Repository.init(str(url), config=FORMATS[fmt]())
+    return str(url)
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
+def hist(request, tmp_path_factory):
+    fmt = request.param
+    base = tmp_path_factory.mktemp(f"analysis-{fmt}")
     src, repo = base / "src", base / "repo"
+    init(repo, fmt)
     make_tree(src, V1)
     age_tree(src)
     core_helpers.backup(src, repo)
@@ -75,9 +97,12 @@ def hist(tmp_path_factory):
     (src / "data/big2.bin").write_bytes(BIG)
     age_tree(src)
     core_helpers.backup(src, repo)
-    infos = core_snapshots.list_snapshots(Repository.open(str(repo)))
+    opened = Repository.open(str(repo))
+    assert (opened.version, opened.encrypted) == {"v2": (2, True), "v2-plain": (2, False), "v1": (1, False)}[fmt]
+    infos = core_snapshots.list_snapshots(opened)
     assert len(infos) == 4
-    return {"base": base, "src": src, "repo": str(repo), "infos": infos,
+    return {"base": base, "src": src, "repo": str(repo), "infos": infos, "format": fmt,
+            "version": opened.version, "encrypted": opened.encrypted,
             "copy1": str(base / "copy-after-1"), "copy2": str(base / "copy-after-2")}
 
 
@@ -85,9 +110,10 @@ def hist(tmp_path_factory):
 def mem_repo(hist):
     """The same repository in memory:// (fsspec's in-process filesystem)."""
     fs = fsspec.filesystem("memory")
-    fs.put(hist["repo"], "/analysis-test/repo", recursive=True)
-    yield "memory://analysis-test/repo"
-    fs.rm("/analysis-test", recursive=True)
+    where = f"/analysis-test-{hist['format']}/repo"
+    fs.put(hist["repo"], where, recursive=True)
+    yield f"memory:/{where}"
+    fs.rm(where.rsplit("/", 1)[0], recursive=True)
 
 
 def disk_bytes(repo: str, *folders: str) -> dict[str, int]:
@@ -97,6 +123,21 @@ def disk_bytes(repo: str, *folders: str) -> dict[str, int]:
             for f in files:
                 p = os.path.join(d, f)
                 out[os.path.relpath(p, repo)] = os.path.getsize(p)
+    return out
+
+
+def runs_in_order(repo_url: str) -> list[dict]:
+    """Per backup run, oldest first, from its index file alone: the blobs it stored
+    (stored lengths) and the pack files it wrote (sizes on disk)."""
+    repo = Repository.open(repo_url)
+    names = sorted(indexmod.list_index_names(repo),
+                   key=lambda n: os.stat(os.path.join(repo_url, "index", n)).st_mtime_ns)
+    out = []
+    for n in names:
+        rows = indexmod.read_index_files(repo, [n])
+        keys = set(rows["key"].to_pylist())
+        out.append({"blobs": rows.num_rows, "blob_bytes": sum(rows["length"].to_pylist()),
+                    "pack_bytes": sum(os.path.getsize(os.path.join(repo_url, k)) for k in keys)})
     return out
 
 
@@ -159,9 +200,9 @@ def test_load_manifests_chooses_snapshots_types_filters_and_columns(hist):
         analysis.load_manifests(hist["repo"], columns=["path", "nope"])
 
 
-def test_an_empty_repository_gives_empty_frames(tmp_path):
-    Repository.init(str(tmp_path / "empty"))
-    url = str(tmp_path / "empty")
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_an_empty_repository_gives_empty_frames(tmp_path, fmt):
+    url = init(tmp_path / "empty", fmt)
     assert analysis.load_snapshots(url).empty
     df = analysis.load_manifests(url, columns=["path", "size"])
     assert df.empty and list(df.columns) == ["snapshot", "path", "size"]
@@ -169,6 +210,9 @@ def test_an_empty_repository_gives_empty_frames(tmp_path):
     assert stats.per_snapshot.empty and stats.overall["stored_bytes"] == 0
     assert analysis.churn_by_directory(url).empty and analysis.growth(url).empty
     assert analysis.repository_summary(url)["snapshots"] == 0
+    con = analysis.duckdb(url)
+    assert con.sql("SELECT count(*) FROM entries").fetchall() == [(0,)]
+    assert con.sql("SELECT count(*) FROM snapshots").fetchall() == [(0,)]
 
 
 # -- differences ---------------------------------------------------------------------------
@@ -238,30 +282,59 @@ def test_dedup_stats_per_snapshot_and_overall(hist):
     stats = analysis.dedup_stats(hist["repo"])
     per, overall = stats.per_snapshot, stats.overall
     v1_contents = [v for v in V1.values() if v is not None and not isinstance(v, tuple)]
-    assert per["new_bytes"].iloc[0] == _distinct_size(v1_contents)  # readme.md/copy.md once
+    # raw sizes (before compression): the same in every format
+    assert per["unique_raw_bytes"].iloc[0] == _distinct_size(v1_contents)  # readme.md/copy.md once
     assert per["logical_bytes"].iloc[0] == sum(len(c) for c in v1_contents)
+    assert per["dedup_ratio"].iloc[0] == pytest.approx(per["logical_bytes"].iloc[0] / _distinct_size(v1_contents))
     assert per["dedup_ratio"].iloc[0] > 1  # the duplicate inside snapshot 1
-    assert per["new_bytes"].iloc[1] == len(LOG[1]) + len("print('c')\n")
-    assert per["new_bytes"].iloc[3] == len(LOG[3])  # big2.bin is a duplicate: nothing new
-    # what each backup run says it stored, worked out independently from the index here
-    assert list(per["new_bytes"]) == [i.bytes_stored for i in hist["infos"]]
-    assert per["stored_bytes_cumulative"].iloc[-1] == overall["referenced_bytes"]
+    assert list(per["new_blobs"])[1:] == [2, 2, 1]  # (app.log, c.py), (app.log, a.py), app.log; big2.bin is known
     assert list(per["logical_bytes"]) == [i.bytes for i in hist["infos"]]
+    assert per["stored_bytes_cumulative"].iloc[-1] == overall["referenced_bytes"]
+    # what each run stored, worked out independently from its own index file and pack files
+    runs = runs_in_order(hist["repo"])
+    assert list(per["new_bytes"]) == [r["blob_bytes"] for r in runs]
+    assert list(per["new_blobs"]) == [r["blobs"] for r in runs]
     on_disk = disk_bytes(hist["repo"], "packs", "objects")
     assert overall["stored_bytes"] == sum(on_disk.values())
-    assert overall["objects"] == 1 and overall["packs"] == sum(k.startswith("packs/") for k in on_disk)
     assert overall["indexed_bytes"] == overall["referenced_bytes"] and overall["unreferenced_bytes"] == 0
-    assert overall["missing_blobs"] == 0
+    assert overall["missing_blobs"] == 0 and overall["unreadable_lists"] == 0
     assert overall["logical_bytes"] == sum(i.bytes for i in hist["infos"])
     assert overall["dedup_ratio"] == pytest.approx(overall["logical_bytes"] / overall["stored_bytes"])
     assert overall["dedup_ratio"] > 3.5  # four snapshots of nearly the same data
+    if hist["version"] == 1:
+        # format 1 stores blobs as they are: stored = raw, the big file whole under objects/,
+        # and what a run says it stored is exactly its new blobs
+        assert list(per["new_bytes"]) == [i.bytes_stored for i in hist["infos"]]
+        assert per["new_bytes"].iloc[0] == _distinct_size(v1_contents)
+        assert per["new_bytes"].iloc[1] == len(LOG[1]) + len("print('c')\n")
+        assert per["new_bytes"].iloc[3] == len(LOG[3])  # big2.bin is a duplicate: nothing new
+        assert list(per["unique_bytes"]) == list(per["unique_raw_bytes"])
+        assert overall["objects"] == 1 and overall["packs"] == sum(k.startswith("packs/") for k in on_disk)
+        assert overall["lists_read"] == 0
+    else:
+        # format 2: no objects/; a run stores its pack files, each blob inside is its payload
+        # (+ the tag when encrypted), the pack's header comes on top
+        assert overall["objects"] == 0 and all(k.startswith("packs/") for k in on_disk)
+        assert [i.bytes_stored for i in hist["infos"]] == [r["pack_bytes"] for r in runs]
+        assert all(r["blob_bytes"] < r["pack_bytes"] for r in runs)
+        tag = TAG if hist["encrypted"] else 0
+        assert per["new_bytes"].iloc[3] == len(LOG[3]) + tag          # too small to compress
+        assert per["new_bytes"].iloc[1] == len(LOG[1]) + len("print('c')\n") + 2 * tag
+        # "R" * 1000 compresses: snapshot 1 takes less than its raw content, despite the tags
+        assert per["unique_bytes"].iloc[0] < per["unique_raw_bytes"].iloc[0]
+        summary = analysis.repository_summary(hist["repo"])
+        assert overall["lists_read"] == summary["chunk_lists"]      # big.bin's list, if it has one
 
 
 def test_dedup_stats_for_some_snapshots_counts_older_blobs_as_known(hist):
     last_two = [i.id for i in hist["infos"][2:]]
     per = analysis.dedup_stats(hist["repo"], snapshots=last_two).per_snapshot
     assert list(per["id"]) == last_two
-    assert list(per["new_bytes"]) == [i.bytes_stored for i in hist["infos"][2:]]
+    full = analysis.dedup_stats(hist["repo"]).per_snapshot
+    assert list(per["new_bytes"]) == list(full["new_bytes"].iloc[2:])
+    assert list(per["new_blobs"]) == [2, 1]
+    if hist["version"] == 1:
+        assert list(per["new_bytes"]) == [i.bytes_stored for i in hist["infos"][2:]]
 
 
 @pytest.mark.damages_repository
@@ -299,21 +372,26 @@ def test_same_answers_on_memory_url(hist, mem_repo):
     assert {k: v for k, v in sa.items() if k != "repository"} == {k: v for k, v in sb.items() if k != "repository"}
 
 
-def test_backup_straight_into_memory_url(tmp_path):
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_backup_straight_into_memory_url(tmp_path, fmt):
     src = make_tree(tmp_path / "src", {"a.txt": "one", "b/c.txt": "two", "b/d.txt": "two"})
     age_tree(src)
-    url = "memory://analysis-direct/repo"
+    url = f"memory://analysis-direct-{fmt}/repo"
     try:
+        init(url, fmt)
         core_helpers.backup(src, url)
         (src / "a.txt").write_text("three")
         age_tree(src)
         core_helpers.backup(src, url)
         assert list(analysis.load_snapshots(url)["files"]) == [3, 3]
         per = analysis.dedup_stats(url).per_snapshot
-        assert list(per["new_bytes"]) == [6, 5]
+        tag = TAG if fmt == "v2" else 0   # blobs this small are never compressed
+        assert list(per["new_blobs"]) == [2, 1]
+        assert list(per["new_bytes"]) == [6 + 2 * tag, 5 + tag]
+        assert list(per["unique_raw_bytes"]) == [6, 8]
         assert analysis.snapshot_diff(url, analysis.load_snapshots(url).id[0], "latest")["path"].tolist() == ["a.txt"]
     finally:
-        fsspec.filesystem("memory").rm("/analysis-direct", recursive=True)
+        fsspec.filesystem("memory").rm(f"/analysis-direct-{fmt}", recursive=True)
 
 
 # -- several repositories ------------------------------------------------------------------
@@ -345,6 +423,7 @@ def test_replication_status_against_copies(hist, tmp_path):
     assert (c.state, c.snapshots, c.missing_snapshots, c.missing_ids) == ("ok", 2, 2, ids[2:])
     assert c.missing_keys == len(lacking) and c.missing_bytes == sum(lacking.values()) > 0
     assert c.missing_index_files == 2 and c.missing_blobs == 3  # runs 3 and 4: a.py, app.log twice
+    assert (c.missing_key_files, c.extra_key_files) == (0, 0)
     assert not c.in_sync
     f = status.loc[str(full)]
     assert (f.missing_snapshots, f.missing_keys, f.missing_bytes, f.missing_blobs, f.in_sync) == (0, 0, 0, 0, True)
@@ -358,6 +437,24 @@ def test_replication_status_against_copies(hist, tmp_path):
     m = status.loc[mem]
     assert (m.state, m.snapshots, m.missing_ids) == ("ok", 1, ids[1:])
     assert status.attrs["primary_snapshots"] == 4
+    if hist["encrypted"]:
+        assert e.missing_key_files == len(os.listdir(os.path.join(hist["repo"], "keys"))) == 1
+
+
+def test_replication_status_compares_key_files(hist, tmp_path):
+    """Format 2 replicas mirror keys/: a password added (or revoked) on one side only is not in sync."""
+    if not hist["encrypted"]:
+        pytest.skip("only an encrypted repository has key files")
+    from tasks.core import keyring
+
+    replica = tmp_path / "replica"
+    shutil.copytree(hist["repo"], replica)
+    keyring.add_key(Repository.open(str(replica)), "a second password")
+    status = analysis.replication_status(hist["repo"], [str(replica)]).set_index("url").loc[str(replica)]
+    assert (status.missing_key_files, status.extra_key_files, status.missing_keys) == (0, 1, 0)
+    assert not status.in_sync
+    back = analysis.replication_status(str(replica), [hist["repo"]]).set_index("url").loc[hist["repo"]]
+    assert (back.missing_key_files, back.extra_key_files, back.in_sync) == (1, 0, False)
 
 
 def test_snapshot_presence_matrix(hist, tmp_path):
@@ -386,8 +483,24 @@ def test_stats_json(hist):
     assert s["files"] == 8 and s["logical_bytes"] == hist["infos"][-1].bytes
     assert s["logical_bytes_all"] == sum(i.bytes for i in hist["infos"])
     assert s["stored_bytes"] == sum(on_disk.values())
-    assert s["objects"] == 1 and s["packs"] + s["objects"] == len(on_disk)
+    assert s["packs"] + s["objects"] == len(on_disk)
     assert s["dedup_ratio"] == round(s["logical_bytes_all"] / s["stored_bytes"], 3)
+    index = indexmod.load_index(Repository.open(hist["repo"]))
+    assert (s["blobs"], s["blob_bytes"]) == (index.num_rows, sum(index["length"].to_pylist()))
+    assert s["format"] == hist["version"]
+    if hist["version"] == 1:
+        assert s["objects"] == 1 and s["encryption"] is None and s["chunk_lists"] == 0
+        assert s["blob_raw_bytes"] == s["blob_bytes"]
+    else:
+        assert s["objects"] == 0 and s["encryption"] == ("aes-256-gcm" if hist["encrypted"] else "none")
+        kinds = index["type"].to_pylist()
+        assert s["chunk_lists"] == kinds.count(1)
+        assert s["blob_raw_bytes"] == sum(r for r, k in zip(index["raw_length"].to_pylist(), kinds) if k == 0)
+        # every distinct content once, before compression: files and chunks alike
+        distinct = {p.read_bytes() for p in hist["src"].rglob("*") if p.is_file() and not p.is_symlink()}
+        distinct |= {(c.encode() if isinstance(c, str) else c) for c in [*LOG.values(), V1["logs/app.log"],
+                                                                          V1["src/a.py"], V1["docs/copy.md"]]}
+        assert s["blob_raw_bytes"] == sum(len(c) for c in distinct)
     g = s["growth"]
     assert g["snapshots"] == 2 and [r["id"] for r in g["rows"]] == [i.id for i in hist["infos"][2:]]
     assert g["from"] == hist["infos"][1].id
@@ -401,6 +514,10 @@ def test_stats_text_is_human_readable(hist):
     out = proc.stdout
     assert "snapshots     4" in out
     assert "2.0 MiB" in out and "dedup ratio" in out
+    expected = {"v2": "format 2, aes-256-gcm", "v2-plain": "format 2, not encrypted", "v1": "format 1"}
+    assert expected[hist["format"]] in out.splitlines()[0]
+    if hist["version"] >= 2:
+        assert "before compression" in out and "objects" not in out
     assert "growth over the last 4 snapshots (since the first)" in out
     assert len([line for line in out.splitlines() if line[:8] in {i.short_id for i in hist["infos"]}]) == 4
 
@@ -430,11 +547,89 @@ def test_stats_imports_neither_prefect_nor_pandas(hist):
     assert json.loads(proc.stdout) == {"rc": 0, "heavy": []}
 
 
-# -- DuckDB, without keepflow ------------------------------------------------------------------
+# -- DuckDB ----------------------------------------------------------------------------------------
 
-def test_duckdb_reads_the_manifests_directly(hist, tmp_path):
+def test_duckdb_views_give_the_pyarrow_answers(hist, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)          # DuckDB's default spill folder would be ./.tmp
+    con = analysis.duckdb(hist["repo"])
+    infos = hist["infos"]
+    # snapshots: the SnapshotInfo fields, one row per snapshot
+    got = con.sql("SELECT * FROM snapshots ORDER BY time").to_arrow_table().to_pylist()
+    assert [r["id"] for r in got] == [i.id for i in infos]
+    for row, info in zip(got, infos):
+        assert set(row) == set(manifest.SnapshotInfo.__dataclass_fields__)
+        assert row["time"].isoformat() == info.datetime.astimezone(row["time"].tzinfo).isoformat()
+        assert {k: row[k] for k in ("files", "bytes", "parent", "tags", "key", "bytes_stored", "start_ns")} == \
+            {k: getattr(info, k) for k in ("files", "bytes", "parent", "tags", "key", "bytes_stored", "start_ns")}
+    # entries: every manifest row, the same as load_manifests, plus the snapshot's time
+    arrow = analysis.load_manifests(hist["repo"], arrow=True)
+    expected = arrow.set_column(0, "snapshot", arrow["snapshot"].cast(pa.string())).sort_by(
+        [("snapshot", "ascending"), ("path", "ascending")]).to_pylist()
+    rows = con.sql("SELECT * EXCLUDE (time) FROM entries ORDER BY snapshot, path").to_arrow_table().to_pylist()
+    assert rows == expected
+    assert con.sql("SELECT count(*) FROM entries").fetchall()[0][0] == arrow.num_rows
+    per = con.sql("""SELECT snapshot, count(*) FILTER (type = 'file'), sum(size) FILTER (type = 'file')
+                     FROM entries GROUP BY snapshot ORDER BY min(time)""").fetchall()
+    assert per == [(i.id, i.files, i.bytes) for i in infos]
+    joined = con.sql("""SELECT count(*) FROM entries e JOIN snapshots s ON e.snapshot = s.id
+                        WHERE e.time = s.time""").fetchall()[0][0]
+    assert joined == arrow.num_rows
+    # hash is the content id in hex, as keepflow shows it everywhere
+    big = con.sql("SELECT DISTINCT hash FROM entries WHERE path LIKE 'data/big%'").fetchall()
+    assert len(big) == 1 and re.fullmatch(r"[0-9a-f]{64}", big[0][0])
+    assert big[0][0] == analysis.largest(hist["repo"], n=1)["hash"].iloc[0]
+    # nothing decrypted can reach the disk: no spilling for an encrypted repository
+    spill = con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]
+    assert (spill == "") == hist["encrypted"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_duckdb_for_some_snapshots_and_columns(hist):
+    first, last = hist["infos"][0], hist["infos"][-1]
+    con = analysis.duckdb(hist["repo"], snapshots=[first.id[:8], "latest"], columns=["path", "size"])
+    assert [c[0] for c in con.sql("DESCRIBE entries").fetchall()] == ["snapshot", "time", "path", "size"]
+    repo = Repository.open(hist["repo"])
+    rows = {i.id: manifest.read_manifest(repo, i, columns=["path"]).num_rows for i in (first, last)}
+    assert con.sql("SELECT snapshot, count(*) FROM entries GROUP BY ALL ORDER BY 1").fetchall() == sorted(rows.items())
+    assert con.sql("SELECT count(*) FROM snapshots").fetchall() == [(4,)]     # the listing is always whole
+
+
+def _readme_duckdb_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### DuckDB")
+    return text[start: text.index("\n## ", start)]
+
+
+def test_the_readme_duckdb_examples_run(hist, capsys):
+    """Every query of the README's DuckDB section runs: the Python ones on every repository
+    (an encrypted one too), the plain read_parquet ones on plaintext repositories."""
+    section = _readme_duckdb_section()
+    blocks = re.findall(r"```(python|sql)\n(.*?)```", section, flags=re.S)
+    python = [b for kind, b in blocks if kind == "python"]
+    sql = [b for kind, b in blocks if kind == "sql"]
+    assert python and sql and "ka.duckdb(" in python[0]
+    for code in python:
+        exec(compile(code.replace("/backups/repo", hist["repo"]), "README.md", "exec"), {})
+    shown = capsys.readouterr().out
+    assert hist["infos"][-1].id in shown and "logs/app.log" in shown
+    if hist["encrypted"]:
+        return
+    import duckdb
+
+    statements = "\n".join(line for block in sql for line in block.splitlines() if not line.lstrip().startswith("--"))
+    queries = [q for q in statements.split(";") if q.strip()]
+    assert len(queries) >= 2
+    for query in queries:
+        assert duckdb.sql(query.replace("/backups/repo", hist["repo"])).fetchall()
+
+
+def test_duckdb_reads_plaintext_manifests_directly(hist, tmp_path):
+    """Format 1 and format 2 with --encryption none: the manifests are Parquet, readable in place."""
+    if hist["encrypted"]:
+        pytest.skip("an encrypted repository is read through analysis.duckdb")
     pytest.importorskip("duckdb")
     glob = f"{hist['repo']}/snapshots/*.parquet"
+    hash_hex = "lower(hex(hash))" if hist["version"] >= 2 else "hash"   # format 2 stores 32 bytes
     code = textwrap.dedent(f"""
         import json, sys
         import duckdb
@@ -442,7 +637,7 @@ def test_duckdb_reads_the_manifests_directly(hist, tmp_path):
             SELECT count(*) FILTER (type = 'file') AS files, sum(size) FILTER (type = 'file') AS bytes
             FROM read_parquet('{glob}', filename = true) GROUP BY filename ORDER BY filename\"\"\").fetchall()
         biggest = duckdb.sql(\"\"\"
-            SELECT DISTINCT path, size FROM read_parquet('{glob}')
+            SELECT DISTINCT path, size, {hash_hex} FROM read_parquet('{glob}')
             WHERE type = 'file' ORDER BY size DESC, path LIMIT 2\"\"\").fetchall()
         facts = duckdb.sql(\"\"\"
             SELECT json_extract_string(decode(value), '$.id') AS id
@@ -456,6 +651,184 @@ def test_duckdb_reads_the_manifests_directly(hist, tmp_path):
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
     assert got["per_file"] == [[i.files, i.bytes] for i in hist["infos"]]
-    assert got["biggest"] == [["data/big.bin", len(BIG)], ["data/big2.bin", len(BIG)]]
+    content = analysis.largest(hist["repo"], n=1)["hash"].iloc[0]
+    assert got["biggest"] == [["data/big.bin", len(BIG), content], ["data/big2.bin", len(BIG), content]]
     assert got["ids"] == [i.id for i in hist["infos"]]
     assert got["keepflow_loaded"] is False
+
+
+def test_an_encrypted_manifest_is_not_parquet(hist):
+    """What the storage holds for an encrypted repository says nothing to a Parquet reader."""
+    if not hist["encrypted"]:
+        pytest.skip("plaintext repository")
+    names = os.listdir(os.path.join(hist["repo"], "snapshots"))
+    assert len(names) == 4 and not any(n.endswith(".parquet") for n in names)
+    with pytest.raises(pa.ArrowInvalid):
+        pq.read_schema(os.path.join(hist["repo"], "snapshots", names[0]))
+
+
+@pytest.mark.damages_repository
+def test_a_damaged_manifest_is_named(hist, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(hist["repo"], broken)
+    victim = broken / "snapshots" / hist["infos"][1].key
+    data = bytearray(victim.read_bytes())
+    if hist["version"] >= 2:
+        data[len(data) // 3] ^= 0xFF              # inside the rows: fails the tag, or the name's BLAKE3
+    else:
+        del data[-100:]                           # format 1 checks nothing: cut off the Parquet footer
+    victim.write_bytes(bytes(data))
+    with pytest.raises(DamagedManifestError, match=hist["infos"][1].id[:8]):
+        analysis.load_manifests(str(broken), columns=["path", "size"])
+    with pytest.raises(DamagedManifestError, match=hist["infos"][1].id[:8]):
+        snapshot_diff.compare(Repository.open(str(broken)), hist["infos"][0].id, hist["infos"][1].id)
+
+
+# -- keepflow diff (the real command) -----------------------------------------------------------------
+
+def test_keepflow_diff_command(hist):
+    a, b = hist["infos"][1], hist["infos"][3]
+    env = dict(os.environ, DO_NOT_TRACK="1")
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([KEEPFLOW, "diff", hist["repo"], a.id[:8], b.id[:8], "--json"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["summary"]["added"] == 1 and [r["path"] for r in got["added"]] == ["data/big2.bin"]
+    assert sorted(r["path"] for r in got["modified"]) == ["logs/app.log", "src/a.py"]
+    df = analysis.snapshot_diff(hist["repo"], a.id, b.id)
+    assert sorted(df["path"]) == sorted(r["path"] for k in ("added", "modified", "deleted") for r in got[k])
+    text = subprocess.run([KEEPFLOW, "diff", hist["repo"], a.id[:8], b.id[:8]], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert text.returncode == 0 and "1 added, 2 modified, 0 deleted" in text.stdout
+    if hist["encrypted"]:
+        env.pop("KEEPFLOW_PASSWORD")
+        proc = subprocess.run([KEEPFLOW, "diff", hist["repo"], a.id[:8], b.id[:8]], capture_output=True,
+                              text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 10 and "password" in proc.stderr
+        assert TEST_PASSWORD not in proc.stderr + proc.stdout
+
+
+# -- chunked files (format 2) ----------------------------------------------------------------------------
+
+BIG5 = 5 * 1024 * 1024
+
+
+def _chunks(repo: Repository, data: bytes) -> list[tuple[str, int]]:
+    """The file's chunks, cut and named here with the repository's own chunker and keys."""
+    from tasks.core import store_v2
+
+    view = memoryview(data)
+    pos = 0
+
+    def read(n):
+        nonlocal pos
+        out = bytes(view[pos:pos + n])
+        pos += len(out)
+        return out
+
+    return [(repo.keys.blob_id(c), len(c)) for c in store_v2.chunker_for(repo).iter_chunks(read)]
+
+
+@pytest.fixture(scope="module", params=["v2", "v1"])
+def chunked(request, tmp_path_factory):
+    """Snapshot 1: a random 5 MiB file. Snapshot 2: the same and a copy with a few bytes changed
+    in the middle of one of its chunks (format 2 stores that chunk again, format 1 the whole file)."""
+    fmt = request.param
+    base = tmp_path_factory.mktemp(f"chunked-{fmt}")
+    url = init(base / "repo", fmt)
+    repo = Repository.open(url)
+    original = os.urandom(BIG5)
+    changed = bytearray(original)
+    if repo.version >= 2:
+        cuts = _chunks(repo, original)
+        assert len(cuts) >= 3
+        k = min(range(1, len(cuts) - 1), key=lambda i: cuts[i][1])   # an inner chunk, the smallest
+        at = sum(n for _, n in cuts[:k]) + cuts[k][1] // 2
+    else:
+        at = BIG5 // 2
+    changed[at:at + 8] = os.urandom(8)
+    changed = bytes(changed)
+    src = make_tree(base / "src", {"big.bin": original, "small.txt": "small\n"})
+    age_tree(src)
+    core_helpers.backup(src, url)
+    (src / "copy.bin").write_bytes(changed)
+    age_tree(src)
+    core_helpers.backup(src, url)
+    return {"url": url, "repo": repo, "format": fmt, "original": original, "changed": changed,
+            "infos": core_snapshots.list_snapshots(repo)}
+
+
+def test_stored_bytes_reflect_chunk_level_dedup(chunked):
+    per, overall = (lambda s: (s.per_snapshot, s.overall))(analysis.dedup_stats(chunked["url"]))
+    assert list(per["logical_bytes"]) == [BIG5 + 6, 2 * BIG5 + 6]
+    assert list(per["files"]) == [2, 3]
+    if chunked["format"] == "v1":
+        # whole-file blobs: the copy is a new 5 MiB blob
+        assert per["new_bytes"].iloc[1] == BIG5
+        assert per["unique_raw_bytes"].iloc[1] == 2 * BIG5 + 6
+        return
+    repo = chunked["repo"]
+    a, b = _chunks(repo, chunked["original"]), _chunks(repo, chunked["changed"])
+    known = {cid for cid, _ in a}
+    fresh = {cid: n for cid, n in b if cid not in known}
+    assert 1 <= len(fresh) <= 2 < len(b)
+    # random data is stored raw: a chunk takes its length + the tag, a list 36 bytes per chunk + the tag
+    assert per["new_blobs"].iloc[1] == len(fresh) + 1                                  # new chunks, the new list
+    assert per["new_bytes"].iloc[1] == sum(n + TAG for n in fresh.values()) + 36 * len(b) + TAG
+    assert per["new_bytes"].iloc[1] < BIG5 / 2                                          # far from a second copy
+    distinct = dict(a) | dict(b)
+    assert per["unique_blobs"].iloc[1] == len(distinct) + 2 + 1                        # chunks, 2 lists, small.txt
+    assert per["unique_raw_bytes"].iloc[1] == sum(distinct.values()) + 6
+    assert per["unique_bytes"].iloc[1] == (sum(n + TAG for n in distinct.values()) + 36 * (len(a) + len(b))
+                                           + 2 * TAG + 6 + TAG)
+    assert per["dedup_ratio"].iloc[1] == pytest.approx((2 * BIG5 + 6) / (sum(distinct.values()) + 6))
+    assert per["dedup_ratio"].iloc[1] > 1.5
+    # the runs' own accounts: the second one wrote one pack of new chunks and one list pack
+    assert chunked["infos"][1].bytes_stored > per["new_bytes"].iloc[1]
+    assert chunked["infos"][1].bytes_stored < BIG5 / 2
+    assert overall["stored_bytes"] < 1.5 * BIG5
+    assert overall["referenced_bytes"] == overall["indexed_bytes"] and overall["missing_blobs"] == 0
+    assert overall["lists_read"] == 2
+    summary = analysis.repository_summary(chunked["url"])
+    assert summary["chunk_lists"] == 2 and summary["blob_raw_bytes"] == sum(distinct.values()) + 6
+    # the content ids: a list id per chunked file, different for the two files
+    latest = analysis.load_manifests(chunked["url"], "latest", columns=["path", "hash"]).set_index("path")["hash"]
+    assert latest["big.bin"] != latest["copy.bin"]
+
+
+def test_chunk_lists_are_read_only_when_a_figure_needs_them(chunked, monkeypatch):
+    from tasks.core import chunk_lists
+
+    def no_lists(*a, **k):
+        raise AssertionError("this figure needs no chunk list")
+
+    monkeypatch.setattr(chunk_lists, "read_lists", no_lists)
+    assert analysis.repository_summary(chunked["url"])["snapshots"] == 2
+    assert len(analysis.load_manifests(chunked["url"], columns=["path", "hash"])) == 5
+    analysis.snapshot_diff(chunked["url"], chunked["infos"][0].id, "latest")
+    con = analysis.duckdb(chunked["url"])
+    assert con.sql("SELECT count(*) FROM entries WHERE path = 'copy.bin'").fetchall() == [(1,)]
+    if chunked["format"] == "v2":
+        with pytest.raises(AssertionError, match="no chunk list"):
+            analysis.dedup_stats(chunked["url"])
+
+
+@pytest.mark.damages_repository
+def test_dedup_stats_reports_unreadable_lists(chunked, tmp_path):
+    if chunked["format"] != "v2":
+        pytest.skip("format 1 has no chunk lists")
+    broken = tmp_path / "broken"
+    shutil.copytree(chunked["url"], broken)
+    repo = Repository.open(str(broken))
+    index = indexmod.load_index(repo)
+    lists = {k for k, t in zip(index["key"].to_pylist(), index["type"].to_pylist()) if t == 1}
+    assert len(lists) == 2                                   # one list pack per run
+    for key in lists:
+        path = broken / key
+        data = bytearray(path.read_bytes())
+        data[0] ^= 0xFF                                      # the first list's ciphertext: fails its tag
+        path.write_bytes(bytes(data))
+    stats = analysis.dedup_stats(str(broken))
+    assert list(stats.per_snapshot["unreadable_lists"]) == [1, 2]
+    assert stats.overall["unreadable_lists"] == 2

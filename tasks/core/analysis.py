@@ -1,18 +1,34 @@
-"""Questions about a repository's history, answered from its Parquet files.
+"""Questions about a repository's history, answered from what keepflow already writes.
 
-Everything here reads only what keepflow already writes: snapshot facts from
-manifest footers, entries from the manifests (only the columns asked for),
-blob sizes from the index, and the sizes of ``packs/`` and ``objects/`` from a
-listing. Nothing is written, nothing needs Prefect, and any fsspec URL works
-(a local path, ``memory://``, a replica on S3 with ``storage_options``).
+Everything here reads only snapshot facts (``snapshots.list_snapshots``:
+the facts trailer of a format 2 manifest, the footer of a Parquet one), the
+entries of manifests (``manifest.read_manifest``, only the columns asked for;
+a format 2 manifest is decrypted in memory, never on disk), the index, chunk
+lists when a figure needs them, and a listing of the data files. Nothing is
+written, nothing needs Prefect, and any fsspec URL works (a local path,
+``memory://``, a replica on S3 with ``storage_options``). Both formats:
+format 1 (plaintext) and format 2, whose encrypted repositories open with the
+usual password sources (``KEEPFLOW_PASSWORD``, ``KEEPFLOW_PASSWORD_FILE``,
+``KEEPFLOW_PASSWORD_COMMAND``, ``passwords.use_password``).
+
+Sizes: a file's ``size`` (logical bytes) comes from the manifest. A blob's
+*stored* size is its index ``length`` (format 2: compressed and encrypted, tag
+included); its *raw* size is what it holds before compression (format 2's
+``raw_length``; format 1 stores blobs as they are, so raw = stored). Format 2
+cuts large files into chunks: a file whose content id is a list blob uses
+the list and every chunk in it, and the figures that count blobs count them
+all. The repository's stored size is the sizes of its data files: ``packs/``
+(format 2 has nothing else) and format 1's ``objects/``.
 
 Every function takes a repository as a URL (or an opened
 :class:`~tasks.core.repository.Repository`) and returns a pandas DataFrame or
 a small dict, ready for a notebook:
 
 =========================  ====================================================
-``load_snapshots``         one row per snapshot, from footers only
+``load_snapshots``         one row per snapshot, from the facts only
 ``load_manifests``         every entry of the chosen snapshots, a ``snapshot`` column
+``read_manifests``         the same as one Arrow table per snapshot
+``duckdb``                 a DuckDB connection with views ``snapshots`` and ``entries``
 ``snapshot_diff``          added / modified / deleted paths between two snapshots
 ``changes``                the same for each snapshot against its predecessor
 ``churn_by_directory``     ``changes`` summed per folder
@@ -25,8 +41,8 @@ a small dict, ready for a notebook:
 ``replication_status``     which repositories hold which snapshots, what each lacks
 =========================  ====================================================
 
-pandas and ``pyarrow.dataset`` are imported inside the functions that need
-them, so ``repository_summary`` stays cheap enough for the command line.
+pandas and DuckDB are imported inside the functions that need them, so
+``repository_summary`` stays cheap enough for the command line.
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import index as indexmod
+from . import manifest as manifestmod
 from . import snapshots as snapmod
 from . import storage
 from .errors import RepositoryNotFoundError, UsageError
@@ -91,7 +108,8 @@ def _infos(repo: Repository, snapshots=None, all_snaps: list[SnapshotInfo] | Non
 # -- snapshots ----------------------------------------------------------------------------
 
 def load_snapshots(repo_url, storage_options: dict[str, Any] | None = None):
-    """One row per snapshot, oldest first, read from the manifest footers only.
+    """One row per snapshot, oldest first, read from the snapshot facts only (no entries):
+    format 2's facts block at the end of each manifest, a Parquet manifest's footer.
 
     Columns: ``id, short_id, time, end_time`` (UTC timestamps), ``duration_s``,
     ``parent, source, host, tags`` (a list), ``files, dirs, bytes`` (logical
@@ -126,14 +144,6 @@ def _snapshot_row(s: SnapshotInfo) -> dict:
 
 # -- manifests ------------------------------------------------------------------------------
 
-def _arrow_fs(repo: Repository):
-    import pyarrow.fs as pafs
-
-    if repo.is_local:
-        return pafs.LocalFileSystem()
-    return pafs.PyFileSystem(pafs.FSSpecHandler(repo.fs))
-
-
 def _check_columns(columns) -> list[str]:
     if columns is None:
         return list(MANIFEST_SCHEMA.names)
@@ -149,40 +159,65 @@ def _check_columns(columns) -> list[str]:
 def _type_filter(types):
     if types is None:
         return None
-    import pyarrow.dataset as ds
-
     types = [types] if isinstance(types, str) else list(types)
-    return ds.field("type").isin(types)
+    return pc.field("type").isin(types)
 
 
-def _read_each(repo: Repository, infos: list[SnapshotInfo], columns: list[str], types=None,
-               filter=None) -> list[pa.Table]:
-    """Read ``columns`` of each manifest (one table per snapshot, same order).
+def _columns_of(expr) -> list[str]:
+    """The manifest columns an expression may refer to: every column named in its text.
 
-    ``pyarrow.dataset`` does the reading: only the requested column chunks
-    are fetched, the type filter is pushed down, and fragments are read in
-    parallel (threads; on object stores every fragment is a few range reads).
+    A name that only looks like a reference (``path`` inside ``path_bytes``)
+    costs reading one more column, never a wrong answer.
     """
-    import pyarrow.dataset as ds
+    if expr is None:
+        return []
+    text = str(expr)
+    return [c for c in MANIFEST_SCHEMA.names if c in text]
 
+
+def read_manifests(repo_url, infos, columns=None, *, types=None, filter=None,
+                   storage_options: dict[str, Any] | None = None) -> list[pa.Table]:
+    """``columns`` of each snapshot in ``infos`` (SnapshotInfos), one table each, same order.
+
+    Every manifest is read by ``manifest.read_manifest`` (both formats; a
+    format 2 manifest is authenticated and decrypted in memory, ``hash`` comes
+    back as hex) in a thread pool: Parquet decoding and zstd release the GIL,
+    and on an object store each manifest is a round trip. ``types`` and
+    ``filter`` (a ``pyarrow.compute``/``pyarrow.dataset`` expression) are
+    applied to each table as it is read, so memory holds the kept rows only;
+    the columns they refer to are read too, then dropped. Columns get the
+    manifest schema's types (older manifests' int32 ``uid``/``gid`` become
+    int64; optional columns an older manifest lacks are null).
+
+    A manifest that cannot be read (damaged, not this repository's) raises
+    ``DamagedManifestError`` naming it.
+    """
+    repo = open_repo(repo_url, storage_options)
+    infos = list(infos)
     if not infos:
         return []
+    cols = _check_columns(columns)
     expr = _type_filter(types)
     if filter is not None:
         expr = filter if expr is None else (expr & filter)
-    paths = [repo.path("snapshots", i.key) for i in infos]
-    dataset = ds.dataset(paths, schema=MANIFEST_SCHEMA, format="parquet", filesystem=_arrow_fs(repo))
-    fragments = list(dataset.get_fragments())
-    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    need = list(dict.fromkeys(cols + _columns_of(expr)))
+    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in cols])
 
-    def one(fragment):
-        return fragment.to_table(schema=MANIFEST_SCHEMA, columns=columns, filter=expr).cast(schema)
+    def one(info: SnapshotInfo) -> pa.Table:
+        try:
+            t = manifestmod.read_manifest(repo, info, columns=need)
+        except (ValueError, KeyError) as exc:   # ArrowInvalid is a ValueError
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise snapmod.DamagedManifest.from_name(info.key, reason).error(repo.url) from None
+        if expr is not None:
+            t = t.filter(expr)
+        return t.select(cols).cast(schema)
 
-    workers = 4 if repo.is_local else 16
-    if len(fragments) < 2:
-        return [one(f) for f in fragments]
+    if len(infos) < 2:
+        return [one(i) for i in infos]
+    workers = min(len(infos), 4 if repo.is_local else 16)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, fragments))
+        return list(pool.map(one, infos))
 
 
 def load_manifests(repo_url, snapshots=None, columns=None, *, types=None, filter=None,
@@ -191,10 +226,11 @@ def load_manifests(repo_url, snapshots=None, columns=None, *, types=None, filter
 
     ``snapshots``: None (all), ``"latest"``, an id prefix, a list of those, or
     a DataFrame from :func:`load_snapshots` (its ``id`` column). ``columns``:
-    the manifest columns to read (default all); only those are read from
-    storage. ``types``: keep only ``"file"``, ``"dir"``, ``"symlink"`` (or a
-    list), pushed down into the Parquet scan, as is ``filter`` (a
-    ``pyarrow.dataset`` expression such as ``ds.field("size") > 2**20``).
+    the manifest columns to read (default all); only those are decoded.
+    ``types``: keep only ``"file"``, ``"dir"``, ``"symlink"`` (or a list),
+    and ``filter`` (an expression such as ``ds.field("size") > 2**20``):
+    applied to each manifest as it is read (see :func:`read_manifests`).
+    ``hash`` is the content id as 64 hex characters in both formats.
 
     The ``snapshot`` column holds the full snapshot id (categorical in pandas,
     dictionary-encoded in Arrow). ``arrow=True`` returns a ``pyarrow.Table``
@@ -203,7 +239,7 @@ def load_manifests(repo_url, snapshots=None, columns=None, *, types=None, filter
     repo = open_repo(repo_url, storage_options)
     infos = _infos(repo, snapshots)
     cols = _check_columns(columns)
-    tables = _read_each(repo, infos, cols, types=types, filter=filter)
+    tables = read_manifests(repo, infos, cols, types=types, filter=filter)
     ids = pa.array([i.id for i in infos], pa.string())
     dict_type = pa.dictionary(pa.int32(), pa.string())
     parts = []
@@ -224,7 +260,97 @@ def load_manifests(repo_url, snapshots=None, columns=None, *, types=None, filter
 
 
 def _read_one(repo: Repository, info: SnapshotInfo, columns, types=None) -> pa.Table:
-    return _read_each(repo, [info], _check_columns(columns), types=types)[0]
+    return read_manifests(repo, [info], _check_columns(columns), types=types)[0]
+
+
+# -- DuckDB ---------------------------------------------------------------------------------------
+
+_TIME = pa.timestamp("us", tz="UTC")
+
+
+def _timestamps(values: list[str]) -> pa.Array:
+    import datetime as dt
+
+    def parse(v):
+        return dt.datetime.fromisoformat(v.replace("Z", "+00:00")).astimezone(dt.timezone.utc) if v else None
+
+    return pa.array([parse(v) for v in values], _TIME)
+
+
+def snapshots_table(infos: list[SnapshotInfo]) -> pa.Table:
+    """The SnapshotInfo fields as an Arrow table, one row per snapshot (``time``/``end_time`` as UTC timestamps)."""
+    fields = list(SnapshotInfo.__dataclass_fields__)
+    cols: dict[str, Any] = {f: [getattr(i, f) for i in infos] for f in fields}
+    types = {"id": pa.string(), "parent": pa.string(), "source": pa.string(), "host": pa.string(),
+             "tags": pa.list_(pa.string()), "keepflow_version": pa.string(), "key": pa.string()}
+    out = {}
+    for f in fields:
+        if f in ("time", "end_time"):
+            out[f] = _timestamps(cols[f])
+        else:
+            out[f] = pa.array(cols[f], types.get(f, pa.int64()))
+    return pa.table(out)
+
+
+def duckdb(repo_url, storage_options: dict[str, Any] | None = None, snapshots=None, *, columns=None,
+           connection=None):
+    """A DuckDB connection with two views over the repository, decrypted in memory.
+
+    - ``snapshots``: one row per snapshot, the SnapshotInfo fields (``id,
+      time, end_time, parent, source, host, tags, files, dirs, bytes, new,
+      changed, unchanged, deleted, bytes_read, bytes_stored, skipped,
+      start_ns, keepflow_version, key``), ``time``/``end_time`` as
+      ``TIMESTAMP WITH TIME ZONE`` (the connection's time zone is UTC).
+    - ``entries``: every manifest row of the chosen snapshots, plus
+      ``snapshot`` (the snapshot id) and ``time`` (its start); ``hash`` is the
+      content id in hex, as everywhere in keepflow.
+
+    Both are Arrow tables registered with DuckDB (``connection.register``):
+    the manifests are read with :func:`read_manifests`, so a format 2 manifest
+    is authenticated and decrypted in this process's memory and nothing
+    decrypted is written to disk. For an encrypted repository the connection's
+    ``temp_directory`` is switched off as well, so DuckDB cannot spill
+    intermediate results to disk either (a query larger than memory fails
+    instead; ``SET temp_directory = '...'`` allows spilling again, knowingly).
+
+    ``snapshots`` chooses the snapshots (as in :func:`load_manifests`; the
+    ``snapshots`` view always lists all of them) and ``columns`` the manifest
+    columns of ``entries`` (default all): the tables live in memory, about
+    what ``load_manifests(..., arrow=True)`` takes. ``connection`` registers
+    the views in an existing connection instead of a new in-memory one.
+
+    A plaintext repository (format 1, or format 2 with ``--encryption
+    none``) can also be queried in place with ``read_parquet`` on
+    ``snapshots/*.parquet`` (README, "DuckDB"); this function gives the same
+    views for every repository.
+    """
+    import duckdb as duckdb_module
+
+    repo = open_repo(repo_url, storage_options)
+    all_infos = snapmod.list_snapshots(repo)
+    infos = _infos(repo, snapshots, all_infos)
+    cols = _check_columns(columns)
+    tables = read_manifests(repo, infos, cols)
+    ids = pa.array([i.id for i in infos], pa.string())
+    times = _timestamps([i.time for i in infos])
+    dict_type = pa.dictionary(pa.int32(), pa.string())
+    parts = []
+    for n, t in enumerate(tables):
+        codes = pa.array(np.full(t.num_rows, n, dtype=np.int32))
+        t = t.add_column(0, pa.field("time", _TIME), pa.repeat(times[n], t.num_rows))
+        parts.append(t.add_column(0, pa.field("snapshot", dict_type), pa.DictionaryArray.from_arrays(codes, ids)))
+    if parts:
+        entries = pa.concat_tables(parts)
+    else:
+        entries = pa.schema([pa.field("snapshot", dict_type), pa.field("time", _TIME)]
+                            + [MANIFEST_SCHEMA.field(c) for c in cols]).empty_table()
+    con = connection if connection is not None else duckdb_module.connect(":memory:")
+    if repo.encrypted:
+        con.execute("SET temp_directory = ''")
+    con.execute("SET TimeZone = 'UTC'")
+    con.register("snapshots", snapshots_table(all_infos))
+    con.register("entries", entries)
+    return con
 
 
 # -- differences ------------------------------------------------------------------------------
@@ -291,7 +417,7 @@ def snapshot_diff(repo_url, a: str, b: str, storage_options: dict[str, Any] | No
     snaps = snapmod.list_snapshots(repo)
     ia = snapmod.resolve(repo, a, snapshots=snaps)
     ib = snapmod.resolve(repo, b, snapshots=snaps)
-    ta, tb = _read_each(repo, [ia, ib], _DIFF_COLUMNS)
+    ta, tb = read_manifests(repo, [ia, ib], _DIFF_COLUMNS)
     df = _diff_tables(ta, tb).to_pandas()
     df["size_delta"] = df["size"] - df["old_size"].fillna(0).astype("int64")
     df.loc[df["change"] == "deleted", "size_delta"] = -df["size"]
@@ -340,7 +466,7 @@ def changes(repo_url, snapshots=None, storage_options: dict[str, Any] | None = N
             if i.id not in tables:
                 at = needed.index(i)
                 batch = [j for j in needed[at:at + read_ahead] if j.id not in keys and j.id not in tables]
-                tables.update(zip((j.id for j in batch), _read_each(repo, batch, _DIFF_COLUMNS)))
+                tables.update(zip((j.id for j in batch), read_manifests(repo, batch, _DIFF_COLUMNS)))
             keys[i.id] = _row_key(tables[i.id])
         return keys[i.id]
 
@@ -479,10 +605,13 @@ def file_types(repo_url, snapshot: str = "latest", storage_options: dict[str, An
 
 # -- storage -------------------------------------------------------------------------------------
 
-def _data_listing(repo: Repository) -> dict[str, int]:
-    """``packs/...`` and ``objects/...`` keys (relative to the root) -> size."""
+DATA_FOLDERS = ("packs", "objects")      # format 2 has no objects/: large files are chunks in packs
+
+
+def _data_listing(repo: Repository, folders=DATA_FOLDERS) -> dict[str, int]:
+    """Keys of the files under ``folders`` (relative to the root) -> size."""
     out = {}
-    for folder in ("packs", "objects"):
+    for folder in folders:
         for f in storage.list_files(repo.fs, repo.path(folder)):
             name = f["name"]
             key = name[name.rfind(f"{folder}/"):] if f"{folder}/" in name else name
@@ -510,6 +639,95 @@ def _groups(work: list, rows_per_group: int = 2_000_000):
         yield group
 
 
+class _Blobs:
+    """The index as arrays, and (format 2) the chunks of list blobs as index positions.
+
+    ``stored`` is each blob's index ``length`` (what it takes in its pack),
+    ``raw`` what a data blob holds before compression (0 for a list blob:
+    lists are bookkeeping, not content; format 1: ``length``). Chunk lists are
+    read with ``chunk_lists.read_lists`` the first time a snapshot uses them,
+    each distinct list once, and kept as positions (8 bytes per chunk).
+    """
+
+    def __init__(self, repo: Repository):
+        self.repo = repo
+        self.v2 = repo.version >= 2
+        cols = None if self.v2 else ["hash", "length"]
+        self.index = indexmod.load_index(repo, columns=cols)
+        n = self.index.num_rows
+        self.n = n
+        self.value_set = self.index["hash"].combine_chunks() if n else pa.array([], pa.string())
+        self.stored = self.index["length"].to_numpy().astype(np.int64) if n else np.zeros(0, np.int64)
+        if self.v2 and n:
+            kinds = self.index["type"].to_numpy()
+            self.is_list = kinds == 1
+            self.raw = np.where(self.is_list, 0, self.index["raw_length"].to_numpy().astype(np.int64))
+        else:
+            self.is_list = np.zeros(n, dtype=bool)
+            self.raw = self.stored
+        self.start = np.full(n, -1, dtype=np.int64)    # where a read list's chunks begin in ``_flat``
+        self.count = np.zeros(n, dtype=np.int64)
+        self.unreadable = np.zeros(n, dtype=bool)      # lists read_lists could not open
+        self.lost: dict[int, list[str]] = {}            # list position -> its chunk ids not in the index
+        self._parts: list[np.ndarray] = []
+        self._size = 0
+        self._flat = np.zeros(0, np.int64)
+        self.lists_read = 0
+
+    def positions(self, hashes) -> np.ndarray:
+        """Index positions of ``hashes`` (-1 where not indexed)."""
+        if not len(hashes):
+            return np.zeros(0, np.int64)
+        return pc.fill_null(pc.index_in(hashes, value_set=self.value_set), -1).to_numpy().astype(np.int64)
+
+    def _read(self, todo: np.ndarray) -> None:
+        from .chunk_lists import read_lists
+
+        lists = read_lists(self.repo, self.index.take(pa.array(todo)))
+        self.lists_read += len(todo)
+        readable = [(p, c) for p, c in zip(todo.tolist(), lists) if c is not None]
+        for p, c in zip(todo.tolist(), lists):
+            if c is None:
+                self.unreadable[p] = True
+        ids = [cid for _, chunks in readable for cid, _ in chunks]
+        pos = self.positions(pa.array(ids, pa.string())) if ids else np.zeros(0, np.int64)
+        at = 0
+        for p, chunks in readable:
+            mine = pos[at:at + len(chunks)]
+            good = mine[mine >= 0]
+            if len(good) < len(mine):
+                self.lost[p] = [ids[at + k] for k in np.flatnonzero(mine < 0)]
+            at += len(chunks)
+            self.start[p], self.count[p] = self._size, len(good)
+            self._parts.append(good)
+            self._size += len(good)
+        self._flat = np.concatenate([self._flat] + self._parts) if self._parts else self._flat
+        self._parts = []
+
+    def expand(self, known: np.ndarray) -> tuple[np.ndarray, set[str], int]:
+        """(every blob the content ids at positions ``known`` use, chunk ids not indexed,
+        unreadable lists): ``known`` plus the chunks of the lists among them."""
+        if not self.v2 or not len(known):
+            return known, set(), 0
+        lists = known[self.is_list[known]]
+        if not len(lists):
+            return known, set(), 0
+        todo = lists[(self.start[lists] < 0) & ~self.unreadable[lists]]
+        if len(todo):
+            self._read(todo)
+        ok = lists[self.start[lists] >= 0]
+        counts = self.count[ok]
+        total = int(counts.sum())
+        lost = {cid for p in ok.tolist() if p in self.lost for cid in self.lost[p]}
+        unreadable = int(self.unreadable[lists].sum())
+        if not total:
+            return known, lost, unreadable
+        # positions start[l] .. start[l] + count[l] for every list l, in one gather
+        ends = np.cumsum(counts)
+        offsets = np.repeat(self.start[ok] - (ends - counts), counts) + np.arange(total)
+        return np.union1d(known, self._flat[offsets]), lost, unreadable
+
+
 class DedupStats(NamedTuple):
     per_snapshot: Any   # pandas DataFrame
     overall: dict
@@ -518,30 +736,47 @@ class DedupStats(NamedTuple):
 def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None = None) -> DedupStats:
     """Logical bytes against stored bytes, per snapshot and for the repository.
 
-    Per snapshot (oldest first): ``logical_bytes`` (sum of file sizes),
-    ``unique_bytes`` (its distinct blobs), ``new_blobs``/``new_bytes`` (blobs
-    no earlier snapshot references: what this snapshot added to storage, from
-    the index lengths), ``stored_bytes_cumulative`` and ``dedup_ratio``
-    (logical / unique: duplicates inside the snapshot).
+    A snapshot *uses* the blobs of its files' content ids and, for a format 2
+    file cut into chunks (its content id is a list blob), the list and every
+    chunk in it: chunk lists are read (``chunk_lists.read_lists``, once per
+    distinct list) for exactly this. Stored sizes are index ``length`` values
+    (format 2: compressed and encrypted, without the pack headers), raw
+    sizes what data blobs hold before compression (module docstring).
+
+    Per snapshot (oldest first): ``files``, ``logical_bytes`` (sum of file
+    sizes), ``unique_blobs``/``unique_bytes`` (the distinct blobs it uses and
+    their stored size), ``unique_raw_bytes`` (their raw size: its content
+    after deduplication, before compression), ``new_blobs``/``new_bytes``
+    (blobs no earlier snapshot uses, and their stored size: what this
+    snapshot added to storage; a changed chunked file adds only its changed
+    chunks and its new list), ``missing_blobs`` (content ids and chunks it
+    uses that are not indexed), ``unreadable_lists`` (format 2: chunk lists
+    that are indexed but cannot be read or opened), ``stored_bytes_cumulative``
+    (running total of ``new_bytes``) and ``dedup_ratio`` (``logical_bytes /
+    unique_raw_bytes``: duplicates inside the snapshot, whole files and
+    chunks; compression does not count).
 
     Overall: ``logical_bytes`` (all snapshots together: what full copies
-    would take), ``referenced_bytes`` (distinct blobs any snapshot uses),
-    ``indexed_bytes`` (all blobs in the index), ``unreferenced_bytes``
-    (indexed but used by no snapshot: interrupted runs, forgotten snapshots),
-    ``stored_bytes`` (the sizes of all files under ``packs/`` and ``objects/``,
-    pack trailers included), ``packs``, ``objects``, ``dedup_ratio``
-    (logical / stored) and ``missing_blobs`` (referenced but not indexed:
-    should be 0; ``keepflow verify`` says more).
+    would take), ``referenced_blobs``/``referenced_bytes``/
+    ``referenced_raw_bytes`` (distinct blobs any chosen snapshot uses),
+    ``indexed_blobs``/``indexed_bytes`` (all blobs in the index),
+    ``unreferenced_bytes`` (indexed but used by no snapshot: interrupted runs,
+    forgotten snapshots; None when only some snapshots were chosen),
+    ``stored_bytes`` (the sizes of all files under ``packs/`` and format 1's
+    ``objects/``: pack headers and trailers included), ``packs``,
+    ``pack_bytes``, ``objects``, ``object_bytes``, ``dedup_ratio``
+    (``logical_bytes / stored_bytes``: deduplication and compression
+    together), ``missing_blobs``, ``unreadable_lists`` and ``lists_read``
+    (chunk lists read to compute all this).
     """
     pd = _pd()
     repo = open_repo(repo_url, storage_options)
     all_infos = snapmod.list_snapshots(repo)
     infos = _infos(repo, snapshots, all_infos)
-    idx = indexmod.load_index(repo, columns=["hash", "length"])
-    value_set = idx["hash"].combine_chunks() if idx.num_rows else pa.array([], pa.string())
-    lengths = idx["length"].to_numpy().astype(np.int64) if idx.num_rows else np.zeros(0, np.int64)
-    seen = np.zeros(len(lengths), dtype=bool)        # referenced by an earlier snapshot
-    referenced = np.zeros(len(lengths), dtype=bool)  # referenced by a chosen snapshot
+    blobs = _Blobs(repo)
+    stored, raw = blobs.stored, blobs.raw
+    seen = np.zeros(blobs.n, dtype=bool)        # used by an earlier snapshot
+    referenced = np.zeros(blobs.n, dtype=bool)  # used by a chosen snapshot
     rows = []
     missing: set[str] = set()
     # Blobs already used by snapshots older than the chosen ones are not "new".
@@ -550,51 +785,51 @@ def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None
              and (i.time, i.id) < (infos[0].time, infos[0].id)]
     work = [(i, False) for i in older] + [(i, True) for i in infos]
     for group in _groups(work):
-        tables = _read_each(repo, [i for i, _ in group], ["hash", "size"], types="file")
+        tables = read_manifests(repo, [i for i, _ in group], ["hash", "size"], types="file")
         # One hash-table build per group: positions of every row's hash in the index.
         hashes = pa.chunked_array([c for t in tables for c in t["hash"].chunks], pa.string())
-        pos_all = (pc.fill_null(pc.index_in(hashes, value_set=value_set), -1).to_numpy().astype(np.int64)
-                   if len(hashes) else np.zeros(0, np.int64))
+        pos_all = blobs.positions(hashes)
         offset = 0
         for (info, counted), t in zip(group, tables):
             n = t.num_rows
             pos = pos_all[offset:offset + n]
             offset += n
             ok = pos >= 0
-            known = np.unique(pos[ok])
-            fresh = known[~seen[known]]
+            used, lost_chunks, unreadable = blobs.expand(np.unique(pos[ok]))
+            fresh = used[~seen[used]]
             seen[fresh] = True
             if not counted:
                 continue
-            referenced[known] = True
-            lost = set()
+            referenced[used] = True
+            lost = set(lost_chunks)
             if not ok.all():
                 sizes = t["size"].to_numpy()
                 bad = ~ok & (sizes > 0) & t["hash"].is_valid().to_numpy(zero_copy_only=False)
-                lost = set(t["hash"].filter(pa.array(bad)).to_pylist())
-                missing |= lost
+                lost |= set(t["hash"].filter(pa.array(bad)).to_pylist())
+            missing |= lost
             rows.append({"id": info.id, "short_id": info.short_id, "time": info.time,
                          "files": n, "logical_bytes": int(pc.sum(t["size"]).as_py() or 0),
-                         "unique_blobs": len(known), "unique_bytes": int(lengths[known].sum()),
-                         "new_blobs": len(fresh), "new_bytes": int(lengths[fresh].sum()),
-                         "missing_blobs": len(lost)})
-    cols = ["id", "short_id", "time", "files", "logical_bytes", "unique_blobs", "unique_bytes",
-            "new_blobs", "new_bytes", "missing_blobs"]
+                         "unique_blobs": len(used), "unique_bytes": int(stored[used].sum()),
+                         "unique_raw_bytes": int(raw[used].sum()),
+                         "new_blobs": len(fresh), "new_bytes": int(stored[fresh].sum()),
+                         "missing_blobs": len(lost), "unreadable_lists": unreadable})
+    cols = ["id", "short_id", "time", "files", "logical_bytes", "unique_blobs", "unique_bytes", "unique_raw_bytes",
+            "new_blobs", "new_bytes", "missing_blobs", "unreadable_lists"]
     df = pd.DataFrame(rows, columns=cols)
     df["time"] = pd.to_datetime(df["time"], utc=True, format="ISO8601")
     df["stored_bytes_cumulative"] = df["new_bytes"].cumsum().astype("int64")
-    df["dedup_ratio"] = (df["logical_bytes"] / df["unique_bytes"].where(df["unique_bytes"] > 0)).fillna(1.0)
+    df["dedup_ratio"] = (df["logical_bytes"] / df["unique_raw_bytes"].where(df["unique_raw_bytes"] > 0)).fillna(1.0)
     totals = _storage_totals(_data_listing(repo))
     logical = int(df["logical_bytes"].sum())
-    referenced_bytes = int(lengths[referenced].sum())
-    indexed = int(lengths.sum())
     overall = {
         "snapshots": len(infos), "logical_bytes": logical, "referenced_blobs": int(referenced.sum()),
-        "referenced_bytes": referenced_bytes, "indexed_blobs": int(len(lengths)), "indexed_bytes": indexed,
-        "unreferenced_bytes": int(lengths[~referenced].sum()) if snapshots is None else None,
+        "referenced_bytes": int(stored[referenced].sum()), "referenced_raw_bytes": int(raw[referenced].sum()),
+        "indexed_blobs": int(blobs.n), "indexed_bytes": int(stored.sum()),
+        "unreferenced_bytes": int(stored[~referenced].sum()) if snapshots is None else None,
         **totals,
         "dedup_ratio": (logical / totals["stored_bytes"]) if totals["stored_bytes"] else None,
-        "missing_blobs": len(missing),
+        "missing_blobs": len(missing), "unreadable_lists": int((blobs.unreadable & referenced).sum()),
+        "lists_read": blobs.lists_read,
     }
     return DedupStats(df, overall)
 
@@ -621,19 +856,28 @@ def growth(repo_url, storage_options: dict[str, Any] | None = None):
 # -- the figures for `keepflow stats` (no pandas) -----------------------------------------------
 
 def repository_summary(repo_url, last: int = 10, storage_options: dict[str, Any] | None = None) -> dict:
-    """Figures for ``keepflow stats``: footers, the index and a listing; no manifest rows.
+    """Figures for ``keepflow stats``: snapshot facts, the index and a listing; no manifest rows,
+    no chunk lists.
 
-    ``logical_bytes`` is the latest snapshot's size; ``logical_bytes_all``
+    ``format`` and ``encryption`` (None for format 1) say what the repository
+    is. ``logical_bytes`` is the latest snapshot's size; ``logical_bytes_all``
     the sum over all snapshots (what full copies would take);
-    ``stored_bytes`` the files under ``packs/`` and ``objects/``;
-    ``dedup_ratio`` = ``logical_bytes_all / stored_bytes``. ``growth`` covers
-    the last ``last`` snapshots: their rows and, from the snapshot before the
-    window to the latest, the change in files and logical bytes and the bytes
-    those runs stored.
+    ``stored_bytes`` the files under ``packs/`` (and format 1's
+    ``objects/``), with ``packs``/``pack_bytes``/``objects``/``object_bytes``;
+    ``blobs`` the distinct blobs in the index, ``blob_bytes`` their stored
+    size (index ``length``), ``blob_raw_bytes`` what the data blobs hold
+    before compression (format 1: ``blob_bytes``) and ``chunk_lists`` how
+    many of the blobs are format 2 chunk lists; ``dedup_ratio`` =
+    ``logical_bytes_all / stored_bytes`` (deduplication and compression
+    together). ``growth`` covers the last ``last`` snapshots: their rows
+    and, from the snapshot before the window to the latest, the change in
+    files and logical bytes and the bytes those runs stored (the runs' own
+    ``bytes_stored``: format 2 counts the pack files they wrote).
     """
     repo = open_repo(repo_url, storage_options)
     snaps = snapmod.list_snapshots(repo)
-    idx = indexmod.load_index(repo, columns=["length"])
+    v2 = repo.version >= 2
+    idx = indexmod.load_index(repo, columns=["length", "type", "raw_length"] if v2 else ["length"])
     totals = _storage_totals(_data_listing(repo))
     latest = snaps[-1] if snaps else None
     logical_all = sum(s.bytes for s in snaps)
@@ -651,9 +895,18 @@ def repository_summary(repo_url, last: int = 10, storage_options: dict[str, Any]
                   "added": s.new, "changed": s.changed, "deleted": s.deleted, "bytes_stored": s.bytes_stored}
                  for s in window],
     }
+    blob_bytes = int(pc.sum(idx["length"]).as_py() or 0) if idx.num_rows else 0
+    if v2 and idx.num_rows:
+        is_list = pc.equal(idx["type"], 1)
+        chunk_lists = int(pc.sum(is_list).as_py() or 0)
+        blob_raw = int(pc.sum(pc.if_else(is_list, 0, idx["raw_length"])).as_py() or 0)
+    else:
+        chunk_lists, blob_raw = 0, blob_bytes
     return {
         "repository": repo.url,
         "id": repo.config.id,
+        "format": repo.version,
+        "encryption": repo.config.encryption if v2 else None,
         "snapshots": len(snaps),
         "first": snaps[0].time if snaps else None,
         "latest": latest.id if latest else None,
@@ -662,7 +915,9 @@ def repository_summary(repo_url, last: int = 10, storage_options: dict[str, Any]
         "logical_bytes": latest.bytes if latest else 0,
         "logical_bytes_all": logical_all,
         "blobs": idx.num_rows,
-        "blob_bytes": int(pc.sum(idx["length"]).as_py() or 0) if idx.num_rows else 0,
+        "blob_bytes": blob_bytes,
+        "blob_raw_bytes": blob_raw,
+        "chunk_lists": chunk_lists,
         **totals,
         "dedup_ratio": round(logical_all / totals["stored_bytes"], 3) if totals["stored_bytes"] else None,
         "growth": growth,
@@ -710,15 +965,22 @@ def replication_status(primary: str, replicas: Iterable[str],
     """What each replica lacks relative to ``primary``, one row per replica.
 
     Compares snapshot ids (``snapshots/``), index files (``index/``), blob
-    hashes (the loaded indexes) and data files (``packs/`` and ``objects/``
-    keys with their sizes: a key present with another size counts as
-    missing). ``missing_bytes`` is what copying the missing data files would
-    transfer. A replica that does not exist yet is ``state="empty"`` and
-    lacks everything; one that cannot be read is reported, not raised.
+    ids (the loaded indexes: data blobs, chunks and chunk lists alike) and
+    data files (``packs/`` and format 1's ``objects/`` keys with their sizes:
+    a key present with another size counts as missing). ``missing_bytes`` is
+    what copying the missing data files would transfer. For format 2 the key
+    files under ``keys/`` are compared too (replication mirrors them, so a
+    password removed on the primary stops opening the replica):
+    ``missing_key_files`` and ``extra_key_files``. A replica that does not
+    exist yet is ``state="empty"`` and lacks everything; one that cannot be
+    read (unreachable, foreign, no password that opens it) is reported, not
+    raised. Encrypted repositories need the password (replicas share the
+    primary's key files), because snapshot facts and index files are
+    encrypted.
 
     Columns: ``url, state, snapshots, missing_snapshots, missing_ids,
     extra_snapshots, missing_index_files, missing_blobs, missing_keys,
-    missing_bytes, in_sync``.
+    missing_bytes, missing_key_files, extra_key_files, in_sync``.
     """
     pd = _pd()
     opts = storage_options or {}
@@ -728,6 +990,7 @@ def replication_status(primary: str, replicas: Iterable[str],
     p_index = set(indexmod.list_index_names(prim))
     p_hashes = indexmod.load_index(prim, columns=["hash"])["hash"]
     p_data = _data_listing(prim)
+    p_keyfiles = _data_listing(prim, ("keys",)) if prim.version >= 2 else {}
     rows = []
     for url in replicas:
         repo, state = _try_open(url, opts.get(url))
@@ -738,6 +1001,7 @@ def replication_status(primary: str, replicas: Iterable[str],
         r_index = set(indexmod.list_index_names(repo)) if repo else set()
         r_hashes = indexmod.load_index(repo, columns=["hash"])["hash"] if repo else pa.array([], pa.string())
         r_data = _data_listing(repo) if repo else {}
+        r_keyfiles = _data_listing(repo, ("keys",)) if repo and prim.version >= 2 else {}
         lacking = [k for k, size in p_data.items() if r_data.get(k) != size]
         if len(p_hashes) and len(r_hashes):
             missing_blobs = int(pc.sum(pc.invert(pc.is_in(p_hashes, value_set=r_hashes))).as_py() or 0)
@@ -749,21 +1013,25 @@ def replication_status(primary: str, replicas: Iterable[str],
             "missing_ids": missing_ids, "extra_snapshots": len(r_snaps - p_snaps),
             "missing_index_files": len(p_index - r_index), "missing_blobs": missing_blobs,
             "missing_keys": len(lacking), "missing_bytes": sum(p_data[k] for k in lacking),
+            "missing_key_files": sum(1 for k, size in p_keyfiles.items() if r_keyfiles.get(k) != size),
+            "extra_key_files": len(r_keyfiles.keys() - p_keyfiles.keys()),
         })
     cols = ["url", "state", "snapshots", "missing_snapshots", "missing_ids", "extra_snapshots",
-            "missing_index_files", "missing_blobs", "missing_keys", "missing_bytes"]
+            "missing_index_files", "missing_blobs", "missing_keys", "missing_bytes", "missing_key_files",
+            "extra_key_files"]
     df = pd.DataFrame(rows, columns=cols)
     counts = ["snapshots", "missing_snapshots", "extra_snapshots", "missing_index_files", "missing_blobs",
-              "missing_keys", "missing_bytes"]
+              "missing_keys", "missing_bytes", "missing_key_files", "extra_key_files"]
     df[counts] = df[counts].astype("Int64")  # an unreadable replica has no counts: <NA>, not NaN floats
     df["in_sync"] = ((df["state"] == "ok") & (df["missing_snapshots"] == 0) & (df["missing_keys"] == 0)
-                     & (df["missing_index_files"] == 0)).fillna(False).astype(bool)
+                     & (df["missing_index_files"] == 0) & (df["missing_key_files"] == 0)
+                     & (df["extra_key_files"] == 0)).fillna(False).astype(bool)
     df.attrs.update(primary=primary, primary_snapshots=len(p_snaps), primary_bytes=sum(p_data.values()))
     return df
 
 
 __all__ = [
-    "open_repo", "load_snapshots", "load_manifests", "snapshot_diff", "changes", "churn_by_directory",
+    "open_repo", "load_snapshots", "load_manifests", "read_manifests", "duckdb", "snapshots_table", "snapshot_diff", "changes", "churn_by_directory",
     "frequently_changed", "largest", "file_types", "dedup_stats", "DedupStats", "growth",
     "repository_summary", "snapshot_presence", "replication_status",
 ]

@@ -3,6 +3,13 @@
 A vectorised full outer join on ``path``: present only in B is added, only in
 A is deleted, in both with a different type, hash or link target is modified.
 Metadata-only changes (mode, mtime) are not counted as modifications.
+
+Both formats: ``manifest.read_manifest`` decrypts a format 2 manifest in
+memory and gives ``hash`` as hex, so the comparison is the same. In format 2
+the same content always has the same content id (a keyed BLAKE3 of the data,
+or of the chunk list for a file cut into chunks, and the cut points depend on
+the content only), so "modified" means exactly "different content", as in
+format 1.
 """
 
 from __future__ import annotations
@@ -20,9 +27,18 @@ def compare(repo, ref_a: str, ref_b: str) -> dict:
     snaps = snapshots.list_snapshots(repo, damaged)
     a = snapshots.resolve(repo, ref_a, snapshots=snaps, damaged=damaged)
     b = snapshots.resolve(repo, ref_b, snapshots=snaps, damaged=damaged)
-    ta = manifest.read_manifest(repo, a, columns=COLUMNS)
-    tb = manifest.read_manifest(repo, b, columns=COLUMNS)
+    ta, tb = _read(repo, a), _read(repo, b)
     return compare_tables(ta, tb) | {"a": a.id, "b": b.id}
+
+
+def _read(repo, info) -> pa.Table:
+    """The manifest's diff columns; DamagedManifestError when it cannot be read or does not
+    authenticate (format 2), instead of a raw parsing error."""
+    try:
+        return manifest.read_manifest(repo, info, columns=COLUMNS)
+    except (ValueError, KeyError) as exc:       # ArrowInvalid is a ValueError
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise snapshots.DamagedManifest.from_name(info.key, reason).error(repo.url) from None
 
 
 def compare_tables(ta: pa.Table, tb: pa.Table) -> dict:
