@@ -7,9 +7,13 @@ a real ipykernel (matplotlib on the Agg backend), and checks a few printed
 answers, so a notebook broken by an API change fails the suite.
 
 Repositories are made with the real backup steps (``tests.core_helpers``):
-four snapshots of a small tree that changes between runs; for the
+four snapshots of a small tree that changes between runs, in an encrypted
+format 2 repository (what ``init`` makes) and in a format 1 one; for the
 replication notebook, a copy of the repository taken after the second
-snapshot and a replica that does not exist yet.
+snapshot and a replica that does not exist yet. The kernel gets the
+password the way a user's would, from ``KEEPFLOW_PASSWORD`` in the
+environment it starts in (tests/conftest.py sets it); no notebook, executed
+or committed, holds it.
 """
 
 from __future__ import annotations
@@ -26,18 +30,20 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("matplotlib")
 
+from tasks.core.repository import RepoConfig, Repository  # noqa: E402
 from tests import core_helpers  # noqa: E402
-from tests.conftest import age_tree, make_tree  # noqa: E402
+from tests.conftest import TEST_PASSWORD, age_tree, make_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 
 
-@pytest.fixture(scope="module")
-def history(tmp_path_factory):
+@pytest.fixture(scope="module", params=["v2", "v1"])
+def history(request, tmp_path_factory):
     """A repository with four snapshots, and a copy of it after the second."""
-    base = tmp_path_factory.mktemp("nb")
+    base = tmp_path_factory.mktemp(f"nb-{request.param}")
     src, repo, copy = base / "src", base / "repo", base / "copy"
+    Repository.init(str(repo), config=RepoConfig.new_v2() if request.param == "v2" else RepoConfig())
     make_tree(src, {
         "docs/readme.md": "# notes\n" * 50,
         "docs/guide.txt": "guide\n" * 400,
@@ -57,7 +63,8 @@ def history(tmp_path_factory):
         core_helpers.backup(src, repo)
         if run == 1:
             shutil.copytree(repo, copy)
-    return {"repo": str(repo), "copy": str(copy), "missing": str(base / "not-yet")}
+    assert Repository.open(str(repo)).encrypted == (request.param == "v2")
+    return {"repo": str(repo), "copy": str(copy), "missing": str(base / "not-yet"), "format": request.param}
 
 
 def run_notebook(name: str, parameters: dict, tmp_path: Path, monkeypatch, setup: str = "") -> nbformat.NotebookNode:
@@ -76,8 +83,10 @@ def run_notebook(name: str, parameters: dict, tmp_path: Path, monkeypatch, setup
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="keepflow-test",
                                      resources={"metadata": {"path": str(ROOT)}})
+    assert os.environ.get("KEEPFLOW_PASSWORD") == TEST_PASSWORD    # the kernel inherits it, as a user's would
     client.execute()  # raises CellExecutionError naming the failing cell
     nbformat.write(nb, tmp_path / name)  # kept for a look when something is off
+    assert TEST_PASSWORD not in (tmp_path / name).read_text(), "the password must never reach a notebook"
     return nb
 
 
@@ -95,6 +104,8 @@ def text_of(nb) -> str:
 @pytest.mark.parametrize("name", ["manifest_analysis.ipynb", "replication_status.ipynb"])
 def test_notebook_is_committed_clean_with_a_parameters_cell(name):
     raw = json.loads((NOTEBOOKS / name).read_text())
+    assert "KEEPFLOW_PASSWORD" in (NOTEBOOKS / name).read_text()       # says where the password comes from
+    assert TEST_PASSWORD not in (NOTEBOOKS / name).read_text()
     nb = nbformat.reads(json.dumps(raw), as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
@@ -116,20 +127,37 @@ def test_manifest_analysis_notebook_runs(history, tmp_path, monkeypatch):
                        "snapshot_b": "latest", "top": 10}, tmp_path, monkeypatch)
     text = text_of(nb)
     assert "4 snapshots from" in text
+    assert ("format 2, encrypted" if history["format"] == "v2" else "format 1") in text
     assert "files changed in every run: 1" in text  # logs/app.log
     assert "logs/app.log" in text
     assert "data/big.bin" in text                    # the largest file
-    assert "dedup ratio 3.99x" in text               # 4 snapshots of nearly the same 300 KB
-    assert "missing blobs 0" in text
-    # DuckDB's cell: one row per snapshot, in time order
-    assert text.count("│ ") >= 4 and "snapshot" in text
+    ratio = analysis.dedup_stats(history["repo"]).overall["dedup_ratio"]
+    assert f"dedup ratio {ratio:.2f}x" in text       # 4 snapshots of nearly the same 300 KB
+    assert ratio > 3.5                               # format 2: each pack has a padded header
+    if history["format"] == "v1":
+        assert "dedup ratio 3.99x" in text           # format 1 stores blobs as they are
+    assert "missing blobs 0" in text and "unreadable: 0" in text
+    assert_duckdb_cells(text, history["repo"])
     last_two = analysis.load_snapshots(history["repo"])["short_id"].tolist()[-2:]
     assert f"{last_two[0]} -> {last_two[1]}" in text
 
 
+def assert_duckdb_cells(text: str, repo: str) -> None:
+    """DuckDB's cell: one row per snapshot in time order, then the files with several versions."""
+    from tasks.core import analysis
+
+    snaps = analysis.load_snapshots(repo)
+    rows = [line for line in text.splitlines() if line.startswith("│ ") and line[2:10] in set(snaps["short_id"])]
+    assert [r[2:10] for r in rows] == list(snaps["short_id"])
+    for row, files in zip(rows, snaps["files"]):
+        assert f" {files} " in row
+    versions = next(line for line in text.splitlines() if line.startswith("│ logs/app.log"))
+    assert versions.split("│")[2].strip() == "4"     # app.log changed in every run
+
+
 def test_manifest_analysis_notebook_runs_on_memory_url(history, tmp_path, monkeypatch):
     """An fsspec URL works the same (the kernel copies the repository into its memory://
-    filesystem first); DuckDB's cell then says it needs httpfs instead of querying."""
+    filesystem first), DuckDB's cell too: it reads through keepflow, not from a local path."""
     setup = ("import fsspec\n"
              f"fsspec.filesystem('memory').put({history['repo']!r}, '/nb-repo', recursive=True)\n")
     nb = run_notebook("manifest_analysis.ipynb",
@@ -138,7 +166,7 @@ def test_manifest_analysis_notebook_runs_on_memory_url(history, tmp_path, monkey
     text = text_of(nb)
     assert "4 snapshots from" in text
     assert "files changed in every run: 1" in text
-    assert "repository is not on local disk" in text
+    assert_duckdb_cells(text, history["repo"])
 
 
 def test_replication_status_notebook_runs(history, tmp_path, monkeypatch):
