@@ -1,5 +1,9 @@
 """``make demo``: a real backup, a change, an incremental backup, a restore, a check, a verify.
 
+The repository is format 2, encrypted: the demo sets its own password (in
+``KEEPFLOW_PASSWORD`` for this process only, unless one is set already) and
+says so.
+
 Runs on Prefect's embedded default (no server to start). Everything happens
 under ./demo-work, which is recreated on each run. Each step runs through the
 real ``keepflow`` command line in this process, so the output is exactly what
@@ -17,6 +21,7 @@ import time
 from tasks.core import treeinfo
 
 WORK = os.path.abspath("demo-work")
+DEMO_PASSWORD = "keepflow demo password"
 
 
 def make_sample_tree(root: str, seed: int = 7) -> None:
@@ -28,8 +33,11 @@ def make_sample_tree(root: str, seed: int = 7) -> None:
             size = rng.choice([0, 100, 2_000, 30_000, 200_000])
             with open(os.path.join(folder, f"file-{f}.dat"), "wb") as fh:
                 fh.write(rng.randbytes(size))
-    with open(os.path.join(root, "big-video.bin"), "wb") as fh:   # stored whole, not packed
+    with open(os.path.join(root, "big-video.bin"), "wb") as fh:   # cut into content-defined chunks
         fh.write(random.Random(seed + 1).randbytes(3 * 1024 * 1024))
+    with open(os.path.join(root, "server.log"), "w") as fh:         # text: stored compressed
+        fh.writelines(f"2026-12-01 12:{i // 60 % 60:02d}:{i % 60:02d} INFO request {i} served in {i % 97} ms\n"
+                      for i in range(40000))
     with open(os.path.join(root, "notes with spaces – ünïcode.txt"), "w") as fh:
         fh.write("keepflow keeps names as they are\n")
     os.makedirs(os.path.join(root, "empty-folder"))
@@ -70,6 +78,11 @@ def main() -> int:
         shutil.rmtree(WORK)
     source, repo = os.path.join(WORK, "source"), os.path.join(WORK, "repo")
     started = time.time()
+    if not any(os.environ.get(v) for v in ("KEEPFLOW_PASSWORD", "KEEPFLOW_PASSWORD_FILE", "KEEPFLOW_PASSWORD_COMMAND")):
+        os.environ["KEEPFLOW_PASSWORD"] = DEMO_PASSWORD
+        print(f"The demo repository is encrypted. Its password, set by the demo for this run only, is "
+              f"{DEMO_PASSWORD!r}\n(run `KEEPFLOW_PASSWORD='{DEMO_PASSWORD}' keepflow snapshots {repo}` "
+              "to look at it afterwards).")
 
     step("1. a sample tree")
     make_sample_tree(source)
@@ -79,7 +92,8 @@ def main() -> int:
     # Let the racy-timestamp window pass so the incremental run can trust mtimes.
     time.sleep(2.1)
 
-    step("2. first backup (creates the repository)")
+    step("2. create an encrypted repository, then the first backup")
+    keepflow("init", repo)
     keepflow("backup", source, repo, "--tag", "demo")
 
     step("3. change a few files, then an incremental backup")
@@ -106,8 +120,16 @@ def main() -> int:
     print(f"restored tree is identical to the first snapshot's source "
           f"({len(after)} entries: content, modes, mtimes, symlinks, empty folders)")
 
-    step("7. verify the repository, re-reading all of its data")
+    step("7. verify the repository, decrypting and re-hashing all of its data")
     keepflow("verify", repo, "--read-data", "100%")
+
+    step("8. what a storage provider can check without the password")
+    password = os.environ.pop("KEEPFLOW_PASSWORD", None)
+    try:
+        keepflow("verify", repo, "--ciphertext-only")
+    finally:
+        if password is not None:
+            os.environ["KEEPFLOW_PASSWORD"] = password
     print(f"\ndemo finished in {time.time() - started:.1f} s; see the runs with "
           f"`{sys.prefix}/bin/prefect flow-run ls`")
     return 0
