@@ -1,7 +1,9 @@
 """The replicate flow: keep several providers in step with the primary repository.
 
 One task run per replica, all submitted at once; each has its own retries and
-one failing does not stop the others. The run ends Failed when any replica
+one failing does not stop the others. No password is needed, whatever the
+format: replicas are byte copies, checked against the hashes in their names
+(tasks/core/replicate.py). The run ends Failed when any replica
 failed, naming which and why, and still returns the per-replica summary.
 
 Runnable as ``python -m flows.replicate REPO REPLICA... [--dry-run] [--json]``.
@@ -61,9 +63,11 @@ def write_artifacts(summary: dict) -> None:
                          "detail": f"{len(o['snapshots_missing'])} snapshots, "
                                    f"{human_bytes(o['data_bytes_missing'])} of data"})
         else:
+            keys = (f", key files {o['keys_copied']} copied / {o['keys_removed']} removed"
+                    if o.get("keys_copied") or o.get("keys_removed") else "")
             rows.append({"replica": o["replica"], "status": "in step",
                          "detail": f"copied {o['data_copied']} objects ({human_bytes(o['bytes_copied'])}), "
-                                   f"{o['snapshots_copied']} snapshots"})
+                                   f"{o['snapshots_copied']} snapshots{keys}"})
     create_table_artifact(rows, key="replicate-summary", description=f"replicas of {summary['repository']}")
     md = "# Replication\n\n" + "\n".join(f"- **{r['replica']}**: {r['status']} — {r['detail']}" for r in rows)
     create_markdown_artifact(md, key="replicate-report")
@@ -73,7 +77,8 @@ def write_artifacts(summary: dict) -> None:
       task_runner=ThreadPoolTaskRunner(max_workers=8), validate_parameters=False, **HOOKS)
 def replicate(repo: str, replicas: list[str], dry_run: bool = False, storage_options: dict | str | None = None,
               replica_options: dict | None = None) -> dict:
-    """Copy to each replica what it lacks (packs/objects, then index, then manifests).
+    """Copy to each replica what it lacks (format 2: key files first, mirrored; then packs/objects,
+    then index, then manifests).
 
     ``replica_options`` maps a replica URL to its fsspec storage options.
     """

@@ -1,4 +1,5 @@
-"""Prefect task: bring one replica up to date (one task run per replica)."""
+"""Prefect task: bring one replica up to date (one task run per replica). Needs no password:
+replicas are byte copies (tasks/core/replicate.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,11 @@ def replicate_to(repo: str, replica: str, storage_options: dict | None, replica_
                     len(result.snapshots_missing), result.data_missing, result.data_bytes_missing,
                     result.index_missing)
     else:
-        logger.info("%s: copied %d data objects (%d bytes), %d index files, %d snapshots%s", replica,
+        logger.info("%s: copied %d data objects (%d bytes), %d index files, %d snapshots%s%s", replica,
                     result.data_copied, result.bytes_copied, result.index_copied, result.snapshots_copied,
+                    f"; key files: {result.keys_copied} copied, {result.keys_removed} removed"
+                    if result.keys_copied or result.keys_removed else "",
                     " (created)" if result.created else "")
+        for skipped in result.not_copied:
+            logger.warning("%s: not copied %s: %s", replica, skipped["key"], skipped["detail"])
     return result.to_dict()

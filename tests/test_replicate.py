@@ -1,28 +1,56 @@
-"""Replication between local repositories and restore failover (real servers: test_providers.py)."""
+"""Replication between local repositories and restore failover (real servers: test_replication_servers.py).
+
+The primary is the default, format 2; ``test_a_format_1_primary_replicates_as_before`` covers format 1.
+Format 2's own cases (no password, key files, byte copies) are in test_format2_repair_replicate.py.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 
+import pyarrow.compute as pc
 import pytest
 
 from tasks.core import replicate as core_replicate
+from tasks.core import index as indexmod
 from tasks.core import snapshots, treeinfo
-from tasks.core.repository import Repository
+from tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
 
 
-@pytest.fixture
-def primary(tmp_path):
+def _primary(tmp_path, config: RepoConfig | None = None):
     src = make_tree(tmp_path / "src", {f"d{i % 4}/f{i}": os.urandom(500 + i) for i in range(60)}
                     | {"big": os.urandom(2 * 1024 * 1024), "ln": ("link", "big"), "empty": None})
     age_tree(src)
     repo = str(tmp_path / "primary")
+    if config is not None:
+        Repository.init(repo, config=config)
     core_helpers.backup(src, repo)
     return src, repo
+
+
+@pytest.fixture
+def primary(tmp_path):
+    return _primary(tmp_path)
+
+
+def test_a_format_1_primary_replicates_as_before(tmp_path):
+    src, repo = _primary(tmp_path, RepoConfig())
+    replica = tmp_path / "replica"
+    result = core_replicate.replicate(repo, str(replica))
+    assert result.created and result.snapshots_copied == 1 and result.data_copied == 2   # a pack, an object
+    assert (replica / "keepflow.json").read_bytes() == (tmp_path / "primary" / "keepflow.json").read_bytes()
+    assert Repository.open(str(replica)).version == 1 and not (replica / "keys").exists()
+    assert (result.keys_copied, result.keys_removed, result.not_copied) == (0, 0, [])
+    status = core_replicate.status(Repository.open(repo), str(replica))
+    assert status.snapshots_missing == [] and len(status.snapshots_present) == 1 and status.data_missing == 0
+    _, _, errors = core_helpers.restore(str(replica), tmp_path / "out")
+    assert errors == [] and treeinfo.describe(str(tmp_path / "out")) == treeinfo.describe(str(src))
+    again = core_replicate.replicate(repo, str(replica))
+    assert (again.data_copied, again.index_copied, again.snapshots_copied) == (0, 0, 0)
 
 
 def test_replica_is_a_full_repository_with_same_id(tmp_path, primary):
@@ -96,18 +124,26 @@ def test_restore_reads_corrupt_blobs_from_replica(tmp_path, primary):
     src, repo = primary
     replica = str(tmp_path / "replica")
     core_replicate.replicate(repo, replica)
-    for path in list((tmp_path / "primary" / "packs").rglob("*")) + list((tmp_path / "primary" / "objects").rglob("*")):
-        if path.is_file():
-            data = bytearray(path.read_bytes())
-            data[len(data) // 3] ^= 0xFF
-            path.write_bytes(bytes(data))
+    # One flipped byte inside a small file's blob and inside a large one (format 1: the big
+    # object; format 2: one of its chunks).
+    idx = indexmod.load_index(Repository.open(repo))
+    data = idx.filter(pc.equal(idx["type"], 0)) if "type" in idx.column_names else idx
+    victims = {}
+    for key, offset, length in zip(data["key"].to_pylist(), data["offset"].to_pylist(), data["length"].to_pylist()):
+        victims.setdefault(length > 100_000, (key, offset + length // 2))
+    assert len(victims) == 2
+    for key, at in victims.values():
+        path = tmp_path / "primary" / key
+        stored = bytearray(path.read_bytes())
+        stored[at] ^= 0xFF
+        path.write_bytes(bytes(stored))
     plan, results, errors = core_helpers.restore(repo, tmp_path / "out", fallbacks=[replica])
     assert errors == []
     used = {}
     for r in results:
         for url, n in r.sources.items():
             used[url] = used.get(url, 0) + n
-    assert used.get(replica, 0) >= 2                    # the damaged pack blob and the big object
+    assert used.get(replica, 0) >= 2                    # both damaged blobs came from the replica
     assert treeinfo.describe(str(tmp_path / "out")) == treeinfo.describe(str(src))
 
 

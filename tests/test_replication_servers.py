@@ -79,9 +79,9 @@ def test_replica_server_stopped_mid_replication(tmp_path, replicas, sftp_server,
     src = _tree(tmp_path / "src", n=600)
     primary = str(tmp_path / "primary")
     # Small packs, so there are many objects to copy and time to stop the server midway.
-    Repository.init(primary, config=RepoConfig(pack_size=64 * 1024))
+    Repository.init(primary, config=RepoConfig.new_v2(pack_size=64 * 1024))
     core_helpers.backup(src, primary)
-    total = len([p for p in (tmp_path / "primary" / "packs").rglob("*") if p.is_file()]) + 1
+    total = len([p for p in (tmp_path / "primary" / "packs").rglob("*") if p.is_file()])
     sftp_dir = sftp_server.data / urls["sftp"].rsplit("/", 1)[-1]
 
     def complete_copies():
