@@ -122,6 +122,7 @@ def summarise(plan: dict, summaries: list, committed) -> dict:
         "files_deleted": info.deleted,
         "bytes_read": info.bytes_read,
         "bytes_stored": info.bytes_stored,
+        "bytes_written": info.bytes_written,
         "blobs_stored": sum(s.blobs_stored for s in summaries),
         "packs_written": sum(s.packs_written for s in summaries),
         "objects_written": sum(s.objects_written for s in summaries),
@@ -164,7 +165,7 @@ def emit_completed(summary: dict, storage_options: dict | None) -> None:
                    payload={k: summary[k] for k in (
                        "snapshot", "parent", "source", "repository", "host", "tags", "time", "files",
                        "dirs", "bytes", "files_new", "files_changed", "files_unchanged", "files_deleted",
-                       "bytes_read", "bytes_stored", "exit_code")} | {"skipped": len(summary["skipped"])})
+                       "bytes_read", "bytes_stored", "bytes_written", "exit_code")} | {"skipped": len(summary["skipped"])})
     except Exception as exc:  # the snapshot is saved; only the notification is lost
         get_run_logger().warning("could not emit %s: %s", COMPLETED_EVENT, exc)
 
@@ -176,7 +177,9 @@ def _artifacts(summary: dict) -> None:
                                       f"{summary['files_new']} / {summary['files_changed']} / "
                                       f"{summary['files_unchanged']} / {summary['files_deleted']}"),
         ("logical size", human_bytes(summary["bytes"])), ("read", human_bytes(summary["bytes_read"])),
-        ("stored", human_bytes(summary["bytes_stored"])), ("skipped files", len(summary["skipped"])),
+        ("stored", human_bytes(summary["bytes_stored"])),
+        ("written to the repository", human_bytes(summary["bytes_written"])),
+        ("skipped files", len(summary["skipped"])),
     ]
     md = "# Backup summary\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     create_markdown_artifact(md, key="backup-summary", description=f"backup of {summary['source']}")

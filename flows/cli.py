@@ -489,8 +489,8 @@ def cmd_backup(args) -> int:
           f"{summary['files_unchanged']} unchanged, {summary['files_deleted']} deleted "
           f"({summary['files']} files, {human_bytes(summary['bytes'])})")
     objects = f" and {summary['objects_written']} objects" if summary["objects_written"] else ""
-    print(f"read {human_bytes(summary['bytes_read'])}, stored {human_bytes(summary['bytes_stored'])} "
-          f"in {summary['packs_written']} packs{objects}")
+    print(f"read {human_bytes(summary['bytes_read'])}, stored {human_bytes(summary['bytes_stored'])} of new data, "
+          f"{human_bytes(summary['bytes_written'])} written in {summary['packs_written']} packs{objects}")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} files:", file=sys.stderr)
         for s in summary["skipped"][:50]:

@@ -1,8 +1,9 @@
 """A backup in three steps that the flow runs as tasks: prepare, store batches, commit.
 
-``prepare`` opens (or creates) the repository, scans the source, picks the
-parent snapshot, diffs, and writes the plan (the diffed scan) as Parquet in
-the run folder (scratch.py: local by default, shared storage for a cluster).
+``prepare`` opens (or creates) the repository, picks the parent snapshot,
+scans the source, diffs, and writes the plan (the diffed scan) as Parquet in
+the run folder (scratch.py: local by default, shared storage for a cluster),
+one diffed slice at a time, so the diffed scan is never whole in memory.
 It cuts the files to read into batches bounded in file count and bytes and
 writes each batch's work list there; only batch numbers and the small plan
 dict travel as task parameters, never file lists (Prefect hashes and records
@@ -37,7 +38,9 @@ from . import diff as diffmod
 from . import index as indexmod
 from . import manifest, progress, snapshots, storage
 from . import scratch as scratch_io
+from .columns import share_nulls
 from .errors import SnapshotNotFoundError, UsageError
+from .known_blobs import KnownBlobs, indexed_now
 from .repository import COMPRESSIONS, Repository
 from .scan import scan
 from .store import store_batch
@@ -88,6 +91,7 @@ class BatchSummary:
     objects_written: int
     skipped: list[tuple[str, str]]
     process: str = ""           # "<host>:<pid>" that ran the batch (thread pool: the flow's own)
+    bytes_written: int = 0      # what went to the repository (format 2: compressed, encrypted, with pack headers)
 
 
 def normalise_source(source: str) -> str:
@@ -142,14 +146,7 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
         raise UsageError(f"{repo_url} is a format 1 repository, which stores data uncompressed; "
                          "--compression needs format 2 (`keepflow init --format 2` a new repository)")
 
-    exclude_paths = []
-    if repo is not None and repo.is_local and "://" not in source:
-        exclude_paths.append(repo.root)
-    elif repo is None and "://" not in repo_url:
-        exclude_paths.append(os.path.abspath(repo_url))
-    scanned = scan(source, excludes=excludes, exclude_paths=exclude_paths, storage_options=source_options,
-                   with_xattrs=xattrs)
-
+    run_id = start.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     host = socket.gethostname()
     parent_info = None
     if repo is not None:
@@ -162,40 +159,71 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
             parent_info = snapshots.find_parent(snaps, source, host)
     elif parent:
         raise SnapshotNotFoundError(ref=parent, url=repo_url)
-    parent_table = manifest.read_manifest(repo, parent_info, columns=diffmod.PARENT_COLUMNS) if parent_info else None
-    result = diffmod.diff(scanned.table, parent_table, parent_info.start_ns if parent_info else 0, rehash=rehash)
-    if parent_table is not None and result.unchanged:
-        result = diffmod.distrust_unindexed(result, indexmod.load_index(repo, columns=["hash"], unique=False)["hash"])
+    # With a parent, reused hashes are checked against the index (distrust_unindexed).
+    # The run's known-blob set is loaded for that now, before the scan, while
+    # little else is in memory; this process's batches then reuse it.
+    known = indexmod.known_blobs(repo, run_id) if parent_info is not None and not rehash else None
 
-    plan_table = result.table
-    needs = plan_table["needs_read"].to_numpy(zero_copy_only=False)
-    sizes = plan_table["size"].to_numpy(zero_copy_only=False)
-    # Each batch's own work list: the rows to read and their paths.
-    rows = np.flatnonzero(needs)
-    take = pa.array(rows)
-    work = pa.table({"row": pa.array(rows, pa.int64()), "path": plan_table["path"].take(take),
-                     "path_bytes": plan_table["path_bytes"].take(take)})
-    work_ranges = scratch_io.cut_ranges(sizes[rows], MAX_BATCH_FILES, MAX_BATCH_BYTES)
-    run_id = start.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    exclude_paths = []
+    if repo is not None and repo.is_local and "://" not in source:
+        exclude_paths.append(repo.root)
+    elif repo is None and "://" not in repo_url:
+        exclude_paths.append(os.path.abspath(repo_url))
+    scanned = scan(source, excludes=excludes, exclude_paths=exclude_paths, storage_options=source_options,
+                   with_xattrs=xattrs)
+    scan_table = scanned.table
+    types = scan_table["type"]
+    files = pc.sum(pc.equal(types, "file")).as_py() or 0
+    dirs = pc.sum(pc.equal(types, "dir")).as_py() or 0
+    del types
+    parent_table = manifest.read_manifest(repo, parent_info, columns=diffmod.PARENT_COLUMNS) if parent_info else None
+
+    # The diff is written to the plan a part at a time; only what the work
+    # lists need (rows to read, their paths and sizes) is kept across parts.
     scratch = scratch_io.create("backup", run_id, work_dir)
+    counts = {"new": 0, "changed": 0, "unchanged": 0, "deleted": 0}
+    rows_parts, size_parts, work_parts = [], [], []
     try:
-        scratch_io.write(scratch, "plan", plan_table)
+        plan_writer = scratch_io.TableWriter(scratch, "plan")
+        offset = 0
+        for part in diffmod.diff_parts(scan_table, parent_table, parent_info.start_ns if parent_info else 0,
+                                       rehash=rehash):
+            if known is not None and part.unchanged:
+                part = diffmod.distrust_unindexed(part, known)
+            for key in counts:
+                counts[key] += getattr(part, key)
+            table = part.table
+            plan_writer.write(table)
+            needs = table["needs_read"].to_numpy(zero_copy_only=False)
+            local = np.flatnonzero(needs)
+            take = pa.array(local)
+            rows_parts.append(local + offset)
+            size_parts.append(table["size"].to_numpy(zero_copy_only=False)[local])
+            work_parts.append(pa.table({"row": pa.array(local + offset, pa.int64()),
+                                        "path": table["path"].take(take),
+                                        "path_bytes": table["path_bytes"].take(take)}))
+            offset += table.num_rows
+        plan_writer.close()
+        del scan_table, parent_table, part, table
+        scanned.table = None
+        # Each batch's own work list: the rows to read and their paths.
+        rows = np.concatenate(rows_parts)
+        sizes = np.concatenate(size_parts)
+        work = pa.concat_tables(work_parts)
+        work_ranges = scratch_io.cut_ranges(sizes, MAX_BATCH_FILES, MAX_BATCH_BYTES)
         scratch_io.write_parts(scratch, "batch", work, work_ranges)
     except BaseException:
         scratch_io.remove(scratch)      # nobody else knows the folder yet
         raise
     batches = _plan_ranges(rows, work_ranges)
-    types = plan_table["type"]
     return BackupPlan(
         run_id=run_id, repo_url=repo_url, source=source, scratch=scratch, host=host,
         start_time=start.isoformat(timespec="microseconds"), start_ns=scanned.start_ns,
         parent=parent_info.id if parent_info else None,
         parent_key=parent_info.key if parent_info else None,
-        batches=batches,
-        files=pc.sum(pc.equal(types, "file")).as_py() or 0,
-        dirs=pc.sum(pc.equal(types, "dir")).as_py() or 0,
-        to_read=int(needs.sum()), bytes_to_read=int(sizes[needs].sum()) if len(sizes) else 0,
-        new=result.new, changed=result.changed, unchanged=result.unchanged, deleted=result.deleted,
+        batches=batches, files=files, dirs=dirs,
+        to_read=len(rows), bytes_to_read=int(sizes.sum()),
+        new=counts["new"], changed=counts["changed"], unchanged=counts["unchanged"], deleted=counts["deleted"],
         skipped=list(scanned.skipped), tags=list(tags), dry_run=dry_run,
         repo_config=repo.config.to_plan() if repo is not None else None, compression=compression,
     )
@@ -243,7 +271,7 @@ def store_range(plan: dict, batch_no: int, storage_options=None, source_options=
     scratch_io.write_part(plan["scratch"], "result", batch_no, result.result_table())
     return BatchSummary(batch_no, len(result.rows), result.bytes_read, result.bytes_stored,
                         result.blobs_stored, result.packs_written, result.objects_written, result.skipped,
-                        process=f"{socket.gethostname()}:{os.getpid()}")
+                        process=f"{socket.gethostname()}:{os.getpid()}", bytes_written=result.bytes_written)
 
 
 class _DryRunRepo:
@@ -273,30 +301,29 @@ class CommitResult:
 
 
 def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> CommitResult:
-    """Merge batch results and write the manifest (unless dry run)."""
-    scratch = plan["scratch"]
-    table = scratch_io.read(scratch, "plan")
-    # One result per batch, named by its number: read exactly those, no listing.
-    parts = [scratch_io.read_part(scratch, "result", b.batch) for b in summaries]
-    results = pa.concat_tables(parts) if parts else None
+    """Merge batch results and write the manifest (unless dry run).
 
-    n = table.num_rows
-    needs = table["needs_read"].to_numpy(zero_copy_only=False)
-    keep = ~needs
-    if results is not None and results.num_rows:
-        pos = np.full(n, -1, dtype=np.int64)
-        result_rows = results["row"].to_numpy()
-        pos[result_rows] = np.arange(len(result_rows))
-        has = pos >= 0
-        keep |= has
-        take = pa.array(np.where(has, pos, 0))
-        has_arr = pa.array(has)
-        updated = {}
-        for col in ("hash", "size", "mtime_ns", "ctime_ns"):
-            updated[col] = pc.if_else(has_arr, results[col].take(take), table[col])
-        for col, values in updated.items():
-            table = table.set_column(table.schema.get_field_index(col), col, values)
-    table = table.filter(pa.array(keep))
+    Memory: the index-wide steps run first, while nothing else is loaded
+    (merging the run's index files, format 2's chunk guard, and reading the
+    index's ids for the commit guard as 32-byte digests, known_blobs.py).
+    Then the plan is read a row group at a time and each group merged with the
+    results of the batches that cover it, so only the manifest table being
+    built is whole in memory, never the plan and all results beside it.
+    """
+    scratch = plan["scratch"]
+    repo = indexed = None
+    what = f"backup of {plan['source']}"
+    if not plan["dry_run"]:
+        # Every batch has ended: this process's copy of the run's set is not needed again.
+        indexmod.forget_run(plan["repo_url"], plan["run_id"])
+        repo = Repository.open(plan["repo_url"], storage_options, create=False)
+        indexmod.merge_run_index(repo, plan["run_id"])
+        if repo.version >= 2:
+            indexmod.require_chunks_indexed(repo, [plan["run_id"]], what)
+        # The commit guard's view: the index as a reader sees it now, all files read again.
+        indexed = indexed_now(repo)
+
+    table = _merge_results(scratch, plan, summaries)
     counts = diffmod.final_counts(table)
     skipped = list(plan["skipped"]) + [tuple(s) for b in summaries for s in b.skipped]
 
@@ -310,20 +337,72 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> C
         bytes=pc.sum(pc.if_else(is_file, table["size"], 0)).as_py() or 0,
         new=counts["new"], changed=counts["changed"], unchanged=counts["unchanged"], deleted=plan["deleted"],
         bytes_read=sum(b.bytes_read for b in summaries), bytes_stored=sum(b.bytes_stored for b in summaries),
+        bytes_written=sum(b.bytes_written for b in summaries),
         skipped=len(skipped), start_ns=plan["start_ns"], keepflow_version=KEEPFLOW_VERSION,
     )
     if not plan["dry_run"]:
-        repo = Repository.open(plan["repo_url"], storage_options, create=False)
-        indexmod.merge_run_index(repo, plan["run_id"])
         out = table.select([f.name for f in manifest.MANIFEST_SCHEMA])
+        del table
         # A snapshot never references a blob a reader could not find.
-        indexmod.require_indexed(repo, out, f"backup of {plan['source']}")
-        if repo.version >= 2:
-            indexmod.require_chunks_indexed(repo, [plan["run_id"]], f"backup of {plan['source']}")
+        _require_indexed(repo, out, indexed, what)
+        del indexed
         manifest.write_manifest(repo, out, info)
-        indexmod.forget_run(plan["repo_url"], plan["run_id"])
     scratch_io.remove(scratch)
     return CommitResult(info, skipped)
+
+
+def _merge_results(scratch: str, plan: dict, summaries: list[BatchSummary]) -> pa.Table:
+    """The plan with every batch's results merged in, and files that were to be
+    read but have no result (skipped) left out: the manifest's rows.
+
+    Batches cover consecutive, non-overlapping plan row ranges (``plan["batches"]``),
+    so walking the plan's row groups in order, a batch's results are read when
+    the first group it covers comes and dropped after the last.
+    """
+    pending = sorted((tuple(plan["batches"][s.batch]), s.batch) for s in summaries)
+    active: list[tuple[int, pa.Table]] = []      # (end row, results) of the batches in reach
+    pieces = []
+    start = 0
+    for group in scratch_io.read_groups(scratch, "plan"):
+        end = start + group.num_rows
+        while pending and pending[0][0][0] < end:
+            (_, batch_end), number = pending.pop(0)
+            active.append((batch_end, scratch_io.read_part(scratch, "result", number)))
+        needs = group["needs_read"].to_numpy(zero_copy_only=False)
+        keep = ~needs
+        found = [r.filter(pc.and_(pc.greater_equal(r["row"], start), pc.less(r["row"], end)))
+                 for _, r in active]
+        found = [r for r in found if r.num_rows]
+        if found:
+            results = pa.concat_tables(found)
+            pos = np.full(group.num_rows, -1, dtype=np.int64)
+            pos[results["row"].to_numpy() - start] = np.arange(results.num_rows)
+            has = pos >= 0
+            keep |= has
+            take = pa.array(np.where(has, pos, 0))
+            has_arr = pa.array(has)
+            for col in ("hash", "size", "mtime_ns", "ctime_ns"):
+                i = group.schema.get_field_index(col)
+                group = group.set_column(i, group.schema.field(i),
+                                         pc.if_else(has_arr, results[col].take(take), group[col]))
+        if not keep.all():
+            group = group.filter(pa.array(keep))
+        pieces.append(share_nulls(group))
+        active = [(e, r) for e, r in active if e > end]
+        start = end
+    return pa.concat_tables(pieces)
+
+
+def _require_indexed(repo, entries: pa.Table, indexed: KnownBlobs, what: str) -> None:
+    """The commit guard over ``indexed`` (the index as a reader sees it, as digests):
+    vectorised, a slice at a time, so it builds no hash table over a million
+    strings. Should any file's hash be missing, ``index.require_indexed`` looks
+    at those files against the index read once more and raises the error that
+    names them."""
+    held = indexed.contains_many(entries["hash"])
+    missing = pc.and_(pc.equal(entries["type"], "file"), pc.invert(held))
+    if pc.any(missing).as_py():
+        indexmod.require_indexed(repo, entries.filter(missing).select(["path", "type", "hash"]), what)
 
 
 def cleanup(plan: dict) -> bool:

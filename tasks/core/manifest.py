@@ -109,7 +109,8 @@ class SnapshotInfo:
     unchanged: int = 0
     deleted: int = 0
     bytes_read: int = 0
-    bytes_stored: int = 0
+    bytes_stored: int = 0          # plaintext bytes of the new blobs this snapshot's run stored
+    bytes_written: int = 0         # bytes its run wrote to the repository (format 2: compressed, encrypted)
     skipped: int = 0
     start_ns: int = 0              # scan start, for the racy-timestamp guard
     keepflow_version: str = ""

@@ -63,7 +63,8 @@ class BatchResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     index_rows: dict[str, list] = field(default_factory=lambda: {c: [] for c in INDEX2_SCHEMA.names})
     bytes_read: int = 0
-    bytes_stored: int = 0
+    bytes_stored: int = 0      # plaintext bytes of the new blobs (file contents, chunks)
+    bytes_written: int = 0     # bytes written to the repository (format 2: packs, compressed and encrypted)
     blobs_stored: int = 0
     packs_written: int = 0
     objects_written: int = 0
@@ -133,6 +134,7 @@ class PackWriter:
             rows["offset"].append(offset)
             rows["length"].append(length)
         self.result.packs_written += 1
+        self.result.bytes_written += len(self.buffer)
         self.buffer = bytearray()
         self.entries = []
 
@@ -161,7 +163,7 @@ class PackWriter:
             rows["raw_length"].append(e.raw_length)
             rows["compressed"].append(e.compressed)
         self.result.packs_written += 1
-        self.result.bytes_stored += sum(len(p) for p in parts)
+        self.result.bytes_written += sum(len(p) for p in parts)
         self.blobs = []
         self.size = 0
 
@@ -431,6 +433,7 @@ def _record_object(result: BatchResult, repo, blob_hash: str, size: int) -> None
     rows["offset"].append(0)
     rows["length"].append(size)
     result.bytes_stored += size
+    result.bytes_written += size
     result.blobs_stored += 1
     result.objects_written += 1
 

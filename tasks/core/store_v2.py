@@ -114,6 +114,7 @@ class ChunkedStore:
             payload, compressed = compress.compress(data, self.mode, self.levels)
             self.data.add(blob_id, payload, compressed, len(data))
             self.result.blobs_stored += 1
+            self.result.bytes_stored += len(data)
         return blob_id
 
     def store_stream(self, read) -> tuple[str, int]:
@@ -137,6 +138,7 @@ class ChunkedStore:
             if payload is not None and not self.known.contains_or_claim(blob_id, self.data):
                 self.data.add(blob_id, payload, compressed, n)
                 self.result.blobs_stored += 1
+                self.result.bytes_stored += n
 
         try:
             for chunk in chunker.iter_chunks(read):
