@@ -748,7 +748,7 @@ def cmd_replicas(args) -> int:
     from tasks.core import replicate as core_replicate
     from tasks.core.repository import Repository
 
-    primary = Repository.open(args.repo, args.storage_options)
+    primary = Repository.open(args.repo, args.storage_options, unlock=False)   # listings only: no password
     statuses = [core_replicate.status(primary, url) for url in args.replicas]
     if args.json:
         _print_json([s.to_dict() for s in statuses])
