@@ -396,3 +396,22 @@ def test_appending_1_mib_to_a_100_mib_file_stores_about_1_to_2_mib(tmp_path, cli
     second = _stored(cli, src, repo)
     assert MiB <= second <= 4 * MiB, second       # the old last chunk again (NC 2: under 2 MiB) and the new MiB
     cli("verify", repo, "--read-data", "100%", check=True)
+
+
+@pytest.mark.damages_repository
+def test_a_damaged_chunk_list_on_the_primary_is_read_from_a_fallback_replica(backed_up, tmp_path, cli):
+    src, repo = backed_up
+    replica = tmp_path / "replica"
+    cli("replicate", repo, replica, check=True)
+    from tasks.core import index
+    from tasks.core.repository import Repository
+
+    rows = index.load_index(Repository.open(str(repo))).to_pylist()
+    lists = [r for r in rows if r["type"] == 1]
+    assert lists                                            # logs/app.log and random.bin are chunked
+    for r in lists:
+        _flip(repo / r["key"], r["offset"] + 5)
+    assert cli("restore", repo, tmp_path / "no-fallback").returncode == 1
+    proc = cli("restore", repo, tmp_path / "out", "--fallback", replica)
+    assert proc.returncode == 0, proc.stderr
+    assert _real_files(tmp_path / "out") == _real_files(src)

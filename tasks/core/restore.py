@@ -130,7 +130,9 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
     chunks = None
     if repo.version >= 2:
-        located, chunks, unreadable = restore_chunks.expand_lists(repo, located, idx)
+        located, chunks, unreadable = restore_chunks.expand_lists(
+            repo, located, idx, [_opener(u, storage_options if u == repo_url else (fallback_options or {}).get(u))
+                                 for u in [repo_url, *fallbacks] if u != used_url])
         missing = pa.concat_tables([missing.select(["path"]), unreadable.select(["path"])])
 
     local = storage.is_local(tfs)
@@ -166,6 +168,16 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
         missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
         run_id=run_id, repo_config=repo.config.to_plan(),
     )
+
+
+def _opener(url: str, options):
+    """A callable opening the replica at ``url`` (None when it cannot be opened)."""
+    def open_replica():
+        try:
+            return Repository.open(url, options)
+        except Exception:
+            return None
+    return open_replica
 
 
 def _with_link_target_bytes(table: pa.Table) -> pa.Table:

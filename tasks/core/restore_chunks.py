@@ -54,17 +54,29 @@ class BlobOpener:
             return None
 
 
-def expand_lists(repo, located: pa.Table, idx: pa.Table):
+def expand_lists(repo, located: pa.Table, idx: pa.Table, fallbacks=()):
     """(located without unrestorable files, chunk work table, unrestorable files).
 
     ``located`` holds the files with their index rows (format 2 columns);
     the chunk table's ``_file`` is the row number in the returned ``located``.
+    A list that cannot be read or opened from ``repo`` is read from each of
+    ``fallbacks`` (callables returning an opened replica, or None) in turn.
     """
     is_list = pc.equal(located["kind"], 1)
     if not pc.any(is_list).as_py():
         return located, _empty_chunks(), located.slice(0, 0)
     list_rows = np.flatnonzero(is_list.to_numpy(zero_copy_only=False))
-    lists = read_lists(repo, located.take(pa.array(list_rows)))
+    rows = located.take(pa.array(list_rows))
+    lists = read_lists(repo, rows)
+    for open_replica in fallbacks:
+        failed = [k for k, chunks in enumerate(lists) if chunks is None]
+        if not failed:
+            break
+        replica = open_replica()
+        if replica is None:
+            continue
+        for k, chunks in zip(failed, read_lists(replica, rows.take(pa.array(failed)))):
+            lists[k] = chunks
     bad = np.zeros(located.num_rows, dtype=bool)
     files, positions, hashes = [], [], []
     for row, chunks in zip(list_rows, lists):
