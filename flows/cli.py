@@ -20,6 +20,7 @@ import os
 import sys
 
 from flows.cli_keys import add_key_parser, cmd_key
+from flows.cli_server import add_server_parser, cmd_server
 from flows.cli_stats import add_stats_parser, cmd_stats
 from tasks.core.errors import EXIT_FAILED, EXIT_NO_SPACE, EXIT_PARTIAL, EXIT_USAGE, KeepflowError, UsageError
 
@@ -185,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_stats_parser(sub)
     add_key_parser(sub, _password_arg)
+    add_server_parser(sub)
     # Every command that opens a repository takes --password-file.
     for name, sp in sub.choices.items():
-        if name not in ("serve", "key") and "--password-file" not in sp._option_string_actions:
+        if name not in ("serve", "key", "server") and "--password-file" not in sp._option_string_actions:
             _password_arg(sp)
     for sp in what.choices.values():
         _password_arg(sp)
@@ -403,6 +405,13 @@ def _prepare_prefect(verbose: bool) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # A server `keepflow server start` left running serves this command (unless the
+    # user chose another); otherwise Prefect's temporary one, announced on a terminal.
+    from flows import cli_server
+
+    if not cli_server.use_running_server() and not os.environ.get("PREFECT_API_URL") \
+            and not cli_server.profile_api_url():
+        cli_server.hint_once_per_hour()
     if not verbose:
         # Logs still go to the API (run history); only the console is quiet,
         # so failures reach the user as our one-line errors, not tracebacks.
@@ -796,7 +805,7 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {
     "init": cmd_init, "backup": cmd_backup, "restore": cmd_restore,
-    "snapshots": cmd_snapshots, "ls": cmd_ls, "diff": cmd_diff, "key": cmd_key,
+    "snapshots": cmd_snapshots, "ls": cmd_ls, "diff": cmd_diff, "key": cmd_key, "server": cmd_server,
     "replicate": cmd_replicate, "replicas": cmd_replicas, "verify": cmd_verify,
     "prune": cmd_prune, "unlock": cmd_unlock, "repair": cmd_repair,
     "stats": cmd_stats, "serve": cmd_serve,

@@ -1,0 +1,213 @@
+"""``keepflow server start|stop|status``: a persistent local Prefect server for everyday commands.
+
+With no ``PREFECT_API_URL``, every command that runs a flow starts Prefect's
+temporary server and stops it again (5-10 s per command here). ``keepflow
+server start`` starts Prefect's own background server once (``prefect server
+start --background``, bound to 127.0.0.1, analytics off) and records where it
+listens in ``$PREFECT_HOME/keepflow/server.json``; later commands find it
+there (``api_url_if_running``: one local health request, ~ms) and use it with
+no variable to set, so their runs are in its UI and history. ``stop`` stops
+it; ``status`` says whether it runs and where (``--json``: ``running``,
+``api_url``, ``ui_url``), so scripts and notebooks can point Prefect's client
+at it (``PREFECT_API_URL=$(keepflow server status --json | jq -r .api_url)``).
+
+A ``PREFECT_API_URL`` in the environment or in the active Prefect profile
+always wins: keepflow never overrides a server the user chose. No Prefect
+import here: the command must start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+DEFAULT_PORT = 4200
+HOST = "127.0.0.1"
+START_TIMEOUT = 90.0
+HINT_EVERY = 3600.0
+
+
+def prefect_home() -> Path:
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def state_file() -> Path:
+    return prefect_home() / "keepflow" / "server.json"
+
+
+def _healthy(api_url: str, timeout: float = 0.5) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def _read_state() -> dict | None:
+    try:
+        state = json.loads(state_file().read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and "api_url" in state else None
+
+
+def api_url_if_running() -> str | None:
+    """The API URL of the server ``keepflow server start`` left running, or None."""
+    state = _read_state()
+    if state and _healthy(state["api_url"]):
+        return state["api_url"]
+    return None
+
+
+def profile_api_url() -> str | None:
+    """``PREFECT_API_URL`` of the active Prefect profile, if it sets one (read without importing prefect)."""
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or prefect_home() / "profiles.toml")
+    try:
+        import tomllib
+
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    value = (profiles.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL")
+    return value or None
+
+
+def use_running_server() -> bool:
+    """Point this process at the persistent server when the user chose no other; True when it did."""
+    if os.environ.get("PREFECT_API_URL") or profile_api_url():
+        return False
+    url = api_url_if_running()
+    if url is None:
+        return False
+    os.environ["PREFECT_API_URL"] = url
+    return True
+
+
+def hint_once_per_hour() -> None:
+    """On a terminal, at most once an hour: how to make commands faster."""
+    if not sys.stderr.isatty():
+        return
+    stamp = prefect_home() / "keepflow" / "server-hint"
+    try:
+        if time.time() - stamp.stat().st_mtime < HINT_EVERY:
+            return
+    except OSError:
+        pass
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+    except OSError:
+        return
+    print("keepflow: starting Prefect's temporary server (5-10 s); `keepflow server start` keeps one running "
+          "so commands start faster and their runs stay in its UI", file=sys.stderr)
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port on 127.0.0.1")
+
+
+def _prefect() -> str:
+    return str(Path(sys.executable).parent / "prefect")
+
+
+def add_server_parser(sub) -> None:
+    help_text = "start, stop or show a persistent local Prefect server that later commands use"
+    sp = sub.add_parser("server", help=help_text, description=help_text)
+    what = sp.add_subparsers(dest="server_command", metavar="ACTION", required=True, parser_class=type(sp))
+    rp = what.add_parser("start", help="start Prefect's server in the background on 127.0.0.1")
+    rp.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT}, or a free one)")
+    rp.add_argument("--json", action="store_true")
+    rp = what.add_parser("stop", help="stop the server `keepflow server start` started")
+    rp.add_argument("--json", action="store_true")
+    rp = what.add_parser("status", help="whether the server runs, and its API and UI addresses")
+    rp.add_argument("--json", action="store_true")
+
+
+def _status() -> dict:
+    state = _read_state() or {}
+    running = bool(state) and _healthy(state["api_url"])
+    return {"running": running, "api_url": state.get("api_url") if running else None,
+            "ui_url": state.get("ui_url") if running else None, "prefect_home": str(prefect_home())}
+
+
+def cmd_server(args) -> int:
+    from tasks.core.errors import KeepflowError
+
+    action = args.server_command
+    if action == "status":
+        out = _status()
+        if args.json:
+            sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        elif out["running"]:
+            print(f"running: API {out['api_url']}, UI {out['ui_url']}")
+        else:
+            print("not running; `keepflow server start` starts one")
+        return 0 if out["running"] else 3
+    if action == "stop":
+        was = _status()
+        proc = subprocess.run([_prefect(), "server", "stop"], capture_output=True, text=True,
+                              env=_server_env(None))
+        try:
+            state_file().unlink()
+        except FileNotFoundError:
+            pass
+        out = {"stopped": was["running"], "api_url": was["api_url"]}
+        if args.json:
+            sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        else:
+            print("stopped" if was["running"] or proc.returncode == 0 else "no server was running")
+        return 0
+    current = _status()
+    if current["running"]:
+        out = {**current, "started": False}
+    else:
+        port = _free_port(args.port or DEFAULT_PORT) if not args.port else args.port
+        api_url = f"http://{HOST}:{port}/api"
+        proc = subprocess.run([_prefect(), "server", "start", "--host", HOST, "--port", str(port), "--background",
+                               "--analytics-off"], capture_output=True, text=True, env=_server_env(api_url))
+        if proc.returncode != 0:
+            last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise KeepflowError(f"cannot start the Prefect server on {HOST}:{port}: {last[0]}; "
+                                "`prefect server stop` ends one that is still starting")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _healthy(api_url, timeout=2.0):
+            if time.monotonic() > deadline:
+                raise KeepflowError(f"the Prefect server on {HOST}:{port} did not answer within "
+                                    f"{START_TIMEOUT:.0f} s; see `prefect server stop`")
+            time.sleep(0.3)
+        state = {"api_url": api_url, "ui_url": f"http://{HOST}:{port}", "port": port,
+                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        state_file().parent.mkdir(parents=True, exist_ok=True)
+        state_file().write_text(json.dumps(state, indent=2) + "\n")
+        out = {"running": True, "api_url": api_url, "ui_url": state["ui_url"],
+               "prefect_home": str(prefect_home()), "started": True}
+    if args.json:
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+    else:
+        verb = "started" if out["started"] else "already running"
+        print(f"{verb}: API {out['api_url']}, UI {out['ui_url']}; keepflow commands use it from now on")
+    return 0
+
+
+def _server_env(api_url: str | None) -> dict:
+    env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)          # the server itself must not point at another one
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["DO_NOT_TRACK"] = "1"
+    if api_url:
+        env["PREFECT_UI_API_URL"] = api_url     # the UI must reach the API where it really listens
+    return env
