@@ -43,7 +43,7 @@ def cmd_stats(args) -> int:
         fmt = f"format {s['format']}, " + ("not encrypted" if s["encryption"] in (None, "none") else s["encryption"])
         stored = f"{human_bytes(s['stored_bytes'])} in {s['packs']:,} packs"
         blobs = (f"{s['blobs']:,} ({human_bytes(s['blob_bytes'])} stored, {human_bytes(s['blob_raw_bytes'])} "
-                 f"before compression; {s['chunk_lists']:,} chunk lists)")
+                 f"before compression; {s['chunk_lists']:,} chunk list{'' if s['chunk_lists'] == 1 else 's'})")
     else:
         fmt = "format 1"
         stored = (f"{human_bytes(s['stored_bytes'])} ({s['packs']:,} packs {human_bytes(s['pack_bytes'])}, "
@@ -70,11 +70,12 @@ def cmd_stats(args) -> int:
     since = f"since {g['from'][:8]}" if g["from"] else "since the first"
     print(f"\ngrowth over the last {g['snapshots']} snapshots ({since}): "
           f"{_signed(g['files_delta'])} files, {_signed_bytes(g['logical_bytes_delta'], human_bytes)} logical, "
-          f"{human_bytes(g['stored_bytes_added'])} stored")
-    rows = [("ID", "TIME", "FILES", "SIZE", "+NEW", "~CHANGED", "-DELETED", "STORED")]
+          f"{human_bytes(g['stored_bytes_added'])} of new data stored, {human_bytes(g['written_bytes_added'])} written")
+    rows = [("ID", "TIME", "FILES", "SIZE", "+NEW", "~CHANGED", "-DELETED", "STORED", "WRITTEN")]
     for r in g["rows"]:
         rows.append((r["id"][:8], r["time"][:19].replace("T", " "), f"{r['files']:,}", human_bytes(r["bytes"]),
-                     f"{r['added']:,}", f"{r['changed']:,}", f"{r['deleted']:,}", human_bytes(r["bytes_stored"])))
+                     f"{r['added']:,}", f"{r['changed']:,}", f"{r['deleted']:,}", human_bytes(r["bytes_stored"]),
+                     human_bytes(r["bytes_written"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())

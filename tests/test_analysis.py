@@ -153,6 +153,7 @@ def test_load_snapshots_one_row_per_snapshot_from_footers(hist):
     assert df["time"].is_monotonic_increasing and str(df["time"].dt.tz) == "UTC"
     assert df["bytes"].iloc[-1] == 2 * len(BIG) + 2000 // 2 + 11 * 3 + len(LOG[3]) + len("all:\n")
     assert df["parent"].iloc[1] == df["id"].iloc[0]
+    assert list(df["bytes_written"]) == [i.bytes_written for i in hist["infos"]] and (df["bytes_written"] > 0).all()
     assert (df["duration_s"] >= 0).all()
 
 
@@ -290,10 +291,13 @@ def test_dedup_stats_per_snapshot_and_overall(hist):
     assert list(per["new_blobs"])[1:] == [2, 2, 1]  # (app.log, c.py), (app.log, a.py), app.log; big2.bin is known
     assert list(per["logical_bytes"]) == [i.bytes for i in hist["infos"]]
     assert per["stored_bytes_cumulative"].iloc[-1] == overall["referenced_bytes"]
-    # what each run stored, worked out independently from its own index file and pack files
+    # what each run stored, worked out independently from its own index file and pack files,
+    # and what the run recorded: the plaintext of its new data, the bytes it wrote
     runs = runs_in_order(hist["repo"])
     assert list(per["new_bytes"]) == [r["blob_bytes"] for r in runs]
     assert list(per["new_blobs"]) == [r["blobs"] for r in runs]
+    assert list(per["new_raw_bytes"]) == [i.bytes_stored for i in hist["infos"]]
+    assert [i.bytes_written for i in hist["infos"]] == [r["pack_bytes"] for r in runs]
     on_disk = disk_bytes(hist["repo"], "packs", "objects")
     assert overall["stored_bytes"] == sum(on_disk.values())
     assert overall["indexed_bytes"] == overall["referenced_bytes"] and overall["unreferenced_bytes"] == 0
@@ -315,8 +319,7 @@ def test_dedup_stats_per_snapshot_and_overall(hist):
         # format 2: no objects/; a run stores its pack files, each blob inside is its payload
         # (+ the tag when encrypted), the pack's header comes on top
         assert overall["objects"] == 0 and all(k.startswith("packs/") for k in on_disk)
-        assert [i.bytes_stored for i in hist["infos"]] == [r["pack_bytes"] for r in runs]
-        assert all(r["blob_bytes"] < r["pack_bytes"] for r in runs)
+        assert all(r["blob_bytes"] < r["pack_bytes"] for r in runs)             # the packs' headers
         tag = TAG if hist["encrypted"] else 0
         assert per["new_bytes"].iloc[3] == len(LOG[3]) + tag          # too small to compress
         assert per["new_bytes"].iloc[1] == len(LOG[1]) + len("print('c')\n") + 2 * tag
@@ -388,6 +391,7 @@ def test_backup_straight_into_memory_url(tmp_path, fmt):
         tag = TAG if fmt == "v2" else 0   # blobs this small are never compressed
         assert list(per["new_blobs"]) == [2, 1]
         assert list(per["new_bytes"]) == [6 + 2 * tag, 5 + tag]
+        assert list(per["new_raw_bytes"]) == [6, 5]
         assert list(per["unique_raw_bytes"]) == [6, 8]
         assert analysis.snapshot_diff(url, analysis.load_snapshots(url).id[0], "latest")["path"].tolist() == ["a.txt"]
     finally:
@@ -505,6 +509,8 @@ def test_stats_json(hist):
     assert g["snapshots"] == 2 and [r["id"] for r in g["rows"]] == [i.id for i in hist["infos"][2:]]
     assert g["from"] == hist["infos"][1].id
     assert g["files_delta"] == 1 and g["stored_bytes_added"] == sum(i.bytes_stored for i in hist["infos"][2:])
+    assert g["written_bytes_added"] == sum(i.bytes_written for i in hist["infos"][2:])
+    assert [r["bytes_written"] for r in g["rows"]] == [i.bytes_written for i in hist["infos"][2:]]
     assert s == analysis.repository_summary(hist["repo"], last=2)
 
 
@@ -784,9 +790,10 @@ def test_stored_bytes_reflect_chunk_level_dedup(chunked):
                                            + 2 * TAG + 6 + TAG)
     assert per["dedup_ratio"].iloc[1] == pytest.approx((2 * BIG5 + 6) / (sum(distinct.values()) + 6))
     assert per["dedup_ratio"].iloc[1] > 1.5
-    # the runs' own accounts: the second one wrote one pack of new chunks and one list pack
-    assert chunked["infos"][1].bytes_stored > per["new_bytes"].iloc[1]
-    assert chunked["infos"][1].bytes_stored < BIG5 / 2
+    # the runs' own accounts: the second one stored the new chunks' plaintext, and wrote
+    # one pack of them and one list pack
+    assert per["new_raw_bytes"].iloc[1] == chunked["infos"][1].bytes_stored == sum(fresh.values())
+    assert per["new_bytes"].iloc[1] < chunked["infos"][1].bytes_written < BIG5 / 2
     assert overall["stored_bytes"] < 1.5 * BIG5
     assert overall["referenced_bytes"] == overall["indexed_bytes"] and overall["missing_blobs"] == 0
     assert overall["lists_read"] == 2

@@ -66,7 +66,7 @@ from .repository import Repository
 SNAPSHOT_COLUMNS = [
     "id", "short_id", "time", "end_time", "duration_s", "parent", "source", "host", "tags",
     "files", "dirs", "bytes", "added", "changed", "unchanged", "deleted",
-    "bytes_read", "bytes_stored", "skipped", "keepflow_version", "key",
+    "bytes_read", "bytes_stored", "bytes_written", "skipped", "keepflow_version", "key",
 ]
 CHANGE_COLUMNS = ["path", "change", "type", "size", "old_size"]
 _DIFF_COLUMNS = ["path", "type", "size", "hash", "link_target"]
@@ -114,9 +114,12 @@ def load_snapshots(repo_url, storage_options: dict[str, Any] | None = None):
     Columns: ``id, short_id, time, end_time`` (UTC timestamps), ``duration_s``,
     ``parent, source, host, tags`` (a list), ``files, dirs, bytes`` (logical
     size of the files), ``added, changed, unchanged, deleted`` (file counts
-    against the parent), ``bytes_read, bytes_stored`` (what the backup run
-    read and newly stored), ``skipped, keepflow_version, key`` (the manifest
-    file name under ``snapshots/``).
+    against the parent), ``bytes_read, bytes_stored, bytes_written`` (what the
+    backup run read, the plaintext size of the new data it stored, and the
+    bytes it wrote to the repository: format 2 compressed and encrypted, with
+    pack headers; 0 in snapshots made before keepflow recorded it),
+    ``skipped, keepflow_version, key`` (the manifest file name under
+    ``snapshots/``).
     """
     pd = _pd()
     repo = open_repo(repo_url, storage_options)
@@ -126,7 +129,7 @@ def load_snapshots(repo_url, storage_options: dict[str, Any] | None = None):
         df[col] = pd.to_datetime(df[col], utc=True, format="ISO8601")
     df["duration_s"] = (df["end_time"] - df["time"]).dt.total_seconds()
     for col in ("files", "dirs", "bytes", "added", "changed", "unchanged", "deleted",
-                "bytes_read", "bytes_stored", "skipped"):
+                "bytes_read", "bytes_stored", "bytes_written", "skipped"):
         df[col] = df[col].astype("int64")
     return df
 
@@ -137,7 +140,8 @@ def _snapshot_row(s: SnapshotInfo) -> dict:
         "duration_s": 0.0, "parent": s.parent, "source": s.source, "host": s.host, "tags": list(s.tags),
         "files": s.files, "dirs": s.dirs, "bytes": s.bytes, "added": s.new, "changed": s.changed,
         "unchanged": s.unchanged, "deleted": s.deleted, "bytes_read": s.bytes_read,
-        "bytes_stored": s.bytes_stored, "skipped": s.skipped, "keepflow_version": s.keepflow_version,
+        "bytes_stored": s.bytes_stored, "bytes_written": s.bytes_written, "skipped": s.skipped,
+        "keepflow_version": s.keepflow_version,
         "key": s.key,
     }
 
@@ -298,8 +302,8 @@ def duckdb(repo_url, storage_options: dict[str, Any] | None = None, snapshots=No
 
     - ``snapshots``: one row per snapshot, the SnapshotInfo fields (``id,
       time, end_time, parent, source, host, tags, files, dirs, bytes, new,
-      changed, unchanged, deleted, bytes_read, bytes_stored, skipped,
-      start_ns, keepflow_version, key``), ``time``/``end_time`` as
+      changed, unchanged, deleted, bytes_read, bytes_stored, bytes_written,
+      skipped, start_ns, keepflow_version, key``), ``time``/``end_time`` as
       ``TIMESTAMP WITH TIME ZONE`` (the connection's time zone is UTC).
     - ``entries``: every manifest row of the chosen snapshots, plus
       ``snapshot`` (the snapshot id) and ``time`` (its start); ``hash`` is the
@@ -749,7 +753,10 @@ def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None
     after deduplication, before compression), ``new_blobs``/``new_bytes``
     (blobs no earlier snapshot uses, and their stored size: what this
     snapshot added to storage; a changed chunked file adds only its changed
-    chunks and its new list), ``missing_blobs`` (content ids and chunks it
+    chunks and its new list), ``new_raw_bytes`` (the raw size of its new data
+    blobs: the ``bytes_stored`` its backup run recorded, in both formats;
+    ``new_bytes`` plus the pack headers is the run's ``bytes_written``),
+    ``missing_blobs`` (content ids and chunks it
     uses that are not indexed), ``unreadable_lists`` (format 2: chunk lists
     that are indexed but cannot be read or opened), ``stored_bytes_cumulative``
     (running total of ``new_bytes``) and ``dedup_ratio`` (``logical_bytes /
@@ -812,9 +819,10 @@ def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None
                          "unique_blobs": len(used), "unique_bytes": int(stored[used].sum()),
                          "unique_raw_bytes": int(raw[used].sum()),
                          "new_blobs": len(fresh), "new_bytes": int(stored[fresh].sum()),
+                         "new_raw_bytes": int(raw[fresh].sum()),
                          "missing_blobs": len(lost), "unreadable_lists": unreadable})
     cols = ["id", "short_id", "time", "files", "logical_bytes", "unique_blobs", "unique_bytes", "unique_raw_bytes",
-            "new_blobs", "new_bytes", "missing_blobs", "unreadable_lists"]
+            "new_blobs", "new_bytes", "new_raw_bytes", "missing_blobs", "unreadable_lists"]
     df = pd.DataFrame(rows, columns=cols)
     df["time"] = pd.to_datetime(df["time"], utc=True, format="ISO8601")
     df["stored_bytes_cumulative"] = df["new_bytes"].cumsum().astype("int64")
@@ -871,8 +879,9 @@ def repository_summary(repo_url, last: int = 10, storage_options: dict[str, Any]
     ``logical_bytes_all / stored_bytes`` (deduplication and compression
     together). ``growth`` covers the last ``last`` snapshots: their rows
     and, from the snapshot before the window to the latest, the change in
-    files and logical bytes and the bytes those runs stored (the runs' own
-    ``bytes_stored``: format 2 counts the pack files they wrote).
+    files and logical bytes, the new data those runs stored (their
+    ``bytes_stored``: plaintext) and what they wrote to the repository
+    (``bytes_written``: format 2 compressed and encrypted, with pack headers).
     """
     repo = open_repo(repo_url, storage_options)
     snaps = snapmod.list_snapshots(repo)
@@ -891,8 +900,10 @@ def repository_summary(repo_url, last: int = 10, storage_options: dict[str, Any]
         "files_delta": (latest.files - (before.files if before else 0)) if latest else 0,
         "logical_bytes_delta": (latest.bytes - (before.bytes if before else 0)) if latest else 0,
         "stored_bytes_added": sum(s.bytes_stored for s in window),
+        "written_bytes_added": sum(s.bytes_written for s in window),
         "rows": [{"id": s.id, "time": s.time, "source": s.source, "files": s.files, "bytes": s.bytes,
-                  "added": s.new, "changed": s.changed, "deleted": s.deleted, "bytes_stored": s.bytes_stored}
+                  "added": s.new, "changed": s.changed, "deleted": s.deleted, "bytes_stored": s.bytes_stored,
+                  "bytes_written": s.bytes_written}
                  for s in window],
     }
     blob_bytes = int(pc.sum(idx["length"]).as_py() or 0) if idx.num_rows else 0
