@@ -279,6 +279,51 @@ def test_streaming_with_the_format_sizes(chunker):
             assert got == ids(data, want), (length, window)
 
 
+class ShortReadinto(ShortReads):
+    """The same as a ``readinto``: fills a random 1..len(view) bytes of the view it is given."""
+
+    def readinto(self, view) -> int:
+        return self.f.readinto(view[: self.rng.randint(1, len(view))])
+
+
+def test_streaming_with_readinto_equals_cutting_the_whole_buffer(small, chunker):
+    for cdc, length in ((small, 1 * MiB + 12345), (small, 0), (small, 5), (chunker, 20 * MiB + 3)):
+        data = stream(f"readinto {length}", length)
+        want = cdc.cut(data, final=True)
+        for window in (1, 2 * cdc.max_size + 1, 5 * cdc.max_size):
+            whole = [len(c) for c in cdc.iter_chunks(readinto=io.BytesIO(data).readinto, window=window)]
+            assert whole == want, (length, window)
+            got = [blake3.blake3(c).digest()
+                   for c in cdc.iter_chunks(readinto=ShortReadinto(data, window).readinto, window=window)]
+            assert got == ids(data, want), (length, window)
+
+
+def test_streaming_carries_only_the_undecided_chunk_and_still_cuts_like_the_whole_buffer(small):
+    # Runs of zeros cut at max (a chunk exactly max long at a window's end is decided), random
+    # runs cut by the hash (one that ends a window is carried over); remainders shorter than
+    # avg and min at window ends.
+    rng = random.Random(11)
+    parts = []
+    for k in range(60):
+        n = rng.choice([small.min_size - 1, small.avg_size - 3, small.max_size, small.max_size + 1,
+                        3 * small.max_size, rng.randrange(1, 4 * small.max_size)])
+        parts.append(bytes(n) if k % 3 == 0 else stream(f"mixed {k}", n))
+    data = b"".join(parts)
+    want = small.cut(data, final=True)
+    assert small.max_size in want                       # the zero runs did cut at max
+    for window in [2 * small.max_size + d for d in (0, 1, 2, 7, small.min_size, small.avg_size)] + [
+            3 * small.max_size - 1, 4 * small.max_size]:
+        got = [blake3.blake3(c).digest() for c in small.iter_chunks(io.BytesIO(data).read, window=window)]
+        assert got == ids(data, want), window
+
+
+def test_streaming_needs_exactly_one_reader(small):
+    with pytest.raises(TypeError):
+        list(small.iter_chunks())
+    with pytest.raises(TypeError):
+        list(small.iter_chunks(io.BytesIO(b"x").read, readinto=io.BytesIO(b"x").readinto))
+
+
 def test_streaming_rejects_a_reader_that_returns_too_much(small):
     with pytest.raises(ValueError):
         list(small.iter_chunks(lambda n: bytes(n + 1)))

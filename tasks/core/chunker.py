@@ -17,10 +17,18 @@ as the whole file would (the rule only distinguishes ``n > max`` from ``n ==
 max`` by ``limit = max`` against ``limit = n``, which are equal). So in a
 buffer that is a prefix of the file, every chunk that starts at least ``max``
 bytes before the buffer's end is final; ``Chunker.cut(buf, final=False)``
-returns exactly those, and ``Chunker.iter_chunks`` carries the rest (less
-than ``max`` bytes) into the next window. The chunks of a stream are
-therefore those of ``cut(whole_file, final=True)``, whatever the window and
-however ``read`` splits the data.
+returns exactly those. More is true, and ``Chunker.iter_chunks`` uses it:
+with ``n < max`` bytes left, a cut the rolling hash finds *before* the end of
+the buffer is final too. The hash at position ``k`` depends only on the
+bytes before ``k``; the loop starts at ``even(min)`` either way; and the
+masks agree at every position the short buffer looks at (``MASK_S`` below
+``even(center)``: with ``n >= avg`` the centre is ``avg`` for both, with ``n <
+avg`` the short buffer's loop ends at ``even(n) <= even(center)`` of the
+longer one). Only a chunk that runs to the end of the buffer (the loop ran
+out, ``limit = n``) may still grow, unless it is ``max`` long. So each window
+carries just its last, undecided chunk into the next one. The chunks of a
+stream are therefore those of ``cut(whole_file, final=True)``, whatever the
+window and however ``read`` splits the data.
 
 A ``Chunker`` holds no mutable state after construction: one instance may be
 used from several threads at once (``pyfastcdc``'s ``cut_buf`` makes a fresh
@@ -70,16 +78,6 @@ def derive_permutation(key: bytes) -> bytes:
 def derive_seed(key: bytes) -> int:
     """``s = u64(B3K(K_chunker, "keepflow 2 chunker seed")[8]) >> 1`` (below 2^63, as pyfastcdc needs)."""
     return int.from_bytes(_b3k(key, _SEED_CONTEXT, 8), "little") >> 1
-
-
-def _unviewed(buf: bytearray) -> bool:
-    """True when no memoryview (or other buffer export) of ``buf`` is alive."""
-    try:
-        last = buf.pop()                 # a resize: BufferError while any export exists
-    except BufferError:
-        return False
-    buf.append(last)                     # back within the allocation: neither pop nor append copies
-    return True
 
 
 def _byte_view(buf) -> memoryview:
@@ -160,55 +158,77 @@ class Chunker:
                 break
         return lengths
 
-    def iter_chunks(self, read: Callable[[int], bytes], window: int = DEFAULT_WINDOW) -> Iterator[memoryview]:
-        """The chunks of the stream ``read`` returns, in order, as read-only memoryviews.
+    def iter_chunks(self, read: Callable[[int], bytes] | None = None, window: int = DEFAULT_WINDOW, *,
+                    readinto: Callable[[memoryview], int] | None = None) -> Iterator[memoryview]:
+        """The chunks of a stream, in order, as read-only memoryviews.
 
-        ``read(n)`` returns up to ``n`` bytes, ``b""`` at the end (a file's
-        ``read``, or any function like it). Each window holds the undecided
-        tail of the previous one (less than ``max`` bytes) followed by new
-        data, ``window`` bytes in all (at least ``min_window``); it is read in
-        steps of at most ``READ_STEP``. Memory: the window, plus its permuted
-        copy while it is cut, plus the windows of whatever yielded chunks the
-        caller still holds (a chunk is a view into its window and keeps it
-        alive). A window's buffer is reused for a later window only once no
-        view of it is left (CPython refuses to resize a bytearray with live
-        exports, which is the check), so a chunk the caller keeps never
-        changes under it. An empty stream yields nothing. The chunks equal
-        those of ``cut(all the bytes, final=True)``.
+        Give exactly one of ``read`` and ``readinto``: ``read(n)`` returns up
+        to ``n`` bytes, ``b""`` at the end (a file's ``read``); ``readinto(mv)``
+        fills up to ``len(mv)`` bytes of the writable memoryview ``mv`` and
+        returns how many, 0 at the end (``lambda mv: os.readv(fd, [mv])``: the
+        kernel copies straight into the window, one copy per byte and no
+        temporary ``bytes``). ``read`` is asked for at most ``READ_STEP`` at a
+        time, ``readinto`` for the rest of the window at once.
+
+        Each window holds the undecided last chunk of the previous one (less
+        than ``max`` bytes; see "Streaming" above) followed by new data,
+        ``window`` bytes in all (at least ``min_window``). A window is one
+        buffer from pyarrow's memory pool (no zero-filling; freed memory is
+        reused by the pool), so a chunk the caller keeps is a view that keeps
+        its window alive and never changes under it. Every byte is permuted
+        once, except those of each window's undecided last chunk, which are
+        permuted again with the next window (one partial chunk per window, not
+        ``max`` bytes). Memory: the window and its permuted copy while it is
+        cut, plus the windows of whatever yielded chunks the caller still
+        holds. An empty stream yields nothing. The chunks equal those of
+        ``cut(all the bytes, final=True)``.
         """
+        if (read is None) == (readinto is None):
+            raise TypeError("iter_chunks needs exactly one of read and readinto")
         window = max(int(window), self.min_window)
+        max_size = self.max_size
         tail = memoryview(b"")
-        eof = False
-        spare: list[bytearray] = []      # earlier windows' buffers, reused once nothing views them
-        previous: bytearray | None = None
         while True:
-            free = next((i for i, b in enumerate(spare) if _unviewed(b)), None)
-            # Fresh memory costs page faults (a third of a copy's speed here): reuse when possible.
-            buf = bytearray(window) if free is None else spare.pop(free)
+            win = pa.allocate_buffer(window)
+            mv = memoryview(win).cast("B")   # pyarrow exports signed "b"
             filled = len(tail)
-            buf[:filled] = tail
-            tail = view = memoryview(b"")    # let go of the previous window (the caller may still view it)
-            if previous is not None and len(spare) < 2:
-                spare.append(previous)
+            mv[:filled] = tail
+            tail = memoryview(b"")           # let go of the previous window (the caller may still view it)
+            eof = False
             while filled < window:
-                want = min(window - filled, READ_STEP)
-                piece = read(want)
-                if not piece:
+                if readinto is not None:
+                    want = window - filled
+                    got = readinto(mv[filled:])
+                else:
+                    want = min(window - filled, READ_STEP)
+                    piece = read(want)
+                    got = len(piece)
+                    if got <= want:
+                        mv[filled: filled + got] = piece
+                if not got:
                     eof = True
                     break
-                got = len(piece)
                 if got > want:
                     raise ValueError(f"read({want}) returned {got} bytes")
-                buf[filled: filled + got] = piece
                 filled += got
-            if filled < window:
-                del buf[filled:]         # nothing views buf yet, so it may shrink
-            view = memoryview(buf).toreadonly()
-            previous = buf
+            if not filled:
+                return
+            view = mv[:filled].toreadonly()
+            del mv
             offset = 0
-            for length in self.cut(view, final=eof):
+            for chunk in self._cdc.cut_buf(self._permute_window(win, filled)):
+                length = chunk.length
+                # Only the chunk that runs to the end of the window can still change: a cut the
+                # rolling hash found inside the window, or one at max, is the whole stream's cut.
+                if not eof and offset + length == filled and length < max_size:
+                    break
                 yield view[offset: offset + length]
                 offset += length
             if eof:
                 return
             tail = view[offset:]
+
+    def _permute_window(self, win: pa.Buffer, n: int) -> memoryview:
+        idx = pa.Array.from_buffers(pa.uint8(), n, [None, win])
+        out = pc.take(self._lut, idx)
+        return memoryview(out.buffers()[1]).cast("B")[:n]
