@@ -1,0 +1,39 @@
+"""Giving freed memory back to the system between the phases of a run.
+
+Peak RSS is what limits how many files one machine can back up, and freed
+memory that the allocators keep counts in it. Arrow's default pool
+(mimalloc) keeps the pages of freed buffers for reuse, and glibc's malloc
+keeps freed heap space (Python's large objects: file data, pack buffers).
+Each is reused by its own allocator only, so a phase that frees Arrow memory
+and the next one that needs Python memory add up. On 1M files the scan
+left 340 MiB resident for an 82 MiB table; ``release`` brought it to 216 MiB.
+One call costs 0.5 ms (mimalloc) plus 1-12 ms (``malloc_trim``), so it runs
+between phases, never per file or per batch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+import pyarrow as pa
+
+_libc = None
+try:
+    _name = ctypes.util.find_library("c")
+    if _name:
+        _libc = ctypes.CDLL(_name)
+        if not hasattr(_libc, "malloc_trim"):      # not glibc (musl, macOS)
+            _libc = None
+except OSError:
+    _libc = None
+
+
+def release() -> None:
+    """Return the pages the allocators hold but nothing uses (never raises)."""
+    try:
+        pa.default_memory_pool().release_unused()
+        if _libc is not None:
+            _libc.malloc_trim(0)
+    except Exception:
+        pass
