@@ -1,9 +1,17 @@
 """Scanning a source into an Arrow table of entries (no file is opened).
 
 Local sources are walked with ``os.scandir`` depth-first; each entry costs one
-``lstat`` (symlinks are recorded as links, never followed). Columns are
-collected as plain lists and turned into one Arrow table at the end, sorted by
-path, so the diff against the parent manifest is a vectorised join.
+``lstat`` (symlinks are recorded as links, never followed). Memory stays
+proportional to Arrow's compact columns, never to Python objects per entry:
+a folder is listed ``FLUSH_ROWS`` entries at a time, the rows are collected in
+plain lists and every ``FLUSH_ROWS`` rows turned into an Arrow table (Python
+lists cost ~1 KB per entry, Arrow ~95 bytes). Optional columns that are null
+for a whole chunk (nearly all of them, nearly always) share one preallocated
+null array (columns.py) instead of allocating their own. At the end the chunks are sorted
+by path one column at a time (``sort_indices`` once, then ``take`` per
+column, each old column freed as soon as its sorted copy exists), so the
+peak is the table plus one column, not two tables; the diff against the
+parent manifest then walks both sides in path order (diff.py).
 
 Exclusions use gitignore syntax through pathspec (pure matching; the walking
 is ours): ``--exclude`` patterns apply from the source root, and a
@@ -27,16 +35,21 @@ import decimal
 import os
 import stat
 from dataclasses import dataclass, field
+from itertools import islice
 
+import numpy as np
 import pathspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import storage, xattrs
+from .columns import nulls
 from .errors import BadPatternError, SourceNotFoundError
 from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, is_utf8, readable_bytes, shown
 
 IGNORE_FILE = ".keepflowignore"
+# Rows collected as Python lists before they become an Arrow table; also how
+# many entries of one folder are listed at a time.
 FLUSH_ROWS = 8192
 
 SCAN_COLUMNS = ["path", "type", "size", "mtime_ns", "ctime_ns", "inode", "mode", "uid", "gid", "link_target",
@@ -114,103 +127,139 @@ def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool
     while stack:
         abs_dir, rel_dir, specs, raw_dir = stack.pop()
         try:
-            with os.scandir(abs_dir) as it:
-                entries = list(it)
+            listing = os.scandir(abs_dir)
         except OSError as exc:
             skipped.append((shown(rel_dir) or ".", f"cannot list folder: {exc.strerror or exc}"))
             continue
-        names = {e.name for e in entries}
-        if IGNORE_FILE in names:
-            specs = specs + _read_ignore_file(os.path.join(abs_dir, IGNORE_FILE), rel_dir, skipped)
-        ignorer = _Ignorer(specs) if specs else None
-        for entry in entries:
-            name = entry.name
-            rel = f"{rel_dir}/{name}" if rel_dir else name
-            # `path` is UTF-8 text (readable by any Parquet tool); a name that
-            # is not keeps its exact bytes in path_bytes, and `path` shows it
-            # with \xNN escapes (the key that diffs, --include and ls use).
-            raw = None
-            if raw_dir or (not name.isascii() and not is_utf8(name)):
-                raw = os.fsencode(rel)
-            shown_rel = rel if raw is None else readable_bytes(raw)
+        with listing:
             try:
-                st = entry.stat(follow_symlinks=False)
+                entries = list(islice(listing, FLUSH_ROWS))
             except OSError as exc:
-                skipped.append((shown_rel, f"cannot stat: {exc.strerror or exc}"))
+                skipped.append((shown(rel_dir) or ".", f"cannot list folder: {exc.strerror or exc}"))
                 continue
-            mode = st.st_mode
-            if S_ISDIR(mode):
-                kind = "dir"
-            elif S_ISREG(mode):
-                kind = "file"
-            elif S_ISLNK(mode):
-                kind = "symlink"
-            elif stat.S_ISFIFO(mode):
-                kind = "fifo"          # an entry with no content: restore recreates it
-            elif stat.S_ISCHR(mode):
-                kind = "chardev"
-            elif stat.S_ISBLK(mode):
-                kind = "blockdev"
-            else:
-                # A socket belongs to a running program and cannot be recreated: reported, never silent.
-                if ignorer is None or not ignorer.ignored(rel, False):
-                    skipped.append((shown_rel, "a socket is not backed up (it belongs to a running program)"))
-                continue
-            if ignorer is not None and ignorer.ignored(rel, kind == "dir"):
-                continue
-            if kind == "dir" and exclude_paths and entry.path in exclude_paths:
-                continue
-            link = link_bytes = None
-            if kind == "symlink":
+            # The folder's ignore file applies to its own entries: look for it
+            # before the first entry (in the first slice, or by name in a huge folder).
+            if (IGNORE_FILE in {e.name for e in entries}
+                    or (len(entries) == FLUSH_ROWS and os.path.lexists(os.path.join(abs_dir, IGNORE_FILE)))):
+                specs = specs + _read_ignore_file(os.path.join(abs_dir, IGNORE_FILE), rel_dir, skipped)
+            ignorer = _Ignorer(specs) if specs else None
+            while entries:
+                for entry in entries:
+                    name = entry.name
+                    rel = f"{rel_dir}/{name}" if rel_dir else name
+                    # `path` is UTF-8 text (readable by any Parquet tool); a name that
+                    # is not keeps its exact bytes in path_bytes, and `path` shows it
+                    # with \xNN escapes (the key that diffs, --include and ls use).
+                    raw = None
+                    if raw_dir or (not name.isascii() and not is_utf8(name)):
+                        raw = os.fsencode(rel)
+                    shown_rel = rel if raw is None else readable_bytes(raw)
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError as exc:
+                        skipped.append((shown_rel, f"cannot stat: {exc.strerror or exc}"))
+                        continue
+                    mode = st.st_mode
+                    if S_ISDIR(mode):
+                        kind = "dir"
+                    elif S_ISREG(mode):
+                        kind = "file"
+                    elif S_ISLNK(mode):
+                        kind = "symlink"
+                    elif stat.S_ISFIFO(mode):
+                        kind = "fifo"          # an entry with no content: restore recreates it
+                    elif stat.S_ISCHR(mode):
+                        kind = "chardev"
+                    elif stat.S_ISBLK(mode):
+                        kind = "blockdev"
+                    else:
+                        # A socket belongs to a running program and cannot be recreated: reported, never silent.
+                        if ignorer is None or not ignorer.ignored(rel, False):
+                            skipped.append((shown_rel, "a socket is not backed up (it belongs to a running program)"))
+                        continue
+                    if ignorer is not None and ignorer.ignored(rel, kind == "dir"):
+                        continue
+                    if kind == "dir" and exclude_paths and entry.path in exclude_paths:
+                        continue
+                    link = link_bytes = None
+                    if kind == "symlink":
+                        try:
+                            link = os.readlink(entry.path)
+                        except OSError as exc:
+                            skipped.append((shown_rel, f"cannot read link: {exc.strerror or exc}"))
+                            continue
+                        if not link.isascii() and not is_utf8(link):
+                            # Kept byte-exact for restore; the string column shows it readably.
+                            link_bytes = os.fsencode(link)
+                            link = readable_bytes(link_bytes)
+                    add_path(shown_rel)
+                    add_path_bytes(raw)
+                    add_type(kind)
+                    add_size(st.st_size if kind == "file" else 0)
+                    mtime = st.st_mtime_ns
+                    if NS_MIN <= mtime <= NS_MAX:
+                        add_mtime(mtime)
+                        add_mtime_exact(None)
+                    else:   # before 1677 or after 2262: clamped here, exact in its own column
+                        add_mtime(clamp_ns(mtime))
+                        add_mtime_exact(mtime)
+                    add_link_bytes(link_bytes)
+                    add_rdev(st.st_rdev if kind in ("chardev", "blockdev") else None)
+                    attrs = None
+                    if read_xattrs is not None:
+                        try:
+                            attrs = read_xattrs(entry.path)
+                        except OSError as exc:   # the entry is kept; only its attributes are lost
+                            skipped.append((shown_rel, f"extended attributes not kept: {exc.strerror or exc}"))
+                    add_xattrs(attrs)
+                    if kind == "file" and st.st_nlink > 1:
+                        link_groups.setdefault((st.st_dev, st.st_ino), []).append(shown_rel)
+                    add_ctime(clamp_ns(st.st_ctime_ns))
+                    add_inode(st.st_ino)
+                    add_mode(mode)
+                    add_uid(st.st_uid)
+                    add_gid(st.st_gid)
+                    add_link(link)
+                    if kind == "dir":
+                        stack.append((entry.path, rel, specs, raw is not None))
+                if len(cols["path"]) >= FLUSH_ROWS:
+                    batches.append(_to_table(cols, sort=False))
+                    for values in cols.values():
+                        values.clear()
+                if len(entries) < FLUSH_ROWS:
+                    break
                 try:
-                    link = os.readlink(entry.path)
+                    entries = list(islice(listing, FLUSH_ROWS))
                 except OSError as exc:
-                    skipped.append((shown_rel, f"cannot read link: {exc.strerror or exc}"))
-                    continue
-                if not link.isascii() and not is_utf8(link):
-                    # Kept byte-exact for restore; the string column shows it readably.
-                    link_bytes = os.fsencode(link)
-                    link = readable_bytes(link_bytes)
-            add_path(shown_rel)
-            add_path_bytes(raw)
-            add_type(kind)
-            add_size(st.st_size if kind == "file" else 0)
-            mtime = st.st_mtime_ns
-            if NS_MIN <= mtime <= NS_MAX:
-                add_mtime(mtime)
-                add_mtime_exact(None)
-            else:   # before 1677 or after 2262: clamped here, exact in its own column
-                add_mtime(clamp_ns(mtime))
-                add_mtime_exact(mtime)
-            add_link_bytes(link_bytes)
-            add_rdev(st.st_rdev if kind in ("chardev", "blockdev") else None)
-            attrs = None
-            if read_xattrs is not None:
-                try:
-                    attrs = read_xattrs(entry.path)
-                except OSError as exc:   # the entry is kept; only its attributes are lost
-                    skipped.append((shown_rel, f"extended attributes not kept: {exc.strerror or exc}"))
-            add_xattrs(attrs)
-            if kind == "file" and st.st_nlink > 1:
-                link_groups.setdefault((st.st_dev, st.st_ino), []).append(shown_rel)
-            add_ctime(clamp_ns(st.st_ctime_ns))
-            add_inode(st.st_ino)
-            add_mode(mode)
-            add_uid(st.st_uid)
-            add_gid(st.st_gid)
-            add_link(link)
-            if kind == "dir":
-                stack.append((entry.path, rel, specs, raw is not None))
-        if len(cols["path"]) >= FLUSH_ROWS:
-            # Bound memory: Python lists cost ~1 KB per entry, Arrow ~70 bytes.
-            batches.append(_to_table(cols, sort=False))
-            for values in cols.values():
-                values.clear()
+                    skipped.append((shown(rel_dir) or ".", f"cannot list folder: {exc.strerror or exc}"))
+                    break
     batches.append(_to_table(cols, sort=False))
-    table = pa.concat_tables(batches)
-    table = table.sort_by("path") if table.num_rows else table
+    cols.clear()
+    table = _sorted_by_path(batches)
     table = _unique_shown_paths(table, skipped)
     return ScanResult(_with_hard_links(table, link_groups), skipped)
+
+
+def _sorted_by_path(batches: list[pa.Table]) -> pa.Table:
+    """One table of ``batches`` (emptied), sorted by path, a column at a time.
+
+    ``Table.sort_by`` would hold the unsorted and the sorted table at once;
+    here each column is replaced by its sorted copy and freed, and an
+    all-null column is not copied at all (it gets shared null chunks again).
+    """
+    table = pa.concat_tables(batches)
+    batches.clear()
+    if table.num_rows == 0:
+        return table
+    order = pc.sort_indices(table["path"])
+    schema, n = table.schema, table.num_rows
+    columns = table.columns
+    del table
+    for i, column in enumerate(columns):
+        columns[i] = None                      # the last reference to the unsorted column ...
+        columns[i] = nulls(column.type, n) if column.null_count == n else column.take(order)
+        del column                             # ... goes once its sorted copy exists
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _unique_shown_paths(table: pa.Table, skipped: list) -> pa.Table:
@@ -219,14 +268,21 @@ def _unique_shown_paths(table: pa.Table, skipped: list) -> pa.Table:
     ``path`` is the key of every diff and restore; a real name spelled with
     literal ``\\xNN`` text next to a name with those raw bytes would share it.
     Unlikely, but a shared key could pair the wrong files, so such a name is
-    reported instead (rename one of the two).
+    reported instead (rename one of the two). The table is sorted by path, so
+    a shared path shows as two equal neighbours: no hash table over all paths.
     """
     raw = table["path_bytes"]
-    if raw.null_count == table.num_rows or pc.count_distinct(table["path"]).as_py() == table.num_rows:
+    n = table.num_rows
+    if raw.null_count == n or n < 2:
         return table
-    counts = table.group_by("path").aggregate([("path", "count")])
-    shared = counts.filter(pc.greater(counts["path_count"], 1))["path"]
-    clash = pc.and_(pc.is_valid(raw), pc.is_in(table["path"], value_set=shared))
+    paths = table["path"]
+    same_as_next = pc.equal(paths.slice(1), paths.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    if not same_as_next.any():
+        return table
+    shared = np.zeros(n, dtype=bool)
+    shared[1:] |= same_as_next
+    shared[:-1] |= same_as_next
+    clash = pc.and_(pc.is_valid(raw), pa.array(shared))
     for path in table.filter(clash)["path"].to_pylist():
         skipped.append((path, "name is not valid UTF-8 and its shown form is another entry's name; rename one"))
     return table.filter(pc.invert(clash))
@@ -236,7 +292,8 @@ def _with_hard_links(table: pa.Table, groups: dict[tuple[int, int], list[str]]) 
     """Fill ``hardlink_to``: every name of a file but the first (by path) points at the first.
 
     Names whose other links lie outside the source (or were excluded) form no
-    group and are stored as plain files.
+    group and are stored as plain files. Only the linked names are Python
+    objects; the column itself is one vectorised lookup.
     """
     leader = {}
     for names in groups.values():
@@ -245,7 +302,8 @@ def _with_hard_links(table: pa.Table, groups: dict[tuple[int, int], list[str]]) 
             leader.update((n, first) for n in names if n != first)
     if not leader:
         return table
-    column = pa.array([leader.get(p) for p in table["path"].to_pylist()], pa.string())
+    where = pc.index_in(table["path"], value_set=pa.array(list(leader), pa.string()))
+    column = pc.take(pa.array(list(leader.values()), pa.string()), where)
     return table.set_column(table.schema.get_field_index("hardlink_to"), "hardlink_to", column)
 
 
@@ -261,6 +319,7 @@ def _read_ignore_file(path: str, rel_dir: str, skipped) -> list:
 
 
 def _to_table(cols: dict, sort: bool = True) -> pa.Table:
+    n = len(cols["path"])
     arrays = {
         "path": pa.array(cols["path"], pa.string()),
         "type": pa.array(cols["type"], pa.string()),
@@ -271,11 +330,11 @@ def _to_table(cols: dict, sort: bool = True) -> pa.Table:
         "mode": pa.array(cols["mode"], pa.int32()),
         "uid": pa.array(cols["uid"], pa.int64()),
         "gid": pa.array(cols["gid"], pa.int64()),
-        "link_target": pa.array(cols["link_target"], pa.string()),
+        "link_target": _sparse(cols, "link_target", str),
         "mtime_ns_exact": _sparse(cols, "mtime_ns_exact", decimal.Decimal),
         "link_target_bytes": _sparse(cols, "link_target_bytes", bytes),
         "rdev": _sparse(cols, "rdev", int),
-        "hardlink_to": pa.nulls(len(cols["path"]), pa.string()),    # filled after sorting
+        "hardlink_to": nulls(pa.string(), n),    # filled after sorting
         "xattrs": _sparse(cols, "xattrs", list),
         "path_bytes": _sparse(cols, "path_bytes", bytes),
     }
@@ -283,12 +342,12 @@ def _to_table(cols: dict, sort: bool = True) -> pa.Table:
     return table.sort_by("path") if sort and table.num_rows else table
 
 
-def _sparse(cols: dict, name: str, convert) -> pa.Array:
-    """An optional column: all nulls (no per-row work) unless some entry needs it."""
+def _sparse(cols: dict, name: str, convert):
+    """An optional column: shared nulls (no per-row work, no allocation) unless some entry needs it."""
     values = cols[name]
     kind = MANIFEST_SCHEMA.field(name).type
     if not any(v is not None for v in values):
-        return pa.nulls(len(values), kind)
+        return nulls(kind, len(values))
     return pa.array([None if v is None else convert(v) for v in values], kind)
 
 
@@ -300,6 +359,7 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
     except FileNotFoundError:
         raise SourceNotFoundError(source=root) from None
     cols = {c: [] for c in SCAN_COLUMNS}
+    batches: list[pa.Table] = []
     prefix = root.rstrip("/") + "/"
     ignorer = _Ignorer([("", root_spec)]) if root_spec else None
     for name, info in found.items():
@@ -327,7 +387,12 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
         cols["hardlink_to"].append(None)
         cols["xattrs"].append(None)
         cols["path_bytes"].append(None)
-    return ScanResult(_to_table(cols), [])
+        if len(cols["path"]) >= FLUSH_ROWS:
+            batches.append(_to_table(cols, sort=False))
+            for values in cols.values():
+                values.clear()
+    batches.append(_to_table(cols, sort=False))
+    return ScanResult(_sorted_by_path(batches), [])
 
 
 def _parent_ignored(ignorer: _Ignorer, rel: str) -> bool:
