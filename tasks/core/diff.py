@@ -13,20 +13,39 @@ been modified again in the same timestamp granule after it was read, without
 its mtime moving. Such parent entries are not trusted: the file is read again.
 
 ``--rehash`` (a "full" backup) trusts nothing and reads every file.
+
+Memory. Both sides are sorted by path (the scan sorts; a manifest is a
+sorted scan, and is sorted here if it is not), so the join runs on
+``CHUNK_ROWS`` scan rows at a time against the parent rows of the same path
+range, found by bisecting the parent's path column: Arrow's hash table is
+built for one slice of the parent at a time, never for the whole tree (on
+1M files the single join peaked at +490 MiB). Deleted files are counted per
+slice (parent files the slice's join did not match), without a set of every
+scanned path. The result's new columns are chunked arrays, one chunk per
+slice. ``parent_hash`` is kept only for files that are read again (for a
+file that is not read, its parent hash is its hash): the other rows hold a
+null, which costs 4 bytes instead of 68.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from .columns import nulls
 
 # Two seconds covers the coarsest common mtime granularity (FAT) and the
 # kernel's coarse clock on ext4/xfs many times over.
 RACY_WINDOW_NS = 2_000_000_000
 
 PARENT_COLUMNS = ["path", "type", "size", "mtime_ns", "ctime_ns", "inode", "hash"]
+# Scan rows joined at a time: large enough that per-join overhead is noise
+# (16 joins for 1M files), small enough that the hash table stays a few MiB.
+CHUNK_ROWS = 65536
 
 
 @dataclass
@@ -44,20 +63,101 @@ class DiffResult:
 
 def diff(scan: pa.Table, parent: pa.Table | None, parent_start_ns: int = 0,
          rehash: bool = False) -> DiffResult:
-    is_file = pc.equal(scan["type"], "file")
+    """The whole diff as one table (``diff_parts`` collected)."""
+    parts = list(diff_parts(scan, parent, parent_start_ns, rehash))
+    return DiffResult(pa.concat_tables([p.table for p in parts]), new=sum(p.new for p in parts),
+                      changed=sum(p.changed for p in parts), unchanged=sum(p.unchanged for p in parts),
+                      deleted=sum(p.deleted for p in parts))
+
+
+def diff_parts(scan: pa.Table, parent: pa.Table | None, parent_start_ns: int = 0,
+               rehash: bool = False) -> Iterator[DiffResult]:
+    """The diff in consecutive slices of the scan (at least one), in scan order.
+
+    Each part has its own counts; their sums are the diff's (a deleted file
+    is counted in the part whose parent slice held it). The plan is written a
+    part at a time (backup.prepare), so the diffed scan is never whole in
+    memory.
+    """
+    n = scan.num_rows
     if parent is None or parent.num_rows == 0:
-        table = scan.append_column("hash", pa.nulls(scan.num_rows, pa.string()))
-        table = table.append_column("needs_read", is_file)
-        table = table.append_column("parent_hash", pa.nulls(scan.num_rows, pa.string()))
-        new = pc.sum(is_file).as_py() or 0
-        return DiffResult(table, new=new, changed=0, unchanged=0, deleted=0)
+        for start in range(0, max(n, 1), CHUNK_ROWS):
+            piece = scan.slice(start, CHUNK_ROWS)
+            is_file = pc.equal(piece["type"], "file")
+            piece = piece.append_column("hash", nulls(pa.string(), piece.num_rows))
+            piece = piece.append_column("needs_read", is_file)
+            piece = piece.append_column("parent_hash", nulls(pa.string(), piece.num_rows))
+            yield DiffResult(piece, new=pc.sum(is_file).as_py() or 0, changed=0, unchanged=0, deleted=0)
+        return
 
     parent = parent.select(PARENT_COLUMNS).rename_columns([f"p_{c}" if c != "path" else "path" for c in PARENT_COLUMNS])
     # Join only the columns compared: Arrow's hash join carries no nested
-    # columns (xattrs), and narrower is faster. Paths are unique, so sorting
-    # by the scan's row number lines the parent's columns up with the scan.
+    # columns (xattrs), and narrower is faster.
     narrow = scan.select(["path", "type", "size", "mtime_ns", "ctime_ns", "inode"])
-    narrow = narrow.append_column("_row", pa.array(range(scan.num_rows), pa.int64()))
+    sorted_sides = _sorted_unique(narrow["path"])
+    if sorted_sides and not _sorted_unique(parent["path"]):
+        parent = parent.sort_by("path")
+        sorted_sides = _sorted_unique(parent["path"])     # False if the parent repeats a path
+    for (a, b), (pa_, pb) in _slices(narrow["path"], parent["path"], sorted_sides):
+        parent_slice = parent.slice(pa_, pb - pa_)
+        part = _diff_slice(narrow.slice(a, b - a), parent_slice, parent_start_ns, rehash)
+        piece = scan.slice(a, b - a)
+        piece = piece.append_column("hash", part["hash"])
+        piece = piece.append_column("needs_read", part["needs_read"])
+        # Kept so the final report can classify re-read files by content.
+        piece = piece.append_column("parent_hash", part["parent_hash"])
+        files = pc.sum(pc.equal(piece["type"], "file")).as_py() or 0
+        parent_files = pc.sum(pc.equal(parent_slice["p_type"], "file")).as_py() or 0
+        yield DiffResult(piece, new=part["new"], changed=files - part["new"] - part["unchanged"],
+                         unchanged=part["unchanged"], deleted=parent_files - part["matched_parent_files"])
+
+
+def _sorted_unique(paths: pa.ChunkedArray) -> bool:
+    """True when every path is greater than the one before (vectorised)."""
+    n = len(paths)
+    return n < 2 or bool(pc.all(pc.less(paths.slice(0, n - 1), paths.slice(1))).as_py())
+
+
+def _slices(scan_paths: pa.ChunkedArray, parent_paths: pa.ChunkedArray, sorted_sides: bool):
+    """Pairs of row ranges ((scan start, end), (parent start, end)) covering both sides.
+
+    Each scan range of CHUNK_ROWS rows goes with the parent rows whose paths
+    fall between its first path and the next range's: a path present on both
+    sides is in the same pair. When the sides are not both sorted by path (a
+    hand-built table), one pair covers everything: the plain hash join.
+    """
+    n, m = len(scan_paths), len(parent_paths)
+    if n <= CHUNK_ROWS or not sorted_sides:
+        yield (0, n), (0, m)
+        return
+    scan_start = parent_start = 0
+    while scan_start < n:
+        scan_end = min(n, scan_start + CHUNK_ROWS)
+        parent_end = m if scan_end == n else _lower_bound(parent_paths, scan_paths[scan_end].as_py(), parent_start)
+        yield (scan_start, scan_end), (parent_start, parent_end)
+        scan_start, parent_start = scan_end, parent_end
+
+
+def _lower_bound(paths: pa.ChunkedArray, key: str, lo: int) -> int:
+    """The first row at or after ``lo`` whose path is not below ``key`` (binary search).
+
+    Python compares str by code point, Arrow sorts UTF-8 bytes: the same order.
+    """
+    hi = len(paths)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if paths[mid].as_py() < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _diff_slice(narrow: pa.Table, parent: pa.Table, parent_start_ns: int, rehash: bool) -> dict:
+    """The unchanged rule for one slice: hash, needs_read and parent_hash in scan order."""
+    # Paths are unique, so sorting by the scan's row number lines the
+    # parent's columns up with the scan.
+    narrow = narrow.append_column("_row", pa.array(np.arange(narrow.num_rows, dtype=np.int64)))
     joined = narrow.join(parent, keys="path", join_type="left outer").sort_by("_row")
 
     in_parent = pc.is_valid(joined["p_type"])
@@ -77,37 +177,48 @@ def diff(scan: pa.Table, parent: pa.Table | None, parent_start_ns: int = 0,
     if rehash:
         same = pc.and_(same, pa.scalar(False))
     needs_read = pc.and_(is_file, pc.invert(same))
-
-    hashes = pc.if_else(same, joined["p_hash"], pa.scalar(None, pa.string()))
-    out = scan.append_column("hash", hashes)
-    out = out.append_column("needs_read", needs_read)
-    # Kept so the final report can classify re-read files by content.
-    out = out.append_column("parent_hash", pc.if_else(is_file, joined["p_hash"], pa.scalar(None, pa.string())))
-
-    new = pc.sum(pc.and_(is_file, pc.invert(in_parent))).as_py() or 0
-    unchanged = pc.sum(same).as_py() or 0
-    files = pc.sum(is_file).as_py() or 0
-    parent_files = parent.filter(pc.equal(parent["p_type"], "file"))
-    still_there = pc.is_in(parent_files["path"], value_set=pa.concat_arrays(scan["path"].chunks) if scan["path"].num_chunks else pa.array([], pa.string()))
-    deleted = parent_files.num_rows - (pc.sum(still_there).as_py() or 0)
-    return DiffResult(out, new=new, changed=files - new - unchanged, unchanged=unchanged, deleted=deleted)
+    null = pa.scalar(None, pa.string())
+    return {
+        "hash": _one_chunk(pc.if_else(same, joined["p_hash"], null)),
+        "needs_read": _one_chunk(needs_read),
+        "parent_hash": _one_chunk(pc.if_else(needs_read, joined["p_hash"], null)),
+        "new": pc.sum(pc.and_(is_file, pc.invert(in_parent))).as_py() or 0,
+        "unchanged": pc.sum(same).as_py() or 0,
+        "matched_parent_files": pc.sum(pc.equal(joined["p_type"], "file")).as_py() or 0,
+    }
 
 
-def distrust_unindexed(result: DiffResult, indexed: pa.Array | pa.ChunkedArray) -> DiffResult:
+def _one_chunk(values) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    return values
+
+
+def distrust_unindexed(result: DiffResult, indexed) -> DiffResult:
     """Re-read unchanged files whose parent hash the index does not hold.
 
     A parent snapshot can reference lost data (a pack deleted by hand, the
     old compaction bug); reusing its hash would carry the loss into the new
     snapshot, and the commit guard would then refuse the whole backup. Reading
     such files again stores their data anew, so the backup heals instead.
+
+    ``indexed``: a ``KnownBlobs`` (compact, vectorised lookups) or an Arrow
+    column of the indexed hashes.
     """
     table = result.table
     reused = pc.and_(pc.invert(table["needs_read"]), pc.is_valid(table["hash"]))
-    lost = pc.and_(reused, pc.invert(pc.is_in(table["hash"], value_set=indexed)))
+    if hasattr(indexed, "contains_many"):
+        held = indexed.contains_many(table["hash"])
+    else:
+        held = pc.is_in(table["hash"], value_set=indexed)
+    lost = pc.and_(reused, pc.invert(held))
     count = pc.sum(lost).as_py() or 0
     if not count:
         return result
     table = table.set_column(table.schema.get_field_index("needs_read"), "needs_read", pc.or_(table["needs_read"], lost))
+    # A file that is read again keeps its parent hash (see the module docstring).
+    table = table.set_column(table.schema.get_field_index("parent_hash"), "parent_hash",
+                             pc.if_else(lost, table["hash"], table["parent_hash"]))
     table = table.set_column(table.schema.get_field_index("hash"), "hash",
                              pc.if_else(lost, pa.scalar(None, pa.string()), table["hash"]))
     return DiffResult(table, new=result.new, changed=result.changed + count, unchanged=result.unchanged - count,
@@ -118,7 +229,9 @@ def final_counts(table: pa.Table) -> dict:
     """Classify files by content once every hash is known (after storing).
 
     A re-read file whose hash equals its parent's counts as unchanged, so a
-    full (``--rehash``) backup of an unchanged tree reports no changes.
+    full (``--rehash``) backup of an unchanged tree reports no changes. A file
+    that was not read reused its parent's hash (``parent_hash`` is null there,
+    see the module docstring): unchanged.
     """
     is_file = pc.equal(table["type"], "file")
     has_parent = pc.and_(is_file, pc.is_valid(table["parent_hash"]))
@@ -126,4 +239,8 @@ def final_counts(table: pa.Table) -> dict:
     files = pc.sum(is_file).as_py() or 0
     with_parent = pc.sum(has_parent).as_py() or 0
     unchanged = pc.sum(same).as_py() or 0
+    if "needs_read" in table.column_names:
+        reused = pc.sum(pc.and_(is_file, pc.invert(table["needs_read"]))).as_py() or 0
+        with_parent += reused
+        unchanged += reused
     return {"new": files - with_parent, "changed": with_parent - unchanged, "unchanged": unchanged}
