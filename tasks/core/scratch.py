@@ -45,6 +45,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -126,6 +127,54 @@ def write(folder: str, name: str, table: pa.Table) -> None:
     fs.pipe_file(path, sink.getvalue())
 
 
+class TableWriter:
+    """Write one run-folder file as a stream of tables, one row group each.
+
+    The plan of a backup is written this way while the diff runs, a slice at
+    a time, so the whole diffed scan never exists in memory; ``read_groups``
+    gives it back a row group at a time. Local files are written through as
+    they come; remote ones are collected compressed and sent in one PUT at
+    ``close`` (object stores have no append).
+    """
+
+    def __init__(self, folder: str, name: str):
+        self._fs, self._path = _file(folder, name)
+        self._local = storage.is_local(self._fs)
+        self._sink = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            self._sink = self._fs.open(self._path, "wb") if self._local else io.BytesIO()
+            self._writer = pq.ParquetWriter(self._sink, table.schema,
+                                            compression="none" if self._local else "zstd")
+        self._writer.write_table(table, row_group_size=max(1, table.num_rows))
+
+    def close(self) -> None:
+        if self._writer is None:
+            raise ValueError("nothing was written")
+        self._writer.close()
+        if self._local:
+            self._sink.close()
+        else:
+            self._fs.pipe_file(self._path, self._sink.getvalue())
+        self._writer = self._sink = None
+
+
+def read_groups(folder: str, name: str, columns=None):
+    """The tables of a file written by ``TableWriter``, one row group at a time."""
+    fs, path = _file(folder, name)
+    if storage.is_local(fs):
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for group in range(parquet.num_row_groups):
+                yield parquet.read_row_group(group, columns=columns)
+        return
+    parquet = pq.ParquetFile(pa.BufferReader(fs.cat_file(path)))
+    for group in range(parquet.num_row_groups):
+        yield parquet.read_row_group(group, columns=columns)
+
+
 def read(folder: str, name: str, columns=None) -> pa.Table:
     fs, path = _file(folder, name)
     if storage.is_local(fs):
@@ -192,16 +241,21 @@ def exists(folder: str) -> bool:
 def cut_ranges(sizes, max_files: int, max_bytes: int) -> list[tuple[int, int]]:
     """Consecutive ``[start, end)`` ranges over ``sizes``, each with at most
     ``max_files`` entries and about ``max_bytes`` (a single bigger entry gets a
-    range of its own). Used to cut a work list into batch task runs."""
+    range of its own). Used to cut a work list into batch task runs.
+
+    Vectorised: one cumulative sum, then one binary search per range (a
+    range ends before the first entry that would take it over ``max_bytes``),
+    so a million entries cost no Python object each.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n = len(sizes)
+    ends = np.cumsum(sizes)              # ends[i]: bytes of entries 0..i
     ranges: list[tuple[int, int]] = []
-    start, count, total = 0, 0, 0
-    for i, size in enumerate(sizes):
-        size = int(size)
-        if count and (count >= max_files or total + size > max_bytes):
-            ranges.append((start, i))
-            start, count, total = i, 0, 0
-        count += 1
-        total += size
-    if count:
-        ranges.append((start, len(sizes)))
+    start = 0
+    while start < n:
+        before = int(ends[start - 1]) if start else 0
+        end = int(np.searchsorted(ends, before + max_bytes, side="right"))
+        end = min(max(end, start + 1), start + max_files, n)
+        ranges.append((start, end))
+        start = end
     return ranges
