@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 
 from . import diff as diffmod
 from . import index as indexmod
-from . import manifest, progress, snapshots, storage
+from . import manifest, memory, progress, snapshots, storage
 from . import scratch as scratch_io
 from .columns import share_nulls
 from .errors import SnapshotNotFoundError, UsageError
@@ -172,6 +172,7 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
     scanned = scan(source, excludes=excludes, exclude_paths=exclude_paths, storage_options=source_options,
                    with_xattrs=xattrs)
     scan_table = scanned.table
+    memory.release()                    # the scan's garbage, before the parent is read
     types = scan_table["type"]
     files = pc.sum(pc.equal(types, "file")).as_py() or 0
     dirs = pc.sum(pc.equal(types, "dir")).as_py() or 0
@@ -206,6 +207,7 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
         plan_writer.close()
         del scan_table, parent_table, part, table
         scanned.table = None
+        memory.release()
         # Each batch's own work list: the rows to read and their paths.
         rows = np.concatenate(rows_parts)
         sizes = np.concatenate(size_parts)
@@ -317,13 +319,17 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> C
         # Every batch has ended: this process's copy of the run's set is not needed again.
         indexmod.forget_run(plan["repo_url"], plan["run_id"])
         repo = Repository.open(plan["repo_url"], storage_options, create=False)
+        memory.release()                # what the batches left
         indexmod.merge_run_index(repo, plan["run_id"])
         if repo.version >= 2:
             indexmod.require_chunks_indexed(repo, [plan["run_id"]], what)
+        memory.release()
         # The commit guard's view: the index as a reader sees it now, all files read again.
         indexed = indexed_now(repo)
+        memory.release()
 
     table = _merge_results(scratch, plan, summaries)
+    memory.release()
     counts = diffmod.final_counts(table)
     skipped = list(plan["skipped"]) + [tuple(s) for b in summaries for s in b.skipped]
 

@@ -1,0 +1,285 @@
+"""Bounded memory gives the same answers: the streamed scan, the diff in slices,
+the compact known-blob set (issue 10, part 5).
+
+Each test runs the memory-bounded code with its bounds made tiny, so trees of
+a few hundred entries cross every flush, slice and fold boundary, and
+compares the result with the plain version (one chunk, one join, a Python set).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import threading
+
+import blake3
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from tasks.core import diff as diffmod
+from tasks.core import known_blobs as kb
+from tasks.core import scan as scanmod
+from tasks.core.columns import nulls, share_nulls
+from tasks.core.known_blobs import KnownBlobs
+from tasks.core.manifest import MANIFEST_SCHEMA
+
+from tests.conftest import age_tree, make_tree
+
+
+# -- scan -------------------------------------------------------------------------
+
+def _odd_tree(root):
+    """More entries than the tiny FLUSH_ROWS below, in one big folder with its own
+    ignore file, plus every kind of entry that fills an optional column."""
+    spec = {f"big/f{i:04d}": f"content {i}" for i in range(700)}
+    spec.update({f"d{j}/s{k}/g{k}": "x" * k for j in range(9) for k in range(5)})
+    spec["big/.keepflowignore"] = "f000*\n"          # applies to the folder's first slice and the rest
+    spec["link"] = ("link", "big/f0100")
+    spec["empty"] = None
+    tree = make_tree(root, spec)
+    os.link(tree / "big" / "f0200", tree / "d0" / "hard")
+    os.mkfifo(tree / "d1" / "fifo")
+    (tree / os.fsdecode(b"d2/caf\xe9")).write_text("latin-1 name")
+    os.setxattr(tree / "d3" / "s1" / "g1", "user.note", b"kept")
+    return tree
+
+
+@pytest.mark.parametrize("flush_rows", [7, 64])
+def test_scan_larger_than_flush_rows_is_the_same_sorted_table(tmp_path, monkeypatch, flush_rows):
+    src = _odd_tree(tmp_path / "src")
+    monkeypatch.setattr(scanmod, "FLUSH_ROWS", 10**9)      # one chunk, one listing per folder: the plain scan
+    plain = scanmod.scan(str(src))
+    monkeypatch.setattr(scanmod, "FLUSH_ROWS", flush_rows)
+    streamed = scanmod.scan(str(src))
+
+    assert streamed.table.num_rows > 10 * flush_rows
+    assert streamed.table.column_names == scanmod.SCAN_COLUMNS
+    assert streamed.table.schema.equals(plain.table.schema)
+    assert streamed.table.equals(plain.table)
+    assert streamed.skipped == plain.skipped
+    paths = streamed.table["path"].to_pylist()
+    assert paths == sorted(paths) and len(set(paths)) == len(paths)
+    # The columns hold what lstat says (not just what the plain scan says).
+    rows = {r["path"]: r for r in streamed.table.to_pylist()}
+    assert not any(p.startswith("big/f000") for p in rows)                    # the big folder's ignore file
+    assert rows["big/f0123"]["size"] == os.lstat(src / "big" / "f0123").st_size
+    assert rows["big/f0123"]["inode"] == os.lstat(src / "big" / "f0123").st_ino
+    assert rows["link"]["type"] == "symlink" and rows["link"]["link_target"] == "big/f0100"
+    assert rows["d0/hard"]["hardlink_to"] == "big/f0200" and rows["big/f0200"]["hardlink_to"] is None
+    assert rows["d1/fifo"]["type"] == "fifo"
+    assert rows["d2/caf\\xe9"]["path_bytes"] == b"d2/caf\xe9"
+    assert rows["d3/s1/g1"]["xattrs"] == [{"name": "user.note", "value": b"kept"}]
+    assert stat.S_ISDIR(rows["empty"]["mode"])
+
+
+def test_a_shown_name_that_clashes_is_reported_in_a_streamed_scan(tmp_path, monkeypatch):
+    spec = {f"f{i:03d}": "x" for i in range(50)}
+    spec["caf\\xe9"] = "literal backslash"          # the shown form of the raw name below
+    src = make_tree(tmp_path / "src", spec)
+    (src / os.fsdecode(b"caf\xe9")).write_text("raw byte")
+    monkeypatch.setattr(scanmod, "FLUSH_ROWS", 8)
+    result = scanmod.scan(str(src))
+    paths = result.table["path"].to_pylist()
+    assert paths.count("caf\\xe9") == 1 and result.table.num_rows == 51
+    assert [p for p, _ in result.skipped] == ["caf\\xe9"]
+
+
+def test_all_null_columns_are_shared_not_allocated():
+    column = nulls(pa.decimal128(38, 0), 1_000_000)
+    assert len(column) == column.null_count == 1_000_000
+    # 16 chunks of one 64Ki-row array: its buffers are counted once per chunk by
+    # nbytes, yet exist once.
+    assert len({c.buffers()[1].address for c in column.chunks}) == 1
+    table = pa.table({"a": pa.nulls(10, pa.int64()), "b": list(range(10))})
+    shared = share_nulls(table)
+    assert shared.equals(table) and shared["b"].chunk(0).buffers()[1].address == table["b"].chunk(0).buffers()[1].address
+
+
+# -- diff ---------------------------------------------------------------------------
+
+def _parent_of(table: pa.Table, hashes: dict[str, str]) -> pa.Table:
+    files = table.filter(pc.equal(table["type"], "file"))
+    return table.select(diffmod.PARENT_COLUMNS[:-1]).append_column(
+        "hash", pa.array([hashes.get(p) if t == "file" else None
+                          for p, t in zip(table["path"].to_pylist(), table["type"].to_pylist())], pa.string())
+    ) if files.num_rows else table
+
+
+def test_diff_in_slices_equals_one_join(tmp_path, monkeypatch):
+    src = _odd_tree(tmp_path / "src")
+    age_tree(src)
+    first = scanmod.scan(str(src))
+    rng = random.Random(5)
+    paths = first.table["path"].to_pylist()
+    parent = _parent_of(first.table, {p: f"{rng.getrandbits(256):064x}" for p in paths})
+    # The parent also holds files the scan no longer has, and lacks some it has.
+    gone = pa.table({c: pa.array([v] * 3, parent.schema.field(c).type) for c, v in
+                     [("path", "a-gone"), ("type", "file"), ("size", 1), ("mtime_ns", 1), ("ctime_ns", 1),
+                      ("inode", 1), ("hash", "0" * 64)]})
+    gone = gone.set_column(0, "path", pa.array(["a-gone", "big/f0500x", "zz-gone"]))
+    keep = pa.array([rng.random() < 0.9 for _ in range(parent.num_rows)])
+    parent = pa.concat_tables([parent.filter(keep), gone]).sort_by("path")
+    # Some files changed since: their size differs.
+    for path in ("big/f0300", "d5/s3/g3"):
+        with open(src / path, "ab") as f:
+            f.write(b"more")
+    scanned = scanmod.scan(str(src)).table
+
+    def run(chunk_rows, parent_table):
+        monkeypatch.setattr(diffmod, "CHUNK_ROWS", chunk_rows)
+        return diffmod.diff(scanned, parent_table, first.start_ns)
+
+    whole = run(10**9, parent)
+    for chunk_rows, parent_table in ((16, parent), (100, parent), (16, parent.take(np.random.default_rng(1).permutation(parent.num_rows)))):
+        sliced = run(chunk_rows, parent_table)
+        assert (sliced.new, sliced.changed, sliced.unchanged, sliced.deleted) == \
+            (whole.new, whole.changed, whole.unchanged, whole.deleted)
+        assert sliced.table.equals(whole.table)
+    assert whole.deleted == 3 and whole.changed >= 2 and whole.new > 0 and whole.unchanged > 0
+    # parent_hash is kept for files that are read again only; final counts are unchanged by that.
+    reread = pc.and_(whole.table["needs_read"], pc.is_valid(whole.table["parent_hash"]))
+    assert pc.sum(reread).as_py() == whole.changed
+    stored = whole.table.set_column(whole.table.schema.get_field_index("hash"), "hash",
+                                    pc.if_else(whole.table["needs_read"], pa.scalar("f" * 64), whole.table["hash"]))
+    assert diffmod.final_counts(stored) == {"new": whole.new, "changed": whole.changed, "unchanged": whole.unchanged}
+
+
+def test_distrust_unindexed_with_a_known_blob_set_equals_the_arrow_lookup(tmp_path):
+    src = make_tree(tmp_path / "src", {f"f{i:03d}": f"c{i}" for i in range(200)})
+    age_tree(src)
+    first = scanmod.scan(str(src))
+    hashes = {r["path"]: blake3.blake3(r["path"].encode()).hexdigest() for r in first.table.to_pylist()}
+    result = diffmod.diff(scanmod.scan(str(src)).table, _parent_of(first.table, hashes), first.start_ns)
+    indexed = [h for i, h in enumerate(sorted(hashes.values())) if i % 3]
+    plain = diffmod.distrust_unindexed(result, pa.array(indexed, pa.string()))
+    compact = diffmod.distrust_unindexed(result, KnownBlobs(pa.array(indexed, pa.string())))
+    assert plain.table.equals(compact.table)
+    assert (compact.changed, compact.unchanged) == (plain.changed, plain.unchanged) and compact.changed > 60
+    # A file that is read again keeps its parent hash, so it can still count as unchanged.
+    lost = pc.and_(compact.table["needs_read"], pc.is_valid(compact.table["parent_hash"]))
+    assert pc.sum(lost).as_py() == compact.changed
+
+
+# -- known blobs ----------------------------------------------------------------------
+
+class _PlainKnownBlobs:
+    """The set of Python strings KnownBlobs used to be, as the reference."""
+
+    def __init__(self, hashes=()):
+        self._stored = set(hashes)
+        self._claims: dict[str, int] = {}
+
+    def __len__(self):
+        return len(self._stored)
+
+    def contains(self, h):
+        return h in self._stored
+
+    def contains_or_claim(self, h, packer):
+        if h in self._stored or h in self._claims:
+            return True
+        self._claims[h] = id(packer)
+        packer.claimed.add(h)
+        return False
+
+    def add(self, hashes):
+        self._stored.update(hashes)
+
+    def settle(self, packer, stored):
+        for h in packer.claimed:
+            if self._claims.get(h) == id(packer):
+                del self._claims[h]
+        if stored:
+            self._stored.update(packer.claimed)
+        packer.claimed = set()
+
+
+class _Packer:
+    def __init__(self):
+        self.claimed: set[str] = set()
+
+
+def _ids(rng, n):
+    return [f"{rng.getrandbits(256):064x}" for _ in range(n)]
+
+
+def test_known_blobs_answer_exactly_like_a_set_of_strings(monkeypatch):
+    monkeypatch.setattr(kb, "FOLD_MIN", 16)              # fold the run's additions often
+    rng = random.Random(11)
+    indexed = _ids(rng, 3000) + ["not-an-id", "AB" * 32, "ab" * 31]   # tests and old repositories hold odd ids too
+    indexed += indexed[:40]                                         # every location of a duplicated blob
+    fresh = _ids(rng, 2000)
+    odd_fresh = ["x", "CD" * 32, "ab" * 32 + "0"]
+    compact = KnownBlobs(pa.chunked_array([pa.array(indexed[:1500]), pa.array(indexed[1500:])]))
+    plain = _PlainKnownBlobs(indexed)
+    assert len(compact) == len(plain)
+    pool = indexed + fresh + odd_fresh + [h.upper() for h in fresh[:20]]
+    packers = [(_Packer(), _Packer()) for _ in range(30)]
+    for step, (mine, reference) in enumerate(packers):
+        batch = rng.sample(pool, 200)
+        for h in batch:
+            assert compact.contains(h) == plain.contains(h), h
+            assert compact.contains_or_claim(h, mine) == plain.contains_or_claim(h, reference), h
+        assert mine.claimed == reference.claimed
+        if step % 3 == 1:                                # another batch meets the same contents meanwhile
+            other, other_ref = _Packer(), _Packer()
+            for h in batch[:50]:
+                assert compact.contains_or_claim(h, other) == plain.contains_or_claim(h, other_ref)
+            compact.settle(other, stored=False)
+            plain.settle(other_ref, stored=False)
+        stored = step % 4 != 3                           # every fourth batch fails: its claims are released
+        if stored:
+            extra = rng.sample(fresh, 30)                 # hashes the batch added itself (large files)
+            compact.add(extra)
+            plain.add(extra)
+        compact.settle(mine, stored=stored)
+        plain.settle(reference, stored=stored)
+        assert mine.claimed == set() and len(compact) == len(plain)
+    assert len(compact._sorted) > 3000                   # the run's additions were folded in
+    for h in pool:
+        assert compact.contains(h) == plain.contains(h), h
+    # A released claim can be taken again by a retry.
+    retry, retry_ref = _Packer(), _Packer()
+    assert [compact.contains_or_claim(h, retry) for h in fresh] == [plain.contains_or_claim(h, retry_ref) for h in fresh]
+    # Vectorised lookups agree with one-by-one ones, nulls and odd strings included.
+    column = pa.array(pool + [None], pa.string())
+    assert compact.contains_many(column).to_pylist() == [compact.contains(h) for h in pool] + [False]
+
+
+def test_known_blobs_lookups_during_a_fold_never_miss(monkeypatch):
+    monkeypatch.setattr(kb, "FOLD_MIN", 64)
+    rng = random.Random(2)
+    known = KnownBlobs(_ids(rng, 5000))
+    added = _ids(rng, 4000)
+    done, misses = threading.Event(), []
+
+    def reader():
+        while not done.is_set():
+            for h in list(seen):
+                if not known.contains(h):
+                    misses.append(h)
+
+    seen: list[str] = []
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(0, len(added), 50):
+            known.add(added[i:i + 50])
+            seen.extend(added[i:i + 50])
+    finally:
+        done.set()
+        thread.join()
+    assert not misses and len(known) == 9000 and all(known.contains(h) for h in added)
+
+
+def test_known_blobs_hold_32_bytes_per_indexed_id():
+    rng = random.Random(3)
+    ids = _ids(rng, 100_000)
+    known = KnownBlobs(pa.array(ids))
+    part = known._sorted
+    assert len(part.raw) == 32 * len(ids) and len(known) == len(ids)
+    assert len(part.directory) * part.directory.itemsize <= 4 * len(ids)
+    assert np.all(part.digests[1:] > part.digests[:-1])
