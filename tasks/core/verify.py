@@ -263,17 +263,22 @@ def choose_keys(keys: list[str], percent: float, seed: int | None) -> list[str]:
 
 
 def attribute(repo_url: str, problems: list[dict], storage_options=None) -> None:
-    """Fill in the snapshots and paths that corrupt blobs affect."""
+    """Fill in the snapshots and paths that corrupt blobs affect (format 2: a chunk's are those of
+    the files whose chunk lists name it)."""
     blobs = {p["hash"] for p in problems if p["kind"] == "corrupt blob" and p["hash"]}
     by_key = {p["key"] for p in problems if p["kind"] in ("missing key", "short key", "wrong name", "unreadable key")}
     if not blobs and not by_key:
         return
     repo = Repository.open(repo_url, storage_options)
-    if by_key:
+    if by_key or repo.version >= 2:
         idx = indexmod.load_index(repo)
+    if by_key:
         for key, blob in zip(idx["key"].to_pylist(), idx["hash"].to_pylist()):
             if key in by_key:
                 blobs.add(blob)
+    # Format 2: a damaged chunk is in no manifest; the files it harms are those whose lists name it.
+    lists_of = _lists_naming(repo, idx, blobs) if repo.version >= 2 else {}
+    blobs.update(list_id for ids in lists_of.values() for list_id in ids)
     affected: dict[str, tuple[set, list]] = {}
     value_set = pa.array(sorted(blobs), pa.string())
     for info in snapshots.list_snapshots(repo, damaged=[]):   # damaged ones are findings already
@@ -291,10 +296,25 @@ def attribute(repo_url: str, problems: list[dict], storage_options=None) -> None
                 key_blobs.setdefault(key, set()).add(blob)
     for p in problems:
         related = {p["hash"]} if p["hash"] else key_blobs.get(p["key"], set())
+        related = related.union(*(lists_of.get(b, ()) for b in related))
         for blob in related:
             snaps, paths = affected.get(blob, (set(), []))
             p["snapshots"] = sorted(set(p["snapshots"]) | snaps)
             p["paths"] = (p["paths"] + [x for x in paths if x not in p["paths"]])[:MAX_PATHS_PER_PROBLEM]
+
+
+def _lists_naming(repo, idx: pa.Table, chunk_ids: set) -> dict[str, set]:
+    """Format 2: chunk id -> the ids of the list blobs (chunked files' content ids) naming it, for
+    the ``chunk_ids`` some list names. Lists that cannot be read are findings of check_structure."""
+    from .chunk_lists import read_lists
+
+    lists = idx.filter(pc.equal(idx["type"], 1)) if chunk_ids else idx.slice(0, 0)
+    found: dict[str, set] = {}
+    for list_id, chunks in zip(lists["hash"].to_pylist(), read_lists(repo, lists)):
+        for chunk_id, _ in chunks or ():
+            if chunk_id in chunk_ids:
+                found.setdefault(chunk_id, set()).add(list_id)
+    return found
 
 
 def verify(repo_url: str, read_data: float = 0.0, storage_options=None, seed: int | None = None) -> VerifyResult:
