@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow as pa
 import pytest
 
 from tasks.core import backup as core_backup
+from tasks.core import chunk_lists, pack
 from tasks.core import index as core_index
 from tasks.core import manifest as core_manifest
 from tasks.core import snapshots as core_snapshots
 from tasks.core.errors import EXIT_FAILED, EXIT_NO_REPO, EXIT_USAGE, BadPatternError, SourceNotFoundError
-from tasks.core.repository import Repository
+from tasks.core.repository import RepoConfig, Repository
 
 from tests.conftest import age_tree, make_tree, run_cli
 
@@ -335,24 +338,42 @@ def _flip_byte(path: Path, offset: int) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-def test_corrupted_blobs_are_not_restored_under_their_names(cli, tmp_path):
-    big = bytes(range(256)) * (5 * 4096)  # 5 MiB: stored whole under objects/
+def _a_data_blob_of(repo: Repository, row: dict, where: dict) -> dict:
+    """The index row of a data blob holding part of the file whose content id's row is ``row``: that
+    blob itself, or (format 2, a chunked file: a list blob) its middle chunk."""
+    if row.get("type", pack.KIND_DATA) == pack.KIND_DATA:
+        return row
+    [chunks] = chunk_lists.read_lists(repo, pa.Table.from_pylist([row]))
+    assert chunks and len(chunks) >= 2, chunks
+    return where[chunks[len(chunks) // 2][0]]
+
+
+@pytest.mark.damages_repository
+@pytest.mark.parametrize("version", [2, 1], ids=["format2", "format1"])
+def test_corrupted_blobs_are_not_restored_under_their_names(cli, tmp_path, version):
+    # 5 MiB: stored whole under objects/ in format 1, content-defined chunks in packs in format 2.
+    big = random.Random(9).randbytes(5 << 20)
     src = make_tree(tmp_path / "src", {"bad.txt": "this content gets corrupted\n", "good.txt": "fine\n",
                                        "sub/also-good.txt": "also fine\n", "sub/big.bin": big,
                                        "big-ok.bin": big[::-1]})
     age_tree(src)
     repo = tmp_path / "repo"
+    Repository.init(str(repo), config=RepoConfig() if version == 1 else None)
     core_snapshot(src, repo)
 
     # Find where bad.txt's and big.bin's blobs live, through the repository's own index.
     r = Repository.open(str(repo))
+    assert r.version == version
     info = core_snapshots.resolve(r, "latest")
     hashes = dict(zip(*core_manifest.read_manifest(r, info, columns=["path", "hash"]).to_pydict().values()))
     where = {row["hash"]: row for row in core_index.load_index(r).to_pylist()}
-    small, large = where[hashes["bad.txt"]], where[hashes["sub/big.bin"]]
-    assert small["key"].startswith("packs/") and large["key"].startswith("objects/")
+    small, large = where[hashes["bad.txt"]], _a_data_blob_of(r, where[hashes["sub/big.bin"]], where)
+    assert small["key"].startswith("packs/")
+    assert large["key"].startswith("objects/" if version == 1 else "packs/")
+    if version == 2:                                       # a chunked file: a chunk of it is damaged
+        assert where[hashes["sub/big.bin"]]["type"] == pack.KIND_LIST and large["type"] == pack.KIND_DATA
     _flip_byte(repo / small["key"], small["offset"] + 3)
-    _flip_byte(repo / large["key"], large["length"] // 2)
+    _flip_byte(repo / large["key"], large["offset"] + large["length"] // 2)
 
     target = tmp_path / "target"
     proc = cli("restore", repo, target)

@@ -10,15 +10,31 @@ import pytest
 from tasks.core import storage
 from tasks.core.errors import (NotARepositoryError, RepositoryExistsError, RepositoryNotFoundError,
                                RepositoryVersionError, UsageError)
-from tasks.core.repository import CONFIG_NAME, FORMAT_VERSION, Repository
+from tasks.core.repository import CONFIG_NAME, DEFAULT_FORMAT, FORMAT_VERSION, RepoConfig, Repository
 
 
 def test_init_then_open_reads_same_config(repo_url):
+    """The default (format 2, encrypted): plain id/version/encryption, the rest sealed and opened."""
     created = Repository.init(repo_url)
     opened = Repository.open(repo_url)
     assert opened.config.id == created.config.id
-    assert opened.config.version == FORMAT_VERSION
+    assert opened.config.version == FORMAT_VERSION == DEFAULT_FORMAT
+    assert opened.config.encryption == "aes-256-gcm" and opened.config.sealed is None   # unlocked, opened
+    assert opened.config.ids == "blake3-256-keyed" and opened.config.hash == ""
+    assert opened.config.sealed_fields() == created.config.sealed_fields()
+    assert opened.config.pack_size >= 16 * 1024 * 1024
+    raw = json.loads(opened.fs.cat_file(opened.path(CONFIG_NAME)))
+    assert raw["version"] == 2 and raw["id"] == created.config.id
+    assert isinstance(raw["config"], str) and "pack_size" not in raw             # encrypted, not in the clear
+
+
+def test_init_format_1_then_open_reads_same_config(repo_url):
+    created = Repository.init(repo_url, config=RepoConfig())
+    opened = Repository.open(repo_url)
+    assert opened.config.id == created.config.id
+    assert opened.config.version == 1
     assert opened.config.hash == "blake3-256"
+    assert opened.keys is None and not opened.encrypted
     raw = json.loads(opened.fs.cat_file(opened.path(CONFIG_NAME)))
     assert raw["pack_size"] >= 16 * 1024 * 1024
 

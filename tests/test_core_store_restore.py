@@ -6,12 +6,14 @@ import os
 
 import blake3
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from tasks.core import index as indexmod
-from tasks.core import manifest, snapshots, treeinfo
-from tasks.core.repository import Repository
+from tasks.core import chunk_lists, manifest, pack, snapshots, treeinfo
+from tasks.core.repository import Repository, RepoConfig
 from tasks.core.pack import PACK_MAGIC
 
 from tests import core_helpers
@@ -20,34 +22,80 @@ from tests.conftest import age_tree, make_tree
 MiB = 1024 * 1024
 
 
-def test_roundtrip_small_and_large(tmp_path, repo_url):
+@pytest.fixture(params=[2, 1], ids=["format2", "format1"])
+def repo_format(request):
+    """Both repository formats: 2 (the default, encrypted) and 1 (plaintext)."""
+    return request.param
+
+
+def init_repository(url: str, version: int) -> Repository:
+    """A new repository of format ``version`` (format 1 only when asked for explicitly)."""
+    return Repository.init(url, config=RepoConfig() if version == 1 else None)
+
+
+def _manifest_hashes(repo, info) -> dict[str, str]:
+    table = manifest.read_manifest(repo, info, columns=["path", "hash"])
+    return dict(zip(table["path"].to_pylist(), table["hash"].to_pylist()))
+
+
+def test_roundtrip_small_and_large(tmp_path, repo_url, repo_format):
     src = make_tree(tmp_path / "src", {"a.txt": "alpha", "dir/b.bin": os.urandom(5000), "empty.txt": "",
                                        "big.bin": os.urandom(2 * MiB + 7), "nothing": None,
                                        "ln": ("link", "a.txt")})
+    init_repository(repo_url, repo_format)
     committed, plan, _ = core_helpers.backup(src, repo_url)
     assert committed.info.files == 4 and committed.info.new == 4
     repo = Repository.open(repo_url)
-    keys = [f["name"] for f in repo.fs.find(repo.path("objects"), detail=True).values()]
-    assert len(keys) == 1 and keys[0].endswith(blake3.blake3((src / "big.bin").read_bytes()).hexdigest())
+    assert repo.version == repo_format
+    big = (src / "big.bin").read_bytes()
+    if repo_format == 1:
+        # Format 1: the one large file is stored whole in objects/, named by its plain BLAKE3.
+        keys = [f["name"] for f in repo.fs.find(repo.path("objects"), detail=True).values()]
+        assert len(keys) == 1 and keys[0].endswith(blake3.blake3(big).hexdigest())
+    else:
+        # Format 2: no objects/; the large file is a list blob whose chunks (data blobs in packs) cover it.
+        assert not repo.fs.exists(repo.path("objects"))
+        hashes = _manifest_hashes(repo, committed.info)
+        idx = indexmod.load_index(repo)
+        rows = {r["hash"]: r for r in idx.to_pylist()}
+        assert hashes["a.txt"] == repo.blob_id(b"alpha") and rows[hashes["a.txt"]]["type"] == pack.KIND_DATA
+        list_row = rows[hashes["big.bin"]]
+        assert list_row["type"] == pack.KIND_LIST and list_row["key"].startswith("packs/")
+        [chunks] = chunk_lists.read_lists(repo, idx.filter(pc.equal(idx["hash"], hashes["big.bin"])))
+        assert len(chunks) >= 2 and sum(n for _, n in chunks) == len(big)
+        assert all(rows[c]["type"] == pack.KIND_DATA and rows[c]["raw_length"] == n for c, n in chunks)
+        assert blake3.blake3(big).hexdigest() not in rows            # ids are keyed, not plain BLAKE3
     _, results, errors = core_helpers.restore(repo_url, tmp_path / "out")
     assert errors == []
     assert treeinfo.describe(str(src)) == treeinfo.describe(str(tmp_path / "out"))
 
 
-def test_small_files_share_packs_and_index_points_into_them(tmp_path, repo_url):
+def test_small_files_share_packs_and_index_points_into_them(tmp_path, repo_url, repo_format):
     spec = {f"d{i % 7}/f{i}": os.urandom(100 + i) for i in range(300)}
     src = make_tree(tmp_path / "src", spec)
+    init_repository(repo_url, repo_format)
     _, _, summaries = core_helpers.backup(src, repo_url)
     repo = Repository.open(repo_url)
     assert sum(s.packs_written for s in summaries) == 1
     idx = indexmod.load_index(repo)
     assert idx.num_rows == 300
-    row = next(r for r in idx.to_pylist() if r["hash"] == blake3.blake3(spec["d0/f0"]).hexdigest())
+    assert len(set(idx["key"].to_pylist())) == 1                         # all in the one pack
+    row = next(r for r in idx.to_pylist() if r["hash"] == repo.blob_id(spec["d0/f0"]))
     data = repo.fs.cat_file(repo.path(row["key"]), start=row["offset"], end=row["offset"] + row["length"])
-    assert data == spec["d0/f0"]
-    pack = repo.fs.cat_file(repo.path(row["key"]))
-    assert pack.endswith(PACK_MAGIC)
-    assert blake3.blake3(pack).hexdigest() == row["key"].rsplit("/", 1)[-1]  # pack named by content
+    packed = repo.fs.cat_file(repo.path(row["key"]))
+    if repo_format == 1:
+        assert row["hash"] == blake3.blake3(spec["d0/f0"]).hexdigest()
+        assert data == spec["d0/f0"]                                     # plaintext at the indexed range
+        assert packed.endswith(PACK_MAGIC)
+    else:
+        assert spec["d0/f0"] not in packed                               # encrypted
+        salt, entries = pack.header2_from_bytes(repo.keys, packed, row["key"])
+        assert len(entries) == 300 and salt == row["salt"]
+        entry = next(e for e in entries if e.id == row["hash"])
+        assert (entry.offset, entry.length, entry.seq) == (row["offset"], row["length"], row["seq"])
+        assert pack.open_blob2(repo.keys, row["salt"], entry, data) == spec["d0/f0"]
+        assert packed.endswith(pack.PACK2_MAGIC)
+    assert blake3.blake3(packed).hexdigest() == row["key"].rsplit("/", 1)[-1]  # pack named by content
 
 
 def test_duplicates_are_stored_once(tmp_path, repo_url):
@@ -101,13 +149,15 @@ def test_restore_includes_only_matching(tmp_path, repo_url):
     assert got == ["docs/a.md", "docs/sub/b.md"]
 
 
-def test_corrupt_blob_is_reported_and_never_written(tmp_path):
+@pytest.mark.damages_repository
+def test_corrupt_blob_is_reported_and_never_written(tmp_path, repo_format):
     repo_url = str(tmp_path / "repo")
     src = make_tree(tmp_path / "src", {"good": "good content", "bad": "bad content!"})
+    init_repository(repo_url, repo_format)
     core_helpers.backup(src, repo_url)
     repo = Repository.open(repo_url)
     idx = indexmod.load_index(repo).to_pylist()
-    bad_hash = blake3.blake3(b"bad content!").hexdigest()
+    bad_hash = repo.blob_id(b"bad content!")
     row = next(r for r in idx if r["hash"] == bad_hash)
     path = repo.path(row["key"])
     data = bytearray(open(path, "rb").read())
@@ -176,13 +226,36 @@ def test_interrupted_run_leaves_no_snapshot_and_next_run_reuses_blobs(tmp_path):
 
 
 def test_manifest_is_plain_parquet_with_snapshot_metadata(tmp_path):
+    """Format 1: the manifest is a plain Parquet file carrying the snapshot's facts as metadata."""
     repo_url = str(tmp_path / "repo")
+    init_repository(repo_url, 1)
     src = make_tree(tmp_path / "src", {"a": "1"})
     committed, _, _ = core_helpers.backup(src, repo_url, tags=["nightly"])
+    assert committed.info.key == manifest.manifest_name(committed.info)
     path = tmp_path / "repo" / "snapshots" / committed.info.key
     table = pq.read_table(path)
     assert table.column_names == [f.name for f in manifest.MANIFEST_SCHEMA]
     info = manifest.SnapshotInfo.from_json(pq.read_schema(path).metadata[manifest.META_KEY])
+    assert info.tags == ["nightly"] and info.id == committed.info.id
+
+
+def test_format2_manifest_is_encrypted_and_read_back_with_its_facts(tmp_path):
+    """Format 2: the manifest is no plain Parquet, is named by the BLAKE3 of its bytes, and
+    read_manifest / read_info give back the same columns and facts."""
+    repo_url = str(tmp_path / "repo")
+    src = make_tree(tmp_path / "src", {"a": "1"})
+    committed, _, _ = core_helpers.backup(src, repo_url, tags=["nightly"])
+    path = tmp_path / "repo" / "snapshots" / committed.info.key
+    data = path.read_bytes()
+    assert b"PAR1" not in data and b"nightly" not in data
+    with pytest.raises(pa.ArrowInvalid):
+        pq.read_table(path)
+    assert committed.info.key.rsplit("-", 1)[-1] == blake3.blake3(data).hexdigest()
+    repo = Repository.open(repo_url)
+    table = manifest.read_manifest(repo, committed.info)
+    assert table.column_names == [f.name for f in manifest.MANIFEST_SCHEMA]
+    assert table["path"].to_pylist() == ["a"] and table["hash"].to_pylist() == [repo.blob_id(b"1")]
+    info = manifest.read_info(repo, committed.info.key)
     assert info.tags == ["nightly"] and info.id == committed.info.id
 
 

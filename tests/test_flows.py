@@ -94,11 +94,13 @@ def test_failed_source_fails_the_flow_with_our_error(tmp_path, flows):
         state.result()
 
 
+@pytest.mark.damages_repository
 def test_restore_with_corrupt_data_ends_failed_with_summary(tmp_path, flows):
     backup, restore = flows
     src = make_tree(tmp_path / "src", {"only": "precious bytes"})
     backup(str(src), str(tmp_path / "repo"))
     packs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "repo" / "packs") for f in fs]
+    assert len(packs) == 1               # its one blob starts at byte 0 (format 2: its ciphertext)
     data = bytearray(open(packs[0], "rb").read())
     data[0] ^= 0xFF
     open(packs[0], "wb").write(bytes(data))
