@@ -9,12 +9,21 @@ and the next one that needs Python memory add up. On 1M files the scan
 left 340 MiB resident for an 82 MiB table; ``release`` brought it to 216 MiB.
 One call costs 0.5 ms (mimalloc) plus 1-12 ms (``malloc_trim``), so it runs
 between phases, never per file or per batch.
+
+Arrow's pool is jemalloc here (``use_lean_pool``, run on import) unless
+``ARROW_DEFAULT_MEMORY_POOL`` says otherwise: measured on 200,000 files,
+the core of a first backup peaked at 312 MiB with jemalloc against 354-389
+MiB with mimalloc, for the same CPU time (10.6 s user both), and the
+command with Prefect at 363 against 437 MiB. glibc's malloc with a fixed
+mmap threshold was lower still (233-246 MiB on a no-change backup, against
+304) but cost a third more CPU time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 import pyarrow as pa
 
@@ -37,3 +46,17 @@ def release() -> None:
             _libc.malloc_trim(0)
     except Exception:
         pass
+
+
+def use_lean_pool() -> None:
+    """Make jemalloc Arrow's default pool, unless the environment chose one or
+    this pyarrow lacks it (never raises)."""
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except Exception:   # built without jemalloc (some platforms): keep the default
+        pass
+
+
+use_lean_pool()
