@@ -30,7 +30,17 @@ its own for the batch phase (``batches``). Either way the same checks apply:
   another host (a local scheduler may have local workers; an explicit local
   ``--work-dir`` is taken to be a mount every worker shares);
 * at the end of a run every worker drops the run's known-blob set
-  (``index.forget_run``), on success and failure alike.
+  (``index.forget_run``), on success and failure alike;
+* an encrypted repository needs the password in every worker (each unlocks
+  it once, tasks/core/keyring.py). Workers inherit this process's
+  environment (``KEEPFLOW_PASSWORD``...), but not a password set in it: the
+  CLI's ``--password-file``, a flow's ``password="secret/NAME"``, an answer
+  at the prompt or a ``KEEPFLOW_PASSWORD_COMMAND`` already run. The workers
+  of a ``--workers`` cluster, started by us, get that one with a worker
+  plugin before the first batch (over the loopback connection to a scheduler
+  in this process; workers the nanny restarts get it too). A ``--dask``
+  cluster's workers never do: the password is not sent over the network, so
+  they need it in their own environment (README, "Scaling out").
 """
 
 from __future__ import annotations
@@ -180,6 +190,8 @@ class Batches:
         self.wait_ready()
         if self._warm_error is not None:
             raise self._warm_error
+        if not self.submitted and self._dask is not None:
+            _share_password(self._dask.client)    # the plan has opened the repository: it is known by now
         self.submitted += 1
         if self._runner is None:
             return task.submit(**parameters)
@@ -205,6 +217,41 @@ class Batches:
             self._dask.client.run(index.forget_run, repo_url, run_id, on_error="ignore")
         except Exception:           # a worker that is gone took its cache with it
             pass
+
+
+PASSWORD_PLUGIN = "keepflow-password"
+
+
+def _share_password(client) -> None:
+    """Hand the password set in this process to the workers of a local cluster we started (module docstring)."""
+    import distributed
+
+    from tasks.core import passwords
+
+    password = passwords.password_in_process()
+    if password is None or not isinstance(client.cluster, distributed.LocalCluster):
+        return                      # workers find it in the environment they inherited, or in their own
+    client.register_plugin(_password_plugin(password), name=PASSWORD_PLUGIN)
+
+
+def _password_plugin(password: str):
+    from distributed import WorkerPlugin
+
+    class KeepflowPassword(WorkerPlugin):
+        """Sets the run's password in a worker (passwords.use_password); its repr never shows it."""
+
+        def __init__(self, value: str):
+            self._value = value
+
+        def setup(self, worker) -> None:
+            from tasks.core import passwords
+
+            passwords.use_password(self._value)
+
+        def __repr__(self) -> str:
+            return "KeepflowPassword()"
+
+    return KeepflowPassword(password)
 
 
 @contextlib.contextmanager

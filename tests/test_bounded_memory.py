@@ -283,3 +283,47 @@ def test_known_blobs_hold_32_bytes_per_indexed_id():
     assert len(part.raw) == 32 * len(ids) and len(known) == len(ids)
     assert len(part.directory) * part.directory.itemsize <= 4 * len(ids)
     assert np.all(part.digests[1:] > part.digests[:-1])
+
+
+# -- work lists -------------------------------------------------------------------------
+
+def _cut_ranges_loop(sizes, max_files, max_bytes):
+    """The per-entry loop cut_ranges used to be."""
+    ranges, start, count, total = [], 0, 0, 0
+    for i, size in enumerate(sizes):
+        if count and (count >= max_files or total + size > max_bytes):
+            ranges.append((start, i))
+            start, count, total = i, 0, 0
+        count += 1
+        total += size
+    if count:
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
+def test_vectorised_cut_ranges_equals_the_loop():
+    from tasks.core.scratch import cut_ranges
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        sizes = [rng.choice([0, 1, 5, 100, 1000, rng.randrange(3000)]) for _ in range(rng.randrange(60))]
+        max_files, max_bytes = rng.randrange(1, 10), rng.randrange(1, 2500)
+        assert cut_ranges(np.array(sizes, dtype=np.int64), max_files, max_bytes) == \
+            _cut_ranges_loop(sizes, max_files, max_bytes)
+
+
+def test_the_plan_is_written_and_read_back_a_row_group_at_a_time(tmp_path):
+    from tasks.core import scratch
+
+    folder = scratch.create("backup", "20261202T000000Z-0123abcd", str(tmp_path))
+    writer = scratch.TableWriter(folder, "plan")
+    parts = [pa.table({"row": pa.array(range(a, a + n), pa.int64()), "path": [f"p{i}" for i in range(a, a + n)]})
+             for a, n in ((0, 5), (5, 1), (6, 30))]
+    for part in parts:
+        writer.write(part)
+    writer.close()
+    groups = list(scratch.read_groups(folder, "plan"))
+    assert [g.num_rows for g in groups] == [5, 1, 30]
+    assert pa.concat_tables(groups).equals(pa.concat_tables(parts))
+    assert scratch.read(folder, "plan").equals(pa.concat_tables(parts))
+    scratch.remove(folder)

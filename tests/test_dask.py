@@ -19,7 +19,9 @@ folder is left and no worker holds the run's known-blob set; a worker killed
 with SIGKILL while it runs a batch, once the first batches have completed, is
 survived (the scheduler gives its work to the other worker) with a consistent
 repository. And ``keepflow ... --workers 2`` (a local process cluster) on a
-local tree. Usage errors for impossible set-ups are one line, exit 2.
+local tree, also with the password in no environment (``--password-file``, a
+Secret block): the workers are handed it. Usage errors for impossible set-ups
+are one line, exit 2.
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ def small_batches(monkeypatch):
 def _files(n: int) -> dict[str, bytes]:
     files = {f"d{i % 12:02d}/f{i:04d}.txt": (f"file {i} " * (i % 37 + 1)).encode() for i in range(n)}
     files.update({f"same/copy{i}.txt": b"the same content in several files\n" for i in range(5)})
-    files["big/large.bin"] = os.urandom(3 * 1024 * 1024)          # above 1 MiB: stored whole in objects/
+    files["big/large.bin"] = os.urandom(3 * 1024 * 1024)          # above 1 MiB: content-defined chunks
     return files
 
 
@@ -376,6 +378,54 @@ def test_cli_workers_2_backs_up_restores_and_verifies_a_local_tree(tmp_path, cli
     again = state.result()
     assert again["files_changed"] == 1 and again["batches"] == 1
     assert list(again["ran_on"]) != [f"{socket.gethostname()}:{os.getpid()}"]     # not this process
+
+
+@pytest.mark.slow
+def test_workers_2_get_the_password_the_command_or_the_flow_was_given(tmp_path, cli_env, monkeypatch):
+    """A password from --password-file or a Secret block is in no environment the workers inherit:
+    a --workers cluster's workers get it from the process that started them (before this, every
+    batch failed for want of a password, exit 10)."""
+    import json
+
+    from prefect.blocks.system import Secret
+
+    from flows.restore import restore
+    from tasks.core import keyring, passwords
+    from tests.conftest import TEST_PASSWORD
+
+    src = make_tree(tmp_path / "src", {f"d{i % 5}/f{i:03d}.txt": f"file {i}\n" * (i + 1) for i in range(60)}
+                    | {"big/large.bin": os.urandom(3 * 1024 * 1024)})
+    age_tree(src)
+    pw_file = tmp_path / "pw"
+    pw_file.write_text(TEST_PASSWORD + "\n")
+    sources = ("KEEPFLOW_PASSWORD", "KEEPFLOW_PASSWORD_FILE", "KEEPFLOW_PASSWORD_COMMAND")
+    env = {k: v for k, v in cli_env.items() if k not in sources}
+    repo = tmp_path / "repo"
+
+    proc = run_cli(["backup", src, repo, "--workers", "2", "--password-file", pw_file, "--json"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["exit_code"] == 0 and summary["files"] == 61 and sum(summary["ran_on"].values()) == 1
+    proc = run_cli(["verify", repo, "--read-data", "100%", "--workers", "2", "--password-file", pw_file], env=env)
+    assert proc.returncode == 0, proc.stderr
+    for out in (proc.stdout, proc.stderr):
+        assert TEST_PASSWORD not in out
+
+    # A deployment's way: the flow parameters alone, the password in a Secret block.
+    Secret(value=TEST_PASSWORD).save("keepflow-dask-password", overwrite=True)
+    for name in sources:
+        monkeypatch.delenv(name, raising=False)       # the local cluster's workers inherit this environment
+    keyring.forget()
+    try:
+        state = restore(str(repo), str(tmp_path / "out"), workers=2, password="secret/keepflow-dask-password",
+                        return_state=True)
+        assert state.is_completed(), state
+        assert state.result()["files_written"] == 61
+    finally:
+        passwords.clear()
+        keyring.forget()
+    diffs = compare(src, tmp_path / "out")
+    assert diffs == [], format_differences(diffs)
 
 
 def test_cluster_set_ups_that_cannot_work_are_one_line_usage_errors(tmp_path, cli_env):

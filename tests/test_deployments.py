@@ -20,6 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tasks.core import snapshots
+from tasks.core.repository import Repository
+
 from tests.conftest import KEEPFLOW, age_tree, make_tree
 from tests.servers import free_port
 
@@ -240,8 +243,10 @@ interval = 10
             return d and server.flow_runs(d["id"])
 
         backup_runs = _wait(lambda: completed("backup", "src-incremental"), 90, what="a served backup run")
-        snaps = _wait(lambda: list((repo / "snapshots").glob("*.parquet")), 10, what="a snapshot")
+        snaps = _wait(lambda: _snapshot_ids(repo), 10, what="a snapshot")
         assert snaps
+        # The default format, encrypted: the served run unlocked it with the password in serve's environment.
+        assert Repository.open(str(repo)).encrypted
         d = server.deployment("backup", "src-incremental")
         assert d["global_concurrency_limit"]["limit"] == 1
         assert d["schedules"][0]["schedule"]["interval"] == 10
@@ -249,7 +254,7 @@ interval = 10
 
         # The backup's completion event starts the replicate deployment.
         _wait(lambda: completed("replicate", "main"), 60, what="a replicate run triggered by the backup")
-        assert {p.name for p in (replica / "snapshots").glob("*.parquet")} >= {snaps[0].name}
+        assert set(_snapshot_ids(replica)) >= {snaps[0]}
         replicate_runs = server.flow_runs(server.deployment("replicate", "main")["id"])
         assert all(r["auto_scheduled"] is False for r in replicate_runs)  # not from a schedule
     finally:
@@ -268,6 +273,13 @@ interval = 10
     # Ctrl-C stops it cleanly and pauses its schedules: nothing piles up while it is gone.
     assert proc.returncode == 0, _tail(tmp_path / "serve.log")
     assert server.deployment("backup", "src-incremental")["paused"] is True
+
+
+def _snapshot_ids(url: Path) -> list[str]:
+    """The ids of the snapshots in the repository at ``url`` (any format; none while it does not exist yet)."""
+    if not (url / "keepflow.json").exists():
+        return []
+    return [s.id for s in snapshots.list_snapshots(Repository.open(str(url)))]
 
 
 def _tail(path: Path) -> str:

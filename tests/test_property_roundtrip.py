@@ -2,8 +2,8 @@
 
 Hypothesis builds trees with awkward names (spaces, unicode with combining
 characters, newlines, leading dashes, names up to 200 bytes of UTF-8,
-dotfiles), nested and empty folders, empty, small and large (>= 1 MiB, stored
-whole in ``objects/``) files, relative and dangling symlinks, explicit modes
+dotfiles), nested and empty folders, empty, small and large (>= 1 MiB, cut
+into content-defined chunks) files, relative and dangling symlinks, explicit modes
 and explicit nanosecond mtimes. The tree is backed up, a generated change is
 applied (modify / add / delete / chmod / retype / touch), it is backed up
 again, and then EVERY snapshot is restored into a fresh folder and compared

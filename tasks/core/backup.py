@@ -163,59 +163,63 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
     # The run's known-blob set is loaded for that now, before the scan, while
     # little else is in memory; this process's batches then reuse it.
     known = indexmod.known_blobs(repo, run_id) if parent_info is not None and not rehash else None
-
-    exclude_paths = []
-    if repo is not None and repo.is_local and "://" not in source:
-        exclude_paths.append(repo.root)
-    elif repo is None and "://" not in repo_url:
-        exclude_paths.append(os.path.abspath(repo_url))
-    scanned = scan(source, excludes=excludes, exclude_paths=exclude_paths, storage_options=source_options,
-                   with_xattrs=xattrs)
-    scan_table = scanned.table
-    memory.release()                    # the scan's garbage, before the parent is read
-    types = scan_table["type"]
-    files = pc.sum(pc.equal(types, "file")).as_py() or 0
-    dirs = pc.sum(pc.equal(types, "dir")).as_py() or 0
-    del types
-    parent_table = manifest.read_manifest(repo, parent_info, columns=diffmod.PARENT_COLUMNS) if parent_info else None
-
-    # The diff is written to the plan a part at a time; only what the work
-    # lists need (rows to read, their paths and sizes) is kept across parts.
-    scratch = scratch_io.create("backup", run_id, work_dir)
-    counts = {"new": 0, "changed": 0, "unchanged": 0, "deleted": 0}
-    rows_parts, size_parts, work_parts = [], [], []
     try:
-        plan_writer = scratch_io.TableWriter(scratch, "plan")
-        offset = 0
-        for part in diffmod.diff_parts(scan_table, parent_table, parent_info.start_ns if parent_info else 0,
-                                       rehash=rehash):
-            if known is not None and part.unchanged:
-                part = diffmod.distrust_unindexed(part, known)
-            for key in counts:
-                counts[key] += getattr(part, key)
-            table = part.table
-            plan_writer.write(table)
-            needs = table["needs_read"].to_numpy(zero_copy_only=False)
-            local = np.flatnonzero(needs)
-            take = pa.array(local)
-            rows_parts.append(local + offset)
-            size_parts.append(table["size"].to_numpy(zero_copy_only=False)[local])
-            work_parts.append(pa.table({"row": pa.array(local + offset, pa.int64()),
-                                        "path": table["path"].take(take),
-                                        "path_bytes": table["path_bytes"].take(take)}))
-            offset += table.num_rows
-        plan_writer.close()
-        del scan_table, parent_table, part, table
-        scanned.table = None
-        memory.release()
-        # Each batch's own work list: the rows to read and their paths.
-        rows = np.concatenate(rows_parts)
-        sizes = np.concatenate(size_parts)
-        work = pa.concat_tables(work_parts)
-        work_ranges = scratch_io.cut_ranges(sizes, MAX_BATCH_FILES, MAX_BATCH_BYTES)
-        scratch_io.write_parts(scratch, "batch", work, work_ranges)
+        exclude_paths = []
+        if repo is not None and repo.is_local and "://" not in source:
+            exclude_paths.append(repo.root)
+        elif repo is None and "://" not in repo_url:
+            exclude_paths.append(os.path.abspath(repo_url))
+        scanned = scan(source, excludes=excludes, exclude_paths=exclude_paths, storage_options=source_options,
+                       with_xattrs=xattrs)
+        scan_table = scanned.table
+        memory.release()                    # the scan's garbage, before the parent is read
+        types = scan_table["type"]
+        files = pc.sum(pc.equal(types, "file")).as_py() or 0
+        dirs = pc.sum(pc.equal(types, "dir")).as_py() or 0
+        del types
+        parent_table = manifest.read_manifest(repo, parent_info, columns=diffmod.PARENT_COLUMNS) if parent_info else None
+
+        # The diff is written to the plan a part at a time; only what the work
+        # lists need (rows to read, their paths and sizes) is kept across parts.
+        scratch = scratch_io.create("backup", run_id, work_dir)
+        counts = {"new": 0, "changed": 0, "unchanged": 0, "deleted": 0}
+        rows_parts, size_parts, work_parts = [], [], []
+        try:
+            plan_writer = scratch_io.TableWriter(scratch, "plan")
+            offset = 0
+            for part in diffmod.diff_parts(scan_table, parent_table, parent_info.start_ns if parent_info else 0,
+                                           rehash=rehash):
+                if known is not None and part.unchanged:
+                    part = diffmod.distrust_unindexed(part, known)
+                for key in counts:
+                    counts[key] += getattr(part, key)
+                table = part.table
+                plan_writer.write(table)
+                needs = table["needs_read"].to_numpy(zero_copy_only=False)
+                local = np.flatnonzero(needs)
+                take = pa.array(local)
+                rows_parts.append(local + offset)
+                size_parts.append(table["size"].to_numpy(zero_copy_only=False)[local])
+                work_parts.append(pa.table({"row": pa.array(local + offset, pa.int64()),
+                                            "path": table["path"].take(take),
+                                            "path_bytes": table["path_bytes"].take(take)}))
+                offset += table.num_rows
+            plan_writer.close()
+            del scan_table, parent_table, part, table
+            scanned.table = None
+            memory.release()
+            # Each batch's own work list: the rows to read and their paths.
+            rows = np.concatenate(rows_parts)
+            sizes = np.concatenate(size_parts)
+            work = pa.concat_tables(work_parts)
+            work_ranges = scratch_io.cut_ranges(sizes, MAX_BATCH_FILES, MAX_BATCH_BYTES)
+            scratch_io.write_parts(scratch, "batch", work, work_ranges)
+        except BaseException:
+            scratch_io.remove(scratch)      # nobody else knows the folder yet
+            raise
     except BaseException:
-        scratch_io.remove(scratch)      # nobody else knows the folder yet
+        if known is not None:           # nobody will ask for this run's set again
+            indexmod.forget_run(repo.url, run_id)
         raise
     batches = _plan_ranges(rows, work_ranges)
     return BackupPlan(

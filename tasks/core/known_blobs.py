@@ -10,10 +10,12 @@ str object plus a set slot each); here the index's ids are held as one sorted
 ``bytes`` object of 32-byte binary digests (32 MB per million, seen by numpy
 as an ``S32`` array for the bulk work) plus a directory: for the top ``bits``
 bits of a digest, the position of the first digest with that prefix, so a
-bucket holds 4-8 digests on average (about 1 byte per blob). One lookup is
+bucket holds 2-4 digests on average (1-2 bytes per blob). One lookup is
 ``bytes.fromhex``, two directory reads and one ``bytes.find`` within the
-bucket: about 0.4 µs, against 0.37 µs for the set and 2.8 µs for a scalar
-``np.searchsorted`` on the same machine. Bulk questions (which of these
+bucket: 0.8-1.2 µs per lookup in 1M ids on the shared 2-core machine
+(mostly cache misses in the 32 MB), against 0.35-0.45 µs for the set of
+strings and 2.3-3.7 µs for a scalar ``np.searchsorted``; 1M lookups of a
+first backup cost well under a second more than the set did. Bulk questions (which of these
 million hashes are known?) are answered vectorised: hex columns from Arrow
 are decoded with one ``binascii.unhexlify`` over their string buffer, then
 compared by the digests' first 8 bytes (``searchsorted`` on uint64) and

@@ -67,6 +67,16 @@ def clear() -> None:
     use_password(None)
 
 
+def password_in_process() -> str | None:
+    """The password set in this process (``use_password``, or a source already asked), else None.
+
+    For handing it on to processes this one starts (flows/_dask.py: a local
+    cluster's workers), which cannot see it otherwise.
+    """
+    with _lock:
+        return _password
+
+
 def get_password(repo_url: str, *, confirm: bool = False) -> str:
     """The password for ``repo_url`` from the first source that is set (see the module docstring).
 
