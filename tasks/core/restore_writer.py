@@ -139,7 +139,18 @@ class TargetWriter:
     def write_bytes(self, cols, j, data: bytes) -> None:
         dest = self.dest(cols, j)
         try:
-            if self.local:
+            if self.sparse and len(data) >= SPARSE_MIN:
+                # A format 2 file of one chunk (1-8 MiB) is a single blob: holes too.
+                tmp = self._tmp_name(dest)
+                out = self._create_local(tmp, len(data))
+                try:
+                    with out:
+                        out.write(data)
+                except BaseException:
+                    self._discard(tmp)
+                    raise
+                self._finish_local(tmp, dest, cols, j)
+            elif self.local:
                 # Descriptor-based calls: one path lookup for the create, one
                 # for the rename; mode, owner and mtime are set on the open fd.
                 tmp = self._tmp_name(dest)
