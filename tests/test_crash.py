@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core import liveness, runs, treeinfo
-from tasks.core.repository import Repository
+from tasks.core.repository import RepoConfig, Repository
 from tasks.core.verify import check_structure
 
 from tests import core_helpers
@@ -247,7 +247,10 @@ def test_killed_backups(world, cli_env, tmp_path):
 
 
 def test_killed_backup_leaves_tmp_named_after_it_and_the_next_backup_removes_it(world, cli_env, tmp_path):
-    """A kill during a large-file copy leaves its tmp/ file; its name says whose it was."""
+    """Format 1: a kill during a large-file copy leaves its tmp/ file; its name says whose it was.
+
+    (Format 2 has no tmp/ copy: large files are chunked into packs; its leftover
+    is the test below.)"""
     _, src = world
     big = tmp_path / "bigsrc"
     big.mkdir()
@@ -255,6 +258,7 @@ def test_killed_backup_leaves_tmp_named_after_it_and_the_next_backup_removes_it(
     age_tree(big)
     for attempt in range(4):
         repo = tmp_path / f"repo-{attempt}"     # a fresh one: a finished attempt would make the next one a no-op
+        Repository.init(str(repo), config=RepoConfig())          # format 1: large files go through tmp/
         proc = _spawn(["backup", big, repo], cli_env, tmp_path / f"big-{attempt}.log")
         tmp = repo / "tmp"
         seen = []
@@ -276,6 +280,68 @@ def test_killed_backup_leaves_tmp_named_after_it_and_the_next_backup_removes_it(
     out = tmp_path / "out"
     core_helpers.restore(repo, out)
     assert_same_tree(big, out, "restore after a killed large-file backup")
+
+
+def pack_temporaries(repo: Path) -> list[str]:
+    """The ``.tmp-`` names under packs/ (a pack being written: storage.write_once's temporary)."""
+    found = []
+    try:
+        folders = list(os.scandir(repo / "packs"))
+    except FileNotFoundError:
+        return found
+    for folder in folders:
+        try:
+            found += [e.name for e in os.scandir(folder.path) if ".tmp-" in e.name]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return found
+
+
+def test_killed_format2_backup_leaves_only_pack_temporaries_named_after_it_and_prune_removes_them(
+        world, cli_env, tmp_path):
+    """Format 2: a large file becomes chunks in packs, so a kill mid-write leaves a pack's
+    temporary (never a partial pack under a real name), named after the killed process;
+    the repository verifies (ciphertext too), the next backup completes and restores
+    exactly, and the next prune removes the dead writer's temporary at once (not after
+    the one-hour rule)."""
+    from tasks.core.verify import check_ciphertext
+
+    big = tmp_path / "bigsrc"
+    big.mkdir()
+    (big / "huge.bin").write_bytes(random.Random(SEED + 6).randbytes(160 << 20))
+    age_tree(big)
+    left = []
+    for attempt in range(6):
+        repo = tmp_path / f"repo-{attempt}"
+        Repository.init(str(repo))
+        proc = _spawn(["backup", big, repo], cli_env, tmp_path / f"big-{attempt}.log")
+        seen = []
+        while proc.poll() is None and not seen:
+            seen = pack_temporaries(repo)          # a pack write lasts milliseconds: poll without sleeping
+        if seen:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        left = pack_temporaries(repo)
+        if left:
+            break
+    assert left, "no pack temporary seen in 6 attempts"
+    assert Repository.open(str(repo)).version == 2
+    assert not (repo / "tmp").exists() or os.listdir(repo / "tmp") == []       # no large-file copy
+    writers = {n: liveness.parse_tag(n.split(".tmp-", 1)[1][:-9]) for n in left}
+    assert all(w is not None and w.pid == proc.pid and liveness.gone(w) for w in writers.values()), writers
+    assert_clean_structure(str(repo), "after a kill during a pack write")
+    ciphertext = check_ciphertext(str(repo), 100)
+    assert ciphertext.problems == [], ciphertext.problems[:5]
+
+    assert run_cli(["backup", big, repo], env=cli_env).returncode == 0
+    out = tmp_path / "out"
+    core_helpers.restore(repo, out)
+    assert_same_tree(big, out, "restore after a killed format 2 backup")
+    assert set(left) <= set(pack_temporaries(repo))          # still there (a backup lists no packs): the prune removes them
+    pruned = run_cli(["prune", repo, "--keep-last", "1"], env=cli_env)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert pack_temporaries(repo) == []
+    assert_clean_structure(str(repo), "after the prune")
 
 
 def test_killed_restores(world, cli_env, tmp_path):

@@ -19,7 +19,7 @@ from tasks.core import verify as verifymod
 from tasks.core.backup import MAX_BATCH_FILES, commit, prepare, store_range
 from tasks.core.errors import EXIT_FAILED, UnindexedBlobsError
 from tasks.core.known_blobs import KnownBlobs
-from tasks.core.repository import Repository
+from tasks.core.repository import RepoConfig, Repository
 from tasks.core.snapshots import list_snapshots
 
 from tests import core_helpers
@@ -62,6 +62,26 @@ def _index_rows(n_unique: int, duplicates: list[int]) -> pa.Table:
                      "offset": list(range(len(hashes))), "length": [1] * len(hashes)}, schema=store.INDEX_SCHEMA)
 
 
+def _blob_ids_of_files(repo, idx: pa.Table, paths: list[str]) -> set[str]:
+    """The ids of every blob the latest snapshot's ``paths`` need: content ids, and in
+    format 2 the chunks of those that are chunk lists (index type 1)."""
+    from tasks.core import manifest
+    from tasks.core.chunk_lists import read_lists
+    from tasks.core.snapshots import resolve
+
+    entries = manifest.read_manifest(repo, resolve(repo, "latest"), columns=["path", "hash"])
+    contents = entries.filter(pc.is_in(entries["path"], value_set=pa.array(paths)))["hash"]
+    assert len(contents) == len(paths)
+    rows = indexmod.unique_hashes(idx.filter(pc.is_in(idx["hash"], value_set=contents)))
+    assert rows.num_rows == len(paths)          # each content id is indexed
+    found = set(rows["hash"].to_pylist())
+    if "type" in rows.column_names:
+        for chunks in read_lists(repo, rows.filter(pc.equal(rows["type"], 1))):
+            assert chunks is not None
+            found.update(cid for cid, _ in chunks)
+    return found
+
+
 def test_unique_hashes_keeps_every_hash_once_at_its_first_location():
     table = _index_rows(1000, duplicates=[3, 500, 999, 3])
     unique = indexmod.unique_hashes(table)
@@ -89,7 +109,11 @@ def test_shared_contents_in_concurrent_batches_all_restore_and_survive_compactio
     repo = Repository.open(repo_url)
     idx = indexmod.load_index(repo, unique=False)
     distinct = pc.count_distinct(idx["hash"]).as_py()
-    assert distinct == N_FILES - (N_FILES - SHARED_DISTANCE) // SHARED_EVERY + 2
+    # Every small content once, plus the blobs of the two large files (format 1:
+    # one whole blob each; format 2: their chunks and, when cut, a list each).
+    big = _blob_ids_of_files(repo, idx, ["big/one.bin", "big/two.bin"])
+    assert len(big) >= 2
+    assert distinct == N_FILES - (N_FILES - SHARED_DISTANCE) // SHARED_EVERY + len(big)
     # Batches of one run share their claims: the shared contents were packed once.
     assert idx.num_rows == distinct
 
@@ -180,26 +204,35 @@ def test_commit_guard_refuses_a_snapshot_that_references_unindexed_blobs(tmp_pat
     assert list_snapshots(repo) == []          # no snapshot was written
 
 
-def test_prune_compaction_guard_keeps_the_old_index_when_compaction_would_lose_blobs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("version", [1, 2])
+def test_prune_compaction_guard_keeps_the_old_index_when_compaction_would_lose_blobs(tmp_path, monkeypatch, version):
     from tasks.core import gc
 
     # Two runs that stored the same contents under different index files:
     # the index holds duplicates, as concurrent batches used to leave it.
-    spec = {f"f{i:03d}": f"data {i}" for i in range(300)}
-    spec["big"] = os.urandom(1536 * 1024)      # stored whole; garbage once deleted
-    src = make_tree(tmp_path / "src", spec)
+    src = make_tree(tmp_path / "src", {f"f{i:03d}": f"data {i}" for i in range(300)})
     age_tree(src)
     repo_url = str(tmp_path / "repo")
+    if version == 1:
+        Repository.init(repo_url, config=RepoConfig())
     core_helpers.backup(src, repo_url)
     repo = Repository.open(repo_url)
+    assert repo.version == version
     original = indexmod.load_index(repo, unique=False)
     # The same 100 locations again, in an index file listed first.
     indexmod.write_index(repo, original.slice(0, 100), "0-duplicates")
+    # Garbage in keys of its own (format 1: an object; format 2: its own packs), so
+    # the pack of the small files stays live and is not repacked: its duplicated
+    # rows reach the compaction.
+    (src / "big").write_bytes(os.urandom(1536 * 1024))
+    age_tree(src)
+    core_helpers.backup(src, repo_url)
     os.unlink(src / "big")
     core_helpers.backup(src, repo_url)
     snaps = list_snapshots(repo)
-    gc.forget(repo, snaps[:1])
-    assert gc.mark(repo).keys >= 1
+    gc.forget(repo, snaps[1:2])             # the only snapshot with the big file
+    marked = gc.mark(repo)
+    assert marked.keys >= 1 and marked.repacked_packs == 0
     names_before = indexmod.list_index_names(repo)
 
     # The fault: the old, buggy de-duplication (a bug cannot be caused for

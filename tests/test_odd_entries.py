@@ -13,7 +13,7 @@ import os
 import pytest
 
 from tasks.core import manifest
-from tasks.core.repository import Repository
+from tasks.core.repository import RepoConfig, Repository
 from tasks.core.snapshots import resolve
 
 from tests import core_helpers
@@ -68,11 +68,16 @@ def test_odd_entries_back_up_and_restore_exactly(odd_tree, tmp_path):
 
 
 def test_manifests_written_before_the_optional_columns_still_read(tmp_path):
-    """An older manifest has no mtime_ns_exact / link_target_bytes and int32 owners: read as nulls."""
+    """An older manifest has no mtime_ns_exact / link_target_bytes and int32 owners: read as nulls.
+
+    Only format 1 repositories predate those columns (every format 2 manifest
+    has them), and a format 1 manifest is plain Parquet: written here by hand.
+    """
     import pyarrow as pa
 
     src = make_tree(tmp_path / "src", {"a": "x", "l": ("link", "a")})
     repo_url = str(tmp_path / "repo")
+    Repository.init(repo_url, config=RepoConfig())
     core_helpers.backup(src, repo_url)
     repo = Repository.open(repo_url)
     info = resolve(repo, "latest")
