@@ -330,3 +330,59 @@ def test_restore_into_an_fsspec_url_target(tmp_path):
     finally:
         if fs.exists(f"memory://kf-target-{tmp_path.name}"):
             fs.rm(f"memory://kf-target-{tmp_path.name}", recursive=True)
+
+
+@pytest.mark.damages_repository
+def test_remote_chunks_are_read_a_span_at_a_time_and_a_bad_one_comes_from_a_fallback(tmp_path, monkeypatch):
+    from tasks.core import restore_chunks
+    from tasks.core.blob_sources import BlobSources
+
+    base = f"memory://kf-{tmp_path.name}"
+    primary, replica = f"{base}/primary", f"{base}/replica"
+    fs = fsspec.filesystem("memory")
+    try:
+        data = os.urandom(20 * MiB + 5)
+        src = make_tree(tmp_path / "src", {"big.bin": data})
+        init_repository(primary, 2)
+        core_helpers.backup(src, primary)
+        for path in fs.find(primary):                       # a byte copy, as replication makes
+            fs.pipe_file(replica + path[len(fs._strip_protocol(primary)):], fs.cat_file(path))
+        repo = Repository.open(primary)
+        rows = [r for r in indexmod.load_index(repo).to_pylist() if r["type"] == pack.KIND_DATA]
+        assert len(rows) >= 12
+
+        reads = []
+        real_range = BlobSources.primary_range
+
+        def counted(self, key, start, end):
+            reads.append(end - start)
+            return real_range(self, key, start, end)
+
+        monkeypatch.setattr(BlobSources, "primary_range", counted)
+        _, _, errors = core_helpers.restore(primary, tmp_path / "out1")
+        assert not errors and (tmp_path / "out1" / "big.bin").read_bytes() == data
+        assert sum(reads) == sum(r["length"] for r in rows)          # every chunk read once
+        assert len(reads) <= len(rows) // 3                          # several chunks per range read
+        assert max(reads) <= restore_chunks.SPAN_BYTES + max(r["length"] for r in rows)
+
+        # One damaged chunk in the middle of a span: that chunk alone comes from the replica.
+        bad = sorted(rows, key=lambda r: (r["key"], r["offset"]))[len(rows) // 2]
+        path = repo.path(bad["key"])
+        stored = bytearray(fs.cat_file(path))
+        stored[bad["offset"] + 100] ^= 0xFF
+        fs.pipe_file(path, bytes(stored))
+        reads.clear()
+        _, results, errors = core_helpers.restore(primary, tmp_path / "out2", fallbacks=[replica])
+        assert not errors and (tmp_path / "out2" / "big.bin").read_bytes() == data
+        used = {}
+        for r in results:
+            for url, n in r.sources.items():
+                used[url] = used.get(url, 0) + n
+        assert used.get(replica) == 1 and used.get(primary) == len(rows) - 1
+        _, _, errors = core_helpers.restore(primary, tmp_path / "out3")
+        assert [e[0] for e in errors] == ["big.bin"]
+        assert not (tmp_path / "out3" / "big.bin").exists()
+        assert not [p for p in os.listdir(tmp_path / "out3") if "kf-tmp" in p]
+    finally:
+        if fs.exists(base):
+            fs.rm(base, recursive=True)

@@ -13,7 +13,13 @@ is reported, not restored.
 while a small thread pool reads and opens the next chunks (zstd releases the
 GIL); every chunk is authenticated, decompressed and its keyed id recomputed
 before it is written, and the file is renamed into place only when all of its
-chunks were good.
+chunks were good. From a repository that is not on local disk, chunks that lie
+next to each other in one pack (a file's chunks are packed in file order, 12-14
+per 16 MiB pack) are read with one range request of up to ``SPAN_BYTES``
+instead of one each: a GET per ~8 MiB rather than per ~1.2 MiB chunk. A chunk
+of such a span that does not open is read again on its own from the fallbacks.
+Local repositories read one chunk at a time (a read there costs a few µs, and
+smaller reads keep less in memory).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from .errors import KeepflowError
 from .chunk_lists import encode_list, read_lists
 from .store_v2 import chunker_for
 
-PREFETCH = 4
+PREFETCH = 4                            # reads in flight for the file being written
+SPAN_BYTES = 8 * 1024 * 1024            # remote repositories: adjacent chunks read together up to this
 _CHUNK_COLUMNS = ["_file", "pos", "hash", "key", "offset", "length", "seq", "salt", "raw_length", "compressed"]
 
 
@@ -196,12 +203,67 @@ def _fetch(sources, keys, ccols, k):
     return plain, length, problem
 
 
+def _spans(ccols, rows: list[int], limit: int):
+    """``rows`` (chunks in file order) cut into runs that lie next to each other in one pack,
+    each at most ``limit`` stored bytes (a chunk alone may be more); ``limit`` 0: one chunk each."""
+    span: list[int] = []
+    size = end = 0
+    key = None
+    for k in rows:
+        length, offset = ccols["length"][k], ccols["offset"][k]
+        if span and (not limit or ccols["key"][k] != key or offset != end or size + length > limit):
+            yield span
+            span, size = [], 0
+        span.append(k)
+        key, end, size = ccols["key"][k], offset + length, size + length
+    if span:
+        yield span
+
+
+def _fetch_span(sources, keys, ccols, span: list[int]) -> list:
+    """[(plaintext or None, stored length, problem)] for the chunks of ``span``, in order; one
+    range read from the primary, then each chunk that does not open from the fallbacks."""
+    if len(span) == 1:
+        return [_fetch(sources, keys, ccols, span[0])]
+    key = ccols["key"][span[0]]
+    start = ccols["offset"][span[0]]
+    stop = ccols["offset"][span[-1]] + ccols["length"][span[-1]]
+    try:
+        data = sources.primary_range(key, start, stop)
+    except OSError:
+        data = None
+    if data is None or len(data) != stop - start:
+        return [_fetch(sources, keys, ccols, k) for k in span]
+    view, out = memoryview(data), []
+    for k in span:
+        off, length = ccols["offset"][k], ccols["length"][k]
+        entry = entry_of(ccols, k)
+
+        def check(stored, k=k, entry=entry):
+            try:
+                return pack.open_blob2(keys, ccols["salt"][k], entry, stored)
+            except KeepflowError:
+                return None
+
+        plain = check(view[off - start: off - start + length])
+        if plain is not None:
+            sources.count(sources.primary_url)
+            out.append((plain, length, None))
+            continue
+        plain, problem = sources.from_fallbacks(key, off, length, ccols["hash"][k], check=check)
+        out.append((plain, length, problem))
+        if plain is None:
+            break                       # the file cannot be restored: nothing after it is needed
+    return out
+
+
 def _write_chunked(writer, sources, keys, cols, j, ccols, chunk_rows: list[int]) -> str | None:
     dest = writer.dest(cols, j)
     tmp = writer._tmp_name(dest)
     pool = _threads()
     pending: deque = deque()
-    todo = iter(chunk_rows)
+    primary = sources.repo(sources.primary_url)
+    todo = _spans(ccols, chunk_rows, 0 if primary is None or primary.is_local else SPAN_BYTES)
     written = read = 0
     try:
         out = writer._create_local(tmp, cols["size"][j]) if writer.local else writer.fs.open(tmp, "wb")
@@ -210,20 +272,21 @@ def _write_chunked(writer, sources, keys, cols, j, ccols, chunk_rows: list[int])
     problem = None
     try:
         with out:
-            for k in todo:
-                pending.append(pool.submit(_fetch, sources, keys, ccols, k))
+            for span in todo:
+                pending.append(pool.submit(_fetch_span, sources, keys, ccols, span))
                 if len(pending) >= PREFETCH:
                     break
-            while pending:
-                plain, stored, problem = pending.popleft().result()
-                if plain is None:
-                    break
-                out.write(plain)
-                written += len(plain)
-                read += stored
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append(pool.submit(_fetch, sources, keys, ccols, nxt))
+            while pending and problem is None:
+                for plain, stored, problem in pending.popleft().result():
+                    if plain is None:
+                        break
+                    out.write(plain)
+                    written += len(plain)
+                    read += stored
+                if problem is None:
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(_fetch_span, sources, keys, ccols, nxt))
     except OSError as exc:
         problem = f"cannot write: {exc.strerror or exc}"
     except BaseException:
