@@ -445,10 +445,10 @@ def test_replication_status_against_copies(hist, tmp_path):
         assert e.missing_key_files == len(os.listdir(os.path.join(hist["repo"], "keys"))) == 1
 
 
+@pytest.mark.parametrize("hist", ["v2"], indirect=True)     # only an encrypted repository has key files
 def test_replication_status_compares_key_files(hist, tmp_path):
     """Format 2 replicas mirror keys/: a password added (or revoked) on one side only is not in sync."""
-    if not hist["encrypted"]:
-        pytest.skip("only an encrypted repository has key files")
+    assert hist["encrypted"]
     from tasks.core import keyring
 
     replica = tmp_path / "replica"
@@ -629,11 +629,10 @@ def test_the_readme_duckdb_examples_run(hist, capsys):
         assert duckdb.sql(query.replace("/backups/repo", hist["repo"])).fetchall()
 
 
+@pytest.mark.parametrize("hist", ["v2-plain", "v1"], indirect=True)   # encrypted ones: analysis.duckdb
 def test_duckdb_reads_plaintext_manifests_directly(hist, tmp_path):
     """Format 1 and format 2 with --encryption none: the manifests are Parquet, readable in place."""
-    if hist["encrypted"]:
-        pytest.skip("an encrypted repository is read through analysis.duckdb")
-    pytest.importorskip("duckdb")
+    assert not hist["encrypted"]
     glob = f"{hist['repo']}/snapshots/*.parquet"
     hash_hex = "lower(hex(hash))" if hist["version"] >= 2 else "hash"   # format 2 stores 32 bytes
     code = textwrap.dedent(f"""
@@ -663,10 +662,10 @@ def test_duckdb_reads_plaintext_manifests_directly(hist, tmp_path):
     assert got["keepflow_loaded"] is False
 
 
+@pytest.mark.parametrize("hist", ["v2"], indirect=True)
 def test_an_encrypted_manifest_is_not_parquet(hist):
     """What the storage holds for an encrypted repository says nothing to a Parquet reader."""
-    if not hist["encrypted"]:
-        pytest.skip("plaintext repository")
+    assert hist["encrypted"]
     names = os.listdir(os.path.join(hist["repo"], "snapshots"))
     assert len(names) == 4 and not any(n.endswith(".parquet") for n in names)
     with pytest.raises(pa.ArrowInvalid):
@@ -822,9 +821,9 @@ def test_chunk_lists_are_read_only_when_a_figure_needs_them(chunked, monkeypatch
 
 
 @pytest.mark.damages_repository
+@pytest.mark.parametrize("chunked", ["v2"], indirect=True)   # format 1 has no chunk lists
 def test_dedup_stats_reports_unreadable_lists(chunked, tmp_path):
-    if chunked["format"] != "v2":
-        pytest.skip("format 1 has no chunk lists")
+    assert chunked["format"] == "v2"
     broken = tmp_path / "broken"
     shutil.copytree(chunked["url"], broken)
     repo = Repository.open(str(broken))
