@@ -35,7 +35,7 @@ from . import pack, progress
 from . import scratch as scratch_io
 from .errors import KeepflowError
 from .chunk_lists import encode_list, read_lists
-from .store_v2 import chunker_for
+from .store_v2 import chunker_for, tune_malloc
 
 PREFETCH = 4                            # reads in flight for the file being written
 SPAN_BYTES = 8 * 1024 * 1024            # remote repositories: adjacent chunks read together up to this
@@ -162,6 +162,7 @@ def _threads() -> ThreadPoolExecutor:
 
 def restore_chunked(plan: dict, batch_no: int, sources, cols: dict, rows: list[int], by_hash: dict, writer) -> None:
     """Write the batch's chunked files ``rows`` (and their duplicates in ``by_hash``)."""
+    tune_malloc()       # chunks and their plaintexts churn through malloc as in backup (store_v2.py)
     table = scratch_io.read_part(plan["scratch"], "chunks", batch_no)
     ccols = {c: table[c].to_pylist() for c in _CHUNK_COLUMNS}
     ccols["kind"] = [pack.KIND_DATA] * table.num_rows
