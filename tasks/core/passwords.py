@@ -40,6 +40,7 @@ COMMAND_TIMEOUT = 60.0     # seconds KEEPFLOW_PASSWORD_COMMAND may take (tests s
 
 _lock = threading.Lock()
 _password: str | None = None
+_asked: dict[tuple[str, str], str] = {}     # what a command or the prompt gave, per command / repository
 
 
 def use_password(value: str | None) -> None:
@@ -63,8 +64,10 @@ def use_password_file(path, *, origin: str = "--password-file") -> None:
 
 
 def clear() -> None:
-    """Forget a password set with ``use_password``/``use_password_file``."""
+    """Forget a password set with ``use_password``/``use_password_file``, and what commands and prompts gave."""
     use_password(None)
+    with _lock:
+        _asked.clear()
 
 
 def password_in_process() -> str | None:
@@ -96,14 +99,21 @@ def get_password(repo_url: str, *, confirm: bool = False) -> str:
         return _read_password_file(path, ENV_PASSWORD_FILE)
     command = os.environ.get(ENV_PASSWORD_COMMAND, "")
     if command.strip():
-        value = _run_password_command(command)
+        key = ("command", command)
     elif _stdin_is_a_tty():
-        value = _prompt(repo_url, confirm)
+        key = ("prompt", repo_url)
     else:
         raise PasswordMissingError(url=repo_url)
-    # Asked once per process: a command that opens the repository twice (or a
-    # key command that checks which key the password opens) does not ask again.
-    use_password(value)
+    # Asked once per process and source: a command that opens the repository
+    # twice (or a key command that checks which key the password opens) does not
+    # run the password command or prompt again. Kept apart from use_password, so
+    # the order of the sources above still holds.
+    with _lock:
+        value = _asked.get(key)
+    if value is None:
+        value = _run_password_command(command) if key[0] == "command" else _prompt(repo_url, confirm)
+        with _lock:
+            _asked[key] = value
     return value
 
 
