@@ -73,15 +73,16 @@ class _Sorted:
 
     __slots__ = ("raw", "digests", "directory", "shift")
 
-    def __init__(self, digests: np.ndarray):
-        # ``digests``: sorted, unique, dtype S32, C-contiguous.
-        self.raw = digests.tobytes()
-        self.digests = np.frombuffer(self.raw, dtype="S32")
+    def __init__(self, raw: bytearray):
+        # ``raw``: sorted, unique 32-byte digests, concatenated (``_sorted_buffer``);
+        # kept as it is, ``bytearray.find`` serves the scalar lookups.
+        self.raw = raw
+        self.digests = np.frombuffer(raw, dtype="S32") if raw else np.zeros(0, "S32")
         n = len(self.digests)
         bits = max(0, min(24, n.bit_length() - 2))     # 2-4 digests per bucket on average
         self.shift = 32 - bits
         if bits:
-            prefixes = np.frombuffer(self.raw, dtype=">u4")[::DIGEST // 4].astype(np.int64) >> self.shift
+            prefixes = np.frombuffer(raw, dtype=">u4")[::DIGEST // 4].astype(np.int64) >> self.shift
             bounds = np.searchsorted(prefixes, np.arange((1 << bits) + 1, dtype=np.int64), side="left")
         else:
             bounds = np.array([0, n], dtype=np.int64)
@@ -118,20 +119,20 @@ class _Sorted:
         return hit
 
 
-def _digests_of(values) -> tuple[np.ndarray, set[str]]:
-    """(S32 digests of the canonical ids in ``values``, the other strings), unsorted.
+def _digests_of(values) -> tuple[bytearray, set[str]]:
+    """(32-byte digests of the canonical ids in ``values``, concatenated; the other strings).
 
-    ``values``: an Arrow string array or chunked array (decoded vectorised), or
-    any iterable of str.
+    ``values``: an Arrow string array or chunked array, decoded vectorised
+    straight into one buffer (no copy per chunk), or any iterable of str.
     """
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
-        parts, odd = [], set()
+        out, odd, at = bytearray(DIGEST * sum(len(c) for c in chunks)), set(), 0
         for chunk in chunks:
-            d, o = _decode_chunk(chunk)
-            parts.append(d)
-            odd |= o
-        return (np.concatenate(parts) if parts else np.zeros(0, "S32")), odd
+            at, others = _decode_into(chunk, out, at)
+            odd |= others
+        del out[at:]
+        return out, odd
     out, odd = bytearray(), set()
     for h in values:
         d = _is_canonical(h)
@@ -139,60 +140,79 @@ def _digests_of(values) -> tuple[np.ndarray, set[str]]:
             odd.add(h)
         else:
             out += d
-    return np.frombuffer(bytes(out), dtype="S32"), odd
+    return out, odd
 
 
 def _decode_chunk(chunk: pa.Array) -> tuple[np.ndarray, set[str]]:
-    """One Arrow string array of hex ids to S32 digests: one unhexlify over its buffer."""
+    """One Arrow string array of hex ids to S32 digests (see ``_decode_into``)."""
+    out = bytearray(DIGEST * len(chunk))
+    at, odd = _decode_into(chunk, out, 0)
+    del out[at:]
+    return (np.frombuffer(out, dtype="S32") if out else np.zeros(0, "S32")), odd
+
+
+def _decode_into(chunk: pa.Array, out: bytearray, at: int) -> tuple[int, set[str]]:
+    """Write the digests of one Arrow string array of hex ids into ``out`` at byte ``at``:
+    one unhexlify over its string buffer. Returns (the end in ``out``, the strings that
+    are not canonical ids)."""
     if pa.types.is_large_string(chunk.type) or pa.types.is_string_view(chunk.type):
         chunk = chunk.cast(pa.string())
     n = len(chunk)
     if n == 0:
-        return np.zeros(0, "S32"), set()
+        return at, set()
     if chunk.null_count == 0:
         lengths = pc.min_max(pc.binary_length(chunk))
         if lengths["min"].as_py() == HEX and lengths["max"].as_py() == HEX:
             offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int32, count=n + 1, offset=chunk.offset * 4)
-            raw = _unhexlify_canonical(memoryview(chunk.buffers()[2])[offsets[0]:offsets[-1]])
-            if raw is not None:
-                return np.frombuffer(raw, dtype="S32"), set()
+            if _unhexlify_canonical(memoryview(chunk.buffers()[2])[offsets[0]:offsets[-1]], out, at):
+                return at + DIGEST * n, set()
     # Some values are not canonical ids (nulls, other lengths, upper case): per row, rare.
     canonical = pc.fill_null(pc.match_substring_regex(chunk, "^[0-9a-f]{64}$"), False)
     good = chunk.filter(canonical)
     others = set(chunk.filter(pc.and_(pc.invert(canonical), pc.is_valid(chunk))).to_pylist())
-    digests, _ = _decode_chunk(good) if len(good) else (np.zeros(0, "S32"), None)
-    return digests, others
+    if len(good):
+        at, _ = _decode_into(good, out, at)
+    return at, others
 
 
-def _unhexlify_canonical(text: memoryview, step: int = 1 << 22) -> bytearray | None:
-    """The bytes of lowercase hex ``text``, or None if it holds anything else.
+def _unhexlify_canonical(text: memoryview, out: bytearray, at: int, step: int = 1 << 22) -> bool:
+    """Decode lowercase hex ``text`` into ``out`` from byte ``at``; False (``out`` partly
+    written) if it holds anything else.
 
     In 4 MiB steps (small temporaries). unhexlify also takes upper case, so
     each step must read back the same; the comparison is between ``bytes``:
     ``bytes == memoryview`` of an Arrow buffer (format 'b') compares element
     by element and took 49 s for the 1M ids of one no-change backup.
     """
-    out = bytearray(len(text) // 2)
     for start in range(0, len(text), step):
         piece = bytes(text[start:start + step])
         try:
             decoded = binascii.unhexlify(piece)
         except binascii.Error:
-            return None
+            return False
         if binascii.hexlify(decoded) != piece:
-            return None
-        out[start // 2:start // 2 + len(decoded)] = decoded
-    return out
+            return False
+        out[at + start // 2:at + start // 2 + len(decoded)] = decoded
+    return True
 
 
-def _sorted_unique(digests: np.ndarray) -> np.ndarray:
-    if len(digests) < 2:
-        return np.ascontiguousarray(digests)
-    digests = np.sort(digests, kind="stable")       # runs of sorted input merge in linear time
-    keep = np.empty(len(digests), dtype=bool)
+def _sorted_buffer(raw: bytearray) -> bytearray:
+    """``raw`` (concatenated 32-byte digests) sorted and without repeats, in place:
+    no second copy of the digests (a stable sort of two sorted runs, as a fold
+    gives it, is a linear merge)."""
+    n = len(raw) // DIGEST
+    if n < 2:
+        return raw
+    digests = np.frombuffer(raw, dtype="S32")
+    digests.sort(kind="stable")
+    keep = np.empty(n, dtype=bool)
     keep[0] = True
     np.not_equal(digests[1:], digests[:-1], out=keep[1:])
-    return digests if keep.all() else digests[keep]
+    if keep.all():
+        return raw
+    unique = digests[keep].tobytes()            # repeats: only after duplicated index rows
+    del digests
+    return bytearray(unique)
 
 
 class KnownBlobs:
@@ -221,7 +241,7 @@ class KnownBlobs:
 
     def __init__(self, hashes=()):
         digests, odd = _digests_of(hashes)
-        self._sorted = _Sorted(_sorted_unique(digests))
+        self._sorted = _Sorted(_sorted_buffer(digests))
         self._added: set[str] = set()      # canonical ids stored during the run, not folded yet
         self._odd: set[str] = odd          # anything else: kept as strings for ever
         self._claims: dict[str, int] = {}
@@ -298,8 +318,8 @@ class KnownBlobs:
     def _fold(self) -> None:
         """Move the run's additions into the sorted part (under the lock)."""
         new, _ = _digests_of(self._added)
-        merged = np.concatenate([self._sorted.digests, np.sort(new)])
-        self._sorted = _Sorted(_sorted_unique(merged))     # published first ...
+        np.frombuffer(new, dtype="S32").sort()
+        self._sorted = _Sorted(_sorted_buffer(self._sorted.raw + new))     # published first ...
         self._added = set()                                 # ... then the run's set goes
 
     def settle(self, packer, stored: bool) -> None:
