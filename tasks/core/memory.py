@@ -11,12 +11,14 @@ One call costs 0.5 ms (mimalloc) plus 1-12 ms (``malloc_trim``), so it runs
 between phases, never per file or per batch.
 
 Arrow's pool is jemalloc here (``use_lean_pool``, run on import) unless
-``ARROW_DEFAULT_MEMORY_POOL`` says otherwise: measured on 200,000 files,
-the core of a first backup peaked at 312 MiB with jemalloc against 354-389
-MiB with mimalloc, for the same CPU time (10.6 s user both), and the
-command with Prefect at 363 against 437 MiB. glibc's malloc with a fixed
-mmap threshold was lower still (233-246 MiB on a no-change backup, against
-304) but cost a third more CPU time.
+``ARROW_DEFAULT_MEMORY_POOL`` says otherwise. Peak RSS of the core of a
+no-change backup of 1M files (bench/memory_phases.py, format 1): mimalloc
+753 MiB, jemalloc 608, mimalloc with ``MIMALLOC_PURGE_DELAY=0`` 681, glibc
+malloc with a fixed 128 KiB mmap threshold 562, for the same CPU time
+(20.5-22 s). glibc's would be lowest, but store_v2 sets that threshold to
+32 MiB for large files (fewer page faults), and mimalloc's option must be
+in the environment before pyarrow loads; jemalloc needs neither. On 200,000
+files the whole command with Prefect peaked at 363 MiB against 437.
 """
 
 from __future__ import annotations
