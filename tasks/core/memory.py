@@ -10,15 +10,15 @@ left 340 MiB resident for an 82 MiB table; ``release`` brought it to 216 MiB.
 One call costs 0.5 ms (mimalloc) plus 1-12 ms (``malloc_trim``), so it runs
 between phases, never per file or per batch.
 
-Arrow's pool is jemalloc here (``use_lean_pool``, run on import) unless
-``ARROW_DEFAULT_MEMORY_POOL`` says otherwise. Peak RSS of the core of a
-no-change backup of 1M files (bench/memory_phases.py, format 1): mimalloc
-753 MiB, jemalloc 608, mimalloc with ``MIMALLOC_PURGE_DELAY=0`` 681, glibc
-malloc with a fixed 128 KiB mmap threshold 562, for the same CPU time
-(20.5-22 s). glibc's would be lowest, but store_v2 sets that threshold to
-32 MiB for large files (fewer page faults), and mimalloc's option must be
-in the environment before pyarrow loads; jemalloc needs neither. On 200,000
-files the whole command with Prefect peaked at 363 MiB against 437.
+Arrow's pool stays its default (mimalloc). ``use_lean_pool`` switches it to
+jemalloc, which measured lower (peak RSS of the core of a no-change backup of
+1M files, bench/memory_phases.py, format 1: mimalloc 753 MiB, jemalloc 608,
+mimalloc with ``MIMALLOC_PURGE_DELAY=0`` 681, glibc malloc with a fixed 128
+KiB mmap threshold 562, the same CPU time), but it is not switched on at
+import: with it, a `keepflow ls` on the CI run aborted at exit ("terminate
+called without an active exception", exit -6) after printing its answer.
+Until that is understood, ``ARROW_DEFAULT_MEMORY_POOL=jemalloc`` is the
+user's choice, not ours.
 """
 
 from __future__ import annotations
@@ -60,5 +60,3 @@ def use_lean_pool() -> None:
     except Exception:   # built without jemalloc (some platforms): keep the default
         pass
 
-
-use_lean_pool()
