@@ -52,10 +52,10 @@ DEFAULT_WINDOW = 16 * MiB
 READ_STEP = MiB                      # iter_chunks asks read() for at most this much at a time
 
 # Windows and their permuted copies (16 MiB each, a pair per window) come from Arrow's mimalloc
-# pool, which keeps freed pages for the next window. Arrow's default pool here is jemalloc
-# (tasks/core/memory.py, for a lower peak on many small files), which gave such extents back at
-# once: every window then cost fresh pages, 340k-375k minor page faults and 1.5-3 s more system
-# time for the 2,000 MiB bench tree, against 79k-96k (glibc malloc, even tuned: 190k-200k).
+# pool, which keeps freed pages for the next window, whatever Arrow's default pool is. With jemalloc
+# as the default (ARROW_DEFAULT_MEMORY_POOL, tasks/core/memory.use_lean_pool), which gave such
+# extents back at once, every window cost fresh pages: 340k-375k minor page faults and 1.5-3 s more
+# system time for the 2,000 MiB bench tree, against 79k-96k (glibc malloc, even tuned: 190k-200k).
 def _window_pool():
     try:
         return pa.mimalloc_memory_pool()
