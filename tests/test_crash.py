@@ -139,6 +139,7 @@ class Kill:
     proc: subprocess.Popen
     delay: float
     record: runs.RunRecord | None        # None: the run had finished before the signal (a miss)
+    finished_record: runs.RunRecord | None = None   # a miss that left its record behind
 
 
 def kill_while_running(args, env, log: Path, running_s: float, rng: random.Random, phase=None) -> Kill:
@@ -160,6 +161,11 @@ def kill_while_running(args, env, log: Path, running_s: float, rng: random.Rando
     while (st := liveness.proc_stat(proc.pid)) is not None and st[0] != "Z":
         time.sleep(0.005)
     still = _record_of(proc.pid)
+    if still is not None and _state(still.flow_run_id).is_final():
+        # The kill landed after the final state was recorded but before the
+        # ``_ended`` hook removed the record: the run finished, nothing is to be
+        # marked Crashed (crash_dead_runs only drops such a record). A miss.
+        return Kill(proc, delay, None, finished_record=still)
     return Kill(proc, delay, still)
 
 
@@ -201,6 +207,10 @@ class Scenario:
         k.proc.wait()
         nxt = run_cli(next_args, env=self.env)
         assert nxt.returncode == 0, f"next {self.name} (seed {SEED}): {nxt.stdout[-1500:]}{nxt.stderr[-1500:]}"
+        if k.finished_record is not None:
+            # The next run drops the finished run's stale record and leaves its state alone.
+            assert _record_of(k.proc.pid) is None
+            assert _state(k.finished_record.flow_run_id).is_completed()
         if k.record is not None:
             state = _state(k.record.flow_run_id)
             assert state.is_crashed(), f"killed {self.name} run is {state.name} (seed {SEED})"
