@@ -14,13 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import flows.cli, tasks.core.backup, prefect" 
+	$(PY) -c "import keepflow.flows.cli, keepflow.tasks.core.backup, prefect" 
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m flows.demo
+	$(PY) -m keepflow.flows.demo
 
 # The real servers the tests start (see ../shared/SERVERS.md): SeaweedFS (S3),
 # Azurite (Azure Blob), OpenSSH (SFTP). Each is installed only when missing.

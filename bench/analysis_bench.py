@@ -5,7 +5,7 @@
 
 Builds a repository (format 2 encrypted by default, ``--format 2-plain`` for
 ``--encryption none``, ``--format 1``) whose manifests are written with
-keepflow's own manifest writer (``tasks.core.manifest.write_manifest``) and
+keepflow's own manifest writer (``keepflow.tasks.core.manifest.write_manifest``) and
 whose index lists every blob: ``--files`` files in folders of 100, a 1%
 change per snapshot (new hashes and sizes), as a nightly backup of a busy
 tree would produce. Then times, each the median of ``--repeats`` runs in
@@ -50,8 +50,8 @@ if ROOT not in sys.path:
 os.environ.setdefault("KEEPFLOW_PASSWORD", "keepflow analysis bench")
 os.environ.setdefault("KEEPFLOW_KDF", "argon2id:t=1,m=1024,p=1")
 
-from tasks.core import analysis, index as indexmod, manifest, snapshots  # noqa: E402
-from tasks.core.repository import RepoConfig, Repository  # noqa: E402
+from keepflow.tasks.core import analysis, index as indexmod, manifest, snapshots  # noqa: E402
+from keepflow.tasks.core.repository import RepoConfig, Repository  # noqa: E402
 
 CONFIGS = {"2": lambda: RepoConfig.new_v2(), "2-plain": lambda: RepoConfig.new_v2(encryption="none"),
            "1": lambda: RepoConfig()}

@@ -9,7 +9,7 @@ have, and that depends on the chunker's secret (a keyed table per keepflow
 repository, a random polynomial per restic repository) and on the offset:
 one run per repository tells little, so this draws many.
 
-- keepflow: the format's chunker (``tasks.core.chunker.Chunker``, FastCDC
+- keepflow: the format's chunker (``keepflow.tasks.core.chunker.Chunker``, FastCDC
   2020 512 KiB / 1 MiB / 8 MiB, NC 2, a random 32-byte key per trial) on the
   old and new bytes in memory; bytes to store = the new chunks' lengths (the
   data is incompressible: stored = raw + a 16-byte tag + a 41-byte header
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", help="write the results into this file's section")
     a = p.parse_args(argv)
-    from tasks.core.chunker import Chunker
+    from keepflow.tasks.core.chunker import Chunker
 
     rng = random.Random(a.seed)
     base = hashlib.shake_128(b"keepflow-bench/format2-change-cost").digest(SIZE)

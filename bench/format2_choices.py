@@ -623,7 +623,7 @@ def manifest_table(n: int, seed: int = 3, binary_ids: bool = True):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from tasks.core import manifest
+    from keepflow.tasks.core import manifest
 
     rng = np.random.default_rng(seed)
     i = np.arange(n)

@@ -62,8 +62,8 @@ def stages(path: str, repeats: int) -> None:
     import pyarrow as pa
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from tasks.core import compress, store_v2
-    from tasks.core.chunker import Chunker
+    from keepflow.tasks.core import compress, store_v2
+    from keepflow.tasks.core.chunker import Chunker
 
     store_v2.tune_malloc()            # as a backup that stores large files does
     MiB_ = MiB
@@ -191,8 +191,8 @@ def _profiled(fn, n: int):
 
 def store(src: str, threads: int, n: int, repo_dir: str | None) -> None:
     _password()
-    from tasks.core import backup
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import backup
+    from keepflow.tasks.core.repository import Repository
 
     import resource
 
@@ -234,7 +234,7 @@ def store(src: str, threads: int, n: int, repo_dir: str | None) -> None:
 
 def restore_cmd(repo: str, target: str, threads: int, n: int) -> None:
     _password()
-    from tasks.core import restore
+    from keepflow.tasks.core import restore
 
     c0, t0 = time.process_time(), time.perf_counter()
     plan = restore.prepare(repo, target).to_dict()

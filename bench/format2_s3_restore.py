@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--files", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     a = p.parse_args(argv)
-    from tasks.core import restore_chunks
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import restore_chunks
+    from keepflow.tasks.core.repository import Repository
 
     shipped = restore_chunks.SPAN_BYTES
     work = tempfile.mkdtemp(prefix="keepflow-s3restore-", dir="/work/bench-tmp" if os.path.isdir("/work/bench-tmp") else None)

@@ -22,6 +22,6 @@ if __name__ == "__main__":
     # Run as a script from a checkout: make flows/ and tasks/ importable even
     # when keepflow is not installed into the environment.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from flows.cli import main
+    from keepflow.flows.cli import main
 
     raise SystemExit(main(["serve", *sys.argv[1:]]))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 
-from tasks.core.errors import UsageError
+from keepflow.tasks.core.errors import UsageError
 
 
 def resolve(value):

@@ -52,10 +52,10 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
-from tasks.core.errors import UsageError
+from keepflow.tasks.core.errors import UsageError
 
 DASK_ENV = "KEEPFLOW_DASK_ADDRESS"
-PRELOAD = ("tasks.backup", "tasks.restore", "tasks.verify")
+PRELOAD = ("keepflow.tasks.backup", "keepflow.tasks.restore", "keepflow.tasks.verify")
 
 
 def choose(dask_address: str | None, workers: int | None) -> tuple[str | None, int | None]:
@@ -92,7 +92,7 @@ def is_remote(address: str) -> bool:
 def check(dask_address: str | None, workers: int | None, *, work_dir: str | None = None,
           uses_work_dir: bool = False, api_url: str | None = None) -> None:
     """Refuse a cluster set-up that cannot work, in one line, before anything runs."""
-    from tasks.core import scratch
+    from keepflow.tasks.core import scratch
 
     if not dask_address:
         return
@@ -208,7 +208,7 @@ class Batches:
 
     def forget_run(self, repo_url: str, run_id: str) -> None:
         """Drop the run's known-blob set in this process and, on a cluster, in every worker."""
-        from tasks.core import index
+        from keepflow.tasks.core import index
 
         index.forget_run(repo_url, run_id)
         if self._dask is None or not self.submitted:
@@ -226,7 +226,7 @@ def _share_password(client) -> None:
     """Hand the password set in this process to the workers of a local cluster we started (module docstring)."""
     import distributed
 
-    from tasks.core import passwords
+    from keepflow.tasks.core import passwords
 
     password = passwords.password_in_process()
     if password is None or not isinstance(client.cluster, distributed.LocalCluster):
@@ -244,7 +244,7 @@ def _password_plugin(password: str):
             self._value = value
 
         def setup(self, worker) -> None:
-            from tasks.core import passwords
+            from keepflow.tasks.core import passwords
 
             passwords.use_password(self._value)
 

@@ -14,8 +14,8 @@ clear by the Prefect server. The parameter may therefore only be:
 
 from __future__ import annotations
 
-from tasks.core import passwords
-from tasks.core.errors import PasswordSourceError, UsageError
+from keepflow.tasks.core import passwords
+from keepflow.tasks.core.errors import PasswordSourceError, UsageError
 
 PREFIX = "secret/"
 

@@ -1,4 +1,4 @@
-"""Rich progress bars for the CLI, fed by ``tasks.core.progress``.
+"""Rich progress bars for the CLI, fed by ``keepflow.tasks.core.progress``.
 
 Only used on a terminal; otherwise the context manager does nothing, so
 scripts and CI logs stay clean.
@@ -25,7 +25,7 @@ def progress_for(phase: str, enabled: bool):
         TimeRemainingColumn,
     )
 
-    from tasks.core import progress as core_progress
+    from keepflow.tasks.core import progress as core_progress
 
     bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                     DownloadColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)

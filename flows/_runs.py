@@ -21,14 +21,14 @@ run's log.
 
 from __future__ import annotations
 
-from tasks.core import runs
+from keepflow.tasks.core import runs
 
 
 def api_url() -> str | None:
     """The Prefect API this process records runs in; None for the embedded temporary server."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows._history import uses_temporary_server
+    from keepflow.flows._history import uses_temporary_server
 
     return None if uses_temporary_server() else str(PREFECT_API_URL.value()).rstrip("/")
 
@@ -78,7 +78,7 @@ def _temporary_server_pid() -> int | None:
     """The pid of the embedded server this process started (None with a real server)."""
     import sys
 
-    from flows._history import uses_temporary_server
+    from keepflow.flows._history import uses_temporary_server
 
     module = sys.modules.get("prefect.server.api.server")   # imported only if this process started one
     if module is None or not uses_temporary_server():

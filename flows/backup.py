@@ -1,7 +1,7 @@
 """The backup flow: scan -> diff -> store changed files in batches -> index -> manifest.
 
-Runnable as ``python -m flows.backup SOURCE REPO [options]`` (same options as
-``keepflow backup``) and importable: ``from flows.backup import backup``.
+Runnable as ``python -m keepflow backup SOURCE REPO [options]`` (same options as
+``keepflow backup``) and importable: ``from keepflow.flows.backup import backup``.
 """
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import _dask
-from flows._credentials import resolve, resolve_map
-from flows._naming import run_name
-from flows._progress_artifact import track
-from flows._password import resolve_password_param
-from flows._runs import HOOKS
-from tasks.backup import commit_snapshot, plan_backup, store_batch
-from tasks.core.backup import check_inputs, cleanup, normalise_source
-from tasks.core.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
-from tasks.core.format import human_bytes
-from tasks.core.lease import backup_lease
-from tasks.core.liveness import remove_dead_repo_temporaries
+from keepflow.flows import _dask
+from keepflow.flows._credentials import resolve, resolve_map
+from keepflow.flows._naming import run_name
+from keepflow.flows._progress_artifact import track
+from keepflow.flows._password import resolve_password_param
+from keepflow.flows._runs import HOOKS
+from keepflow.tasks.backup import commit_snapshot, plan_backup, store_batch
+from keepflow.tasks.core.backup import check_inputs, cleanup, normalise_source
+from keepflow.tasks.core.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL
+from keepflow.tasks.core.format import human_bytes
+from keepflow.tasks.core.lease import backup_lease
+from keepflow.tasks.core.liveness import remove_dead_repo_temporaries
 
 # Small-file batches are bound by Python work under the GIL: measured on 100k
 # files, 1 thread 2.75 s, 2 threads 2.80 s, 4 threads 3.54 s for the store
@@ -88,7 +88,7 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
     if not dry_run:
         emit_completed(summary, storage_options)
     if replicate_to and not dry_run:
-        from flows.replicate import replicate_all, write_artifacts
+        from keepflow.flows.replicate import replicate_all, write_artifacts
 
         replication = replicate_all(repo, list(replicate_to), storage_options, replica_options, False)
         write_artifacts(replication)
@@ -155,7 +155,7 @@ def emit_completed(summary: dict, storage_options: dict | None) -> None:
     from prefect import get_run_logger
     from prefect.events import emit_event
 
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core.repository import Repository
 
     try:
         repo_id = Repository.open(summary["repository"], storage_options).config.id
@@ -186,14 +186,3 @@ def _artifacts(summary: dict) -> None:
     if summary["skipped"]:
         create_table_artifact(summary["skipped"][:1000], key="backup-skipped-files",
                               description="files that could not be backed up (first 1000)")
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from flows.cli import main as cli_main
-    return cli_main(["backup", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """The ``keepflow`` command.
 
-Read-only commands (``snapshots``, ``ls``, ``diff``) call ``tasks.core``
+Read-only commands (``snapshots``, ``ls``, ``diff``) call ``keepflow.tasks.core``
 directly: no flow run, no Prefect import, an answer in well under a second.
 Commands that change data (``backup``, ``restore``) run a Prefect flow, so
 every such run is in Prefect's history.
@@ -19,10 +19,10 @@ import json
 import os
 import sys
 
-from flows.cli_keys import add_key_parser, cmd_key
-from flows.cli_server import add_server_parser, cmd_server
-from flows.cli_stats import add_stats_parser, cmd_stats
-from tasks.core.errors import EXIT_FAILED, EXIT_NO_SPACE, EXIT_PARTIAL, EXIT_USAGE, KeepflowError, UsageError
+from keepflow.flows.cli_keys import add_key_parser, cmd_key
+from keepflow.flows.cli_server import add_server_parser, cmd_server
+from keepflow.flows.cli_stats import add_stats_parser, cmd_stats
+from keepflow.tasks.core.errors import EXIT_FAILED, EXIT_NO_SPACE, EXIT_PARTIAL, EXIT_USAGE, KeepflowError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     try:
         if getattr(args, "password_file", None):
-            from tasks.core import passwords
+            from keepflow.tasks.core import passwords
 
             passwords.use_password_file(args.password_file)
         return COMMANDS[args.command](args)
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     except OSError as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         _fail(f"{exc.strerror or exc}{where}")
-        from tasks.core.storage import is_no_space
+        from keepflow.tasks.core.storage import is_no_space
 
         return EXIT_NO_SPACE if is_no_space(exc) else EXIT_FAILED
     except Exception as exc:  # a bug: still one line, traceback only on request
@@ -301,7 +301,7 @@ def _print_json(obj) -> None:
 # -- read-only commands (no Prefect) -----------------------------------------
 
 def cmd_init(args) -> int:
-    from tasks.core.repository import RepoConfig, Repository
+    from keepflow.tasks.core.repository import RepoConfig, Repository
 
     if args.format == 1:
         if args.encryption != "aes-256-gcm" or args.compression != "auto":
@@ -322,8 +322,8 @@ def cmd_init(args) -> int:
 
 
 def cmd_snapshots(args) -> int:
-    from tasks.core.repository import Repository
-    from tasks.core.snapshots import list_snapshots
+    from keepflow.tasks.core.repository import Repository
+    from keepflow.tasks.core.snapshots import list_snapshots
 
     damaged: list = []
     snaps = list_snapshots(Repository.open(args.repo, args.storage_options), damaged)
@@ -334,7 +334,7 @@ def cmd_snapshots(args) -> int:
     if args.json:
         _print_json([_snap_dict(s) for s in snaps])
         return status
-    from tasks.core.format import human_bytes
+    from keepflow.tasks.core.format import human_bytes
 
     rows = [("ID", "TIME", "HOST", "SOURCE", "FILES", "SIZE", "TAGS")]
     for s in snaps:
@@ -357,8 +357,8 @@ def _print_rows(rows) -> None:
 
 
 def cmd_ls(args) -> int:
-    from tasks.core import manifest, snapshots
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import manifest, snapshots
+    from keepflow.tasks.core.repository import Repository
 
     repo = Repository.open(args.repo, args.storage_options)
     info = snapshots.resolve(repo, args.snapshot)
@@ -380,8 +380,8 @@ def cmd_ls(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from tasks.core import snapshot_diff
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import snapshot_diff
+    from keepflow.tasks.core.repository import Repository
 
     repo = Repository.open(args.repo, args.storage_options)
     result = snapshot_diff.compare(repo, args.snap_a, args.snap_b)
@@ -407,7 +407,7 @@ def _prepare_prefect(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # A server `keepflow server start` left running serves this command (unless the
     # user chose another); otherwise Prefect's temporary one, announced on a terminal.
-    from flows import cli_server
+    from keepflow.flows import cli_server
 
     if not cli_server.use_running_server() and not os.environ.get("PREFECT_API_URL") \
             and not cli_server.profile_api_url():
@@ -416,22 +416,13 @@ def _prepare_prefect(verbose: bool) -> None:
         # Logs still go to the API (run history); only the console is quiet,
         # so failures reach the user as our one-line errors, not tracebacks.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        if "prefect" in sys.modules:  # `python -m flows.backup`: already configured
-            import logging
-
-            from prefect.logging.handlers import PrefectConsoleHandler
-
-            for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
-                for handler in logging.getLogger(name).handlers:
-                    if isinstance(handler, PrefectConsoleHandler):
-                        handler.setLevel(logging.CRITICAL)
 
 
 def _run_flow(flow_fn, kwargs, args, phase: str) -> dict:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from flows import _history
-    from flows._progress import progress_for
+    from keepflow.flows import _history
+    from keepflow.flows._progress import progress_for
 
     # An ad hoc run from the command line sends no heartbeats: the engine joins
     # the heartbeat thread at the end, which costs up to a second per command,
@@ -451,7 +442,7 @@ def _run_flow(flow_fn, kwargs, args, phase: str) -> dict:
 
 def _cluster(args, uses_work_dir: bool) -> dict:
     """The flow parameters for --dask/--workers/--work-dir; usage errors before Prefect is imported."""
-    from flows import _dask
+    from keepflow.flows import _dask
 
     address, workers = _dask.choose(args.dask, args.workers)
     out = dict(dask_address=address, workers=workers)
@@ -462,7 +453,7 @@ def _cluster(args, uses_work_dir: bool) -> dict:
 
 def _on_cluster(flow_fn, cluster: dict):
     """``flow_fn`` with its batches on the Dask cluster asked for (or as it is)."""
-    from flows import _dask
+    from keepflow.flows import _dask
 
     address, workers = cluster["dask_address"], cluster["workers"]
     _dask.check(address, workers, work_dir=cluster.get("work_dir"), uses_work_dir="work_dir" in cluster,
@@ -474,7 +465,7 @@ def _on_cluster(flow_fn, cluster: dict):
 def cmd_backup(args) -> int:
     cluster = _cluster(args, uses_work_dir=True)
     _prepare_prefect(args.verbose)
-    from flows.backup import backup
+    from keepflow.flows.backup import backup
 
     summary = _run_flow(_on_cluster(backup, cluster),
                         dict(source=args.source, repo=args.repo, tags=args.tag, excludes=args.exclude,
@@ -486,7 +477,7 @@ def cmd_backup(args) -> int:
     if args.json:
         _print_json(summary)
         return summary["exit_code"]
-    from tasks.core.format import human_bytes
+    from keepflow.tasks.core.format import human_bytes
 
     if summary["dry_run"]:
         print(f"dry run: would store {human_bytes(summary['bytes_stored'])} "
@@ -512,7 +503,7 @@ def cmd_backup(args) -> int:
 def cmd_restore(args) -> int:
     cluster = _cluster(args, uses_work_dir=True)
     _prepare_prefect(args.verbose)
-    from flows.restore import restore
+    from keepflow.flows.restore import restore
 
     summary = _run_flow(_on_cluster(restore, cluster),
                         dict(repo=args.repo, target=args.target, snapshot=args.snapshot, as_of=args.as_of,
@@ -523,7 +514,7 @@ def cmd_restore(args) -> int:
     if args.json:
         _print_json(summary)
         return summary["exit_code"]
-    from tasks.core.format import human_bytes
+    from keepflow.tasks.core.format import human_bytes
 
     verb = "would write" if args.dry_run else "wrote"
     print(f"restored snapshot {summary['snapshot'][:8]} into {args.target}: {verb} {summary['files_written']} files "
@@ -540,7 +531,7 @@ def cmd_restore(args) -> int:
 
 def cmd_replicate(args) -> int:
     _prepare_prefect(args.verbose)
-    from flows.replicate import replicate
+    from keepflow.flows.replicate import replicate
 
     summary = _run_flow(replicate, dict(repo=args.repo, replicas=args.replicas, dry_run=args.dry_run,
                                         storage_options=args.storage_options), args, "replicate")
@@ -552,7 +543,7 @@ def cmd_replicate(args) -> int:
 
 
 def _print_replication(summary: dict) -> None:
-    from tasks.core.format import human_bytes
+    from keepflow.tasks.core.format import human_bytes
 
     for o in summary["replicas"]:
         if not o["ok"]:
@@ -574,12 +565,12 @@ def _print_replication(summary: dict) -> None:
 
 
 def cmd_verify(args) -> int:
-    from tasks.core.verify import parse_percent
+    from keepflow.tasks.core.verify import parse_percent
 
     percent = parse_percent(args.read_data)
     cluster = _cluster(args, uses_work_dir=False)
     _prepare_prefect(args.verbose)
-    from flows.verify import verify
+    from keepflow.flows.verify import verify
 
     summary = _run_flow(_on_cluster(verify, cluster),
                         dict(repo=args.repo, read_data=percent, storage_options=args.storage_options,
@@ -588,7 +579,7 @@ def cmd_verify(args) -> int:
     if args.json:
         _print_json(summary)
         return summary["exit_code"]
-    from tasks.core.format import human_bytes
+    from keepflow.tasks.core.format import human_bytes
 
     if summary.get("ciphertext_only"):
         print(f"ciphertext only (no key): {summary['snapshots']} snapshots, {summary['keys']} packs; every file "
@@ -611,7 +602,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from tasks.core import retention
+    from keepflow.tasks.core import retention
 
     policy = retention.Policy(args.keep_last, args.keep_hourly, args.keep_daily, args.keep_weekly,
                               args.keep_monthly, args.keep_yearly, args.keep_tag)
@@ -620,7 +611,7 @@ def cmd_prune(args) -> int:
     if args.grace < 0:
         raise UsageError(f"--grace must be 0 or more hours, not {args.grace:g}")
     _prepare_prefect(args.verbose)
-    from flows.prune import prune
+    from keepflow.flows.prune import prune
 
     summary = _run_flow(prune, dict(repo=args.repo, keep_last=args.keep_last, keep_hourly=args.keep_hourly,
                                     keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
@@ -630,7 +621,7 @@ def cmd_prune(args) -> int:
     if args.json:
         _print_json(summary)
         return summary["exit_code"]
-    from tasks.core.format import human_bytes
+    from keepflow.tasks.core.format import human_bytes
 
     verb = "would forget" if args.dry_run else "forgot"
     print(f"{verb} {len(summary['forgotten'])} snapshots, keeping {len(summary['kept'])}")
@@ -654,8 +645,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_unlock(args) -> int:
-    from tasks.core import lease, runs
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import lease, runs
+    from keepflow.tasks.core.repository import Repository
 
     removed, kept = lease.unlock(Repository.open(args.repo, args.storage_options))
     crashed, elsewhere = [], []
@@ -663,7 +654,7 @@ def cmd_unlock(args) -> int:
     # (tasks/core/runs.py), so a plain unlock stays a sub-second command.
     if runs.dead_runs(runs.default_folder(), args.repo):
         _prepare_prefect(args.verbose)
-        from flows._runs import crash_dead_runs
+        from keepflow.flows._runs import crash_dead_runs
 
         crashed, elsewhere = crash_dead_runs(args.repo, by="keepflow unlock")
     if args.json:
@@ -685,7 +676,7 @@ def cmd_unlock(args) -> int:
 
 def cmd_repair(args) -> int:
     _prepare_prefect(args.verbose)
-    from flows.repair import repair
+    from keepflow.flows.repair import repair
 
     summary = _run_flow(repair, dict(repo=args.repo, what=args.what, read_data=getattr(args, "read_data", False),
                                      forget=getattr(args, "forget", False), dry_run=args.dry_run,
@@ -754,15 +745,15 @@ def _print_index_repair(s: dict, repo: str, brief: bool = False) -> None:
 
 
 def cmd_replicas(args) -> int:
-    from tasks.core import replicate as core_replicate
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import replicate as core_replicate
+    from keepflow.tasks.core.repository import Repository
 
     primary = Repository.open(args.repo, args.storage_options, unlock=False)   # listings only: no password
     statuses = [core_replicate.status(primary, url) for url in args.replicas]
     if args.json:
         _print_json([s.to_dict() for s in statuses])
         return 0
-    from tasks.core.format import human_bytes
+    from keepflow.tasks.core.format import human_bytes
 
     for s in statuses:
         if not s.exists:
@@ -779,7 +770,7 @@ def cmd_replicas(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from flows.serve_config import load
+    from keepflow.flows.serve_config import load
 
     jobs = load(args.config)  # a bad file fails here, in one line, before Prefect is imported
     for job in jobs:
@@ -795,7 +786,7 @@ def cmd_serve(args) -> int:
         raise UsageError("keepflow serve needs a running Prefect server for its schedules: start one with "
                          "`prefect server start --host 127.0.0.1` and set "
                          "PREFECT_API_URL=http://127.0.0.1:4200/api")
-    from flows.serve import serve_config
+    from keepflow.flows.serve import serve_config
 
     print(f"serving {len(jobs)} deployments from {args.config} (Prefect API {PREFECT_API_URL.value()}); "
           "Ctrl-C stops", flush=True)

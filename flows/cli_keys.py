@@ -2,7 +2,7 @@
 
 Every password has its own key file under ``keys/`` wrapping the one master
 key (ARCHITECTURE.md, "Keys and passwords"). Read-only for Prefect: these
-commands call ``tasks.core.keyring`` directly, no flow run. The current
+commands call ``keepflow.tasks.core.keyring`` directly, no flow run. The current
 password comes from the usual sources (``--password-file``,
 ``KEEPFLOW_PASSWORD``...); the *new* one for ``add`` and ``passwd`` from
 ``--new-password-file FILE`` or ``KEEPFLOW_NEW_PASSWORD``, else a terminal
@@ -40,14 +40,14 @@ def add_key_parser(sub, password_arg) -> None:
 
 
 def _json_object(text: str) -> dict:
-    from flows.cli import _json_object as parse
+    from keepflow.flows.cli import _json_object as parse
 
     return parse(text)
 
 
 def _new_password(args, repo_url: str) -> str:
-    from tasks.core import passwords
-    from tasks.core.errors import PasswordSourceError
+    from keepflow.tasks.core import passwords
+    from keepflow.tasks.core.errors import PasswordSourceError
 
     if args.new_password_file:
         return passwords.read_password_file(args.new_password_file, origin="--new-password-file")
@@ -61,9 +61,9 @@ def _new_password(args, repo_url: str) -> str:
 
 
 def cmd_key(args) -> int:
-    from tasks.core import keyring, passwords
-    from tasks.core.errors import UsageError
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import keyring, passwords
+    from keepflow.tasks.core.errors import UsageError
+    from keepflow.tasks.core.repository import Repository
 
     repo = Repository.open(args.repo, args.storage_options)
     if not repo.encrypted:

@@ -145,7 +145,7 @@ def _status() -> dict:
 
 
 def cmd_server(args) -> int:
-    from tasks.core.errors import KeepflowError
+    from keepflow.tasks.core.errors import KeepflowError
 
     action = args.server_command
     if action == "status":

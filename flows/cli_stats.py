@@ -1,13 +1,13 @@
 """``keepflow stats REPO [--json] [--last N]``: what a repository holds and how it grows.
 
-Read-only, like ``snapshots``/``ls``/``diff``: it calls ``tasks.core`` directly
+Read-only, like ``snapshots``/``ls``/``diff``: it calls ``keepflow.tasks.core`` directly
 (no Prefect, no pandas) and reads only the snapshot facts (format 2: each
 manifest's small encrypted facts block; format 1: the Parquet footers), the
 index and a listing of ``packs/`` (and format 1's ``objects/``), so it answers
 in well under a second even for a long history. An encrypted repository
 needs its password (``--password-file``, ``KEEPFLOW_PASSWORD``, ...). The
 richer per-snapshot figures (stored bytes recomputed from the index with the
-chunks of chunked files, churn, largest files) are in ``tasks.core.analysis``
+chunks of chunked files, churn, largest files) are in ``keepflow.tasks.core.analysis``
 and the notebooks.
 """
 
@@ -27,9 +27,9 @@ def add_stats_parser(sub) -> None:
 
 
 def cmd_stats(args) -> int:
-    from tasks.core.analysis import repository_summary
-    from tasks.core.errors import UsageError
-    from tasks.core.format import human_bytes
+    from keepflow.tasks.core.analysis import repository_summary
+    from keepflow.tasks.core.errors import UsageError
+    from keepflow.tasks.core.format import human_bytes
 
     if args.last < 1:
         raise UsageError(f"--last must be at least 1, not {args.last}")

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 
-from tasks.core import treeinfo
+from keepflow.tasks.core import treeinfo
 
 WORK = os.path.abspath("demo-work")
 DEMO_PASSWORD = "keepflow demo password"
@@ -62,7 +62,7 @@ def step(title: str) -> None:
 
 
 def keepflow(*args: str) -> int:
-    from flows.cli import main
+    from keepflow.flows.cli import main
 
     print("$ keepflow " + " ".join(f"'{a}'" if " " in a else a for a in args), flush=True)
     code = main(list(args))
@@ -102,8 +102,8 @@ def main() -> int:
 
     step("4. the snapshots")
     keepflow("snapshots", repo)
-    from tasks.core.repository import Repository
-    from tasks.core.snapshots import list_snapshots
+    from keepflow.tasks.core.repository import Repository
+    from keepflow.tasks.core.snapshots import list_snapshots
     first, second = list_snapshots(Repository.open(repo))[:2]
     keepflow("diff", repo, first.short_id, second.short_id)
 

@@ -8,7 +8,7 @@
    backup runs). With the default 24 h, a prune deletes what the previous
    day's prune marked.
 
-Runnable as ``python -m flows.prune REPO --keep-daily 7 ...``.
+Runnable as ``python -m keepflow prune REPO --keep-daily 7 ...``.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._credentials import resolve, resolve_map
-from flows._naming import run_name
-from flows._password import resolve_password_param
-from flows._runs import HOOKS
-from tasks.core.errors import EXIT_FAILED, EXIT_OK
-from tasks.core.format import human_bytes
-from tasks.prune import forget_snapshots, mark_garbage, sweep_garbage
+from keepflow.flows._credentials import resolve, resolve_map
+from keepflow.flows._naming import run_name
+from keepflow.flows._password import resolve_password_param
+from keepflow.flows._runs import HOOKS
+from keepflow.tasks.core.errors import EXIT_FAILED, EXIT_OK
+from keepflow.tasks.core.format import human_bytes
+from keepflow.tasks.prune import forget_snapshots, mark_garbage, sweep_garbage
 
 
 @flow(name="prune", flow_run_name=lambda: run_name("prune", "repo"),
@@ -89,14 +89,3 @@ def _prune_one(repo: str, policy: dict, grace_hours: float, dry_run: bool, stora
         create_table_artifact([{"snapshot": s["id"][:8], "time": s["time"][:19], "source": s["source"]}
                                for s in decision["forget"]], key="prune-forgotten")
     return summary
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from flows.cli import main as cli_main
-    return cli_main(["prune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

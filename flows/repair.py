@@ -11,7 +11,7 @@ object holds. Both hold a prune lease for their whole run.
 Artifacts: ``repair-summary`` (markdown) and a table of what was found
 (``repair-problems``) or dropped (``repair-dropped-files``). A run that found
 data lost or unreadable ends Failed and still carries its summary (CLI exit 1).
-Runnable as ``python -m flows.repair index REPO`` (the CLI's arguments).
+Runnable as ``python -m keepflow repair index REPO`` (the CLI's arguments).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._credentials import resolve
-from flows._naming import run_name
-from flows._password import resolve_password_param
-from flows._runs import HOOKS
-from tasks.core.errors import EXIT_OK, UsageError
-from tasks.core.format import human_bytes
-from tasks.repair import rebuild_index, replace_damaged_snapshots
+from keepflow.flows._credentials import resolve
+from keepflow.flows._naming import run_name
+from keepflow.flows._password import resolve_password_param
+from keepflow.flows._runs import HOOKS
+from keepflow.tasks.core.errors import EXIT_OK, UsageError
+from keepflow.tasks.core.format import human_bytes
+from keepflow.tasks.repair import rebuild_index, replace_damaged_snapshots
 
 WHATS = ("index", "snapshots")
 TABLE_ROWS = 1000
@@ -137,14 +137,3 @@ def _snapshot_artifacts(s: dict) -> None:
         create_table_artifact([{"snapshot": f["snapshot"][:8], "replacement": f["replacement"][:8],
                                 "path": f["path"], "size": f["size"]} for f in s["files_dropped"][:TABLE_ROWS]],
                               key="repair-dropped-files", description="files whose content is lost")
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from flows.cli import main as cli_main
-    return cli_main(["repair", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,7 +6,7 @@ format: replicas are byte copies, checked against the hashes in their names
 (tasks/core/replicate.py). The run ends Failed when any replica
 failed, naming which and why, and still returns the per-replica summary.
 
-Runnable as ``python -m flows.replicate REPO REPLICA... [--dry-run] [--json]``.
+Runnable as ``python -m keepflow replicate REPO REPLICA... [--dry-run] [--json]``.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._credentials import resolve, resolve_map
-from flows._naming import run_name
-from flows._progress_artifact import track
-from flows._runs import HOOKS
-from tasks.core.errors import EXIT_FAILED, EXIT_OK
-from tasks.core.format import human_bytes
-from tasks.replicate import replicate_to
-from tasks.retry import is_transient
+from keepflow.flows._credentials import resolve, resolve_map
+from keepflow.flows._naming import run_name
+from keepflow.flows._progress_artifact import track
+from keepflow.flows._runs import HOOKS
+from keepflow.tasks.core.errors import EXIT_FAILED, EXIT_OK
+from keepflow.tasks.core.format import human_bytes
+from keepflow.tasks.replicate import replicate_to
+from keepflow.tasks.retry import is_transient
 
 
 def replicate_all(repo: str, replicas: list[str], storage_options: dict | None,
@@ -90,14 +90,3 @@ def replicate(repo: str, replicas: list[str], dry_run: bool = False, storage_opt
         reasons = "; ".join(f"{o['replica']}: {o['error']}" for o in summary["replicas"] if not o["ok"])
         return Failed(message=f"replicas failed: {reasons}. In step: {', '.join(ok) or 'none'}", data=summary)
     return summary
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from flows.cli import main as cli_main
-    return cli_main(["replicate", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """The restore flow: plan -> restore batches (range reads, hash-verified) -> links and folders.
 
-Runnable as ``python -m flows.restore REPO TARGET [options]`` and importable.
+Runnable as ``python -m keepflow restore REPO TARGET [options]`` and importable.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import _dask
-from flows._credentials import resolve, resolve_map
-from flows._naming import run_name
-from flows._password import resolve_password_param
-from flows._runs import HOOKS
-from tasks.core.errors import EXIT_FAILED, EXIT_OK
-from tasks.core.format import human_bytes
-from tasks.core.restore import cleanup
-from tasks.restore import finish_restore, plan_restore, restore_batch
+from keepflow.flows import _dask
+from keepflow.flows._credentials import resolve, resolve_map
+from keepflow.flows._naming import run_name
+from keepflow.flows._password import resolve_password_param
+from keepflow.flows._runs import HOOKS
+from keepflow.tasks.core.errors import EXIT_FAILED, EXIT_OK
+from keepflow.tasks.core.format import human_bytes
+from keepflow.tasks.core.restore import cleanup
+from keepflow.tasks.restore import finish_restore, plan_restore, restore_batch
 
 DEFAULT_WORKERS = 2
 
@@ -99,14 +99,3 @@ def _merge_counts(dicts) -> dict:
         for url, n in d.items():
             total[url] = total.get(url, 0) + n
     return total
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from flows.cli import main as cli_main
-    return cli_main(["restore", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import datetime as dt
 
-from flows.serve_config import Job, load
+from keepflow.flows.serve_config import Job, load
 
 # The flows by name, imported lazily (Prefect and the flow modules load in ~1.5 s).
-FLOW_MODULES = {"backup": "flows.backup", "replicate": "flows.replicate", "prune": "flows.prune",
-                "verify": "flows.verify"}
-COMPLETED_EVENT = "keepflow.backup.completed"   # flows.backup.COMPLETED_EVENT, without importing it
+FLOW_MODULES = {"backup": "keepflow.flows.backup", "replicate": "keepflow.flows.replicate", "prune": "keepflow.flows.prune",
+                "verify": "keepflow.flows.verify"}
+COMPLETED_EVENT = "keepflow.backup.completed"   # keepflow.flows.backup.COMPLETED_EVENT, without importing it
 
 
 def backup_completed_trigger(repo_url: str, name: str | None = None):
@@ -40,7 +40,7 @@ def backup_completed_trigger(repo_url: str, name: str | None = None):
 def _flow(name: str):
     import importlib
 
-    from tasks.core.errors import UsageError
+    from keepflow.tasks.core.errors import UsageError
 
     try:
         module = importlib.import_module(FLOW_MODULES[name])
@@ -72,7 +72,7 @@ def build_deployments(jobs: list[Job]) -> list:
             triggers=triggers,
             description=job.description,
             tags=job.tags,
-            # "flows.backup.backup": importable wherever keepflow is installed,
+            # "keepflow.flows.backup.backup": importable wherever keepflow is installed,
             # whatever folder `keepflow serve` was started from.
             entrypoint_type=EntrypointType.MODULE_PATH,
         ))
@@ -86,14 +86,3 @@ def serve_config(path: str, limit: int | None = None) -> None:
     jobs = load(path)
     deployments = build_deployments(jobs)
     serve(*deployments, limit=limit)
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from flows.cli import main as cli_main
-    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

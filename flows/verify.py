@@ -2,7 +2,7 @@
 
 Exit (CLI): 0 clean, 1 problems found. A table artifact lists the problems
 with the snapshots and paths they affect; a markdown artifact summarises.
-Runnable as ``python -m flows.verify REPO [--read-data 10%]``.
+Runnable as ``python -m keepflow verify REPO [--read-data 10%]``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import _dask
-from flows._credentials import resolve
-from flows._naming import run_name
-from flows._password import resolve_password_param
-from flows._runs import HOOKS
-from tasks.core.errors import EXIT_FAILED, EXIT_OK
-from tasks.core.format import human_bytes
-from tasks.verify import attribute_problems, check_ciphertext, check_data, check_structure
+from keepflow.flows import _dask
+from keepflow.flows._credentials import resolve
+from keepflow.flows._naming import run_name
+from keepflow.flows._password import resolve_password_param
+from keepflow.flows._runs import HOOKS
+from keepflow.tasks.core.errors import EXIT_FAILED, EXIT_OK
+from keepflow.tasks.core.format import human_bytes
+from keepflow.tasks.verify import attribute_problems, check_ciphertext, check_data, check_structure
 
 DATA_PARTS = 4
 
@@ -93,14 +93,3 @@ def _ciphertext_only(repo: str, read_data: float, storage_options) -> dict:
     if problems:
         return Failed(message=f"{len(problems)} problems found in {repo}", data=summary)
     return summary
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from flows.cli import main as cli_main
-    return cli_main(["verify", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,9 +7,9 @@ from dataclasses import asdict
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core import gc, lease, retention, snapshots
-from tasks.core.repository import Repository
-from tasks.retry import retry_transient
+from keepflow.tasks.core import gc, lease, retention, snapshots
+from keepflow.tasks.core.repository import Repository
+from keepflow.tasks.retry import retry_transient
 
 
 @task(name="forget-snapshots", cache_policy=NO_CACHE)

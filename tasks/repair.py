@@ -11,8 +11,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core import repair as core
-from tasks.retry import retry_transient
+from keepflow.tasks.core import repair as core
+from keepflow.tasks.retry import retry_transient
 
 
 @task(name="rebuild-index", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],

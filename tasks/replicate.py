@@ -6,8 +6,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core import replicate as core
-from tasks.retry import retry_transient
+from keepflow.tasks.core import replicate as core
+from keepflow.tasks.retry import retry_transient
 
 
 @task(name="replicate-to", cache_policy=NO_CACHE, task_run_name="replicate-to-{replica}",

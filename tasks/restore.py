@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core import restore as core
-from tasks.retry import retry_transient
+from keepflow.tasks.core import restore as core
+from keepflow.tasks.retry import retry_transient
 
 
 @task(name="plan-restore", cache_policy=NO_CACHE)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.core import verify as core
-from tasks.retry import retry_transient
+from keepflow.tasks.core import verify as core
+from keepflow.tasks.retry import retry_transient
 
 
 @task(name="check-structure", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10],

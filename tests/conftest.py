@@ -134,7 +134,7 @@ def age_tree(root: Path, seconds: int = 10) -> None:
 # -- every test is an integrity test -------------------------------------------------
 #
 # After each test that passed, every repository it left behind gets the
-# structural verify (tasks.core.verify.check_structure: listings, the index,
+# structural verify (keepflow.tasks.core.verify.check_structure: listings, the index,
 # the manifests' hash columns; no data is read), like restic's tests calling
 # checker.TestCheckRepo after their operations. Repositories left behind are:
 #
@@ -165,8 +165,8 @@ def pytest_runtest_makereport(item, call):
 
 def repository_problems(url: str) -> list[str]:
     """The structural verify of the repository at ``url`` as readable lines (none: sound)."""
-    from tasks.core import verify
-    from tasks.core.errors import KeepflowError
+    from keepflow.tasks.core import verify
+    from keepflow.tasks.core.errors import KeepflowError
 
     try:
         result = verify.check_structure(url)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tasks.core import backup as core_backup
-from tasks.core import restore as core_restore
+from keepflow.tasks.core import backup as core_backup
+from keepflow.tasks.core import restore as core_restore
 
 
 def backup(source, repo, **options):

@@ -1,4 +1,4 @@
-"""``tasks.core.analysis``, ``keepflow stats``, ``keepflow diff`` and DuckDB on real repositories.
+"""``keepflow.tasks.core.analysis``, ``keepflow stats``, ``keepflow diff`` and DuckDB on real repositories.
 
 The repository is made by the real backup steps (``tests.core_helpers``, no
 Prefect): four snapshots of a tree whose history is known exactly, so every
@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.core import analysis, index as indexmod, manifest, snapshot_diff, snapshots as core_snapshots
-from tasks.core.errors import DamagedManifestError, UsageError
-from tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core import analysis, index as indexmod, manifest, snapshot_diff, snapshots as core_snapshots
+from keepflow.tasks.core.errors import DamagedManifestError, UsageError
+from keepflow.tasks.core.repository import RepoConfig, Repository
 from tests import core_helpers
 from tests.conftest import KEEPFLOW, TEST_PASSWORD, age_tree, make_tree
 
@@ -449,7 +449,7 @@ def test_replication_status_against_copies(hist, tmp_path):
 def test_replication_status_compares_key_files(hist, tmp_path):
     """Format 2 replicas mirror keys/: a password added (or revoked) on one side only is not in sync."""
     assert hist["encrypted"]
-    from tasks.core import keyring
+    from keepflow.tasks.core import keyring
 
     replica = tmp_path / "replica"
     shutil.copytree(hist["repo"], replica)
@@ -542,7 +542,7 @@ def test_stats_errors_and_empty_repository(tmp_path):
 def test_stats_imports_neither_prefect_nor_pandas(hist):
     code = textwrap.dedent(f"""
         import contextlib, io, json, sys
-        from flows.cli import main
+        from keepflow.flows.cli import main
         with contextlib.redirect_stdout(io.StringIO()):
             rc = main(["stats", {hist["repo"]!r}, "--json"])
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("prefect", "pandas"))
@@ -721,7 +721,7 @@ BIG5 = 5 * 1024 * 1024
 
 def _chunks(repo: Repository, data: bytes) -> list[tuple[str, int]]:
     """The file's chunks, cut and named here with the repository's own chunker and keys."""
-    from tasks.core import store_v2
+    from keepflow.tasks.core import store_v2
 
     view = memoryview(data)
     pos = 0
@@ -804,7 +804,7 @@ def test_stored_bytes_reflect_chunk_level_dedup(chunked):
 
 
 def test_chunk_lists_are_read_only_when_a_figure_needs_them(chunked, monkeypatch):
-    from tasks.core import chunk_lists
+    from keepflow.tasks.core import chunk_lists
 
     def no_lists(*a, **k):
         raise AssertionError("this figure needs no chunk list")

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tasks.core.errors import EXIT_NO_REPO
+from keepflow.tasks.core.errors import EXIT_NO_REPO
 
 from tests.conftest import make_tree
 from tests.test_cli_errors import assert_one_error

@@ -19,12 +19,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from tasks.core import diff as diffmod
-from tasks.core import known_blobs as kb
-from tasks.core import scan as scanmod
-from tasks.core.columns import nulls, share_nulls
-from tasks.core.known_blobs import KnownBlobs
-from tasks.core.manifest import MANIFEST_SCHEMA
+from keepflow.tasks.core import diff as diffmod
+from keepflow.tasks.core import known_blobs as kb
+from keepflow.tasks.core import scan as scanmod
+from keepflow.tasks.core.columns import nulls, share_nulls
+from keepflow.tasks.core.known_blobs import KnownBlobs
+from keepflow.tasks.core.manifest import MANIFEST_SCHEMA
 
 from tests.conftest import age_tree, make_tree
 
@@ -302,7 +302,7 @@ def _cut_ranges_loop(sizes, max_files, max_bytes):
 
 
 def test_vectorised_cut_ranges_equals_the_loop():
-    from tasks.core.scratch import cut_ranges
+    from keepflow.tasks.core.scratch import cut_ranges
 
     rng = random.Random(7)
     for _ in range(2000):
@@ -313,7 +313,7 @@ def test_vectorised_cut_ranges_equals_the_loop():
 
 
 def test_the_plan_is_written_and_read_back_a_row_group_at_a_time(tmp_path):
-    from tasks.core import scratch
+    from keepflow.tasks.core import scratch
 
     folder = scratch.create("backup", "20261202T000000Z-0123abcd", str(tmp_path))
     writer = scratch.TableWriter(folder, "plan")

@@ -22,8 +22,8 @@ import pytest
 from pyfastcdc.py import fastcdc as pyimpl
 from pyfastcdc.py.constants import GEAR, MASKS
 
-from tasks.core import compress as zc
-from tasks.core.chunker import Chunker, derive_permutation, derive_seed
+from keepflow.tasks.core import compress as zc
+from keepflow.tasks.core.chunker import Chunker, derive_permutation, derive_seed
 
 KiB, MiB = 1024, 1024 * 1024
 M64 = 2**64 - 1

@@ -26,11 +26,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks.core import backup as core_backup_mod
-from tasks.core import restore as core_restore_mod
-from tasks.core import snapshots as core_snapshots
-from tasks.core.repository import Repository
-from tasks.core.treeinfo import describe, differences
+from keepflow.tasks.core import backup as core_backup_mod
+from keepflow.tasks.core import restore as core_restore_mod
+from keepflow.tasks.core import snapshots as core_snapshots
+from keepflow.tasks.core.repository import Repository
+from keepflow.tasks.core.treeinfo import describe, differences
 
 from tests.conftest import KEEPFLOW, VENV_BIN, age_tree, make_tree, run_cli
 
@@ -257,9 +257,9 @@ def test_restore_overwrite_modes(cli, hist, tmp_path):
     same_tree(hist.desc2, describe(str(out)))
 
 
-def test_python_m_flows_backup_matches_keepflow_backup(hist, tmp_path):
+def test_python_m_keepflow_backup_matches_keepflow_backup(hist, tmp_path):
     repo = tmp_path / "repo"
-    proc = subprocess.run([sys.executable, "-m", "flows.backup", str(hist.src), str(repo), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "keepflow", "backup", str(hist.src), str(repo), "--json"],
                           capture_output=True, text=True, env=hist.env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)

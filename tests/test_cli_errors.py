@@ -20,13 +20,13 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pytest
 
-from tasks.core import backup as core_backup
-from tasks.core import chunk_lists, pack
-from tasks.core import index as core_index
-from tasks.core import manifest as core_manifest
-from tasks.core import snapshots as core_snapshots
-from tasks.core.errors import EXIT_FAILED, EXIT_NO_REPO, EXIT_USAGE, BadPatternError, SourceNotFoundError
-from tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core import backup as core_backup
+from keepflow.tasks.core import chunk_lists, pack
+from keepflow.tasks.core import index as core_index
+from keepflow.tasks.core import manifest as core_manifest
+from keepflow.tasks.core import snapshots as core_snapshots
+from keepflow.tasks.core.errors import EXIT_FAILED, EXIT_NO_REPO, EXIT_USAGE, BadPatternError, SourceNotFoundError
+from keepflow.tasks.core.repository import RepoConfig, Repository
 
 from tests.conftest import age_tree, make_tree, run_cli
 

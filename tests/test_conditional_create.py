@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import storage
+from keepflow.tasks.core import storage
 from tests.servers import S3RequestCounter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def test_threads_racing_for_one_name_have_one_winner(objstore):
 _WRITER = r"""
 import json, sys, time
 import fsspec
-from tasks.core import storage
+from keepflow.tasks.core import storage
 opts, paths, start, me = json.loads(sys.argv[1]), json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 fs, _ = fsspec.core.url_to_fs(sys.argv[5], **opts)
 storage.create_only(fs, paths[0])      # probe before the start line, so both race on the real writes
@@ -261,7 +261,7 @@ def test_providers_without_conditional_create_fall_back(tmp_path):
 
 @pytest.fixture(params=["local", "sftp", "s3", "azure"])
 def lease_repo(request, tmp_path):
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core.repository import Repository
 
     if request.param == "local":
         return Repository.open(str(tmp_path / "repo"), create=True)
@@ -270,7 +270,7 @@ def lease_repo(request, tmp_path):
 
 
 def test_lease_is_created_create_only(lease_repo):
-    from tasks.core import lease
+    from keepflow.tasks.core import lease
 
     held = lease.Holder(lease_repo, "backup", "/src").acquire()
     try:
@@ -285,7 +285,7 @@ def test_lease_is_created_create_only(lease_repo):
 
 
 def test_racing_backups_of_one_source_never_both_hold_it(lease_repo):
-    from tasks.core import lease
+    from keepflow.tasks.core import lease
 
     for _ in range(3):
         results = _race(lambda i: lease.Holder(lease_repo, "backup", "/same-source").acquire(), 4)
@@ -300,7 +300,7 @@ def test_racing_backups_of_one_source_never_both_hold_it(lease_repo):
 def test_a_refreshing_lease_is_never_invisible(lease_repo):
     """Refreshes rewrite the lease; a run acquiring meanwhile must always see it.
     With a plain rewrite on local disk 15% of such reads found an empty file."""
-    from tasks.core import lease
+    from keepflow.tasks.core import lease
 
     held = lease.Holder(lease_repo, "backup", "/src", ttl=0.006).acquire()     # a refresh every 2 ms
     try:
@@ -324,8 +324,8 @@ def test_large_blob_upload_meets_another_writer(objstore, changed):
     the other writer's object is never removed."""
     import blake3
 
-    from tasks.core import store
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import store
+    from keepflow.tasks.core.repository import Repository
 
     repo = Repository.open(objstore.unique_url("large"), objstore.storage_options, create=True)
     content = os.urandom(12 * MiB)
@@ -360,8 +360,8 @@ def test_racing_uploads_of_one_large_blob_all_succeed(kind, request):
     it; the one refused (rename without replace, If-None-Match) must not fail."""
     import blake3
 
-    from tasks.core import store
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import store
+    from keepflow.tasks.core.repository import Repository
 
     server = request.getfixturevalue({"sftp": "sftp_server", "s3": "s3_server", "azure": "azure_server"}[kind])
     repo = Repository.open(server.unique_url("large"), server.storage_options, create=True)

@@ -1,4 +1,4 @@
-"""``tasks.core`` is the Prefect-free library: importing it must never import prefect.
+"""``keepflow.tasks.core`` is the Prefect-free library: importing it must never import prefect.
 
 The read-only CLI commands and anyone embedding the library rely on this (no
 second-long Prefect start-up, no Prefect settings side effects). Checked two
@@ -15,15 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tasks.core
+import keepflow.tasks.core
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE_DIR = Path(tasks.core.__file__).resolve().parent
+CORE_DIR = Path(keepflow.tasks.core.__file__).resolve().parent
 
 _CHILD = r"""
 import importlib, json, pkgutil, sys
-import tasks.core
-names = sorted(m.name for m in pkgutil.walk_packages(tasks.core.__path__, "tasks.core."))
+import keepflow.tasks.core
+names = sorted(m.name for m in pkgutil.walk_packages(keepflow.tasks.core.__path__, "keepflow.tasks.core."))
 for name in names:
     importlib.import_module(name)
 print(json.dumps({
@@ -34,7 +34,7 @@ print(json.dumps({
 
 
 def _core_module_names() -> list[str]:
-    return sorted(m.name for m in pkgutil.walk_packages([str(CORE_DIR)], "tasks.core."))
+    return sorted(m.name for m in pkgutil.walk_packages([str(CORE_DIR)], "keepflow.tasks.core."))
 
 
 def test_importing_every_core_module_does_not_import_prefect():
@@ -44,9 +44,9 @@ def test_importing_every_core_module_does_not_import_prefect():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # The child really imported the whole package, not an empty list.
     assert report["modules"] == _core_module_names()
-    for expected in ("tasks.core.backup", "tasks.core.restore", "tasks.core.scan", "tasks.core.repository"):
+    for expected in ("keepflow.tasks.core.backup", "keepflow.tasks.core.restore", "keepflow.tasks.core.scan", "keepflow.tasks.core.repository"):
         assert expected in report["modules"]
-    assert report["prefect"] == [], f"tasks.core pulled in Prefect: {report['prefect'][:10]}"
+    assert report["prefect"] == [], f"keepflow.tasks.core pulled in Prefect: {report['prefect'][:10]}"
 
 
 _IMPORT_LINE = re.compile(r"^\s*(?:import\s+prefect\b|from\s+prefect\b)", re.MULTILINE)

@@ -7,10 +7,10 @@ import json
 import fsspec
 import pytest
 
-from tasks.core import storage
-from tasks.core.errors import (NotARepositoryError, RepositoryExistsError, RepositoryNotFoundError,
+from keepflow.tasks.core import storage
+from keepflow.tasks.core.errors import (NotARepositoryError, RepositoryExistsError, RepositoryNotFoundError,
                                RepositoryVersionError, UsageError)
-from tasks.core.repository import CONFIG_NAME, DEFAULT_FORMAT, FORMAT_VERSION, RepoConfig, Repository
+from keepflow.tasks.core.repository import CONFIG_NAME, DEFAULT_FORMAT, FORMAT_VERSION, RepoConfig, Repository
 
 
 def test_init_then_open_reads_same_config(repo_url):

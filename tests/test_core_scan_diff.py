@@ -8,9 +8,9 @@ import stat
 import pyarrow as pa
 import pytest
 
-from tasks.core import diff as diffmod
-from tasks.core.errors import BadPatternError, SourceNotFoundError
-from tasks.core.scan import scan
+from keepflow.tasks.core import diff as diffmod
+from keepflow.tasks.core.errors import BadPatternError, SourceNotFoundError
+from keepflow.tasks.core.scan import scan
 
 from tests.conftest import age_tree, make_tree
 

@@ -11,10 +11,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.core import index as indexmod
-from tasks.core import chunk_lists, manifest, pack, snapshots, treeinfo
-from tasks.core.repository import Repository, RepoConfig
-from tasks.core.pack import PACK_MAGIC
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import chunk_lists, manifest, pack, snapshots, treeinfo
+from keepflow.tasks.core.repository import Repository, RepoConfig
+from keepflow.tasks.core.pack import PACK_MAGIC
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
@@ -209,7 +209,7 @@ def test_backup_dry_run_stores_nothing(tmp_path):
 
 def test_interrupted_run_leaves_no_snapshot_and_next_run_reuses_blobs(tmp_path):
     """A run that stops after storing (before commit) is invisible; its blobs are reused."""
-    from tasks.core import backup as core_backup
+    from keepflow.tasks.core import backup as core_backup
 
     repo_url = str(tmp_path / "repo")
     src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(1000) for i in range(20)})
@@ -260,7 +260,7 @@ def test_format2_manifest_is_encrypted_and_read_back_with_its_facts(tmp_path):
 
 
 def test_resolve_by_prefix_time_and_errors(tmp_path):
-    from tasks.core.errors import AmbiguousSnapshotError, SnapshotNotFoundError
+    from keepflow.tasks.core.errors import AmbiguousSnapshotError, SnapshotNotFoundError
 
     repo_url = str(tmp_path / "repo")
     src = make_tree(tmp_path / "src", {"a": "1"})
@@ -279,8 +279,8 @@ def test_resolve_by_prefix_time_and_errors(tmp_path):
 
 def test_failed_repository_write_fails_the_batch_not_the_file(tmp_path):
     """A pack that cannot be written must not turn into 'skipped files' and a snapshot without data."""
-    from tasks.core import backup as core_backup
-    from tasks.core.store import RepositoryWriteError
+    from keepflow.tasks.core import backup as core_backup
+    from keepflow.tasks.core.store import RepositoryWriteError
 
     repo_url = str(tmp_path / "repo")
     Repository.init(repo_url)
@@ -295,9 +295,9 @@ def test_failed_repository_write_fails_the_batch_not_the_file(tmp_path):
 
 
 def test_transient_and_permanent_errors_for_retries():
-    from tasks.core.errors import StorageError
-    from tasks.core.store import RepositoryWriteError
-    from tasks.retry import is_transient
+    from keepflow.tasks.core.errors import StorageError
+    from keepflow.tasks.core.store import RepositoryWriteError
+    from keepflow.tasks.retry import is_transient
 
     down = StorageError(url="s3://b/r", reason="cannot reach")
     down.kind = "unreachable"
@@ -334,8 +334,8 @@ def test_restore_into_an_fsspec_url_target(tmp_path):
 
 @pytest.mark.damages_repository
 def test_remote_chunks_are_read_a_span_at_a_time_and_a_bad_one_comes_from_a_fallback(tmp_path, monkeypatch):
-    from tasks.core import restore_chunks
-    from tasks.core.blob_sources import BlobSources
+    from keepflow.tasks.core import restore_chunks
+    from keepflow.tasks.core.blob_sources import BlobSources
 
     base = f"memory://kf-{tmp_path.name}"
     primary, replica = f"{base}/primary", f"{base}/replica"

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import liveness, runs, treeinfo
-from tasks.core.repository import RepoConfig, Repository
-from tasks.core.verify import check_structure
+from keepflow.tasks.core import liveness, runs, treeinfo
+from keepflow.tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core.verify import check_structure
 
 from tests import core_helpers
 from tests.conftest import KEEPFLOW, age_tree, run_cli
@@ -314,7 +314,7 @@ def test_killed_format2_backup_leaves_only_pack_temporaries_named_after_it_and_p
     the repository verifies (ciphertext too), the next backup completes and restores
     exactly, and the next prune removes the dead writer's temporary at once (not after
     the one-hour rule)."""
-    from tasks.core.verify import check_ciphertext
+    from keepflow.tasks.core.verify import check_ciphertext
 
     big = tmp_path / "bigsrc"
     big.mkdir()

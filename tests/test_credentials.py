@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from tasks.core import storage_config
-from tasks.core.errors import UsageError
+from keepflow.tasks.core import storage_config
+from keepflow.tasks.core.errors import UsageError
 
 
 def test_secret_block_supplies_storage_options(prefect_api_url, tmp_path):
     from prefect.blocks.system import Secret
 
-    from flows._credentials import resolve
+    from keepflow.flows._credentials import resolve
 
     Secret(value=json.dumps({"auto_mkdir": True})).save("kf-test-options", overwrite=True, _sync=True)
     assert resolve("secret/kf-test-options") == {"auto_mkdir": True}
@@ -28,7 +28,7 @@ def test_backup_flow_reads_options_from_a_block(prefect_api_url, tmp_path):
     """The flow parameter names the block; the secret never appears in the parameters."""
     from prefect.blocks.system import Secret
 
-    from flows.backup import backup
+    from keepflow.flows.backup import backup
     from tests.conftest import make_tree
 
     Secret(value=json.dumps({"auto_mkdir": True})).save("kf-local-opts", overwrite=True, _sync=True)
@@ -64,10 +64,10 @@ def test_aws_credentials_block_reaches_a_real_s3_server(prefect_api_url, s3_serv
     from prefect_aws import AwsCredentials
     from prefect_aws.client_parameters import AwsClientParameters
 
-    from flows._credentials import resolve
-    from flows.backup import backup
-    from tasks.core.snapshots import list_snapshots
-    from tasks.core.repository import Repository
+    from keepflow.flows._credentials import resolve
+    from keepflow.flows.backup import backup
+    from keepflow.tasks.core.snapshots import list_snapshots
+    from keepflow.tasks.core.repository import Repository
     from tests.conftest import make_tree
 
     opts = s3_server.storage_options

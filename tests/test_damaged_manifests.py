@@ -14,9 +14,9 @@ import os
 
 import pytest
 
-from tasks.core import analysis, gc, snapshots
-from tasks.core.errors import DamagedManifestError
-from tasks.core.repository import Repository
+from keepflow.tasks.core import analysis, gc, snapshots
+from keepflow.tasks.core.errors import DamagedManifestError
+from keepflow.tasks.core.repository import Repository
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree

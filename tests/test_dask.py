@@ -40,11 +40,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import backup as core_backup
-from tasks.core import index as indexmod
-from tasks.core import restore as core_restore
-from tasks.core import scratch
-from tasks.core.verify import check_structure
+from keepflow.tasks.core import backup as core_backup
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import restore as core_restore
+from keepflow.tasks.core import scratch
+from keepflow.tasks.core.verify import check_structure
 
 from tests.conftest import VENV_BIN, age_tree, make_tree, run_cli
 from tests.servers import free_port
@@ -250,9 +250,9 @@ def test_backup_restore_verify_on_separate_worker_processes(cluster, s3_server, 
                                                             tmp_path):
     from prefect_dask import DaskTaskRunner
 
-    from flows.backup import backup
-    from flows.restore import restore
-    from flows.verify import verify
+    from keepflow.flows.backup import backup
+    from keepflow.flows.restore import restore
+    from keepflow.flows.verify import verify
 
     client = cluster.client()
     marker = tmp_path / "only-the-flow-process-sees-this"
@@ -301,8 +301,8 @@ def test_backup_restore_verify_on_separate_worker_processes(cluster, s3_server, 
 def test_a_worker_killed_mid_run_is_survived(cluster, s3_server, s3_config, small_batches, tmp_path):
     from prefect_dask import DaskTaskRunner
 
-    from flows.backup import backup
-    from flows.restore import restore
+    from keepflow.flows.backup import backup
+    from keepflow.flows.restore import restore
 
     files = _files(700)
     src, repo, work = (s3_server.unique_url(p) for p in ("src", "repo", "work"))
@@ -370,7 +370,7 @@ def test_cli_workers_2_backs_up_restores_and_verifies_a_local_tree(tmp_path, cli
     cli("verify", tmp_path / "repo", "--read-data", "100%", "--workers", "2", check=True)
 
     # A deployment's way: the flow parameter alone; the flow starts the local cluster itself.
-    from flows.backup import backup
+    from keepflow.flows.backup import backup
 
     (src / "d00" / "f00000.txt").write_text("changed\n")
     state = backup(str(src), str(tmp_path / "repo"), workers=2, return_state=True)
@@ -389,8 +389,8 @@ def test_workers_2_get_the_password_the_command_or_the_flow_was_given(tmp_path, 
 
     from prefect.blocks.system import Secret
 
-    from flows.restore import restore
-    from tasks.core import keyring, passwords
+    from keepflow.flows.restore import restore
+    from keepflow.tasks.core import keyring, passwords
     from tests.conftest import TEST_PASSWORD
 
     src = make_tree(tmp_path / "src", {f"d{i % 5}/f{i:03d}.txt": f"file {i}\n" * (i + 1) for i in range(60)}
@@ -455,7 +455,7 @@ def test_cluster_set_ups_that_cannot_work_are_one_line_usage_errors(tmp_path, cl
 
 
 def test_which_schedulers_are_remote():
-    from flows._dask import is_remote
+    from keepflow.flows._dask import is_remote
 
     assert not is_remote("tcp://127.0.0.1:8786") and not is_remote("localhost:8786")
     assert not is_remote(f"tcp://{socket.gethostname()}:8786")

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.core import snapshots
-from tasks.core.repository import Repository
+from keepflow.tasks.core import snapshots
+from keepflow.tasks.core.repository import Repository
 
 from tests.conftest import KEEPFLOW, age_tree, make_tree
 from tests.servers import free_port
@@ -323,7 +323,7 @@ BAD = [
 
 @pytest.mark.parametrize("text,message", BAD, ids=[m.split(":")[0] for _, m in BAD])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys, text, message):
-    from flows.cli import main
+    from keepflow.flows.cli import main
 
     config = tmp_path / "keepflow.toml"
     config.write_text(text)
@@ -353,7 +353,7 @@ def test_bad_config_from_the_real_command(tmp_path):
 
 
 def test_example_config_is_valid_and_parsing_needs_no_prefect():
-    code = ("import sys, flows.serve_config as c; jobs = c.load('deployments/keepflow.example.toml'); "
+    code = ("import sys, keepflow.flows.serve_config as c; jobs = c.load('deployments/keepflow.example.toml'); "
             "assert not [m for m in sys.modules if m.split('.')[0] == 'prefect'], 'prefect imported'; "
             "print([(j.flow, j.name) for j in jobs])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -369,7 +369,7 @@ def test_example_config_is_valid_and_parsing_needs_no_prefect():
 def test_jobs_carry_flow_parameters():
     import tomllib
 
-    from flows.serve_config import parse
+    from keepflow.flows.serve_config import parse
 
     text = 'timezone = "Asia/Tokyo"\n' + GOOD + """
 [repositories.main.prune]
@@ -392,7 +392,7 @@ timezone = "Europe/Paris"
     # Every parameter is one the flow takes.
     import inspect
 
-    from flows.backup import backup
-    from flows.prune import prune as prune_flow
+    from keepflow.flows.backup import backup
+    from keepflow.flows.prune import prune as prune_flow
     assert set(inc.parameters) <= set(inspect.signature(backup.fn).parameters)
     assert set(prune) <= set(inspect.signature(prune_flow.fn).parameters)

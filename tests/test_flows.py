@@ -7,16 +7,16 @@ import os
 import numpy as np
 import pytest
 
-from tasks.core import treeinfo
-from tasks.core.backup import MAX_BATCH_FILES, cut_batches
+from keepflow.tasks.core import treeinfo
+from keepflow.tasks.core.backup import MAX_BATCH_FILES, cut_batches
 
 from tests.conftest import make_tree
 
 
 @pytest.fixture
 def flows(prefect_api_url):
-    from flows.backup import backup
-    from flows.restore import restore
+    from keepflow.flows.backup import backup
+    from keepflow.flows.restore import restore
 
     return backup, restore
 
@@ -85,7 +85,7 @@ def test_backup_writes_summary_artifact(tmp_path, flows):
 
 
 def test_failed_source_fails_the_flow_with_our_error(tmp_path, flows):
-    from tasks.core.errors import SourceNotFoundError
+    from keepflow.tasks.core.errors import SourceNotFoundError
 
     backup, _ = flows
     state = backup(str(tmp_path / "missing"), str(tmp_path / "repo"), return_state=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import keyring
+from keepflow.tasks.core import keyring
 from tests.conftest import TEST_PASSWORD, age_tree, make_tree, run_cli
 
 MiB = 1024 * 1024
@@ -99,8 +99,8 @@ def test_no_plaintext_anywhere_in_the_repository(text_tree, tmp_path, cli):
 def test_text_is_stored_compressed_and_random_data_raw(text_tree, tmp_path, cli):
     repo = tmp_path / "repo"
     out = json.loads(cli("backup", text_tree, repo, "--json", check=True).stdout)
-    from tasks.core import index
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import index
+    from keepflow.tasks.core.repository import Repository
 
     idx = index.load_index(Repository.open(str(repo))).to_pylist()
     data = [r for r in idx if r["type"] == 0]
@@ -148,8 +148,8 @@ def _real_files(root: Path) -> dict[str, bytes]:
 @pytest.mark.damages_repository
 def test_a_flipped_byte_in_a_pack_blob_is_found_and_only_its_files_are_refused(backed_up, tmp_path, cli):
     src, repo = backed_up
-    from tasks.core import index
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import index
+    from keepflow.tasks.core.repository import Repository
 
     idx = index.load_index(Repository.open(str(repo)))
     row = next(r for r in idx.to_pylist() if r["type"] == 0 and r["raw_length"] == 200_000)   # dup.bin
@@ -403,8 +403,8 @@ def test_a_damaged_chunk_list_on_the_primary_is_read_from_a_fallback_replica(bac
     src, repo = backed_up
     replica = tmp_path / "replica"
     cli("replicate", repo, replica, check=True)
-    from tasks.core import index
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import index
+    from keepflow.tasks.core.repository import Repository
 
     rows = index.load_index(Repository.open(str(repo))).to_pylist()
     lists = [r for r in rows if r["type"] == 1]

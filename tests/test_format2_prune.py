@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from tasks.core import chunk_lists, crypto, gc, lease, manifest, pack, snapshots, treeinfo, verify
-from tasks.core import index as indexmod
-from tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core import chunk_lists, crypto, gc, lease, manifest, pack, snapshots, treeinfo, verify
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree

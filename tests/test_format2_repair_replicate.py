@@ -16,12 +16,12 @@ import blake3
 import pyarrow.compute as pc
 import pytest
 
-from tasks.core import index as indexmod
-from tasks.core import keyring, manifest, pack, repair, snapshots, treeinfo, verify
-from tasks.core import replicate as core_replicate
-from tasks.core.chunk_lists import read_lists
-from tasks.core.errors import WrongPasswordError
-from tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import keyring, manifest, pack, repair, snapshots, treeinfo, verify
+from keepflow.tasks.core import replicate as core_replicate
+from keepflow.tasks.core.chunk_lists import read_lists
+from keepflow.tasks.core.errors import WrongPasswordError
+from keepflow.tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import TEST_PASSWORD, age_tree, make_tree

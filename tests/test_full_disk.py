@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 
-from tasks.core import store, verify
-from tasks.core.errors import EXIT_NO_SPACE, RepositoryFullError, RepositoryWriteError
-from tasks.core.repository import Repository
-from tasks.retry import is_transient
+from keepflow.tasks.core import store, verify
+from keepflow.tasks.core.errors import EXIT_NO_SPACE, RepositoryFullError, RepositoryWriteError
+from keepflow.tasks.core.repository import Repository
+from keepflow.tasks.retry import is_transient
 
 from tests.conftest import age_tree, make_tree
 
@@ -70,7 +70,7 @@ def test_store_batch_task_is_not_retried_on_a_full_disk(tmp_path, small_disk, pr
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.backup import backup
+    from keepflow.flows.backup import backup
 
     src = _incompressible_tree(tmp_path / "src", total_mib=24)
     repo = small_disk / "repo"

@@ -13,14 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from tasks.core import index as indexmod
-from tasks.core import store, treeinfo
-from tasks.core import verify as verifymod
-from tasks.core.backup import MAX_BATCH_FILES, commit, prepare, store_range
-from tasks.core.errors import EXIT_FAILED, UnindexedBlobsError
-from tasks.core.known_blobs import KnownBlobs
-from tasks.core.repository import RepoConfig, Repository
-from tasks.core.snapshots import list_snapshots
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import store, treeinfo
+from keepflow.tasks.core import verify as verifymod
+from keepflow.tasks.core.backup import MAX_BATCH_FILES, commit, prepare, store_range
+from keepflow.tasks.core.errors import EXIT_FAILED, UnindexedBlobsError
+from keepflow.tasks.core.known_blobs import KnownBlobs
+from keepflow.tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core.snapshots import list_snapshots
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
@@ -67,9 +67,9 @@ def _index_rows(n_unique: int, duplicates: list[int]) -> pa.Table:
 def _blob_ids_of_files(repo, idx: pa.Table, paths: list[str]) -> set[str]:
     """The ids of every blob the latest snapshot's ``paths`` need: content ids, and in
     format 2 the chunks of those that are chunk lists (index type 1)."""
-    from tasks.core import manifest
-    from tasks.core.chunk_lists import read_lists
-    from tasks.core.snapshots import resolve
+    from keepflow.tasks.core import manifest
+    from keepflow.tasks.core.chunk_lists import read_lists
+    from keepflow.tasks.core.snapshots import resolve
 
     entries = manifest.read_manifest(repo, resolve(repo, "latest"), columns=["path", "hash"])
     contents = entries.filter(pc.is_in(entries["path"], value_set=pa.array(paths)))["hash"]
@@ -98,9 +98,9 @@ def test_unique_hashes_keeps_every_hash_once_at_its_first_location():
 
 
 def test_shared_contents_in_concurrent_batches_all_restore_and_survive_compaction(tmp_path, prefect_api_url):
-    from flows.backup import backup
-    from flows.prune import prune
-    from flows.restore import restore
+    from keepflow.flows.backup import backup
+    from keepflow.flows.prune import prune
+    from keepflow.flows.restore import restore
 
     src = _shared_tree(tmp_path / "src")
     repo_url = str(tmp_path / "repo")
@@ -157,7 +157,7 @@ def test_a_failed_batch_releases_its_claims_so_a_retry_stores_the_data(tmp_path)
     src = make_tree(tmp_path / "src", {f"f{i}": f"blob {i}" for i in range(20)})
     repo = Repository.open(str(tmp_path / "repo"), create=True)
     known = KnownBlobs()
-    fs, root = __import__("tasks.core.storage", fromlist=["open_url"]).open_url(str(src))
+    fs, root = __import__("keepflow.tasks.core.storage", fromlist=["open_url"]).open_url(str(src))
     paths = sorted(os.listdir(src))
     # A real write fault: `packs` is a regular file, so no pack can be created.
     packs = tmp_path / "repo" / "packs"
@@ -210,7 +210,7 @@ def test_commit_guard_refuses_a_snapshot_that_references_unindexed_blobs(tmp_pat
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_prune_compaction_guard_keeps_the_old_index_when_compaction_would_lose_blobs(tmp_path, monkeypatch, version):
-    from tasks.core import gc
+    from keepflow.tasks.core import gc
 
     # Two runs that stored the same contents under different index files:
     # the index holds duplicates, as concurrent batches used to leave it.

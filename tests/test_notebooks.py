@@ -30,7 +30,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("matplotlib")
 
-from tasks.core.repository import RepoConfig, Repository  # noqa: E402
+from keepflow.tasks.core.repository import RepoConfig, Repository  # noqa: E402
 from tests import core_helpers  # noqa: E402
 from tests.conftest import TEST_PASSWORD, age_tree, make_tree  # noqa: E402
 
@@ -120,7 +120,7 @@ def test_notebook_is_committed_clean_with_a_parameters_cell(name):
 
 
 def test_manifest_analysis_notebook_runs(history, tmp_path, monkeypatch):
-    from tasks.core import analysis
+    from keepflow.tasks.core import analysis
 
     nb = run_notebook("manifest_analysis.ipynb",
                       {"repo": history["repo"], "storage_options": None, "snapshot_a": None,
@@ -144,7 +144,7 @@ def test_manifest_analysis_notebook_runs(history, tmp_path, monkeypatch):
 
 def assert_duckdb_cells(text: str, repo: str) -> None:
     """DuckDB's cell: one row per snapshot in time order, then the files with several versions."""
-    from tasks.core import analysis
+    from keepflow.tasks.core import analysis
 
     snaps = analysis.load_snapshots(repo)
     rows = [line for line in text.splitlines() if line.startswith("│ ") and line[2:10] in set(snaps["short_id"])]

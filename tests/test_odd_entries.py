@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-from tasks.core import manifest
-from tasks.core.repository import RepoConfig, Repository
-from tasks.core.snapshots import resolve
+from keepflow.tasks.core import manifest
+from keepflow.tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core.snapshots import resolve
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
@@ -174,7 +174,7 @@ def test_hard_links_are_restored_as_links(tmp_path):
 def test_restore_keeps_folders_private_until_they_get_the_snapshot_mode(tmp_path):
     import stat
 
-    from tasks.core import restore as core_restore
+    from keepflow.tasks.core import restore as core_restore
 
     src = make_tree(tmp_path / "src", {"open/a": "a", "secret/key": "k", "secret/deeper/b": "b"})
     os.chmod(src / "open", 0o755)
@@ -197,7 +197,7 @@ def test_restore_keeps_folders_private_until_they_get_the_snapshot_mode(tmp_path
 
 
 def test_sparse_files_stay_sparse_on_restore(tmp_path):
-    from tasks.core import restore as core_restore
+    from keepflow.tasks.core import restore as core_restore
 
     src = tmp_path / "src"
     src.mkdir()
@@ -232,7 +232,7 @@ def test_sparse_files_stay_sparse_on_restore(tmp_path):
 
 
 def test_xattrs_on_files_and_folders_round_trip(tmp_path):
-    from tasks.core import restore as core_restore
+    from keepflow.tasks.core import restore as core_restore
 
     src = make_tree(tmp_path / "src", {"doc.txt": "text", "dir/inner": "i", "plain": "p"})
     os.setxattr(src / "doc.txt", "user.origin", b"scanner-7")

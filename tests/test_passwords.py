@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import passwords
-from tasks.core.errors import (EXIT_NO_REPO, EXIT_USAGE, PasswordMissingError, PasswordSourceError, UsageError,
+from keepflow.tasks.core import passwords
+from keepflow.tasks.core.errors import (EXIT_NO_REPO, EXIT_USAGE, PasswordMissingError, PasswordSourceError, UsageError,
                                WrongPasswordError)
-from tasks.core.passwords import get_password, use_password, use_password_file
+from keepflow.tasks.core.passwords import get_password, use_password, use_password_file
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "s3://bucket/kf-repo"
@@ -240,7 +240,7 @@ def test_sources_described_for_help_texts():
 
 
 def test_passwords_module_does_not_import_prefect():
-    code = ("import sys, tasks.core.passwords; "
+    code = ("import sys, keepflow.tasks.core.passwords; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -252,8 +252,8 @@ def test_passwords_module_does_not_import_prefect():
 _CHILD = """
 import sys
 sys.path.insert(0, {root!r})
-from tasks.core.errors import KeepflowError
-from tasks.core.passwords import get_password
+from keepflow.tasks.core.errors import KeepflowError
+from keepflow.tasks.core.passwords import get_password
 try:
     pw = get_password({url!r}, confirm={confirm!r})
     print("RESULT", pw.encode().hex(), flush=True)
@@ -382,7 +382,7 @@ def test_a_source_that_is_set_wins_over_the_terminal(tmp_path):
 def test_secret_block_becomes_the_password(prefect_api_url, monkeypatch):
     from prefect.blocks.system import Secret
 
-    from flows._password import resolve_password_param
+    from keepflow.flows._password import resolve_password_param
 
     Secret(value="block-password ✓").save("kf-test-password", overwrite=True, _sync=True)
     monkeypatch.setenv("KEEPFLOW_PASSWORD", "from-env")
@@ -396,7 +396,7 @@ def test_secret_block_becomes_the_password(prefect_api_url, monkeypatch):
 def test_secret_block_value_is_taken_exactly_not_parsed_as_json(prefect_api_url, value):
     from prefect.blocks.system import Secret
 
-    from flows._password import resolve_password_param
+    from keepflow.flows._password import resolve_password_param
 
     Secret(value=value).save("kf-test-password-exact", overwrite=True, _sync=True)
     resolve_password_param("secret/kf-test-password-exact")
@@ -406,7 +406,7 @@ def test_secret_block_value_is_taken_exactly_not_parsed_as_json(prefect_api_url,
 def test_secret_block_holding_no_string_is_refused(prefect_api_url):
     from prefect.blocks.system import Secret
 
-    from flows._password import resolve_password_param
+    from keepflow.flows._password import resolve_password_param
 
     Secret(value={"password": "in-a-dict-secret"}).save("kf-test-password-dict", overwrite=True, _sync=True)
     with pytest.raises(PasswordSourceError) as excinfo:
@@ -418,7 +418,7 @@ def test_secret_block_holding_no_string_is_refused(prefect_api_url):
 
 
 def test_missing_secret_block_is_one_line_naming_it_and_how_to_create_it(prefect_api_url):
-    from flows._password import resolve_password_param
+    from keepflow.flows._password import resolve_password_param
 
     with pytest.raises(PasswordSourceError) as excinfo:
         resolve_password_param("secret/kf-no-such-block")
@@ -433,7 +433,7 @@ def test_missing_secret_block_is_one_line_naming_it_and_how_to_create_it(prefect
 @pytest.mark.parametrize("given", ["plain text", "secret/", "Secret/kf-test-password", "json/x", ""])
 def test_a_plain_password_parameter_is_refused_without_repeating_it(given, monkeypatch):
     """Refused with exit 2; the message never repeats what was given ("secret/" is in the help anyway)."""
-    from flows._password import resolve_password_param
+    from keepflow.flows._password import resolve_password_param
 
     monkeypatch.setenv("KEEPFLOW_PASSWORD", "from-env")
     with pytest.raises(UsageError) as excinfo:
@@ -448,7 +448,7 @@ def test_a_plain_password_parameter_is_refused_without_repeating_it(given, monke
 
 
 def test_a_non_string_password_parameter_is_refused():
-    from flows._password import resolve_password_param
+    from keepflow.flows._password import resolve_password_param
 
     with pytest.raises(UsageError) as excinfo:
         resolve_password_param({"value": "dict-secret"})

@@ -29,11 +29,11 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.core import backup as core_backup
-from tasks.core import restore as core_restore
-from tasks.core import snapshots as core_snapshots
-from tasks.core.repository import DEFAULT_SMALL_FILE_THRESHOLD, Repository
-from tasks.core.treeinfo import describe, differences
+from keepflow.tasks.core import backup as core_backup
+from keepflow.tasks.core import restore as core_restore
+from keepflow.tasks.core import snapshots as core_snapshots
+from keepflow.tasks.core.repository import DEFAULT_SMALL_FILE_THRESHOLD, Repository
+from keepflow.tasks.core.treeinfo import describe, differences
 
 MIB = DEFAULT_SMALL_FILE_THRESHOLD  # the small-file threshold is 1 MiB
 NOW_NS = time.time_ns()
@@ -216,7 +216,7 @@ def core_restore_run(repo: str, target: str, snapshot: str) -> list:
 
 
 def flow_backup_run(source: str, repo: str) -> str:
-    from flows.backup import backup
+    from keepflow.flows.backup import backup
 
     summary = backup(source=source, repo=repo)
     assert summary["skipped"] == [] and summary["exit_code"] == 0
@@ -224,7 +224,7 @@ def flow_backup_run(source: str, repo: str) -> str:
 
 
 def flow_restore_run(repo: str, target: str, snapshot: str) -> list:
-    from flows.restore import restore
+    from keepflow.flows.restore import restore
 
     summary = restore(repo=repo, target=target, snapshot=snapshot)
     return [(e["path"], e["reason"]) for e in summary["errors"]]

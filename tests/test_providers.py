@@ -20,12 +20,12 @@ import uuid
 
 import pytest
 
-from tasks.core import backup as core_backup
-from tasks.core import analysis, manifest, snapshots, treeinfo
-from tasks.core import restore as core_restore
-from tasks.core.errors import StorageError, UsageError
-from tasks.core.repository import Repository
-from tasks.core.snapshot_diff import compare
+from keepflow.tasks.core import backup as core_backup
+from keepflow.tasks.core import analysis, manifest, snapshots, treeinfo
+from keepflow.tasks.core import restore as core_restore
+from keepflow.tasks.core.errors import StorageError, UsageError
+from keepflow.tasks.core.repository import Repository
+from keepflow.tasks.core.snapshot_diff import compare
 
 from tests.conftest import age_tree, make_tree, run_cli
 from tests.servers import S3RequestCounter, clear_fs_caches
@@ -175,8 +175,8 @@ def test_interrupted_run_leaves_no_snapshot_and_next_run_reuses_blobs(provider, 
 
 
 def test_prefect_flow_on_provider(provider, tmp_path, prefect_api_url):
-    from flows.backup import backup as backup_flow
-    from flows.restore import restore as restore_flow
+    from keepflow.flows.backup import backup as backup_flow
+    from keepflow.flows.restore import restore as restore_flow
 
     so, url = provider.storage_options, provider.unique_url()
     src = tree_v1(tmp_path / "src")
@@ -214,7 +214,7 @@ def test_write_once_never_replaces_and_racers_have_one_winner(provider):
     import io
     import threading
 
-    from tasks.core import storage
+    from keepflow.tasks.core import storage
 
     repo = Repository.open(provider.unique_url(), provider.storage_options, create=True)
     path = repo.path("objects", "ab", "write-once")

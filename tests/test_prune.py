@@ -11,11 +11,11 @@ import time
 import pyarrow as pa
 import pytest
 
-from tasks.core import gc, lease, manifest, retention, snapshots, treeinfo, verify
-from tasks.core import index as indexmod
-from tasks.core.errors import UsageError
-from tasks.core.manifest import SnapshotInfo
-from tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core import gc, lease, manifest, retention, snapshots, treeinfo, verify
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core.errors import UsageError
+from keepflow.tasks.core.manifest import SnapshotInfo
+from keepflow.tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import KEEPFLOW, age_tree, make_tree
@@ -127,7 +127,7 @@ def test_blob_used_by_a_backup_after_marking_is_rescued(tmp_path, history_any_fo
 
 
 def test_orphan_data_from_a_crashed_run_is_collected_after_grace(tmp_path):
-    from tasks.core import backup as core_backup
+    from keepflow.tasks.core import backup as core_backup
 
     src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(3000) for i in range(10)})
     repo_url = str(tmp_path / "repo")
@@ -226,8 +226,8 @@ def test_concurrent_backups_and_prune_lose_nothing(tmp_path, cli_env):
 
 
 def test_prune_applies_the_policy_to_replicas(tmp_path, repo_with_history, prefect_api_url):
-    from flows.prune import prune
-    from tasks.core import replicate as core_replicate
+    from keepflow.flows.prune import prune
+    from keepflow.tasks.core import replicate as core_replicate
 
     src, repo = repo_with_history
     replica = str(tmp_path / "replica")

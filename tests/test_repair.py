@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from tasks.core import index as indexmod
-from tasks.core import lease, manifest, pack, repair, snapshots, treeinfo, verify
-from tasks.core.backup import commit, prepare, store_range
-from tasks.core.errors import PackFormatError
-from tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import lease, manifest, pack, repair, snapshots, treeinfo, verify
+from keepflow.tasks.core.backup import commit, prepare, store_range
+from keepflow.tasks.core.errors import PackFormatError
+from keepflow.tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
@@ -426,7 +426,7 @@ def test_repair_flow_names_its_run_and_writes_artifacts(tmp_path, prefect_api_ur
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from flows.repair import repair as repair_flow
+    from keepflow.flows.repair import repair as repair_flow
 
     url = str(tmp_path / "my-repo")
     _two_sources_sharing_content(tmp_path, url)

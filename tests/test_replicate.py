@@ -12,10 +12,10 @@ import shutil
 import pyarrow.compute as pc
 import pytest
 
-from tasks.core import replicate as core_replicate
-from tasks.core import index as indexmod
-from tasks.core import snapshots, treeinfo
-from tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core import replicate as core_replicate
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import snapshots, treeinfo
+from keepflow.tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
@@ -148,7 +148,7 @@ def test_restore_reads_corrupt_blobs_from_replica(tmp_path, primary):
 
 
 def test_replicate_flow_one_failing_replica_does_not_stop_others(tmp_path, primary, prefect_api_url):
-    from flows.replicate import replicate
+    from keepflow.flows.replicate import replicate
 
     _, repo = primary
     good = str(tmp_path / "good")

@@ -17,9 +17,9 @@ import uuid
 
 import pytest
 
-from tasks.core import replicate as core_replicate
-from tasks.core import snapshots, treeinfo, verify
-from tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core import replicate as core_replicate
+from keepflow.tasks.core import snapshots, treeinfo, verify
+from keepflow.tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
@@ -42,7 +42,7 @@ def _tree(root, n=120, seed=0):
 
 
 def test_local_to_s3_azure_sftp_then_incremental(tmp_path, replicas, prefect_api_url):
-    from flows.replicate import replicate
+    from keepflow.flows.replicate import replicate
 
     urls, options = replicas
     src = _tree(tmp_path / "src")
@@ -73,7 +73,7 @@ def test_local_to_s3_azure_sftp_then_incremental(tmp_path, replicas, prefect_api
 
 def test_replica_server_stopped_mid_replication(tmp_path, replicas, sftp_server, prefect_api_url):
     """Stop sshd while the SFTP copy is under way: the others complete, SFTP stays consistent."""
-    from flows.replicate import replicate
+    from keepflow.flows.replicate import replicate
 
     urls, options = replicas
     src = _tree(tmp_path / "src", n=600)

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import backup as core_backup
-from tasks.core import index as indexmod
-from tasks.core import scratch
-from tasks.core.repository import Repository
+from keepflow.tasks.core import backup as core_backup
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import scratch
+from keepflow.tasks.core.repository import Repository
 
 from tests.conftest import age_tree, make_tree
 
 
 @pytest.fixture
 def flows(prefect_api_url):
-    from flows.backup import backup
-    from flows.restore import restore
+    from keepflow.flows.backup import backup
+    from keepflow.flows.restore import restore
 
     return backup, restore
 
@@ -168,7 +168,7 @@ def test_a_killed_runs_folder_is_removed_by_the_next_run(tmp_path, monkeypatch):
     work.mkdir()
     child = subprocess.Popen([sys.executable, "-c", (
         "import sys, time\n"
-        "from tasks.core import scratch\n"
+        "from keepflow.tasks.core import scratch\n"
         f"print(scratch.create('backup', '20261201T000000Z-0123abcd', {str(work)!r}), flush=True)\n"
         "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     dead = child.stdout.readline().strip()

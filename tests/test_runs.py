@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import lease, liveness, runs, treeinfo
-from tasks.core.repository import Repository
-from tasks.core.restore_writer import TargetWriter, new_token, remove_stale_temporaries, temp_name
+from keepflow.tasks.core import lease, liveness, runs, treeinfo
+from keepflow.tasks.core.repository import Repository
+from keepflow.tasks.core.restore_writer import TargetWriter, new_token, remove_stale_temporaries, temp_name
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
@@ -117,7 +117,7 @@ def test_registry_records_live_runs_and_finds_dead_ones_per_repository(tmp_path)
     mine = runs.register(folder, "run-live", "backup-src-1", "backup", repo, "http://api")
     assert stat.S_IMODE(os.stat(mine.path).st_mode) == 0o600
     code = f"""
-        from tasks.core import runs
+        from keepflow.tasks.core import runs
         runs.register({folder!r}, "run-dead", "prune-repo-2", "prune", {repo + '/'!r}, "http://api")
         runs.register({folder!r}, "run-other-repo", "backup-x-3", "backup", {str(tmp_path / 'other')!r}, None)
     """
@@ -140,7 +140,7 @@ def test_a_dead_runs_orphaned_helper_is_stopped_but_never_a_reused_pid(tmp_path)
     other = _child()
     try:
         _dead_child(f"""
-            from tasks.core import runs
+            from keepflow.tasks.core import runs
             runs.register({folder!r}, "dead-1", "n", "backup", "/r", None, helper_pid={helper.pid})
             runs.register({folder!r}, "dead-2", "n", "backup", "/r", None, helper_pid={other.pid})
         """)
@@ -172,7 +172,7 @@ def prefect_client(prefect_api_url):
 def _running_flow_run(client, name: str):
     from prefect.states import Running
 
-    from flows.verify import verify
+    from keepflow.flows.verify import verify
 
     run = client.create_flow_run(verify, name=name, parameters={})
     client.set_flow_run_state(run.id, Running(), force=True)
@@ -182,7 +182,7 @@ def _running_flow_run(client, name: str):
 def test_dead_runs_are_marked_crashed_live_and_final_ones_are_left(tmp_path, prefect_client):
     from prefect.states import Completed, StateType
 
-    from flows._runs import api_url, crash_dead_runs
+    from keepflow.flows._runs import api_url, crash_dead_runs
 
     repo = str(tmp_path / "repo")
     folder = runs.default_folder()
@@ -191,7 +191,7 @@ def test_dead_runs_are_marked_crashed_live_and_final_ones_are_left(tmp_path, pre
     prefect_client.set_flow_run_state(finished.id, Completed(), force=True)
     ours = api_url()
     _dead_child(f"""
-        from tasks.core import runs
+        from keepflow.tasks.core import runs
         for run_id, api in (({str(killed.id)!r}, {ours!r}), ({str(finished.id)!r}, {ours!r}),
                             ({str(elsewhere.id)!r}, "http://127.0.0.1:9/api")):
             runs.register({folder!r}, run_id, "n", "verify", {repo!r}, api)
@@ -215,8 +215,8 @@ def test_dead_runs_are_marked_crashed_live_and_final_ones_are_left(tmp_path, pre
 def test_a_flow_run_registers_itself_and_crashes_dead_runs_of_its_repository(tmp_path, prefect_client):
     from prefect.states import StateType
 
-    from flows._runs import api_url
-    from flows.verify import verify
+    from keepflow.flows._runs import api_url
+    from keepflow.flows.verify import verify
 
     src = make_tree(tmp_path / "src", {"a": "1"})
     repo = str(tmp_path / "repo")
@@ -224,7 +224,7 @@ def test_a_flow_run_registers_itself_and_crashes_dead_runs_of_its_repository(tmp
     folder = runs.default_folder()
     killed = _running_flow_run(prefect_client, f"t-killed-{uuid.uuid4().hex[:6]}")
     _dead_child(f"""
-        from tasks.core import runs
+        from keepflow.tasks.core import runs
         runs.register({folder!r}, {str(killed.id)!r}, "n", "backup", {repo!r}, {api_url()!r})
     """)
     seen = {}
@@ -234,7 +234,7 @@ def test_a_flow_run_registers_itself_and_crashes_dead_runs_of_its_repository(tmp
         seen["records"] = [r.flow_run_id for r in runs.records(folder)]
         seen["id"] = str(flow_run.id)
 
-    from flows._runs import HOOKS
+    from keepflow.flows._runs import HOOKS
 
     checked = verify.with_options(on_running=[*HOOKS["on_running"], look])
     state = checked(repo, return_state=True)
@@ -252,7 +252,7 @@ def test_dead_writers_repository_temporaries_go_at_once_others_stay(tmp_path):
     tmp = Path(repo) / "tmp"
     tmp.mkdir(parents=True)
     _dead_child(f"""
-        from tasks.core import liveness
+        from keepflow.tasks.core import liveness
         open({str(tmp)!r} + "/" + liveness.repo_tmp_name(), "wb").write(b"x" * 1000)
     """)
     live = tmp / liveness.repo_tmp_name()                      # ours: a live writer
@@ -270,7 +270,7 @@ def test_dead_writers_repository_temporaries_go_at_once_others_stay(tmp_path):
 
 def _dead_token() -> str:
     """A restore-writer token of a process that has since been killed."""
-    proc = subprocess.Popen([sys.executable, "-c", "from tasks.core.restore_writer import new_token; "
+    proc = subprocess.Popen([sys.executable, "-c", "from keepflow.tasks.core.restore_writer import new_token; "
                              "print(new_token(), flush=True); import time; time.sleep(120)"],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     token = proc.stdout.readline().strip()
@@ -292,7 +292,7 @@ def test_restore_removes_dead_writers_temporaries_and_never_anything_else(tmp_pa
     # and one in a folder this restore does not touch.
     _dead_child(f"""
         import os
-        from tasks.core.restore_writer import new_token, temp_name
+        from keepflow.tasks.core.restore_writer import new_token, temp_name
         t = new_token()
         open(temp_name({str(target / 'd1')!r}, t, 1), "wb").write(b"partial")
         os.symlink("../top", temp_name({str(target / 'd2')!r}, t, 2))

@@ -81,10 +81,10 @@ def test_flows_with_a_secret_block_leave_no_password_or_file_name_in_the_api(pre
                                                                               marked_tree, monkeypatch):
     from prefect.blocks.system import Secret
 
-    from flows.backup import backup
-    from flows.restore import restore
-    from flows.verify import verify
-    from tasks.core import keyring, passwords
+    from keepflow.flows.backup import backup
+    from keepflow.flows.restore import restore
+    from keepflow.flows.verify import verify
+    from keepflow.tasks.core import keyring, passwords
 
     Secret(value=PASSWORD).save("keepflow-secrets-test", overwrite=True)
     for name in ("KEEPFLOW_PASSWORD", "KEEPFLOW_PASSWORD_FILE", "KEEPFLOW_PASSWORD_COMMAND"):
@@ -113,7 +113,7 @@ def test_flows_with_a_secret_block_leave_no_password_or_file_name_in_the_api(pre
     # The test password can open the repository again for the integrity check after the test.
     passwords.use_password(PASSWORD)
     try:
-        from tasks.core.repository import Repository
+        from keepflow.tasks.core.repository import Repository
 
         keyring.add_key(Repository.open(repo), "keepflow test password")
     finally:

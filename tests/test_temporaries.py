@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from tasks.core import replicate, storage
+from keepflow.tasks.core import replicate, storage
 
 from tests import core_helpers
 from tests.conftest import make_tree
@@ -22,7 +22,7 @@ from tests.conftest import make_tree
 # A child that starts a write-once copy under a temporary name and is killed in the middle.
 _WRITER = """
 import sys, time
-from tasks.core import storage
+from keepflow.tasks.core import storage
 tmp = storage.tmp_name(sys.argv[1])
 with open(tmp, "wb") as f:
     f.write(b"partial copy")
@@ -75,8 +75,8 @@ def test_a_lease_is_released_when_acquiring_is_interrupted(tmp_path, monkeypatch
     """Ctrl-C between writing our lease and reading the others left the lease behind (issue 11)."""
     import pytest
 
-    from tasks.core import lease
-    from tasks.core.repository import Repository
+    from keepflow.tasks.core import lease
+    from keepflow.tasks.core.repository import Repository
 
     repo = Repository.open(str(tmp_path / "repo"), create=True)
 

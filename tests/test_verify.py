@@ -8,9 +8,9 @@ import os
 import pyarrow as pa
 import pytest
 
-from tasks.core import chunk_lists, manifest, pack, snapshots, verify
-from tasks.core import index as indexmod
-from tasks.core.repository import RepoConfig, Repository
+from keepflow.tasks.core import chunk_lists, manifest, pack, snapshots, verify
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import make_tree

@@ -21,7 +21,7 @@ all. The repository's stored size is the sizes of its data files: ``packs/``
 (format 2 has nothing else) and format 1's ``objects/``.
 
 Every function takes a repository as a URL (or an opened
-:class:`~tasks.core.repository.Repository`) and returns a pandas DataFrame or
+:class:`~keepflow.tasks.core.repository.Repository`) and returns a pandas DataFrame or
 a small dict, ready for a notebook:
 
 =========================  ====================================================

@@ -18,7 +18,7 @@ empty answer at the prompt is an error rather than a later "wrong password".
 
 The password never reaches a log line, a print or an exception message (the
 command's output is never quoted either: it may be the password). Pure Python,
-no Prefect: the read-only CLI commands and tasks.core.keyring use it.
+no Prefect: the read-only CLI commands and keepflow.tasks.core.keyring use it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 
-from tasks.core.errors import PasswordMissingError, PasswordSourceError
+from keepflow.tasks.core.errors import PasswordMissingError, PasswordSourceError
 
 ENV_PASSWORD = "KEEPFLOW_PASSWORD"
 ENV_PASSWORD_FILE = "KEEPFLOW_PASSWORD_FILE"
