@@ -89,8 +89,9 @@ def _write(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def small_layout(seed: int, n_files: int = SMALL_FILES):
-    """(folders, [(relative path, size)]) of the small tree, fully determined by the seed."""
+def small_layout(seed: int, n_files: int = SMALL_FILES, size_min: int = SMALL_MIN, size_span: int = SMALL_SPAN):
+    """(folders, [(relative path, size)]) of the small tree, fully determined by the seed
+    (sizes uniform in [size_min, size_min + size_span))."""
     folders = []
     for t in range(SMALL_TOP):
         top = f"d{t:02d}"
@@ -100,7 +101,7 @@ def small_layout(seed: int, n_files: int = SMALL_FILES):
     files = []
     for i in range(n_files):
         folder = folders[_randint(rng, len(folders))]
-        size = SMALL_MIN + _randint(rng, SMALL_SPAN)
+        size = size_min + _randint(rng, size_span)
         files.append((f"{folder}/f{i:06d}.dat", size))
     return folders, files
 
@@ -123,13 +124,20 @@ def _write_large(args) -> int:
 
 
 def generate(kind: str, root: str, seed: int = DEFAULT_SEED, n_files: int | None = None,
-             large_size: int = LARGE_SIZE, jobs: int | None = None) -> TreeStats:
-    """Write the tree under ``root`` (which must not exist or be empty)."""
+             large_size: int = LARGE_SIZE, jobs: int | None = None,
+             small_sizes: tuple[int, int] = (SMALL_MIN, SMALL_MIN + SMALL_SPAN)) -> TreeStats:
+    """Write the tree under ``root`` (which must not exist or be empty).
+
+    ``small_sizes``: the small tree's [min, max) file size (the scale runs use
+    tiny files for 5M-file trees: memory costs are per file, and 4 KiB files
+    would need 20 GB per copy)."""
     t0 = time.perf_counter()
     if os.path.exists(root) and os.listdir(root):
         raise FileExistsError(f"{root} is not empty; benchmarks write into fresh folders")
     if kind == "small":
-        folders, files = small_layout(seed, n_files or SMALL_FILES)
+        if not 0 <= small_sizes[0] < small_sizes[1]:
+            raise ValueError(f"small_sizes must be [min, max) with 0 <= min < max, not {small_sizes}")
+        folders, files = small_layout(seed, n_files or SMALL_FILES, small_sizes[0], small_sizes[1] - small_sizes[0])
     elif kind == "large":
         folders, files = large_layout(seed, n_files or LARGE_FILES, large_size)
     else:
@@ -248,11 +256,16 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"default {DEFAULT_SEED} for trees, {CHANGE_SEED} for change")
     p.add_argument("--files", type=int, default=None, help="override the number of files (smoke tests)")
     p.add_argument("--fraction", type=float, default=0.01, help="change: fraction of files modified")
+    p.add_argument("--sizes", default=f"{SMALL_MIN}:{SMALL_MIN + SMALL_SPAN}",
+                   help="small tree: MIN:MAX file sizes in bytes (default 1024:7168)")
     a = p.parse_args(argv)
     if a.kind == "change":
         st = apply_change(a.dest, a.fraction, CHANGE_SEED if a.seed is None else a.seed)
     else:
-        st = generate(a.kind, a.dest, DEFAULT_SEED if a.seed is None else a.seed, a.files)
+        lo, hi = (int(x) for x in a.sizes.split(":"))
+        if not 0 <= lo < hi:
+            p.error(f"--sizes MIN:MAX needs 0 <= MIN < MAX, not {a.sizes}")
+        st = generate(a.kind, a.dest, DEFAULT_SEED if a.seed is None else a.seed, a.files, small_sizes=(lo, hi))
     print(json.dumps(asdict(st)))
     return 0
 
