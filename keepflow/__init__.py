@@ -8,11 +8,19 @@ library, ``keepflow.tasks.core``, and the Prefect tasks) and ``keepflow.flows``
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
-
-try:
-    __version__: str = _metadata.version("keepflow")
-except _metadata.PackageNotFoundError:     # imported from a source tree that was never installed
-    __version__ = "0+unknown"
-
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> str:
+    # Read on first use: importlib.metadata costs ~50 ms at import, which every
+    # command (read-only ones take ~0.3 s in all) would otherwise pay.
+    if name == "__version__":
+        from importlib import metadata
+
+        try:
+            version = metadata.version("keepflow")
+        except metadata.PackageNotFoundError:     # a source tree that was never installed
+            version = "0+unknown"
+        globals()["__version__"] = version
+        return version
+    raise AttributeError(f"module 'keepflow' has no attribute {name!r}")
