@@ -27,6 +27,7 @@ from .errors import KeyFileError, UsageError, WrongPasswordError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _masters: dict[str, bytes] = {}
+_pending: dict[str, threading.Event] = {}     # repository id -> an unlock_ahead still deriving
 _lock = threading.Lock()
 
 
@@ -70,11 +71,60 @@ def subkeys(repo) -> crypto.Subkeys:
         return crypto.Subkeys.derive(crypto.ZERO_KEY, repo.config.id, encrypted=False)
     with _lock:
         master = _masters.get(repo.config.id)
+        pending = _pending.get(repo.config.id)
+    if master is None and pending is not None:
+        pending.wait()             # unlock_ahead is deriving this very key: one KDF run, not two
+        with _lock:
+            master = _masters.get(repo.config.id)
     if master is None:
         from . import passwords
 
         master = unlock(repo, passwords.get_password(repo.url))
     return crypto.Subkeys.derive(master, repo.config.id)
+
+
+def unlock_ahead(url: str, storage_options: dict | None = None) -> threading.Thread | None:
+    """Start deriving the master key of the repository at ``url`` on a background thread.
+
+    Why: the KDF (Argon2id, ~0.5 s) releases the GIL, so a command that is
+    about to spend a second importing Prefect can have the key ready by the
+    time its flow opens the repository. The repository's config is read and
+    the password found here, in the caller's thread, so that ``subkeys``
+    (which waits for a derivation in flight rather than starting a second)
+    sees it pending from the moment this returns. Best effort: a repository
+    that is not there or not encrypted, and a password that is missing,
+    needs a prompt or is wrong, are left alone (None, or a thread that fails
+    quietly), for the flow's own unlock to report exactly as without this.
+    """
+    from . import passwords
+    from .repository import Repository
+
+    try:
+        repo = Repository.open(url, storage_options, unlock=False)
+        if not repo.encrypted:
+            return None
+        password = passwords.get_password(repo.url, interactive=False)
+    except Exception:
+        return None
+    repo_id = repo.config.id
+    with _lock:
+        if repo_id in _masters or repo_id in _pending:
+            return None
+        event = _pending[repo_id] = threading.Event()
+
+    def derive() -> None:
+        try:
+            unlock(repo, password)
+        except Exception:
+            pass
+        finally:
+            with _lock:
+                _pending.pop(repo_id, None)
+            event.set()
+
+    thread = threading.Thread(target=derive, name="keepflow-unlock-ahead", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass

@@ -80,12 +80,13 @@ def password_in_process() -> str | None:
         return _password
 
 
-def get_password(repo_url: str, *, confirm: bool = False) -> str:
+def get_password(repo_url: str, *, confirm: bool = False, interactive: bool = True) -> str:
     """The password for ``repo_url`` from the first source that is set (see the module docstring).
 
     ``confirm=True`` (init, a new key) asks twice at the terminal and refuses a
     mismatch. Raises PasswordMissingError when no source is set, and
-    PasswordSourceError when the source that is set fails.
+    PasswordSourceError when the source that is set fails. ``interactive=False``
+    (a background thread) raises PasswordMissingError instead of prompting.
     """
     with _lock:
         value = _password
@@ -100,7 +101,7 @@ def get_password(repo_url: str, *, confirm: bool = False) -> str:
     command = os.environ.get(ENV_PASSWORD_COMMAND, "")
     if command.strip():
         key = ("command", command)
-    elif _stdin_is_a_tty():
+    elif _stdin_is_a_tty() and interactive:
         key = ("prompt", repo_url)
     else:
         raise PasswordMissingError(url=repo_url)
