@@ -50,7 +50,8 @@ if ROOT not in sys.path:
 os.environ.setdefault("KEEPFLOW_PASSWORD", "keepflow analysis bench")
 os.environ.setdefault("KEEPFLOW_KDF", "argon2id:t=1,m=1024,p=1")
 
-from keepflow.tasks.core import analysis, index as indexmod, manifest, snapshots  # noqa: E402
+from keepflow.tasks.core import analysis, manifest, snapshots  # noqa: E402
+from keepflow.tasks.core import index as indexmod
 from keepflow.tasks.core.repository import RepoConfig, Repository  # noqa: E402
 
 CONFIGS = {"2": lambda: RepoConfig.new_v2(), "2-plain": lambda: RepoConfig.new_v2(encryption="none"),
@@ -90,7 +91,7 @@ def build(repo_dir: str, n_snapshots: int, n_files: int, seed: int = 1, fmt: str
     dirs = sorted({p.split("/")[0] for p in paths})
     sizes = rng.integers(1024, 8192, n_files)
     hashes = _hashes(rng, n_files)
-    start = dt.datetime(2026, 1, 1, 2, 0, tzinfo=dt.timezone.utc)
+    start = dt.datetime(2026, 1, 1, 2, 0, tzinfo=dt.UTC)
     ino = np.arange(n_files, dtype=np.int64) + 1000
     n_change = max(1, n_files // 100)
     parent = None

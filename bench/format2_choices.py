@@ -963,7 +963,7 @@ def main(argv=None) -> int:
         mem = int(f.readline().split()[1]) / 1024 / 1024
     started = time.perf_counter()
     say(f"`python -m bench.format2_choices --only {','.join(chosen)} --repeats {REPEATS}`, "
-        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} cores, {mem:.1f} GiB, "
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} cores, {mem:.1f} GiB, "
         f"python {platform.python_version()}; load average at start {loadavg()} (the machine is shared).")
     say("GIL probe (the main thread wakes every 0.5 ms while one long call runs in another thread; the longest "
         "it was kept out tells whether the call holds the GIL): " + gil_controls() + ".")

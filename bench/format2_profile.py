@@ -191,10 +191,10 @@ def _profiled(fn, n: int):
 
 def store(src: str, threads: int, n: int, repo_dir: str | None) -> None:
     _password()
+    import resource
+
     from keepflow.tasks.core import backup
     from keepflow.tasks.core.repository import Repository
-
-    import resource
 
     repo = repo_dir or tempfile.mkdtemp(prefix="kf-profile-", dir="/work/bench-tmp")
     if os.path.exists(os.path.join(repo, "keepflow.json")):

@@ -95,7 +95,7 @@ def log_lines(rng: random.Random, n: int, start: float) -> str:
     pick = gentree._randint
     for _ in range(n):
         t += rng.random() * 0.05
-        stamp = dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        stamp = dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
         path = _PATHS[pick(rng, len(_PATHS))].replace("{n}", str(pick(rng, 100000)))
         out.append(f"{stamp}Z {_LEVELS[pick(rng, len(_LEVELS))]:7s} [worker-{pick(rng, 8)}] "
                    f"{_MSGS[pick(rng, len(_MSGS))]} method=GET path={path} "

@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import re
 import platform
+import re
 import shlex
 import shutil
 import signal

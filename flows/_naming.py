@@ -17,5 +17,5 @@ def run_name(operation: str, parameter: str) -> str:
     from prefect.runtime import flow_run
 
     value = flow_run.parameters.get(parameter, "") or ""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{operation}-{short_name(str(value))}-{stamp}"

@@ -14,8 +14,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from keepflow.flows import _dask
 from keepflow.flows._credentials import resolve, resolve_map
 from keepflow.flows._naming import run_name
-from keepflow.flows._progress_artifact import track
 from keepflow.flows._password import resolve_password_param
+from keepflow.flows._progress_artifact import track
 from keepflow.flows._runs import HOOKS
 from keepflow.tasks.backup import commit_snapshot, plan_backup, store_batch
 from keepflow.tasks.core.backup import check_inputs, cleanup, normalise_source

@@ -9,8 +9,7 @@ would only delay the one-line error the user needs.
 from __future__ import annotations
 
 from keepflow.tasks.core import storage
-from keepflow.tasks.core.errors import KeepflowError, StorageError
-from keepflow.tasks.core.errors import RepositoryFullError, RepositoryWriteError
+from keepflow.tasks.core.errors import KeepflowError, RepositoryFullError, RepositoryWriteError, StorageError
 
 PERMANENT = (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeepflowError)
 

@@ -31,9 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from keepflow.tasks.core import analysis, index as indexmod, manifest, snapshot_diff, snapshots as core_snapshots
+from keepflow.tasks.core import analysis, manifest, snapshot_diff
+from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import snapshots as core_snapshots
 from keepflow.tasks.core.errors import DamagedManifestError, UsageError
 from keepflow.tasks.core.repository import RepoConfig, Repository
+
 from tests import core_helpers
 from tests.conftest import KEEPFLOW, TEST_PASSWORD, age_tree, make_tree
 

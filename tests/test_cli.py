@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -120,7 +120,7 @@ def hist(prefect_api_url, tmp_path_factory):
 def test_backup_json_is_one_object_with_the_documented_keys(hist):
     for summary in (hist.first, hist.second):
         assert isinstance(summary, dict)
-        assert SUMMARY_KEYS <= set(summary)
+        assert set(summary) >= SUMMARY_KEYS
         assert summary["skipped"] == [] and summary["exit_code"] == 0
         assert len(summary["snapshot"]) == 16
 

@@ -8,8 +8,13 @@ import fsspec
 import pytest
 
 from keepflow.tasks.core import storage
-from keepflow.tasks.core.errors import (NotARepositoryError, RepositoryExistsError, RepositoryNotFoundError,
-                               RepositoryVersionError, UsageError)
+from keepflow.tasks.core.errors import (
+    NotARepositoryError,
+    RepositoryExistsError,
+    RepositoryNotFoundError,
+    RepositoryVersionError,
+    UsageError,
+)
 from keepflow.tasks.core.repository import CONFIG_NAME, DEFAULT_FORMAT, FORMAT_VERSION, RepoConfig, Repository
 
 

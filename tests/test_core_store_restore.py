@@ -11,10 +11,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from keepflow.tasks.core import index as indexmod
 from keepflow.tasks.core import chunk_lists, manifest, pack, snapshots, treeinfo
-from keepflow.tasks.core.repository import Repository, RepoConfig
+from keepflow.tasks.core import index as indexmod
 from keepflow.tasks.core.pack import PACK_MAGIC
+from keepflow.tasks.core.repository import RepoConfig, Repository
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree

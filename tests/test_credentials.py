@@ -29,6 +29,7 @@ def test_backup_flow_reads_options_from_a_block(prefect_api_url, tmp_path):
     from prefect.blocks.system import Secret
 
     from keepflow.flows.backup import backup
+
     from tests.conftest import make_tree
 
     Secret(value=json.dumps({"auto_mkdir": True})).save("kf-local-opts", overwrite=True, _sync=True)
@@ -66,8 +67,9 @@ def test_aws_credentials_block_reaches_a_real_s3_server(prefect_api_url, s3_serv
 
     from keepflow.flows._credentials import resolve
     from keepflow.flows.backup import backup
-    from keepflow.tasks.core.snapshots import list_snapshots
     from keepflow.tasks.core.repository import Repository
+    from keepflow.tasks.core.snapshots import list_snapshots
+
     from tests.conftest import make_tree
 
     opts = s3_server.storage_options

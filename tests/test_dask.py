@@ -391,6 +391,7 @@ def test_workers_2_get_the_password_the_command_or_the_flow_was_given(tmp_path, 
 
     from keepflow.flows.restore import restore
     from keepflow.tasks.core import keyring, passwords
+
     from tests.conftest import TEST_PASSWORD
 
     src = make_tree(tmp_path / "src", {f"d{i % 5}/f{i:03d}.txt": f"file {i}\n" * (i + 1) for i in range(60)}

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from keepflow.tasks.core import keyring
+
 from tests.conftest import TEST_PASSWORD, age_tree, make_tree, run_cli
 
 MiB = 1024 * 1024
@@ -47,7 +48,7 @@ def _stored_files(repo: Path) -> list[Path]:
 def _zstd_frames_decompressed(data: bytes) -> bytes:
     """Every zstd frame found in ``data`` decompressed (what an attacker could try)."""
     try:
-        from compression import zstd            # Python 3.14
+        from compression import zstd  # Python 3.14
     except ImportError:
         from backports import zstd
     out, magic, start = [], b"\x28\xb5\x2f\xfd", 0
@@ -346,7 +347,7 @@ def test_init_without_encryption_keeps_plain_parquet_and_needs_no_password(tmp_p
     manifest = next((repo / "snapshots").iterdir())
     assert manifest.name.endswith(".parquet")
     table = pq.read_table(manifest)
-    assert f"logs/app.log" in table["path"].to_pylist()
+    assert "logs/app.log" in table["path"].to_pylist()
     assert run_cli(["restore", repo, tmp_path / "out"], env=env).returncode == 0
     assert (tmp_path / "out/logs/app.log").read_bytes() == (text_tree / "logs/app.log").read_bytes()
 

@@ -256,7 +256,7 @@ def test_leases_are_sealed_refreshed_in_place_and_a_damaged_one_is_no_lease(tmp_
         with pytest.raises(lease.LeaseConflictError, match="another backup of " + source):
             lease.Holder(repo, "backup", source).acquire()
         # A refresh replaces the file with a new salt; it still opens.
-        holder.lease.expires = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).isoformat()
+        holder.lease.expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
         holder._write()
         refreshed = path.read_bytes()
         assert refreshed != data and refreshed[-40:-8] != data[-40:-8]

@@ -237,7 +237,7 @@ def test_xattrs_on_files_and_folders_round_trip(tmp_path):
     src = make_tree(tmp_path / "src", {"doc.txt": "text", "dir/inner": "i", "plain": "p"})
     os.setxattr(src / "doc.txt", "user.origin", b"scanner-7")
     os.setxattr(src / "doc.txt", "user.binary", bytes(range(256)))
-    os.setxattr(src / "dir", "user.project", "keepflow".encode())
+    os.setxattr(src / "dir", "user.project", b"keepflow")
     age_tree(src)
     repo_url = str(tmp_path / "repo")
     committed, _, _ = core_helpers.backup(src, repo_url)

@@ -20,8 +20,14 @@ from pathlib import Path
 import pytest
 
 from keepflow.tasks.core import passwords
-from keepflow.tasks.core.errors import (EXIT_NO_REPO, EXIT_USAGE, PasswordMissingError, PasswordSourceError, UsageError,
-                               WrongPasswordError)
+from keepflow.tasks.core.errors import (
+    EXIT_NO_REPO,
+    EXIT_USAGE,
+    PasswordMissingError,
+    PasswordSourceError,
+    UsageError,
+    WrongPasswordError,
+)
 from keepflow.tasks.core.passwords import get_password, use_password, use_password_file
 
 ROOT = Path(__file__).resolve().parent.parent

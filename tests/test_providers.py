@@ -20,8 +20,8 @@ import uuid
 
 import pytest
 
-from keepflow.tasks.core import backup as core_backup
 from keepflow.tasks.core import analysis, manifest, snapshots, treeinfo
+from keepflow.tasks.core import backup as core_backup
 from keepflow.tasks.core import restore as core_restore
 from keepflow.tasks.core.errors import StorageError, UsageError
 from keepflow.tasks.core.repository import Repository

@@ -167,7 +167,7 @@ def test_lease_rules_and_stale_leases(tmp_path):
 def test_expired_lease_does_not_block(tmp_path):
     repo = Repository.init(str(tmp_path / "repo"))
     old = lease.Holder(repo, "prune", ttl=1)
-    old.lease.expires = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)).isoformat()
+    old.lease.expires = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)).isoformat()
     old._write()
     lease.Holder(repo, "backup", "/x").acquire().release()
 

@@ -12,8 +12,8 @@ import shutil
 import pyarrow.compute as pc
 import pytest
 
-from keepflow.tasks.core import replicate as core_replicate
 from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import replicate as core_replicate
 from keepflow.tasks.core import snapshots, treeinfo
 from keepflow.tasks.core.repository import RepoConfig, Repository
 

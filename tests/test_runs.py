@@ -23,7 +23,7 @@ import pytest
 
 from keepflow.tasks.core import lease, liveness, runs, treeinfo
 from keepflow.tasks.core.repository import Repository
-from keepflow.tasks.core.restore_writer import TargetWriter, new_token, remove_stale_temporaries, temp_name
+from keepflow.tasks.core.restore_writer import TargetWriter, new_token, temp_name
 
 from tests import core_helpers
 from tests.conftest import age_tree, make_tree
@@ -99,7 +99,7 @@ def test_a_zombie_or_reused_pid_does_not_hold_a_lease(tmp_path):
     try:
         old = lease.Holder(repo, "prune")
         old.lease.pid = other.pid
-        old.lease.created = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)).isoformat()
+        old.lease.created = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).isoformat()
         old._write()
         assert old.lease.holder_is_dead()
         lease.Holder(repo, "backup", "/src").acquire().release()

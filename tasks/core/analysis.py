@@ -48,8 +48,9 @@ pandas and DuckDB are imported inside the functions that need them, so
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -92,7 +93,7 @@ def _infos(repo: Repository, snapshots=None, all_snaps: list[SnapshotInfo] | Non
     snaps = snapmod.list_snapshots(repo) if all_snaps is None else all_snaps
     if snapshots is None:
         return snaps
-    if hasattr(snapshots, "columns") and "id" in getattr(snapshots, "columns"):
+    if hasattr(snapshots, "columns") and "id" in snapshots.columns:
         refs = list(snapshots["id"])
     elif isinstance(snapshots, (str, SnapshotInfo)):
         refs = [snapshots]
@@ -276,7 +277,7 @@ def _timestamps(values: list[str]) -> pa.Array:
     import datetime as dt
 
     def parse(v):
-        return dt.datetime.fromisoformat(v.replace("Z", "+00:00")).astimezone(dt.timezone.utc) if v else None
+        return dt.datetime.fromisoformat(v.replace("Z", "+00:00")).astimezone(dt.UTC) if v else None
 
     return pa.array([parse(v) for v in values], _TIME)
 

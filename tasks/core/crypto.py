@@ -95,7 +95,7 @@ class Subkeys:
     encrypted: bool
 
     @classmethod
-    def derive(cls, master: bytes, repo_id: str, encrypted: bool = True) -> "Subkeys":
+    def derive(cls, master: bytes, repo_id: str, encrypted: bool = True) -> Subkeys:
         idbytes = bytes.fromhex(repo_id)
 
         def sub(purpose: str) -> bytes:
@@ -235,7 +235,7 @@ def make_key_file(master: bytes, repo_id: str, password: str, kdf: dict | None =
     params = dict(kdf or default_kdf())
     body = {"version": KEY_FILE_VERSION, "repository": repo_id, **params,
             "salt": base64.b64encode(os.urandom(SALT_SIZE)).decode("ascii"),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     kek = _derive(params, password.encode("utf-8"), base64.b64decode(body["salt"]))
     wrapped = AESGCM(kek).encrypt(nonce(0), master, canon(body))
     body["wrapped"] = base64.b64encode(wrapped).decode("ascii")

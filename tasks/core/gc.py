@@ -56,9 +56,8 @@ import blake3
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import crypto, pack
+from . import crypto, manifest, pack, snapshots, storage
 from . import index as indexmod
-from . import manifest, snapshots, storage
 from .errors import KeepflowError, UnindexedBlobsError
 from .store import BatchResult, PackWriter
 
@@ -294,7 +293,7 @@ def mark(repo, plan: dict | None = None, dry_run: bool = False, exclude: set[str
             candidates[key] = plan["stored"][key]
     result.keys, result.bytes = len(candidates), sum(candidates.values())
     if candidates and not dry_run:
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         body = {"marked_at": now.isoformat(), "keys": sorted(candidates), "bytes": result.bytes}
         result.mark = _write_mark(repo, now, body)
     return result
@@ -332,7 +331,7 @@ def _repack(repo, plan: dict, dry_run: bool) -> tuple[int, int]:
 
 
 def _label(what: str) -> str:
-    return f"{what}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+    return f"{what}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
 
 
 def _repack2(repo, plan: dict, dry_run: bool) -> tuple[int, int, set[str]]:
@@ -403,7 +402,7 @@ def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
     unreadable: list[str] = []
     marks = _list_marks(repo, unreadable)
     result.marks_unreadable = len(unreadable)
-    limit = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=grace_hours)
+    limit = dt.datetime.now(dt.UTC) - dt.timedelta(hours=grace_hours)
     due = [m for m in marks if dt.datetime.fromisoformat(m["marked_at"]) <= limit]
     result.marks_waiting = len(marks) - len(due)
     index_names = indexmod.list_index_names(repo)

@@ -86,7 +86,7 @@ class Lease:
 
     @property
     def expired(self) -> bool:
-        return dt.datetime.fromisoformat(self.expires) < dt.datetime.now(dt.timezone.utc)
+        return dt.datetime.fromisoformat(self.expires) < dt.datetime.now(dt.UTC)
 
     def holder_is_dead(self) -> bool:
         """True when the holder ran on this host and its process is gone: no
@@ -106,7 +106,7 @@ class Lease:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _sealed(repo) -> bool:
@@ -184,7 +184,7 @@ class Holder:
             # A random 128-bit name that exists: never replace someone's lease.
             raise FileExistsError(f"lease {self.path} exists already")
 
-    def acquire(self) -> "Holder":
+    def acquire(self) -> Holder:
         self._write(first=True)
         try:
             clash = conflicts(self.lease, list_leases(self.repo))
@@ -222,7 +222,7 @@ class Holder:
         except (FileNotFoundError, OSError):
             pass
 
-    def __enter__(self) -> "Holder":
+    def __enter__(self) -> Holder:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -108,9 +108,9 @@ def _entries(trailer: bytes, data_end: int, where: str) -> list[tuple[str, int, 
 # header_pad. Unencrypted repositories: the same without tags, footer magic
 # "KFPACKP2" and a zero salt. ARCHITECTURE.md, "### Packs", is the specification.
 
-from dataclasses import dataclass   # noqa: E402  (format 2's half of the module)
+from dataclasses import dataclass  # noqa: E402  (format 2's half of the module)
 
-from . import crypto   # noqa: E402
+from . import crypto  # noqa: E402
 
 PACK2_MAGIC = crypto.PACK
 PACK2_PLAIN_MAGIC = b"KFPACKP2"

@@ -9,7 +9,7 @@ pyarrow reads the footer first and then only the column chunks asked for.
 from __future__ import annotations
 
 import io
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -9,7 +9,7 @@ a distributed runner the batches run elsewhere and simply report nowhere.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 _sink: Callable[[str, int, int], None] | None = None
 _lock = threading.Lock()

@@ -251,7 +251,7 @@ def _rebuild_index(repo, read_data: bool, dry_run: bool) -> tuple[RepairIndexRes
                  and table.num_rows == len(old_hashes)
                  and _same_rows(table, old_rows))
     if not dry_run and not unchanged:
-        name = f"repair-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+        name = f"repair-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
         written = indexmod.write_index(repo, table, name)
         result.index_written = written.rsplit("/", 1)[-1] if written else None
         for old_name in old_names:

@@ -77,7 +77,7 @@ class RepoConfig:
     pack_size: int = DEFAULT_PACK_SIZE
     small_file_threshold: int = DEFAULT_SMALL_FILE_THRESHOLD
     created_at: str = field(
-        default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
     # Format 1: both None. Format 2: the default compression of backups, and
     # "aes-256-gcm" or "none".
@@ -92,7 +92,7 @@ class RepoConfig:
     sealed: str | None = None                # format 2: the "config" field as read, until opened
 
     @classmethod
-    def new_v2(cls, encryption: str = "aes-256-gcm", compression: str = "auto", **overrides) -> "RepoConfig":
+    def new_v2(cls, encryption: str = "aes-256-gcm", compression: str = "auto", **overrides) -> RepoConfig:
         return cls(version=2, hash="", compression=compression, encryption=encryption,
                    zstd_levels=dict(ZSTD_LEVELS), chunker=dict(CHUNKER), header_pad=HEADER_PAD,
                    ids="blake3-256-keyed", aead="aes-256-gcm" if encryption != "none" else "none", **overrides)
@@ -122,7 +122,7 @@ class RepoConfig:
         return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "RepoConfig":
+    def from_json(cls, data: bytes) -> RepoConfig:
         raw = json.loads(data)
         if not isinstance(raw, dict):
             raise ValueError("not an object")
@@ -199,7 +199,7 @@ class Repository:
                 self._open_sealed_config()
         return self._keys
 
-    def unlock(self) -> "Repository":
+    def unlock(self) -> Repository:
         """Check the password now (before anything is written); returns self."""
         _ = self.keys
         return self
@@ -264,7 +264,7 @@ class Repository:
     # -- open / create -------------------------------------------------------
     @classmethod
     def open(cls, url: str, storage_options: dict[str, Any] | None = None,
-             create: bool = False, unlock: bool = True) -> "Repository":
+             create: bool = False, unlock: bool = True) -> Repository:
         """Open (or, with ``create``, create) the repository at ``url``.
 
         An encrypted repository is unlocked here unless ``unlock`` is False
@@ -278,7 +278,7 @@ class Repository:
         return repo
 
     @classmethod
-    def _open(cls, url: str, storage_options: dict[str, Any] | None, create: bool) -> "Repository":
+    def _open(cls, url: str, storage_options: dict[str, Any] | None, create: bool) -> Repository:
         fs, root = storage.open_url(url, storage_options)
         config_path = storage.join(root, CONFIG_NAME)
         try:
@@ -304,7 +304,7 @@ class Repository:
         return cls._from_config_bytes(url, fs, root, data, storage_options)
 
     @classmethod
-    def attach(cls, url: str, config: dict[str, Any], storage_options: dict[str, Any] | None = None) -> "Repository":
+    def attach(cls, url: str, config: dict[str, Any], storage_options: dict[str, Any] | None = None) -> Repository:
         """A repository opened earlier in the same run, from the config that run read.
 
         A run's plan carries ``keepflow.json`` (its batches may run on other
@@ -318,7 +318,7 @@ class Repository:
 
     @classmethod
     def init(cls, url: str, storage_options: dict[str, Any] | None = None,
-             config: RepoConfig | None = None, password: str | None = None) -> "Repository":
+             config: RepoConfig | None = None, password: str | None = None) -> Repository:
         """Create a repository (format 2, encrypted, unless ``config`` says otherwise).
 
         An encrypted one takes ``password`` or asks passwords.get_password

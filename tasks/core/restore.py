@@ -48,6 +48,7 @@ from .errors import TargetError, UsageError
 from .repository import Repository
 from .restore_writer import RestoreBatchResult, TargetWriter, remove_stale_temporaries
 from .scan import compile_patterns
+
 # Format 2: what opening a blob needs besides key, offset and length.
 V2_ROW_COLUMNS = ("kind", "seq", "salt", "raw_length", "compressed")
 
@@ -147,7 +148,7 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     sized_by = "size" if chunks is not None else "length"
     batches = scratch_io.cut_ranges(located[sized_by].to_numpy(zero_copy_only=False), MAX_BATCH_FILES,
                                     MAX_BATCH_BYTES)
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     scratch = scratch_io.create("restore", run_id, work_dir)
     try:
         scratch_io.write(scratch, "other", pa.concat_tables([dirs, links, specials, hard_links]))

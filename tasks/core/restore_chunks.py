@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 
 from . import pack, progress
 from . import scratch as scratch_io
-from .errors import KeepflowError
 from .chunk_lists import encode_list, read_lists
+from .errors import KeepflowError
 from .store_v2 import chunker_for, tune_malloc
 
 PREFETCH = 4                            # reads in flight for the file being written

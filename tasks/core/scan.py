@@ -95,7 +95,7 @@ def scan(source: str, excludes=None, exclude_paths=(), storage_options=None, wit
     """
     root_spec = compile_patterns(excludes)
     fs, root = storage.open_url(source, storage_options)
-    start_ns = dt.datetime.now(dt.timezone.utc).timestamp() * 1e9
+    start_ns = dt.datetime.now(dt.UTC).timestamp() * 1e9
     if storage.is_local(fs):
         result = _scan_local(root, root_spec, {os.path.abspath(p) for p in exclude_paths}, with_xattrs)
     else:
@@ -377,7 +377,7 @@ def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
         cols["mtime_ns"].append(storage.info_mtime_ns(info))
         cols["ctime_ns"].append(None)
         cols["inode"].append(None)
-        cols["mode"].append((0o40755 if kind == "dir" else 0o100644))
+        cols["mode"].append(0o40755 if kind == "dir" else 0o100644)
         cols["uid"].append(None)
         cols["gid"].append(None)
         cols["link_target"].append(None)

@@ -58,11 +58,11 @@ class DamagedManifest:
     time: dt.datetime | None = None
 
     @classmethod
-    def from_name(cls, name: str, reason: str) -> "DamagedManifest":
+    def from_name(cls, name: str, reason: str) -> DamagedManifest:
         m = _NAME.fullmatch(name)
         if not m:
             return cls(name, reason)
-        when = dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.timezone.utc)
+        when = dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.UTC)
         return cls(name, reason, m.group(2), when)
 
     def error(self, repo_url: str, what: str = "") -> DamagedManifestError:

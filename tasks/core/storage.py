@@ -121,18 +121,17 @@ def _sftp_filesystem_class():
             if start is None and end is None:
                 return await super()._cat_file(path, **kwargs)
             path = self._strip_protocol(path)
-            async with self._pool.get() as channel:
-                async with channel.open(path, "rb") as f:
-                    if (start is not None and start < 0) or (end is not None and end < 0):
-                        size = (await channel.stat(path)).size
-                        start = size + start if start is not None and start < 0 else start
-                        end = size + end if end is not None and end < 0 else end
-                    start = start or 0
-                    if start:
-                        await f.seek(start)
-                    if end is None:
-                        return await f.read()
-                    return await f.read(max(0, end - start))
+            async with self._pool.get() as channel, channel.open(path, "rb") as f:
+                if (start is not None and start < 0) or (end is not None and end < 0):
+                    size = (await channel.stat(path)).size
+                    start = size + start if start is not None and start < 0 else start
+                    end = size + end if end is not None and end < 0 else end
+                start = start or 0
+                if start:
+                    await f.seek(start)
+                if end is None:
+                    return await f.read()
+                return await f.read(max(0, end - start))
 
         def _open(self, path, mode="rb", *args, **kwargs):
             if any(m in mode for m in "wax"):
@@ -639,7 +638,7 @@ def info_mtime_ns(info: dict) -> int:
             continue
         if isinstance(value, dt.datetime):
             if value.tzinfo is None:
-                value = value.replace(tzinfo=dt.timezone.utc)
+                value = value.replace(tzinfo=dt.UTC)
             return int(value.timestamp() * 1e9)
         if isinstance(value, str):
             try:
@@ -772,7 +771,7 @@ def is_storage_failure(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return True
     names = _names(exc)
-    return bool(names & ({"BotoCoreError", "ClientError", "AzureError", "Error", "ClientError"} | _CONNECTION_NAMES
+    return bool(names & ({"BotoCoreError", "ClientError", "AzureError", "Error"} | _CONNECTION_NAMES
                          | _AUTH_NAMES)) and type(exc).__module__.split(".")[0] in {
         "botocore", "aiobotocore", "s3fs", "azure", "adlfs", "asyncssh", "sshfs", "aiohttp", "socket", "builtins"}
 

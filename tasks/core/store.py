@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 import blake3
 import pyarrow as pa
 
-from . import progress, storage
+from . import pack, progress, storage
 from .errors import RepositoryWriteError
-from . import pack
 from .manifest import clamp_ns, shown
 from .pack import encode_trailer
 
@@ -169,7 +168,7 @@ class PackWriter:
 
 
 def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[int],
-                known: "KnownBlobs", dry_run: bool = False, compression: str | None = None) -> BatchResult:
+                known: KnownBlobs, dry_run: bool = False, compression: str | None = None) -> BatchResult:
     """Store one batch; ``compression`` (format 2) overrides the repository's default mode."""
     result = BatchResult()
     packer = PackWriter(repo, result, dry_run)
@@ -228,7 +227,7 @@ def _store_files(repo, source_fs, source_root, paths, rows, known, packer, resul
         result.ctimes.append(ctime)
 
 
-def _store_small(data: bytes, known: "KnownBlobs", packer: PackWriter, result: BatchResult) -> str:
+def _store_small(data: bytes, known: KnownBlobs, packer: PackWriter, result: BatchResult) -> str:
     """Hash a small file's bytes and pack them unless the blob is known."""
     result.bytes_read += len(data)
     blob_hash = blake3.blake3(data).hexdigest()
@@ -294,7 +293,7 @@ def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
     # source meanwhile is caught by the caller's fstat comparison.
     tmp_dir = repo.path("tmp")
     os.makedirs(tmp_dir, exist_ok=True)
-    from .liveness import repo_tmp_name   # names the writer: a dead one's copy goes at the next backup
+    from .liveness import repo_tmp_name  # names the writer: a dead one's copy goes at the next backup
     tmp = os.path.join(tmp_dir, repo_tmp_name())
     try:
         try:
