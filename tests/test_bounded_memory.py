@@ -327,3 +327,34 @@ def test_the_plan_is_written_and_read_back_a_row_group_at_a_time(tmp_path):
     assert pa.concat_tables(groups).equals(pa.concat_tables(parts))
     assert scratch.read(folder, "plan").equals(pa.concat_tables(parts))
     scratch.remove(folder)
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_the_known_blob_set_from_the_stored_ids_is_the_one_from_the_index_table(tmp_path, fmt):
+    """index.load_ids reads format 2's binary ids as stored (no hex, no pack keys):
+    KnownBlobs built from them holds what one built from load_index's hex holds."""
+    from keepflow.tasks.core import index as indexmod
+    from keepflow.tasks.core.repository import RepoConfig, Repository
+    from tests.core_helpers import backup
+
+    repo_url = str(tmp_path / "repo")
+    Repository.init(repo_url, config=RepoConfig() if fmt == 1 else None)
+    src = make_tree(tmp_path / "src", {f"d{i % 7}/f{i:03d}": f"content {i}" for i in range(300)})
+    age_tree(src)
+    backup(str(src), repo_url)
+    (src / "d1" / "new").write_text("a second run, so a second index file")
+    backup(str(src), repo_url)
+    repo = Repository.open(repo_url)
+    hexes = indexmod.load_index(repo, columns=["hash"], unique=False)["hash"]
+    stored = indexmod.load_ids(repo)
+    assert stored.type == (pa.string() if fmt == 1 else pa.binary(32)) and len(stored) == len(hexes)
+    from_stored, from_hex = kb.indexed_now(repo), KnownBlobs(hexes)
+    assert bytes(from_stored._sorted.raw) == bytes(from_hex._sorted.raw) and len(from_stored) == 301
+    assert all(from_stored.contains(h) for h in hexes.to_pylist())
+    # Nulls and slices of binary ids are taken as they are (only the valid ones).
+    ids = pa.chunked_array([stored.combine_chunks().slice(5, 20),
+                            pa.array([None, bytes(32)], pa.binary(32))]) if fmt == 2 else None
+    if ids is not None:
+        known = KnownBlobs(ids)
+        assert len(known) == 21 and known.contains("00" * 32)
+        assert all(known.contains(h) for h in hexes.to_pylist()[5:25])

@@ -325,11 +325,12 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> C
         repo = Repository.open(plan["repo_url"], storage_options, create=False)
         memory.release()                # what the batches left
         indexmod.merge_run_index(repo, plan["run_id"])
-        if repo.version >= 2:
-            indexmod.require_chunks_indexed(repo, [plan["run_id"]], what)
         memory.release()
-        # The commit guard's view: the index as a reader sees it now, all files read again.
+        # The commit guard's view: the index as a reader sees it now, all files read
+        # again (once: format 2's chunk guard checks against the same set).
         indexed = indexed_now(repo)
+        if repo.version >= 2:
+            indexmod.require_chunks_indexed(repo, [plan["run_id"]], what, indexed)
         memory.release()
 
     table = _merge_results(scratch, plan, summaries)

@@ -122,13 +122,18 @@ class _Sorted:
 def _digests_of(values) -> tuple[bytearray, set[str]]:
     """(32-byte digests of the canonical ids in ``values``, concatenated; the other strings).
 
-    ``values``: an Arrow string array or chunked array, decoded vectorised
-    straight into one buffer (no copy per chunk), or any iterable of str.
+    ``values``: an Arrow array or chunked array, of hex strings (decoded
+    vectorised) or of ``fixed_size_binary(32)`` ids (format 2's stored index:
+    copied as they are), straight into one buffer (no copy per chunk); or any
+    iterable of str.
     """
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
         out, odd, at = bytearray(DIGEST * sum(len(c) for c in chunks)), set(), 0
         for chunk in chunks:
+            if pa.types.is_fixed_size_binary(chunk.type) and chunk.type.byte_width == DIGEST:
+                at = _copy_into(chunk, out, at)
+                continue
             at, others = _decode_into(chunk, out, at)
             odd |= others
         del out[at:]
@@ -141,6 +146,18 @@ def _digests_of(values) -> tuple[bytearray, set[str]]:
         else:
             out += d
     return out, odd
+
+
+def _copy_into(chunk: pa.Array, out: bytearray, at: int) -> int:
+    """Write the binary ids of one ``fixed_size_binary(32)`` array into ``out`` at byte
+    ``at`` (nulls left out); returns the end in ``out``."""
+    if chunk.null_count:
+        chunk = chunk.drop_null()
+    n = len(chunk)
+    if n:
+        data = chunk.buffers()[1]
+        out[at:at + DIGEST * n] = memoryview(data)[chunk.offset * DIGEST:(chunk.offset + n) * DIGEST]
+    return at + DIGEST * n
 
 
 def _decode_chunk(chunk: pa.Array) -> tuple[np.ndarray, set[str]]:
@@ -335,9 +352,10 @@ class KnownBlobs:
 
 def indexed_now(repo) -> KnownBlobs:
     """Every blob id in the index as a reader sees it now (every index file read
-    again, nothing cached): what the commit guard checks a manifest against."""
-    from .index import load_index   # index imports this module
-    return KnownBlobs(load_index(repo, columns=["hash"], unique=False)["hash"])
+    again, nothing cached): what the commit guard checks a manifest against.
+    Format 2 reads the stored binary ids and copies them in (``index.load_ids``)."""
+    from .index import load_ids  # index imports this module
+    return KnownBlobs(load_ids(repo))
 
 
 # The per-process known-blob caches, keyed by (repository URL, run id), newest

@@ -148,7 +148,7 @@ def with_snapshot_metadata(table: pa.Table, info: SnapshotInfo) -> pa.Table:
 
 def write_manifest(repo, table: pa.Table, info: SnapshotInfo) -> str:
     """Write the manifest last: once this file exists, the snapshot exists."""
-    table = with_snapshot_metadata(table.sort_by("path"), info)
+    table = with_snapshot_metadata(_by_path(table), info)
     if repo.version < 2:
         name = manifest_name(info)
         parquet_io.write_table_once(repo.fs, repo.path("snapshots", name), table)
@@ -159,6 +159,18 @@ def write_manifest(repo, table: pa.Table, info: SnapshotInfo) -> str:
         storage.write_once(repo.fs, repo.path("snapshots", name), data)
     info.key = name
     return name
+
+
+def _by_path(table: pa.Table) -> pa.Table:
+    """``table`` sorted by path. A backup's rows come sorted already (the plan is the
+    sorted scan): checked vectorised, that skips ``sort_by``'s copy of the whole
+    manifest (1M files: +490 MiB peak at the write, bench.memory_phases)."""
+    import pyarrow.compute as pc
+
+    paths, n = table["path"], table.num_rows
+    if n < 2 or pc.all(pc.less(paths.slice(0, n - 1), paths.slice(1))).as_py():
+        return table
+    return table.sort_by("path")
 
 
 # -- format 2 (ARCHITECTURE.md, "### Snapshots (manifests)") ------------------------------
