@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import index as indexmod
-from . import manifest, progress, restore_chunks, restore_entries, snapshots, storage
+from . import manifest, memory, progress, restore_chunks, restore_entries, snapshots, storage
 from . import scratch as scratch_io
 from .blob_sources import BlobSources
 from .errors import TargetError, UsageError
@@ -114,6 +114,8 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     links = table.filter(pc.equal(table["type"], "symlink"))
     specials = table.filter(pc.is_in(table["type"], value_set=pa.array(manifest.SPECIAL_TYPES)))
     files, hard_links = _split_hard_links(files, local_target=storage.is_local(tfs))
+    del table                   # the whole manifest: its parts above are copies
+    memory.release()
 
     idx = indexmod.load_index(repo)
     if "type" in idx.column_names:      # format 2: the blob's kind (data or list), not the entry's type
@@ -126,19 +128,26 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     location_columns = [c for c in idx.column_names if c != "hash"]
     for name in location_columns:
         located = located.append_column(name, where[name])
+    del where
     missing_mask = pc.is_null(located["key"])
     missing = located.filter(missing_mask)
-    located = located.filter(pc.invert(missing_mask)).sort_by([("key", "ascending"), ("offset", "ascending")])
+    if len(missing):            # a filter is a copy of every row: only when some are missing
+        located = located.filter(pc.invert(missing_mask))
+    located = located.sort_by([("key", "ascending"), ("offset", "ascending")])
     chunks = None
     if repo.version >= 2:
         located, chunks, unreadable = restore_chunks.expand_lists(
             repo, located, idx, [_opener(u, storage_options if u == repo_url else (fallback_options or {}).get(u))
                                  for u in [repo_url, *fallbacks] if u != used_url])
         missing = pa.concat_tables([missing.select(["path"]), unreadable.select(["path"])])
+    del idx
 
     local = storage.is_local(tfs)
-    folders = _folders(_fs_paths(dirs, local), _fs_paths(files, local) + _fs_paths(links, local)
-                       + _fs_paths(specials, local) + _fs_paths(hard_links, local))
+    folders = {""} | set(_fs_paths(dirs, local))
+    for entries in (files, links, specials, hard_links):
+        folders |= _parent_folders(entries, local)
+    n_files, n_bytes = files.num_rows, pc.sum(files["size"]).as_py() or 0
+    del files
     removed = []
     if not dry_run:
         _make_dirs(tfs, troot, folders, target)
@@ -161,8 +170,8 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
         raise
     return RestorePlan(
         repo_url=used_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
-        overwrite=overwrite, dry_run=dry_run, batches=batches, files=files.num_rows, dirs=dirs.num_rows,
-        symlinks=links.num_rows, bytes=pc.sum(files["size"]).as_py() or 0, fresh_target=fresh, sparse=sparse, xattrs=xattrs,
+        overwrite=overwrite, dry_run=dry_run, batches=batches, files=n_files, dirs=dirs.num_rows,
+        symlinks=links.num_rows, bytes=n_bytes, fresh_target=fresh, sparse=sparse, xattrs=xattrs,
         temporaries_removed=len(removed),
         fallbacks=[u for u in [repo_url, *fallbacks] if u != used_url], fallback_options=fallback_options or {},
         primary_url=repo_url,
@@ -269,6 +278,19 @@ def _fs_paths(table: pa.Table, local: bool) -> list[str]:
 def _folders(dir_paths, entry_paths) -> set[str]:
     """Every folder the restore writes into ("" is the target itself)."""
     return {""} | set(dir_paths) | {p.rsplit("/", 1)[0] if "/" in p else "" for p in entry_paths}
+
+
+def _parent_folders(table: pa.Table, local: bool) -> set[str]:
+    """The folders holding the entries of ``table`` ("" is the target itself): vectorised
+    (a Python string per entry was ~100 MiB per million files), per name only when some
+    names need their raw bytes on a local target (``_fs_paths``)."""
+    if table.num_rows == 0:
+        return set()
+    if local and table["path_bytes"].null_count < table.num_rows:
+        return {p.rsplit("/", 1)[0] if "/" in p else "" for p in _fs_paths(table, local)}
+    paths = table["path"]
+    parents = pc.if_else(pc.match_substring(paths, "/"), pc.replace_substring_regex(paths, "/[^/]*$", ""), "")
+    return set(pc.unique(parents).to_pylist())
 
 
 def _makedirs_private(path: str) -> None:
