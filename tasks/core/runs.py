@@ -1,6 +1,6 @@
 """The host-local registry of keepflow's live flow runs.
 
-Why: command-line flow runs send no heartbeats (flows/cli.py turns them off;
+Why: command-line flow runs send no heartbeats (flows/cli/startup.py turns them off;
 they cost up to a second per command), so when such a run is killed with
 SIGKILL, by the OOM killer or by a power loss, Prefect never learns of it and
 shows it ``Running`` forever. Only a process on the same host can tell that

@@ -12,8 +12,10 @@ it; ``status`` says whether it runs and where (``--json``: ``running``,
 at it (``PREFECT_API_URL=$(keepflow server status --json | jq -r .api_url)``).
 
 A ``PREFECT_API_URL`` in the environment or in the active Prefect profile
-always wins: keepflow never overrides a server the user chose. No Prefect
-import here: the command must start fast.
+always wins: keepflow never overrides a server the user chose
+(``use_running_server``, called by ``startup.prepare_prefect``, which also
+prints the once-an-hour hint on the temporary server). No Prefect import
+here: the command must start fast.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from keepflow.flows.cli import output
+
 DEFAULT_PORT = 4200
 HOST = "127.0.0.1"
 START_TIMEOUT = 90.0
-HINT_EVERY = 3600.0
 
 
 def prefect_home() -> Path:
@@ -90,25 +93,6 @@ def use_running_server() -> bool:
     return True
 
 
-def hint_once_per_hour() -> None:
-    """On a terminal, at most once an hour: how to make commands faster."""
-    if not sys.stderr.isatty():
-        return
-    stamp = prefect_home() / "keepflow" / "server-hint"
-    try:
-        if time.time() - stamp.stat().st_mtime < HINT_EVERY:
-            return
-    except OSError:
-        pass
-    try:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.touch()
-    except OSError:
-        return
-    print("keepflow: starting Prefect's temporary server (5-10 s); `keepflow server start` keeps one running "
-          "so commands start faster and their runs stay in its UI", file=sys.stderr)
-
-
 def _free_port(preferred: int) -> int:
     for port in (preferred, 0):
         with socket.socket() as s:
@@ -122,19 +106,6 @@ def _free_port(preferred: int) -> int:
 
 def _prefect() -> str:
     return str(Path(sys.executable).parent / "prefect")
-
-
-def add_server_parser(sub) -> None:
-    help_text = "start, stop or show a persistent local Prefect server that later commands use"
-    sp = sub.add_parser("server", help=help_text, description=help_text)
-    what = sp.add_subparsers(dest="server_command", metavar="ACTION", required=True, parser_class=type(sp))
-    rp = what.add_parser("start", help="start Prefect's server in the background on 127.0.0.1")
-    rp.add_argument("--port", type=int, default=None, help=f"port (default {DEFAULT_PORT}, or a free one)")
-    rp.add_argument("--json", action="store_true")
-    rp = what.add_parser("stop", help="stop the server `keepflow server start` started")
-    rp.add_argument("--json", action="store_true")
-    rp = what.add_parser("status", help="whether the server runs, and its API and UI addresses")
-    rp.add_argument("--json", action="store_true")
 
 
 def _status() -> dict:
@@ -151,7 +122,7 @@ def cmd_server(args) -> int:
     if action == "status":
         out = _status()
         if args.json:
-            sys.stdout.write(json.dumps(out, indent=2) + "\n")
+            output.print_json(out)
         elif out["running"]:
             print(f"running: API {out['api_url']}, UI {out['ui_url']}")
         else:
@@ -167,7 +138,7 @@ def cmd_server(args) -> int:
             pass
         out = {"stopped": was["running"], "api_url": was["api_url"]}
         if args.json:
-            sys.stdout.write(json.dumps(out, indent=2) + "\n")
+            output.print_json(out)
         else:
             print("stopped" if was["running"] or proc.returncode == 0 else "no server was running")
         return 0
@@ -196,7 +167,7 @@ def cmd_server(args) -> int:
         out = {"running": True, "api_url": api_url, "ui_url": state["ui_url"],
                "prefect_home": str(prefect_home()), "started": True}
     if args.json:
-        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        output.print_json(out)
     else:
         verb = "started" if out["started"] else "already running"
         print(f"{verb}: API {out['api_url']}, UI {out['ui_url']}; keepflow commands use it from now on")

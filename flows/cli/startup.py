@@ -1,0 +1,131 @@
+"""Start-up of a command: what runs before the command itself, and how a flow is run.
+
+Every command: ``skip_pyarrow_pandas_probe`` (pyarrow would import pandas,
+~0.3 s, to check objects the command line never gives it). Commands that run
+a flow: ``prepare_prefect`` sets Prefect's environment before Prefect is
+imported (analytics off, a quiet console, the persistent server of ``keepflow
+server start`` when the user chose no other, else a once-an-hour hint on a
+terminal about the temporary one), then ``run_flow`` runs the flow with
+progress bars and waits until its history is recorded. ``cluster`` and
+``on_cluster`` turn ``--dask``/``--workers``/``--work-dir`` into flow
+parameters and a task runner.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from keepflow.flows.cli import server
+
+HINT_EVERY = 3600.0
+
+
+def skip_pyarrow_pandas_probe() -> None:
+    """Save ~0.3 s per command: keep pyarrow from importing pandas.
+
+    pyarrow imports pandas the first time it converts Python objects, only to
+    check whether they are pandas objects. The command line never hands it
+    any, so for that one probe we show pyarrow a stand-in module reporting an
+    unsupported pandas version: pyarrow then skips its pandas integration
+    (quietly, we silence its warning) and the stand-in is removed at once.
+    Limited to this CLI process; a later real ``import pandas`` still works.
+    """
+    if "pandas" in sys.modules:
+        return
+    import types
+    import warnings
+
+    stand_in = types.ModuleType("pandas")
+    stand_in.__version__ = "0.0.0"
+    sys.modules["pandas"] = stand_in
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import pyarrow as pa
+
+            pa.array([0])
+    finally:
+        del sys.modules["pandas"]
+
+
+def prepare_prefect(verbose: bool) -> None:
+    """Environment for Prefect, set before it is imported."""
+    # A backup tool sends nothing anywhere by default: Prefect's SDK and server
+    # analytics are off unless the user sets these variables otherwise.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # A server `keepflow server start` left running serves this command (unless the
+    # user chose another); otherwise Prefect's temporary one, announced on a terminal.
+    if not server.use_running_server() and not os.environ.get("PREFECT_API_URL") \
+            and not server.profile_api_url():
+        hint_once_per_hour()
+    if not verbose:
+        # Logs still go to the API (run history); only the console is quiet,
+        # so failures reach the user as our one-line errors, not tracebacks.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
+
+def hint_once_per_hour() -> None:
+    """On a terminal, at most once an hour: how to make commands faster."""
+    if not sys.stderr.isatty():
+        return
+    stamp = server.prefect_home() / "keepflow" / "server-hint"
+    try:
+        if time.time() - stamp.stat().st_mtime < HINT_EVERY:
+            return
+    except OSError:
+        pass
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+    except OSError:
+        return
+    print("keepflow: starting Prefect's temporary server (5-10 s); `keepflow server start` keeps one running "
+          "so commands start faster and their runs stay in its UI", file=sys.stderr)
+
+
+def run_flow(flow_fn, kwargs, args, phase: str) -> dict:
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from keepflow.flows import _history
+    from keepflow.flows._progress import progress_for
+
+    # An ad hoc run from the command line sends no heartbeats: the engine joins
+    # the heartbeat thread at the end, which costs up to a second per command,
+    # and nothing acts on heartbeats unless a zombie-run automation is set up.
+    # Deployments (serve, workers) keep Prefect's heartbeat.
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
+            progress_for(phase, enabled=sys.stderr.isatty() and not args.json):
+        state = flow_fn(**kwargs, return_state=True)
+    flow_run_id = state.state_details.flow_run_id if state.state_details else None
+    outcome = state.result(raise_on_failure=False)
+    expected = outcome.get("task_runs", 0) if isinstance(outcome, dict) else 0
+    _history.settle(flow_run_id, expected)
+    if isinstance(outcome, dict):
+        return outcome  # a summary, even when the run ended Failed (e.g. restore errors)
+    return state.result(raise_on_failure=True)  # re-raises the task's own exception
+
+
+def cluster(args, uses_work_dir: bool) -> dict:
+    """The flow parameters for --dask/--workers/--work-dir; usage errors before Prefect is imported."""
+    from keepflow.flows import _dask
+
+    address, workers = _dask.choose(args.dask, args.workers)
+    out = dict(dask_address=address, workers=workers)
+    if uses_work_dir:
+        out["work_dir"] = args.work_dir
+    return out
+
+
+def on_cluster(flow_fn, cluster: dict):
+    """``flow_fn`` with its batches on the Dask cluster asked for (or as it is)."""
+    from keepflow.flows import _dask
+
+    address, workers = cluster["dask_address"], cluster["workers"]
+    _dask.check(address, workers, work_dir=cluster.get("work_dir"), uses_work_dir="work_dir" in cluster,
+                api_url=_dask.api_url())
+    runner = _dask.task_runner(address, workers)
+    return flow_fn.with_options(task_runner=runner) if runner is not None else flow_fn
