@@ -51,7 +51,7 @@ os.environ.setdefault("KEEPFLOW_PASSWORD", "keepflow analysis bench")
 os.environ.setdefault("KEEPFLOW_KDF", "argon2id:t=1,m=1024,p=1")
 
 from keepflow.tasks.core import analysis, manifest, snapshots  # noqa: E402
-from keepflow.tasks.core import index as indexmod
+from keepflow.tasks.core import index as indexmod  # noqa: E402
 from keepflow.tasks.core.repository import RepoConfig, Repository  # noqa: E402
 
 CONFIGS = {"2": lambda: RepoConfig.new_v2(), "2-plain": lambda: RepoConfig.new_v2(encryption="none"),

@@ -125,7 +125,7 @@ class FixedCost:
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise SystemExit("the Prefect server did not answer within 120 s")
+                    raise SystemExit("the Prefect server did not answer within 120 s") from None
                 time.sleep(0.5)
 
     def prepare(self) -> None:

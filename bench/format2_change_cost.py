@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 MiB = 1024 * 1024
 SIZE = 100 * MiB
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
     print(f"keepflow chunker, {a.trials} draws in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     restic_data, restic_all = [], []
     if a.restic_trials and shutil.which("restic"):
-        work = tempfile.mkdtemp(prefix="kf-change-cost-", dir="/work/bench-tmp" if os.path.isdir("/work/bench-tmp") else None)
+        work = tempfile.mkdtemp(prefix="kf-change-cost-",
+                                dir="/work/bench-tmp" if os.path.isdir("/work/bench-tmp") else None)
         env = dict(os.environ, RESTIC_PASSWORD="keepflow-bench")
         try:
             src = os.path.join(work, "src")
@@ -113,8 +115,9 @@ def main(argv=None) -> int:
                 with open(path, "wb") as f:
                     f.write(base)
                 repo = os.path.join(work, f"repo{k}")
-                run = lambda *args: subprocess.run(["restic", "-r", repo, "--cache-dir", os.path.join(work, "cache"),
-                                                    *args], env=env, cwd=src, check=True, capture_output=True)
+                def run(*args, repo=repo):
+                    subprocess.run(["restic", "-r", repo, "--cache-dir", os.path.join(work, "cache"), *args],
+                                   env=env, cwd=src, check=True, capture_output=True)
                 run("init", "-q")
                 run("backup", ".", "--quiet")
                 before = repo_size(repo)
@@ -150,10 +153,10 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.out:
-        old = open(a.out).read() if os.path.exists(a.out) else ""
+        old = Path(a.out).read_text() if os.path.exists(a.out) else ""
         pattern = re.compile(rf"<!-- {SECTION} -->.*?<!-- /{SECTION} -->", re.S)
         old = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-        open(a.out, "w").write(old)
+        Path(a.out).write_text(old)
     return 0
 
 

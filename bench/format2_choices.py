@@ -222,7 +222,7 @@ def bench_aead() -> None:
         f"{name} {gil_free(lambda: cls(os.urandom(32)).encrypt(bytes(12), big, None))}" for name, cls in algs.items())
         + ".")
     say()
-    del big
+    big = b""                    # freed (not del: the lambdas above name it)
 
     master = os.urandom(32)
     salts = [os.urandom(32) for _ in range(10_000)]
@@ -356,9 +356,11 @@ def bench_zstd() -> None:
         rows.append([lib.name, mibs(len(text), t1), mibs(2 * len(text), t2), f"{t1 * 2 / t2:.2f}x",
                      mibs(len(text), d1), mibs(2 * len(text), d2), f"{d1 * 2 / d2:.2f}x"])
     big = text * 4
-    say("GIL during one 32 MiB compress at level 3 / its decompress: " + ", ".join(
-        f"{lib.name} {gil_free(lambda: lib.compressor(3)(big))} / "
-        f"{gil_free(lambda c=lib.compressor(3)(big): lib.decompress(c))}" for lib in libs) + ".")
+    def gil_both(lib) -> str:
+        packed = lib.compressor(3)(big)
+        return f"{lib.name} {gil_free(lambda: lib.compressor(3)(big))} / {gil_free(lambda: lib.decompress(packed))}"
+
+    say("GIL during one 32 MiB compress at level 3 / its decompress: " + ", ".join(gil_both(lib) for lib in libs) + ".")
     say()
     table(["library (level 3, 1 MiB text blocks)", "compress 1 thread", "compress 2 threads", "speed-up",
            "decompress 1 thread", "decompress 2 threads", "speed-up"], rows)
@@ -570,7 +572,7 @@ def bench_cdc() -> None:
         f"{gil_free(lambda: _chunks(cdc, data))}; bytes.translate of 256 MiB {gil_free(lambda: quad.translate(perm))}; "
         f"pyarrow.compute.take of 256 MiB {gil_free(lambda: arrow_permute(quad))}.")
     say()
-    del quad
+    quad = b""                   # freed (not del: the lambdas above name it)
 
     # Boundary shift: 100 bytes inserted in the middle of 64 MiB.
     insert = random_bytes(100, seed=99)
@@ -872,7 +874,8 @@ def _duckdb_reads_modular(workdir: str, t, master: bytes) -> str:
     con = duckdb.connect()
     try:
         con.execute(f"PRAGMA add_parquet_key('k', '{base64.b64encode(captured[-1]).decode()}')")
-        got = con.execute(f"SELECT count(*) FROM read_parquet('{path}', encryption_config={{footer_key: 'k'}})").fetchone()
+        got = con.execute(f"SELECT count(*) FROM read_parquet('{path}', "
+                          "encryption_config={footer_key: 'k'})").fetchone()
         return f"yes ({got[0]} rows, duckdb {duckdb.__version__}; needs the per-file data key)"
     except Exception as exc:
         return f"no (duckdb {duckdb.__version__}: {str(exc).splitlines()[0][:160]})"

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 MiB = 1024 * 1024
 
@@ -167,7 +168,7 @@ def stages(path: str, repeats: int) -> None:
     mib = size / MiB_
     print(f"{path}: {mib:.0f} MiB, {len(lengths)} chunks (mean {size / len(lengths) / MiB_:.2f} MiB), "
           f"zstd output {sum(len(p) for p in payloads) / size:.4f} of raw; least of {repeats} runs; "
-          f"load {' '.join(open('/proc/loadavg').read().split()[:3])}")
+          f"load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     print("| stage | CPU ms per MiB | wall ms per MiB |\n| --- | ---: | ---: |")
     for label, cpu, wall in results:
         print(f"| {label} | {cpu * 1000 / mib:.3f} | {wall * 1000 / mib:.3f} |")
@@ -221,11 +222,12 @@ def store(src: str, threads: int, n: int, repo_dir: str | None) -> None:
     stored = sum(s.bytes_stored for s in summaries)
     read = sum(s.bytes_read for s in summaries)
     print(f"store {src} -> {repo}: {len(summaries)} batches, {read / MiB:.0f} MiB read, {stored / MiB:.0f} MiB "
-          f"stored; prepare {t1 - t0:.2f} s, store {t2 - t1:.2f} s ({'1 thread, cProfile' if n else f'{threads} threads'}), "
+          f"stored; prepare {t1 - t0:.2f} s, store {t2 - t1:.2f} s "
+          f"({'1 thread, cProfile' if n else f'{threads} threads'}), "
           f"commit {t3 - t2:.2f} s, total {t3 - t0:.2f} s wall, {c1 - c0:.2f} s CPU (all threads: user "
           f"{ru1.ru_utime - ru0.ru_utime:.2f} s, sys {ru1.ru_stime - ru0.ru_stime:.2f} s, "
           f"{ru1.ru_minflt - ru0.ru_minflt:,} minor page faults); "
-          f"load {open('/proc/loadavg').read().split()[:3]}")
+          f"load {Path('/proc/loadavg').read_text().split()[:3]}")
     if report:
         print(report)
     if not repo_dir:
@@ -254,7 +256,7 @@ def restore_cmd(repo: str, target: str, threads: int, n: int) -> None:
     t3 = time.perf_counter()
     print(f"restore {repo} -> {target}: prepare {t1 - t0:.2f} s, batches {t2 - t1:.2f} s, finish {t3 - t2:.2f} s, "
           f"total {t3 - t0:.2f} s wall, {time.process_time() - c0:.2f} s CPU; "
-          f"load {open('/proc/loadavg').read().split()[:3]}")
+          f"load {Path('/proc/loadavg').read_text().split()[:3]}")
     if report:
         print(report)
 

@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from bench import gentree
 from tests import core_helpers
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     from keepflow.tasks.core.repository import Repository
 
     shipped = restore_chunks.SPAN_BYTES
-    work = tempfile.mkdtemp(prefix="keepflow-s3restore-", dir="/work/bench-tmp" if os.path.isdir("/work/bench-tmp") else None)
+    work = tempfile.mkdtemp(prefix="keepflow-s3restore-",
+                            dir="/work/bench-tmp" if os.path.isdir("/work/bench-tmp") else None)
     src = os.path.join(work, "large")
     gentree.generate("large", src, n_files=a.files)
     server = SeaweedS3()
@@ -65,11 +67,12 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - t0
                 gets = server.s3_request_counts().get("GET", 0) - before.get("GET", 0)
                 ok = not errors and gentree.list_files(target) == expected and all(
-                    open(os.path.join(src, rel), "rb").read() == open(os.path.join(target, rel), "rb").read()
+                    Path(src, rel).read_bytes() == Path(target, rel).read_bytes()
                     for rel, _ in expected)
                 rows[mode].append((seconds, gets, dict(client.counts), ok))
                 print(f"{mode:5s} r{r + 1}: {seconds:.2f} s, server GET {gets}, client {dict(client.counts)}, "
-                      f"{'OK' if ok else 'WRONG ' + str(errors[:3])}; load {open('/proc/loadavg').read().split()[0]}",
+                      f"{'OK' if ok else 'WRONG ' + str(errors[:3])}; "
+                      f"load {Path('/proc/loadavg').read_text().split()[0]}",
                       file=sys.stderr)
                 shutil.rmtree(target, ignore_errors=True)
     finally:

@@ -204,7 +204,7 @@ class VsRestic:
                 argv, cwd, env = self.command(tree, tool, scenario, r, src)
                 warm(self.repo(tree, tool, r) if scenario == "restore" else src)
                 os.sync()
-                self.loads.append(open("/proc/loadavg").read().split()[0])
+                self.loads.append(Path("/proc/loadavg").read_text().split()[0])
                 self.b.timed(run, argv, cwd=cwd, env=env)
                 self.runs.append(run)
                 if scenario != "restore":
@@ -279,7 +279,7 @@ class VsRestic:
 
     def main(self) -> int:
         only = [x for x in self.a.only.split(",") if x]
-        self.load_start = open("/proc/loadavg").read().strip()
+        self.load_start = Path("/proc/loadavg").read_text().strip()
         try:
             self.b.settle()
             self.b.start_server()
@@ -291,7 +291,7 @@ class VsRestic:
             self.notes.append("Interrupted: the results below are incomplete.")
         finally:
             self.b.stop_server()
-        self.load_end = open("/proc/loadavg").read().strip()
+        self.load_end = Path("/proc/loadavg").read_text().strip()
         text = self.report()
         out = Path(self.a.out)
         write_section(out, text)
@@ -323,7 +323,8 @@ class VsRestic:
         before = "before" in self.tools
         L += ["| tree | scenario | keepflow | restic | keepflow/restic | target | result | keepflow CPU | restic CPU |"
               + (" keepflow before | before/restic | before CPU |" if before else ""),
-              "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |" + (" ---: | ---: | ---: |" if before else "")]
+              "| --- | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |"
+              + (" ---: | ---: | ---: |" if before else "")]
         for tree in self.trees:
             for sc in ("first", "nochange", "changed", "restore"):
                 cells, med, cpu = {}, {}, {}
@@ -334,7 +335,8 @@ class VsRestic:
                         cells[tool] = ok or ""
                         cpu[tool] = ""
                         continue
-                    span = f" [{min(x.seconds for x in ok):.2f}-{max(x.seconds for x in ok):.2f}]" if len(ok) > 1 else ""
+                    seconds = [x.seconds for x in ok]
+                    span = f" [{min(seconds):.2f}-{max(seconds):.2f}]" if len(ok) > 1 else ""
                     cells[tool] = f"{m:.2f} s{span}"
                     cpu[tool] = f"{statistics.median(x.user + x.sys for x in ok):.1f} s"
                 if not any(cells.values()):
@@ -370,7 +372,8 @@ class VsRestic:
                         size_rows.append((tree, r, sc, kf, rs))
         if size_rows:
             L += ["Stored bytes (sum of the repository's files; data = keepflow `packs/`, restic `data/`):", "",
-                  "| tree | repeat | after | keepflow total | restic total | ratio | keepflow data | restic data | ratio |",
+                  "| tree | repeat | after | keepflow total | restic total | ratio | keepflow data | restic data "
+                  "| ratio |",
                   "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
             for tree, r, sc, kf, rs in size_rows:
                 L.append(f"| {tree} | {r} | {sc} backup | {kf[0]:,} | {rs[0]:,} | {kf[0] / rs[0]:.3f}x | {kf[1]:,} | "
@@ -380,7 +383,8 @@ class VsRestic:
         for r in range(1, a.repeats + 1):
             vals = {}
             for tool in TOOLS:
-                before, after = self.sizes.get(("large", tool, r, "nochange")), self.sizes.get(("large", tool, r, "changed"))
+                before = self.sizes.get(("large", tool, r, "nochange"))
+                after = self.sizes.get(("large", tool, r, "changed"))
                 if before and after:
                     vals[tool] = (after[0] - before[0], after[1] - before[1])
             if len(vals) == 2:
@@ -409,7 +413,8 @@ class VsRestic:
         trees = "; ".join(f"{k}: `python -m bench.gentree {k}`, {v['files']:,} files, {v['bytes'] / 2**20:,.0f} MiB"
                           + (f"; change: {v['change']}" if v.get("change") else "")
                           for k, v in self.trees.items() if k != "text")
-        L += [f"Method: {trees + '. ' if trees else ''}The tree is at least {RACY_WAIT:g} s old before its first backup (racy window 2 s). "
+        L += [f"Method: {trees + '. ' if trees else ''}The tree is at least {RACY_WAIT:g} s old before its first "
+              "backup (racy window 2 s). "
               "Before each timed command its input (the source tree, or the repository for a restore) is read "
               "once and `sync` runs, untimed: warm page cache. Restores go into fresh folders and are checked "
               "against the source (names, sizes; contents for repeat 1). keepflow runs with a Prefect server "
@@ -452,10 +457,8 @@ def write_section(path: Path, section: str) -> None:
     """Put ``section`` (with its markers) in place of the old one in ``path``, or append it."""
     text = path.read_text() if path.exists() else ""
     pattern = re.compile(rf"<!-- {SECTION} -->.*?<!-- /{SECTION} -->", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    found = pattern.search(text)
+    text = pattern.sub(lambda _: section, text) if found else text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
 
 

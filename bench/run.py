@@ -277,11 +277,11 @@ class Bench:
         cmd = [self.prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
         self.server_cmd = shlex.join(cmd)
         log(f"starting Prefect server: {self.server_cmd}")
-        slog = open(self.logs / "prefect-server.log", "wb")
         t0 = time.perf_counter()
         try:
-            self.server = subprocess.Popen(cmd, env=env, stdout=slog, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True)
+            with open(self.logs / "prefect-server.log", "wb") as slog:    # the server has its own copy
+                self.server = subprocess.Popen(cmd, env=env, stdout=slog, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             self.server_error = f"could not start: {e}"
             return
@@ -498,7 +498,7 @@ class Bench:
         if need > free * 0.95:
             log("not enough free space; use --repeats 1, --only small, or --workdir")
             return 2
-        self.load_start = open("/proc/loadavg").read().strip()
+        self.load_start = Path("/proc/loadavg").read_text().strip()
         try:
             self.settle()
             if "keepflow" in self.tools:
@@ -756,7 +756,7 @@ def machine(b: Bench) -> dict:
     info = {}
     cpu = "unknown"
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -764,7 +764,7 @@ def machine(b: Bench) -> dict:
         pass
     mem = "unknown"
     try:
-        for line in open("/proc/meminfo"):
+        for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
     except OSError:

@@ -19,6 +19,7 @@ import re
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from bench import gentree
 from tests import core_helpers
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
              f"`python -m bench.s3_requests` on {time.strftime('%Y-%m-%d')}: SeaweedFS `weed mini` on 127.0.0.1, "
              "backups through the core steps the flow's tasks run (no Prefect server involved). Server counts "
              "from `SeaweedFS_s3_request_total` (HEAD is counted as GET); client counts are botocore operations.", "",
-             "| backup | server PUT | server GET | server LIST | other (server) | client operations | packs | stored | time |",
+             "| backup | server PUT | server GET | server LIST | other (server) | client operations | packs | stored "
+             "| time |",
              "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     for name, server_counts, client_counts, packs, stored, seconds in rows:
         other = ", ".join(f"{k} {v}" for k, v in server_counts.items() if k not in ("PUT", "GET", "LIST"))
@@ -75,12 +77,12 @@ def main(argv=None) -> int:
                      f"{stored / 2**20:.1f} MiB | {seconds:.1f} s |")
     lines += ["", MARK_END]
     section = "\n".join(lines)
-    text = open(args.out).read() if os.path.exists(args.out) else ""
+    text = Path(args.out).read_text() if os.path.exists(args.out) else ""
     if MARK_START in text:
         text = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    open(args.out, "w").write(text)
+    Path(args.out).write_text(text)
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)

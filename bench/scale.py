@@ -199,9 +199,9 @@ class Scale(Bench):
             argv, cwd, env = self.command(tree, tool, scenario, 0)
             warm(self.repo(tree.kind, tool, 0) if scenario == "restore" else tree.src)
             os.sync()
-            before = open("/proc/loadavg").read().split()[0]
+            before = Path("/proc/loadavg").read_text().split()[0]
             self.timed(run, argv, cwd=cwd, env=env)
-            self.load[(scenario, tool)] = (before, open("/proc/loadavg").read().split()[0])
+            self.load[(scenario, tool)] = (before, Path("/proc/loadavg").read_text().split()[0])
             self.runs.append(run)
             state = f"{run.seconds:.1f} s" if run.ok else f"FAILED rc={run.rc} {run.note}"
             log(f"{scenario:8s} {tool:12s} {state}  (user {run.user:.1f} s, sys {run.sys:.1f} s, "
@@ -251,7 +251,7 @@ class Scale(Bench):
 
     def main(self) -> int:
         from bench.run import Tree
-        self.load_start = open("/proc/loadavg").read().strip()
+        self.load_start = Path("/proc/loadavg").read_text().strip()
         try:
             if any(is_keepflow(t) for t in self.tools):
                 self.start_server()
@@ -373,10 +373,8 @@ def write_section(path: Path, name: str, body: str) -> None:
     text = path.read_text() if path.exists() else ""
     block = f"<!-- {name} -->\n{body}\n<!-- /{name} -->"
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    found = pattern.search(text)
+    text = pattern.sub(lambda _: block, text) if found else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
 
 

@@ -176,7 +176,7 @@ class Batches:
 
     def _warm(self) -> None:
         try:
-            self._dask.client          # the property connects (and starts a local cluster)
+            _ = self._dask.client      # the property connects (and starts a local cluster)
         except BaseException as exc:   # raised where the batches are submitted
             self._warm_error = exc
 

@@ -165,7 +165,8 @@ def emit_completed(summary: dict, storage_options: dict | None) -> None:
                    payload={k: summary[k] for k in (
                        "snapshot", "parent", "source", "repository", "host", "tags", "time", "files",
                        "dirs", "bytes", "files_new", "files_changed", "files_unchanged", "files_deleted",
-                       "bytes_read", "bytes_stored", "bytes_written", "exit_code")} | {"skipped": len(summary["skipped"])})
+                       "bytes_read", "bytes_stored", "bytes_written", "exit_code")}
+                   | {"skipped": len(summary["skipped"])})
     except Exception as exc:  # the snapshot is saved; only the notification is lost
         get_run_logger().warning("could not emit %s: %s", COMPLETED_EVENT, exc)
 

@@ -20,8 +20,8 @@ import datetime as dt
 from keepflow.flows.serve_config import Job, load
 
 # The flows by name, imported lazily (Prefect and the flow modules load in ~1.5 s).
-FLOW_MODULES = {"backup": "keepflow.flows.backup", "replicate": "keepflow.flows.replicate", "prune": "keepflow.flows.prune",
-                "verify": "keepflow.flows.verify"}
+FLOW_MODULES = {"backup": "keepflow.flows.backup", "replicate": "keepflow.flows.replicate",
+                "prune": "keepflow.flows.prune", "verify": "keepflow.flows.verify"}
 COMPLETED_EVENT = "keepflow.backup.completed"   # keepflow.flows.backup.COMPLETED_EVENT, without importing it
 
 
@@ -46,7 +46,8 @@ def _flow(name: str):
         module = importlib.import_module(FLOW_MODULES[name])
     except ModuleNotFoundError as exc:
         if exc.name == FLOW_MODULES[name]:
-            raise UsageError(f"this keepflow has no {name} flow yet; remove the {name} job from the configuration")
+            raise UsageError(f"this keepflow has no {name} flow yet; "
+                             f"remove the {name} job from the configuration") from None
         raise
     return getattr(module, name)
 

@@ -145,15 +145,13 @@ class Server:
         if self.running:
             return
         began = time.monotonic()
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.workdir, env=self.process_env(),
-                                         start_new_session=True)
-        except OSError as exc:
-            raise ServerUnavailable(f"{self.name}: cannot run {self.command()[0]}: {exc}") from None
-        finally:
-            log.close()
+        with open(self.log_path, "ab") as log:          # the server has its own copy of the descriptor
+            try:
+                self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, cwd=self.workdir, env=self.process_env(),
+                                             start_new_session=True)
+            except OSError as exc:
+                raise ServerUnavailable(f"{self.name}: cannot run {self.command()[0]}: {exc}") from None
         deadline = began + timeout
         last_error = None
         while time.monotonic() < deadline:

@@ -502,7 +502,8 @@ def test_stats_json(hist):
         assert s["objects"] == 0 and s["encryption"] == ("aes-256-gcm" if hist["encrypted"] else "none")
         kinds = index["type"].to_pylist()
         assert s["chunk_lists"] == kinds.count(1)
-        assert s["blob_raw_bytes"] == sum(r for r, k in zip(index["raw_length"].to_pylist(), kinds) if k == 0)
+        raw = index["raw_length"].to_pylist()
+        assert s["blob_raw_bytes"] == sum(r for r, k in zip(raw, kinds, strict=True) if k == 0)
         # every distinct content once, before compression: files and chunks alike
         distinct = {p.read_bytes() for p in hist["src"].rglob("*") if p.is_file() and not p.is_symlink()}
         distinct |= {(c.encode() if isinstance(c, str) else c) for c in [*LOG.values(), V1["logs/app.log"],
@@ -565,7 +566,7 @@ def test_duckdb_views_give_the_pyarrow_answers(hist, tmp_path, monkeypatch):
     # snapshots: the SnapshotInfo fields, one row per snapshot
     got = con.sql("SELECT * FROM snapshots ORDER BY time").to_arrow_table().to_pylist()
     assert [r["id"] for r in got] == [i.id for i in infos]
-    for row, info in zip(got, infos):
+    for row, info in zip(got, infos, strict=True):
         assert set(row) == set(manifest.SnapshotInfo.__dataclass_fields__)
         assert row["time"].isoformat() == info.datetime.astimezone(row["time"].tzinfo).isoformat()
         assert {k: row[k] for k in ("files", "bytes", "parent", "tags", "key", "bytes_stored", "start_ns")} == \
@@ -831,7 +832,7 @@ def test_dedup_stats_reports_unreadable_lists(chunked, tmp_path):
     shutil.copytree(chunked["url"], broken)
     repo = Repository.open(str(broken))
     index = indexmod.load_index(repo)
-    lists = {k for k, t in zip(index["key"].to_pylist(), index["type"].to_pylist()) if t == 1}
+    lists = {k for k, t in zip(index["key"].to_pylist(), index["type"].to_pylist(), strict=True) if t == 1}
     assert len(lists) == 2                                   # one list pack per run
     for key in lists:
         path = broken / key

@@ -24,10 +24,8 @@ from keepflow.tasks.core import known_blobs as kb
 from keepflow.tasks.core import scan as scanmod
 from keepflow.tasks.core.columns import nulls, share_nulls
 from keepflow.tasks.core.known_blobs import KnownBlobs
-from keepflow.tasks.core.manifest import MANIFEST_SCHEMA
 
 from tests.conftest import age_tree, make_tree
-
 
 # -- scan -------------------------------------------------------------------------
 
@@ -95,7 +93,8 @@ def test_all_null_columns_are_shared_not_allocated():
     assert len({c.buffers()[1].address for c in column.chunks}) == 1
     table = pa.table({"a": pa.nulls(10, pa.int64()), "b": list(range(10))})
     shared = share_nulls(table)
-    assert shared.equals(table) and shared["b"].chunk(0).buffers()[1].address == table["b"].chunk(0).buffers()[1].address
+    address = table["b"].chunk(0).buffers()[1].address
+    assert shared.equals(table) and shared["b"].chunk(0).buffers()[1].address == address
 
 
 # -- diff ---------------------------------------------------------------------------
@@ -104,7 +103,8 @@ def _parent_of(table: pa.Table, hashes: dict[str, str]) -> pa.Table:
     files = table.filter(pc.equal(table["type"], "file"))
     return table.select(diffmod.PARENT_COLUMNS[:-1]).append_column(
         "hash", pa.array([hashes.get(p) if t == "file" else None
-                          for p, t in zip(table["path"].to_pylist(), table["type"].to_pylist())], pa.string())
+                          for p, t in zip(table["path"].to_pylist(), table["type"].to_pylist(), strict=True)],
+                         pa.string())
     ) if files.num_rows else table
 
 
@@ -133,7 +133,8 @@ def test_diff_in_slices_equals_one_join(tmp_path, monkeypatch):
         return diffmod.diff(scanned, parent_table, first.start_ns)
 
     whole = run(10**9, parent)
-    for chunk_rows, parent_table in ((16, parent), (100, parent), (16, parent.take(np.random.default_rng(1).permutation(parent.num_rows)))):
+    shuffled = parent.take(np.random.default_rng(1).permutation(parent.num_rows))
+    for chunk_rows, parent_table in ((16, parent), (100, parent), (16, shuffled)):
         sliced = run(chunk_rows, parent_table)
         assert (sliced.new, sliced.changed, sliced.unchanged, sliced.deleted) == \
             (whole.new, whole.changed, whole.unchanged, whole.deleted)
@@ -243,7 +244,8 @@ def test_known_blobs_answer_exactly_like_a_set_of_strings(monkeypatch):
         assert compact.contains(h) == plain.contains(h), h
     # A released claim can be taken again by a retry.
     retry, retry_ref = _Packer(), _Packer()
-    assert [compact.contains_or_claim(h, retry) for h in fresh] == [plain.contains_or_claim(h, retry_ref) for h in fresh]
+    assert ([compact.contains_or_claim(h, retry) for h in fresh]
+            == [plain.contains_or_claim(h, retry_ref) for h in fresh])
     # Vectorised lookups agree with one-by-one ones, nulls and odd strings included.
     column = pa.array(pool + [None], pa.string())
     assert compact.contains_many(column).to_pylist() == [compact.contains(h) for h in pool] + [False]
@@ -335,6 +337,7 @@ def test_the_known_blob_set_from_the_stored_ids_is_the_one_from_the_index_table(
     KnownBlobs built from them holds what one built from load_index's hex holds."""
     from keepflow.tasks.core import index as indexmod
     from keepflow.tasks.core.repository import RepoConfig, Repository
+
     from tests.core_helpers import backup
 
     repo_url = str(tmp_path / "repo")

@@ -93,7 +93,7 @@ def test_permutation_and_seed_follow_the_specification_and_depend_on_the_key(chu
     assert sorted(other.perm) == list(range(256))
     assert other.perm != chunker.perm and other.seed != chunker.seed
     # Far from the identity and from each other (a shuffle leaves ~1 fixed point).
-    assert sum(a == b for a, b in zip(chunker.perm, other.perm)) < 10
+    assert sum(a == b for a, b in zip(chunker.perm, other.perm, strict=True)) < 10
     assert sum(p == i for i, p in enumerate(chunker.perm)) < 10
     # Pinned: a change here changes every repository's cut points.
     assert derive_permutation(KEY)[:8].hex() == "7ea359383a8fe8ec" and derive_seed(KEY) == 0x6DF87238A1A1D7A7
@@ -431,7 +431,7 @@ def test_decompress_in_several_threads_at_once(text):
 
     def run():
         for _ in range(5):
-            for b, p in zip(blobs, payloads):
+            for b, p in zip(blobs, payloads, strict=True):
                 if zc.decompress(p, len(b)) != b:
                     errors.append("mismatch")
     threads = [threading.Thread(target=run) for _ in range(4)]

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from keepflow.tasks.core import storage
+
 from tests.servers import S3RequestCounter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def test_threads_racing_for_one_name_have_one_winner(objstore):
     fs = objstore.filesystem()
     for _ in range(3):
         path = _path(objstore, fs, "race")
-        results = _race(lambda i: storage.write_once(fs, path, f"writer {i}".encode() * (i + 1)), 6)
+        results = _race(lambda i, path=path: storage.write_once(fs, path, f"writer {i}".encode() * (i + 1)), 6)
         assert all(isinstance(r, bool) for r in results), results
         winners = [i for i, r in enumerate(results) if r]
         assert len(winners) == 1, results
@@ -118,7 +119,7 @@ def test_two_processes_racing_have_one_winner_per_name(objstore, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
              for name in ("A", "B")]
     won = {}
-    for name, proc in zip(("A", "B"), procs):
+    for name, proc in zip(("A", "B"), procs, strict=True):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         won[name] = set(json.loads(out))
@@ -172,7 +173,8 @@ def test_racing_multipart_uploads_have_one_winner_on_azure(azure_server):
     for _ in range(2):
         path = _path(azure_server, fs, "mpu")
         blobs = [bytes([65 + i]) * (9 * MiB) for i in range(3)]
-        results = _race(lambda i: storage.write_stream_once(fs, path, _NoShortcut(blobs[i]), chunk=4 * MiB), 3)
+        results = _race(lambda i, path=path, blobs=blobs: storage.write_stream_once(fs, path, _NoShortcut(blobs[i]),
+                                                                          chunk=4 * MiB), 3)
         winners = [i for i, r in enumerate(results) if r is True]
         assert len(winners) == 1, results
         assert fs.read_block(path, 0, 1) == bytes([65 + winners[0]])

@@ -44,7 +44,8 @@ def test_importing_every_core_module_does_not_import_prefect():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # The child really imported the whole package, not an empty list.
     assert report["modules"] == _core_module_names()
-    for expected in ("keepflow.tasks.core.backup", "keepflow.tasks.core.restore", "keepflow.tasks.core.scan", "keepflow.tasks.core.repository"):
+    for expected in ("keepflow.tasks.core.backup", "keepflow.tasks.core.restore", "keepflow.tasks.core.scan",
+                     "keepflow.tasks.core.repository"):
         assert expected in report["modules"]
     assert report["prefect"] == [], f"keepflow.tasks.core pulled in Prefect: {report['prefect'][:10]}"
 

@@ -83,7 +83,8 @@ def test_bad_pattern_in_ignore_file_names_the_file(tmp_path):
 
 
 def _parent_from(scan_table, hashes=None):
-    h = hashes or [("h" + p if t == "file" else None) for p, t in zip(_paths(scan_table), scan_table["type"].to_pylist())]
+    h = hashes or [("h" + p if t == "file" else None)
+                   for p, t in zip(_paths(scan_table), scan_table["type"].to_pylist(), strict=True)]
     return scan_table.append_column("hash", pa.array(h, pa.string()))
 
 

@@ -247,7 +247,7 @@ def test_killed_backups(world, cli_env, tmp_path):
         # would leave nothing for the `unlock` of even rounds to open (exit 10).
         Repository.init(str(repo))
         s.crash(k, ["backup", src, repo], running, [str(repo)], ["backup", src, repo],
-                left=lambda: f"{len(os.listdir(repo / 'tmp')) if (repo / 'tmp').exists() else 0} in tmp/")
+                left=lambda repo=repo: f"{len(os.listdir(repo / 'tmp')) if (repo / 'tmp').exists() else 0} in tmp/")
         left = os.listdir(repo / "tmp") if (repo / "tmp").exists() else []
         assert left == [], left        # a dead writer's copy is removed by the next backup
         out = tmp_path / f"out-{k}"
@@ -347,7 +347,8 @@ def test_killed_format2_backup_leaves_only_pack_temporaries_named_after_it_and_p
     out = tmp_path / "out"
     core_helpers.restore(repo, out)
     assert_same_tree(big, out, "restore after a killed format 2 backup")
-    assert set(left) <= set(pack_temporaries(repo))          # still there (a backup lists no packs): the prune removes them
+    # Still there (a backup lists no packs): the prune removes them.
+    assert set(left) <= set(pack_temporaries(repo))
     pruned = run_cli(["prune", repo, "--keep-last", "1"], env=cli_env)
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
     assert pack_temporaries(repo) == []

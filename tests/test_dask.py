@@ -102,12 +102,9 @@ class Cluster:
         self._client = None
 
     def _spawn(self, cmd, name, cwd, env) -> subprocess.Popen:
-        log = open(self.base / f"{name}.log", "ab")
-        try:
+        with open(self.base / f"{name}.log", "ab") as log:    # the process has its own copy
             return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            log.close()
 
     def start(self, workers: int = 2) -> None:
         env = dict(os.environ, DO_NOT_TRACK="1")
@@ -338,7 +335,8 @@ def test_a_worker_killed_mid_run_is_survived(cluster, s3_server, s3_config, smal
         assert len(cluster.client().scheduler_info()["workers"]) == 1
         # Prefect's history agrees: one task run per batch (the rescheduled batch
         # kept its task run), every one Completed.
-        assert _final_batch_states(state.state_details.flow_run_id, summary["batches"]) == ["COMPLETED"] * summary["batches"]
+        states = _final_batch_states(state.state_details.flow_run_id, summary["batches"])
+        assert states == ["COMPLETED"] * summary["batches"]
         assert check_structure(repo).problems == []
         assert _run_folders(s3_server, work) == []
         out = tmp_path / "out"

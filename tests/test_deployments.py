@@ -59,9 +59,9 @@ class PrefectServer:
     def start(self):
         env = dict(self.env)
         env.pop("PREFECT_API_URL")
-        self.log = open(self.home / "server.log", "wb")
-        self.proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.home / "server.log", "wb") as log:     # the server has its own copy
+            self.proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         def healthy():
             if self.proc.poll() is not None:
@@ -81,7 +81,6 @@ class PrefectServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        self.log.close()
         self.http.close()
 
     def post(self, path: str, body: dict):
@@ -224,9 +223,9 @@ tags = ["served"]
 [sources.src.incremental]
 interval = 10
 """)
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([KEEPFLOW, "-v", "serve", str(config)], env=server.env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "serve.log", "wb") as log:           # the process has its own copy
+        proc = subprocess.Popen([KEEPFLOW, "-v", "serve", str(config)], env=server.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def deployment(flow, name):
             try:
@@ -269,7 +268,6 @@ interval = 10
         except ProcessLookupError:
             pass
         proc.wait(10)
-        log.close()
     # Ctrl-C stops it cleanly and pauses its schedules: nothing piles up while it is gone.
     assert proc.returncode == 0, _tail(tmp_path / "serve.log")
     assert server.deployment("backup", "src-incremental")["paused"] is True
@@ -314,7 +312,8 @@ BAD = [
      "repositories.main.prune.keep_daily: must be a non-negative integer"),
     (GOOD + "[repositories.main.verify]\ncron = '0 3 * * *'\nread_data = 150\n",
      "repositories.main.verify.read_data: must be a non-negative (<= 100) number"),
-    (GOOD + "[repositories.main.replicate]\ncron = '0 3 * * *'\n", "repositories.main.replicate: there are no replicas"),
+    (GOOD + "[repositories.main.replicate]\ncron = '0 3 * * *'\n",
+     "repositories.main.replicate: there are no replicas"),
     (GOOD.replace("[sources.data.incremental]\ncron = \"0 * * * *\"\n", ""), "sources.data: no schedule"),
     ("[repositories.main]\nurl = '/r'\n", "sources: no sources"),
     ("x = [", "not valid TOML"),

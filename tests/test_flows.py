@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,9 +102,9 @@ def test_restore_with_corrupt_data_ends_failed_with_summary(tmp_path, flows):
     backup(str(src), str(tmp_path / "repo"))
     packs = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "repo" / "packs") for f in fs]
     assert len(packs) == 1               # its one blob starts at byte 0 (format 2: its ciphertext)
-    data = bytearray(open(packs[0], "rb").read())
+    data = bytearray(Path(packs[0]).read_bytes())
     data[0] ^= 0xFF
-    open(packs[0], "wb").write(bytes(data))
+    Path(packs[0]).write_bytes(bytes(data))
     state = restore(str(tmp_path / "repo"), str(tmp_path / "out"), return_state=True)
     assert state.is_failed()
     summary = state.result(raise_on_failure=False)

@@ -62,7 +62,7 @@ def _blobs_of(repo, info) -> set[str]:
     """Every blob snapshot ``info`` needs: its content ids and the chunks of those that are lists."""
     idx = indexmod.load_index(repo)
     table = manifest.read_manifest(repo, info, columns=["type", "hash"])
-    content = {h for t, h in zip(table["type"].to_pylist(), table["hash"].to_pylist()) if t == "file"}
+    content = {h for t, h in zip(table["type"].to_pylist(), table["hash"].to_pylist(), strict=True) if t == "file"}
     lists = idx.filter(pc.and_(pc.equal(idx["type"], pack.KIND_LIST),
                                pc.is_in(idx["hash"], value_set=pa.array(sorted(content), pa.string()))))
     out = set(content)
@@ -75,11 +75,12 @@ def _blobs_of(repo, info) -> set[str]:
 def _lists_of(repo, info) -> dict[str, list[str]]:
     """path -> chunk ids, for the files of ``info`` stored as lists."""
     idx = indexmod.load_index(repo)
-    kinds = dict(zip(idx["hash"].to_pylist(), idx["type"].to_pylist()))
+    kinds = dict(zip(idx["hash"].to_pylist(), idx["type"].to_pylist(), strict=True))
     table = manifest.read_manifest(repo, info, columns=["path", "hash"]).to_pylist()
     files = {r["path"]: r["hash"] for r in table if r["hash"] and kinds.get(r["hash"]) == pack.KIND_LIST}
     rows = idx.filter(pc.is_in(idx["hash"], value_set=pa.array(sorted(set(files.values())), pa.string())))
-    by_id = {h: [c for c, _ in chunks] for h, chunks in zip(rows["hash"].to_pylist(), chunk_lists.read_lists(repo, rows))}
+    by_id = {h: [c for c, _ in chunks]
+             for h, chunks in zip(rows["hash"].to_pylist(), chunk_lists.read_lists(repo, rows), strict=True)}
     return {path: by_id[h] for path, h in files.items()}
 
 

@@ -55,7 +55,7 @@ def _backup(tmp_path, config: RepoConfig | None = None, name: str = "repo"):
 
 def _rows(url, so=None) -> set[tuple]:
     table = indexmod.load_index(Repository.open(url, so), unique=False)
-    return set(zip(*(table[c].to_pylist() for c in COLUMNS)))
+    return set(zip(*(table[c].to_pylist() for c in COLUMNS), strict=True))
 
 
 def _restores_exactly(tmp_path, url, src, so=None, snapshot: str = "latest", out: str = "out", skip=()) -> None:
@@ -82,9 +82,9 @@ def _chunked_files(url) -> dict[str, tuple[str, list[str]]]:
     table = manifest.read_manifest(repo, info, columns=["path", "type", "hash"])
     idx = indexmod.load_index(repo)
     lists = idx.filter(pc.equal(idx["type"], pack.KIND_LIST))
-    by_id = dict(zip(lists["hash"].to_pylist(), read_lists(repo, lists)))
-    return {p: (h, [c for c, _ in by_id[h]]) for p, h in zip(table["path"].to_pylist(), table["hash"].to_pylist())
-            if h in by_id}
+    by_id = dict(zip(lists["hash"].to_pylist(), read_lists(repo, lists), strict=True))
+    return {p: (h, [c for c, _ in by_id[h]])
+            for p, h in zip(table["path"].to_pylist(), table["hash"].to_pylist(), strict=True) if h in by_id}
 
 
 def _no_key(repo):
@@ -165,7 +165,7 @@ def test_a_pack_whose_header_does_not_authenticate_is_unreadable_and_left_alone(
     expected_lost = {p for p, (_, chunks) in chunked.items() if held & set(chunks)}
     repo = Repository.open(url)
     table = manifest.read_manifest(repo, snapshots.list_snapshots(repo)[-1], columns=["path", "hash"])
-    expected_lost |= {p for p, h in zip(table["path"].to_pylist(), table["hash"].to_pylist()) if h in held}
+    expected_lost |= {p for p, h in zip(table["path"].to_pylist(), table["hash"].to_pylist(), strict=True) if h in held}
     assert expected_lost and expected_lost < {p for p, v in desc.items() if v[0] == "file"}   # some, not all
     path = tmp_path / "repo" / victim
     stored = bytearray(path.read_bytes())

@@ -31,6 +31,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("matplotlib")
 
 from keepflow.tasks.core.repository import RepoConfig, Repository  # noqa: E402
+
 from tests import core_helpers  # noqa: E402
 from tests.conftest import TEST_PASSWORD, age_tree, make_tree  # noqa: E402
 
@@ -149,7 +150,7 @@ def assert_duckdb_cells(text: str, repo: str) -> None:
     snaps = analysis.load_snapshots(repo)
     rows = [line for line in text.splitlines() if line.startswith("│ ") and line[2:10] in set(snaps["short_id"])]
     assert [r[2:10] for r in rows] == list(snaps["short_id"])
-    for row, files in zip(rows, snaps["files"]):
+    for row, files in zip(rows, snaps["files"], strict=True):
         assert f" {files} " in row
     versions = next(line for line in text.splitlines() if line.startswith("│ logs/app.log"))
     assert versions.split("│")[2].strip() == "4"     # app.log changed in every run

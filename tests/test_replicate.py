@@ -129,7 +129,8 @@ def test_restore_reads_corrupt_blobs_from_replica(tmp_path, primary):
     idx = indexmod.load_index(Repository.open(repo))
     data = idx.filter(pc.equal(idx["type"], 0)) if "type" in idx.column_names else idx
     victims = {}
-    for key, offset, length in zip(data["key"].to_pylist(), data["offset"].to_pylist(), data["length"].to_pylist()):
+    columns = (data["key"].to_pylist(), data["offset"].to_pylist(), data["length"].to_pylist())
+    for key, offset, length in zip(*columns, strict=True):
         victims.setdefault(length > 100_000, (key, offset + length // 2))
     assert len(victims) == 2
     for key, at in victims.values():

@@ -91,7 +91,7 @@ def test_a_zombie_or_reused_pid_does_not_hold_a_lease(tmp_path):
     _kill_unreaped(proc)
     try:
         lease.Holder(repo, "backup", "/src").acquire().release()   # issue 11: a zombie does not
-        assert [l.pid for l in lease.unlock(repo)[0]] == [proc.pid]
+        assert [held.pid for held in lease.unlock(repo)[0]] == [proc.pid]
     finally:
         proc.wait()
     # A lease written a day ago naming a pid that a younger process has now.

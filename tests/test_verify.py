@@ -49,7 +49,7 @@ def _content_row(repo, path: str) -> dict:
     """The index row of ``path``'s content id in the latest snapshot (format 2: a chunked file's list)."""
     r = Repository.open(str(repo))
     table = manifest.read_manifest(r, snapshots.resolve(r, "latest"), columns=["path", "hash"])
-    blob = dict(zip(table["path"].to_pylist(), table["hash"].to_pylist()))[path]
+    blob = dict(zip(table["path"].to_pylist(), table["hash"].to_pylist(), strict=True))[path]
     return next(row for row in _index_rows(repo) if row["hash"] == blob)
 
 

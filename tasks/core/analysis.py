@@ -47,10 +47,11 @@ pandas and DuckDB are imported inside the functions that need them, so
 
 from __future__ import annotations
 
+import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +65,15 @@ from .errors import RepositoryNotFoundError, UsageError
 from .manifest import MANIFEST_SCHEMA, SnapshotInfo
 from .repository import Repository
 
+# A repository argument: its URL or path, or an opened Repository (used as it is).
+RepoLike: TypeAlias = "str | os.PathLike[str] | Repository"
+# Which snapshots: None (all), "latest", an id prefix or a list of them, SnapshotInfos, or
+# a load_snapshots frame (its ``id`` column).
+Snapshots: TypeAlias = Any
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used: the CLI's stats never load it
+
 SNAPSHOT_COLUMNS = [
     "id", "short_id", "time", "end_time", "duration_s", "parent", "source", "host", "tags",
     "files", "dirs", "bytes", "added", "changed", "unchanged", "deleted",
@@ -75,7 +85,7 @@ _DIFF_COLUMNS = ["path", "type", "size", "hash", "link_target"]
 
 # -- opening --------------------------------------------------------------------------
 
-def open_repo(repo, storage_options: dict[str, Any] | None = None) -> Repository:
+def open_repo(repo: RepoLike, storage_options: dict[str, Any] | None = None) -> Repository:
     """A Repository from a URL or path (an opened Repository is passed through)."""
     if isinstance(repo, Repository):
         return repo
@@ -108,7 +118,7 @@ def _infos(repo: Repository, snapshots=None, all_snaps: list[SnapshotInfo] | Non
 
 # -- snapshots ----------------------------------------------------------------------------
 
-def load_snapshots(repo_url, storage_options: dict[str, Any] | None = None):
+def load_snapshots(repo_url: RepoLike, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """One row per snapshot, oldest first, read from the snapshot facts only (no entries):
     format 2's facts block at the end of each manifest, a Parquet manifest's footer.
 
@@ -149,7 +159,7 @@ def _snapshot_row(s: SnapshotInfo) -> dict:
 
 # -- manifests ------------------------------------------------------------------------------
 
-def _check_columns(columns) -> list[str]:
+def _check_columns(columns: Sequence[str] | str | None) -> list[str]:
     if columns is None:
         return list(MANIFEST_SCHEMA.names)
     if isinstance(columns, str):
@@ -180,7 +190,8 @@ def _columns_of(expr) -> list[str]:
     return [c for c in MANIFEST_SCHEMA.names if c in text]
 
 
-def read_manifests(repo_url, infos, columns=None, *, types=None, filter=None,
+def read_manifests(repo_url: RepoLike, infos: Sequence[SnapshotInfo], columns: Sequence[str] | None = None, *,
+                   types: str | Sequence[str] | None = None, filter: pc.Expression | None = None,
                    storage_options: dict[str, Any] | None = None) -> list[pa.Table]:
     """``columns`` of each snapshot in ``infos`` (SnapshotInfos), one table each, same order.
 
@@ -225,8 +236,9 @@ def read_manifests(repo_url, infos, columns=None, *, types=None, filter=None,
         return list(pool.map(one, infos))
 
 
-def load_manifests(repo_url, snapshots=None, columns=None, *, types=None, filter=None,
-                   storage_options: dict[str, Any] | None = None, arrow: bool = False):
+def load_manifests(repo_url: RepoLike, snapshots: Snapshots = None, columns: Sequence[str] | None = None, *,
+                   types: str | Sequence[str] | None = None, filter: pc.Expression | None = None,
+                   storage_options: dict[str, Any] | None = None, arrow: bool = False) -> pd.DataFrame | pa.Table:
     """Entries of the chosen snapshots as one table, with a ``snapshot`` column.
 
     ``snapshots``: None (all), ``"latest"``, an id prefix, a list of those, or
@@ -264,7 +276,7 @@ def load_manifests(repo_url, snapshots=None, columns=None, *, types=None, filter
     return df
 
 
-def _read_one(repo: Repository, info: SnapshotInfo, columns, types=None) -> pa.Table:
+def _read_one(repo: Repository, info: SnapshotInfo, columns: Sequence[str], types=None) -> pa.Table:
     return read_manifests(repo, [info], _check_columns(columns), types=types)[0]
 
 
@@ -297,8 +309,9 @@ def snapshots_table(infos: list[SnapshotInfo]) -> pa.Table:
     return pa.table(out)
 
 
-def duckdb(repo_url, storage_options: dict[str, Any] | None = None, snapshots=None, *, columns=None,
-           connection=None):
+def duckdb(repo_url: RepoLike, storage_options: dict[str, Any] | None = None, snapshots: Snapshots = None, *,
+           columns: Sequence[str] | None = None,
+           connection: Any = None) -> Any:     # a duckdb.DuckDBPyConnection (duckdb is optional)
     """A DuckDB connection with two views over the repository, decrypted in memory.
 
     - ``snapshots``: one row per snapshot, the SnapshotInfo fields (``id,
@@ -410,7 +423,7 @@ def _eq_or_both_null(x, y):
     return pc.or_(both_null, pc.fill_null(pc.equal(x, y), False))
 
 
-def snapshot_diff(repo_url, a: str, b: str, storage_options: dict[str, Any] | None = None):
+def snapshot_diff(repo_url: RepoLike, a: str, b: str, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """What changed from snapshot ``a`` to snapshot ``b`` (refs: ``latest`` or id prefixes).
 
     One row per changed path: ``path, change`` (added/modified/deleted),
@@ -445,7 +458,8 @@ def _predecessors(infos: list[SnapshotInfo]) -> list[tuple[SnapshotInfo, Snapsho
     return pairs
 
 
-def changes(repo_url, snapshots=None, storage_options: dict[str, Any] | None = None):
+def changes(repo_url: RepoLike, snapshots: Snapshots = None,
+            storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Every change of every snapshot against its predecessor, one row per changed path.
 
     Columns: ``snapshot, previous, time`` and those of :func:`snapshot_diff`
@@ -471,11 +485,11 @@ def changes(repo_url, snapshots=None, storage_options: dict[str, Any] | None = N
             if i.id not in tables:
                 at = needed.index(i)
                 batch = [j for j in needed[at:at + read_ahead] if j.id not in keys and j.id not in tables]
-                tables.update(zip((j.id for j in batch), read_manifests(repo, batch, _DIFF_COLUMNS)))
+                tables.update(zip((j.id for j in batch), read_manifests(repo, batch, _DIFF_COLUMNS), strict=True))
             keys[i.id] = _row_key(tables[i.id])
         return keys[i.id]
 
-    uses = {}
+    uses: dict[Any, Any] = {}
     for prev, snap in pairs:
         uses[prev.id] = uses.get(prev.id, 0) + 1
         uses[snap.id] = uses.get(snap.id, 0) + 1
@@ -510,8 +524,8 @@ def _folder(paths, depth: int | None):
     return parent.map(lambda d: d if d == "." else "/".join(d.split("/")[:depth]))
 
 
-def churn_by_directory(repo_url, snapshots=None, depth: int | None = 1,
-                       storage_options: dict[str, Any] | None = None):
+def churn_by_directory(repo_url: RepoLike, snapshots: Snapshots = None, depth: int | None = 1,
+                       storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Changes summed per folder over all snapshot-to-predecessor pairs.
 
     Files and symlinks only (a new folder is counted through its files).
@@ -539,8 +553,8 @@ def churn_by_directory(repo_url, snapshots=None, depth: int | None = 1,
     return out.sort_values(["changes", "directory"], ascending=[False, True], ignore_index=True)[cols]
 
 
-def frequently_changed(repo_url, snapshots=None, min_fraction: float = 1.0,
-                       storage_options: dict[str, Any] | None = None):
+def frequently_changed(repo_url: RepoLike, snapshots: Snapshots = None, min_fraction: float = 1.0,
+                       storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Files modified in at least ``min_fraction`` of the runs (1.0: every run).
 
     A run is a snapshot with a predecessor. Columns: ``path, times_modified,
@@ -562,8 +576,8 @@ def frequently_changed(repo_url, snapshots=None, min_fraction: float = 1.0,
 
 # -- one snapshot -------------------------------------------------------------------------------
 
-def largest(repo_url, snapshot: str = "latest", n: int = 20, by: str = "files", depth: int | None = None,
-            storage_options: dict[str, Any] | None = None):
+def largest(repo_url: RepoLike, snapshot: str = "latest", n: int = 20, by: str = "files", depth: int | None = None,
+            storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """The ``n`` biggest files (``by="files"``) or folders (``by="dirs"``) of a snapshot.
 
     Folders are measured recursively (everything below them), optionally only
@@ -595,7 +609,8 @@ def largest(repo_url, snapshot: str = "latest", n: int = 20, by: str = "files", 
     return out.sort_values(["bytes", "directory"], ascending=[False, True], ignore_index=True).head(n)
 
 
-def file_types(repo_url, snapshot: str = "latest", storage_options: dict[str, Any] | None = None):
+def file_types(repo_url: RepoLike, snapshot: str = "latest",
+               storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Files and bytes per extension (lower case; ``(none)`` for no extension)."""
     repo = open_repo(repo_url, storage_options)
     info = snapmod.resolve(repo, snapshot)
@@ -654,7 +669,7 @@ class _Blobs:
     each distinct list once, and kept as positions (8 bytes per chunk).
     """
 
-    def __init__(self, repo: Repository):
+    def __init__(self, repo: Repository) -> None:
         self.repo = repo
         self.v2 = repo.version >= 2
         cols = None if self.v2 else ["hash", "length"]
@@ -690,8 +705,8 @@ class _Blobs:
 
         lists = read_lists(self.repo, self.index.take(pa.array(todo)))
         self.lists_read += len(todo)
-        readable = [(p, c) for p, c in zip(todo.tolist(), lists) if c is not None]
-        for p, c in zip(todo.tolist(), lists):
+        readable = [(p, c) for p, c in zip(todo.tolist(), lists, strict=True) if c is not None]
+        for p, c in zip(todo.tolist(), lists, strict=True):
             if c is None:
                 self.unreadable[p] = True
         ids = [cid for _, chunks in readable for cid, _ in chunks]
@@ -738,7 +753,8 @@ class DedupStats(NamedTuple):
     overall: dict
 
 
-def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None = None) -> DedupStats:
+def dedup_stats(repo_url: RepoLike, snapshots: Snapshots = None,
+                storage_options: dict[str, Any] | None = None) -> DedupStats:
     """Logical bytes against stored bytes, per snapshot and for the repository.
 
     A snapshot *uses* the blobs of its files' content ids and, for a format 2
@@ -798,7 +814,7 @@ def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None
         hashes = pa.chunked_array([c for t in tables for c in t["hash"].chunks], pa.string())
         pos_all = blobs.positions(hashes)
         offset = 0
-        for (info, counted), t in zip(group, tables):
+        for (info, counted), t in zip(group, tables, strict=True):
             n = t.num_rows
             pos = pos_all[offset:offset + n]
             offset += n
@@ -843,7 +859,7 @@ def dedup_stats(repo_url, snapshots=None, storage_options: dict[str, Any] | None
     return DedupStats(df, overall)
 
 
-def growth(repo_url, storage_options: dict[str, Any] | None = None):
+def growth(repo_url: RepoLike, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Logical and stored bytes over time, one row per snapshot (oldest first).
 
     ``logical_bytes`` is the size of each snapshot, ``logical_bytes_cumulative``
@@ -864,7 +880,7 @@ def growth(repo_url, storage_options: dict[str, Any] | None = None):
 
 # -- the figures for `keepflow stats` (no pandas) -----------------------------------------------
 
-def repository_summary(repo_url, last: int = 10, storage_options: dict[str, Any] | None = None) -> dict:
+def repository_summary(repo_url: RepoLike, last: int = 10, storage_options: dict[str, Any] | None = None) -> dict:
     """Figures for ``keepflow stats``: snapshot facts, the index and a listing; no manifest rows,
     no chunk lists.
 
@@ -938,7 +954,7 @@ def repository_summary(repo_url, last: int = 10, storage_options: dict[str, Any]
 
 # -- several repositories that should hold the same snapshots ---------------------------------------
 
-def _try_open(url, storage_options):
+def _try_open(url, storage_options: dict[str, Any] | None):
     try:
         return open_repo(url, storage_options), "ok"
     except RepositoryNotFoundError:
@@ -947,7 +963,7 @@ def _try_open(url, storage_options):
         return None, f"error: {exc}"
 
 
-def snapshot_presence(urls: Iterable[str], storage_options: dict[str, dict] | None = None):
+def snapshot_presence(urls: Iterable[str], storage_options: dict[str, dict] | None = None) -> pd.DataFrame:
     """Which repository holds which snapshot: one row per snapshot id, one bool column per URL.
 
     ``storage_options`` maps a URL to its fsspec options. Columns ``time`` and
@@ -973,7 +989,7 @@ def snapshot_presence(urls: Iterable[str], storage_options: dict[str, dict] | No
 
 
 def replication_status(primary: str, replicas: Iterable[str],
-                       storage_options: dict[str, dict] | None = None):
+                       storage_options: dict[str, dict] | None = None) -> pd.DataFrame:
     """What each replica lacks relative to ``primary``, one row per replica.
 
     Compares snapshot ids (``snapshots/``), index files (``index/``), blob
@@ -1043,7 +1059,8 @@ def replication_status(primary: str, replicas: Iterable[str],
 
 
 __all__ = [
-    "open_repo", "load_snapshots", "load_manifests", "read_manifests", "duckdb", "snapshots_table", "snapshot_diff", "changes", "churn_by_directory",
+    "open_repo", "load_snapshots", "load_manifests", "read_manifests", "duckdb", "snapshots_table", "snapshot_diff",
+    "changes", "churn_by_directory",
     "frequently_changed", "largest", "file_types", "dedup_stats", "DedupStats", "growth",
     "repository_summary", "snapshot_presence", "replication_status",
 ]

@@ -27,7 +27,9 @@ import datetime as dt
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import blake3
 import numpy as np
@@ -100,7 +102,7 @@ def normalise_source(source: str) -> str:
     return os.path.abspath(os.path.expanduser(source))
 
 
-def check_inputs(source: str, excludes=(), source_options=None) -> None:
+def check_inputs(source: str, excludes: Sequence[str] = (), source_options: dict[str, Any] | None = None) -> None:
     """Refuse bad input before anything is created (no repository, no lease)."""
     from .errors import SourceNotFoundError
     from .scan import compile_patterns
@@ -115,9 +117,9 @@ def check_inputs(source: str, excludes=(), source_options=None) -> None:
         raise SourceNotFoundError(source=source)
 
 
-def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
-            parent: str | None = None, dry_run=False, storage_options=None,
-            source_options=None, work_dir: str | None = None, checked: bool = False,
+def prepare(source: str, repo_url: str, *, excludes: Sequence[str] = (), tags: Sequence[str] = (), rehash: bool = False,
+            parent: str | None = None, dry_run: bool = False, storage_options: dict[str, Any] | None = None,
+            source_options: dict[str, Any] | None = None, work_dir: str | None = None, checked: bool = False,
             xattrs: bool = True, compression: str | None = None) -> BackupPlan:
     """Plan a backup; ``work_dir`` is where the run folder goes (scratch.work_dir).
 
@@ -129,7 +131,7 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
     if not checked:
         check_inputs(source, excludes, source_options)
     source = normalise_source(source)
-    start = dt.datetime.now(dt.timezone.utc)
+    start = dt.datetime.now(dt.UTC)
     # A dry run must not create anything: open without creating, and plan
     # against an empty repository when there is none yet.
     if dry_run:
@@ -162,7 +164,8 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
     # With a parent, reused hashes are checked against the index (distrust_unindexed).
     # The run's known-blob set is loaded for that now, before the scan, while
     # little else is in memory; this process's batches then reuse it.
-    known = indexmod.known_blobs(repo, run_id) if parent_info is not None and not rehash else None
+    known = (indexmod.known_blobs(repo, run_id)
+             if repo is not None and parent_info is not None and not rehash else None)
     try:
         exclude_paths = []
         if repo is not None and repo.is_local and "://" not in source:
@@ -177,7 +180,8 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
         files = pc.sum(pc.equal(types, "file")).as_py() or 0
         dirs = pc.sum(pc.equal(types, "dir")).as_py() or 0
         del types
-        parent_table = manifest.read_manifest(repo, parent_info, columns=diffmod.PARENT_COLUMNS) if parent_info else None
+        parent_table = (manifest.read_manifest(repo, parent_info, columns=diffmod.PARENT_COLUMNS)
+                        if repo is not None and parent_info else None)
 
         # The diff is written to the plan a part at a time; only what the work
         # lists need (rows to read, their paths and sizes) is kept across parts.
@@ -218,7 +222,7 @@ def prepare(source: str, repo_url: str, *, excludes=(), tags=(), rehash=False,
             scratch_io.remove(scratch)      # nobody else knows the folder yet
             raise
     except BaseException:
-        if known is not None:           # nobody will ask for this run's set again
+        if known is not None and repo is not None:      # nobody will ask for this run's set again
             indexmod.forget_run(repo.url, run_id)
         raise
     batches = _plan_ranges(rows, work_ranges)
@@ -248,12 +252,13 @@ def _plan_ranges(rows: np.ndarray, work_ranges) -> list[tuple[int, int]]:
     return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in work_ranges]
 
 
-def store_range(plan: dict, batch_no: int, storage_options=None, source_options=None) -> BatchSummary:
+def store_range(plan: dict, batch_no: int, storage_options: dict[str, Any] | None = None,
+                source_options: dict[str, Any] | None = None) -> BatchSummary:
     """Store the files of batch ``batch_no`` of the plan."""
     work = scratch_io.read_part(plan["scratch"], "batch", batch_no)
     paths = work["path"].to_pylist()
     if work["path_bytes"].null_count < work.num_rows:     # names that are not UTF-8: open their bytes
-        paths = [manifest.fs_path(p, raw) for p, raw in zip(paths, work["path_bytes"].to_pylist())]
+        paths = [manifest.fs_path(p, raw) for p, raw in zip(paths, work["path_bytes"].to_pylist(), strict=True)]
     rows = work["row"].to_pylist()
 
     dry_run = plan["dry_run"]
@@ -262,7 +267,7 @@ def store_range(plan: dict, batch_no: int, storage_options=None, source_options=
         repo = Repository.attach(plan["repo_url"], plan["repo_config"], storage_options)
         known = indexmod.known_blobs(repo, plan["run_id"])
     elif dry_run:                          # nothing stored yet: plan against an empty repository
-        repo = _DryRunRepo(plan["repo_url"])
+        repo = cast("Repository", _DryRunRepo(plan["repo_url"]))     # what a dry run's batch reads of one
         known = indexmod.KnownBlobs()
     else:
         repo = Repository.open(plan["repo_url"], storage_options, create=False)
@@ -283,14 +288,14 @@ def store_range(plan: dict, batch_no: int, storage_options=None, source_options=
 class _DryRunRepo:
     """Stands in for a repository that does not exist yet during --dry-run."""
 
-    def __init__(self, url):
+    def __init__(self, url) -> None:
         from .repository import RepoConfig
 
         self.url, self.config, self.is_local = url, RepoConfig(), False
         self.version, self.keys, self.encrypted = 1, None, False
 
     @staticmethod
-    def blob_id(data) -> str:
+    def blob_id(data: bytes) -> str:
         return blake3.blake3(data).hexdigest()
 
     def path(self, *parts):
@@ -306,7 +311,7 @@ class CommitResult:
     skipped: list[tuple[str, str]]
 
 
-def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> CommitResult:
+def commit(plan: dict, summaries: list[BatchSummary], storage_options: dict[str, Any] | None = None) -> CommitResult:
     """Merge batch results and write the manifest (unless dry run).
 
     Memory: the index-wide steps run first, while nothing else is loaded
@@ -339,7 +344,7 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> C
     skipped = list(plan["skipped"]) + [tuple(s) for b in summaries for s in b.skipped]
 
     is_file = pc.equal(table["type"], "file")
-    end = dt.datetime.now(dt.timezone.utc)
+    end = dt.datetime.now(dt.UTC)
     info = manifest.SnapshotInfo(
         id=uuid.uuid4().hex[:16] if not plan["dry_run"] else "dry-run",
         time=plan["start_time"], end_time=end.isoformat(timespec="microseconds"),
@@ -355,6 +360,7 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options=None) -> C
         out = table.select([f.name for f in manifest.MANIFEST_SCHEMA])
         del table
         # A snapshot never references a blob a reader could not find.
+        assert repo is not None and indexed is not None      # both opened above when not a dry run
         _require_indexed(repo, out, indexed, what)
         del indexed
         manifest.write_manifest(repo, out, info)
@@ -404,7 +410,7 @@ def _merge_results(scratch: str, plan: dict, summaries: list[BatchSummary]) -> p
     return pa.concat_tables(pieces)
 
 
-def _require_indexed(repo, entries: pa.Table, indexed: KnownBlobs, what: str) -> None:
+def _require_indexed(repo: Repository, entries: pa.Table, indexed: KnownBlobs, what: str) -> None:
     """The commit guard over ``indexed`` (the index as a reader sees it, as digests):
     vectorised, a slice at a time, so it builds no hash table over a million
     strings. Should any file's hash be missing, ``index.require_indexed`` looks

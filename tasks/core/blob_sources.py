@@ -9,6 +9,9 @@ is kept for the run summary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import blake3
 
 from .repository import Repository
@@ -17,7 +20,7 @@ from .repository import Repository
 class BlobSources:
     """The plan's repository and its fallbacks, opened lazily."""
 
-    def __init__(self, plan: dict, storage_options=None):
+    def __init__(self, plan: dict, storage_options: dict[str, Any] | None = None) -> None:
         self.primary_url = plan["repo_url"]          # the repository the plan was read from
         self.original_url = plan.get("primary_url") or self.primary_url   # the one the user named
         self.fallback_urls = [u for u in plan.get("fallbacks", []) if u != self.primary_url]
@@ -27,7 +30,7 @@ class BlobSources:
         self._primary_config = plan.get("repo_config")   # read by the plan: batches need not read it again
         self.used: dict[str, int] = {}
 
-    def repo(self, url: str):
+    def repo(self, url: str) -> Repository | None:
         if url not in self._repos:
             opts = self.options if url == self.original_url else self.fallback_options.get(url)
             try:
@@ -42,13 +45,24 @@ class BlobSources:
     def count(self, url: str, n: int = 1) -> None:
         self.used[url] = self.used.get(url, 0) + n
 
+    def any_repo(self) -> Repository:
+        """The primary, or the first fallback that opens when it does not: for what every copy
+        shares (keepflow.json, the keys), so a batch whose primary went away since the plan
+        still restores from the replicas (before: AttributeError on None)."""
+        for url in self.all_urls():
+            repo = self.repo(url)
+            if repo is not None:
+                return repo
+        raise OSError(f"{self.primary_url} is unreachable, and so is every fallback")
+
     def primary_range(self, key: str, start: int, end: int) -> bytes:
         repo = self.repo(self.primary_url)
         if repo is None:
             raise OSError(f"{self.primary_url} is unreachable")
         return repo.fs.cat_file(repo.path(key), start=start, end=end)
 
-    def from_fallbacks(self, key: str, offset: int, length: int, blob_hash: str, check=None):
+    def from_fallbacks(self, key: str, offset: int, length: int, blob_hash: str,
+                       check: Callable[[bytes], bytes | None] | None = None) -> tuple[bytes | None, str | None]:
         """A verified copy of the blob from the first fallback that has one: (bytes, None) or (None, problem).
 
         ``check(stored) -> plaintext | None`` opens a format 2 blob; format 1
@@ -71,5 +85,5 @@ class BlobSources:
             problem += " or any fallback"
         return None, problem + "; add a --fallback replica to read it from"
 
-    def all_urls(self):
+    def all_urls(self) -> list[str]:
         return [self.primary_url, *self.fallback_urls]

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from . import pack
 from .errors import KeepflowError
+
+if TYPE_CHECKING:
+    from .repository import Repository
 
 LIST_ENTRY = struct.Struct("<32sI")    # chunk id, raw length
 
@@ -30,7 +34,7 @@ def decode_list(data: bytes) -> list[tuple[str, int]]:
     return [(cid.hex(), n) for cid, n in LIST_ENTRY.iter_unpack(data)]
 
 
-def read_lists(repo, rows: pa.Table) -> list[list[tuple[str, int]] | None]:
+def read_lists(repo: Repository, rows: pa.Table) -> list[list[tuple[str, int]] | None]:
     """The chunk lists of the index ``rows`` (hash, key, offset, length, type/kind, seq, salt,
     raw_length, compressed), in order; None for a list that cannot be read or opened."""
     kind = "kind" if "kind" in rows.column_names else "type"

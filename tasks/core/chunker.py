@@ -38,11 +38,15 @@ iterator per call and only reads the configuration).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import blake3
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyfastcdc
+
+if TYPE_CHECKING:
+    from .compress import BytesLike
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -111,7 +115,7 @@ class Chunker:
     """
 
     def __init__(self, key: bytes, *, min_size: int = MIN_SIZE, avg_size: int = AVG_SIZE,
-                 max_size: int = MAX_SIZE, nc: int = NC):
+                 max_size: int = MAX_SIZE, nc: int = NC) -> None:
         key = bytes(key)
         if len(key) != 32:
             raise ValueError(f"the chunker key must be 32 bytes, got {len(key)}")
@@ -122,7 +126,7 @@ class Chunker:
         self.seed = derive_seed(key)
         # pyfastcdc checks the bounds (and min <= avg <= max, 0 <= nc <= 3).
         self._cdc = pyfastcdc.FastCDC(avg_size, min_size=min_size, max_size=max_size,
-                                      normalized_chunking=nc, seed=self.seed)
+                                      normalized_chunking=nc, seed=self.seed)  # type: ignore[arg-type]  # 0-3, checked there
         self._lut = pa.array(list(self.perm), type=pa.uint8())
 
     @classmethod
@@ -138,7 +142,7 @@ class Chunker:
         """The smallest window ``iter_chunks`` uses: twice ``max``, so each window reads at least ``max`` new bytes."""
         return 2 * self.max_size
 
-    def permute(self, buf) -> memoryview:
+    def permute(self, buf: BytesLike) -> memoryview:
         """``perm`` applied to every byte of ``buf``: a new read-only buffer (pyarrow take, GIL-free)."""
         view = _byte_view(buf)
         n = len(view)
@@ -148,7 +152,7 @@ class Chunker:
         out = pc.take(self._lut, idx)
         return memoryview(out.buffers()[1]).cast("B")[:n]   # pyarrow exports it as signed "b"
 
-    def cut(self, buf, final: bool) -> list[int]:
+    def cut(self, buf: BytesLike, final: bool) -> list[int]:
         """The lengths of the chunks ``buf`` starts with, in order.
 
         ``final=True``: ``buf`` is the whole file (or its whole rest); every
@@ -214,6 +218,7 @@ class Chunker:
                     want = window - filled
                     got = readinto(mv[filled:])
                 else:
+                    assert read is not None
                     want = min(window - filled, READ_STEP)
                     piece = read(want)
                     got = len(piece)

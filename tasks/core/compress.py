@@ -29,11 +29,15 @@ from __future__ import annotations
 
 import sys
 import threading
+from typing import TypeAlias
 
 if sys.version_info >= (3, 14):
     from compression import zstd
 else:
     from backports import zstd
+
+# What the blob functions take and give: bytes, or a view of them (no copies).
+BytesLike: TypeAlias = "bytes | bytearray | memoryview"
 
 MODES = ("auto", "off", "fastest", "max")
 LEVELS = {"fastest": 1, "auto": 3, "max": 9}     # the repository config's default "zstd_levels"
@@ -71,7 +75,7 @@ def level_for(mode: str, levels: dict | None = None) -> int | None:
         raise ValueError(f"no zstd level for compression mode {mode!r} in {table!r}") from None
 
 
-def compress(data, mode: str, levels: dict | None = None):
+def compress(data: BytesLike, mode: str, levels: dict | None = None) -> tuple[BytesLike, bool]:
     """``(payload, compressed)`` for one blob's plaintext ``data`` (any bytes-like object).
 
     ``compressed`` is True when ``payload`` is one zstd frame, which happens
@@ -94,7 +98,7 @@ def compress(data, mode: str, levels: dict | None = None):
     return data, False
 
 
-def decompress(payload, raw_length: int) -> bytes:
+def decompress(payload: BytesLike, raw_length: int) -> bytes:
     """The plaintext of one compressed blob: exactly ``raw_length`` bytes, or ``CorruptBlob``.
 
     ``payload`` must be exactly one zstd frame (nothing after it). At most

@@ -27,6 +27,7 @@ import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -64,7 +65,7 @@ def nonce(i: int) -> bytes:
     return i.to_bytes(NONCE_SIZE, "big")
 
 
-def canon(obj) -> bytes:
+def canon(obj: Any) -> bytes:
     """The byte form of JSON wherever it is authenticated."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
@@ -109,7 +110,7 @@ class Subkeys:
         return {PACK: self.pack, INDEX: self.index, SNAPSHOT: self.snapshot, TRASH: self.trash,
                 LEASE: self.lease, CONFIG: self.config}[magic]
 
-    def deterministic_salt(self, magic: bytes, *parts: bytes | memoryview) -> bytes:
+    def deterministic_salt(self, magic: bytes, *parts: bytes | bytearray | memoryview) -> bytes:
         """``B3K(K_salt, magic || parts...)``: the salt of a write-once file (SIV: no RNG involved)."""
         h = blake3.blake3(magic, key=self.salt)
         for p in parts:
@@ -120,12 +121,12 @@ class Subkeys:
         """The AEAD of one file: its key is ``HKDF(K_kind, salt, magic)``."""
         return _cipher(self.kind_key(magic), salt, magic)
 
-    def blob_id(self, data) -> str:
+    def blob_id(self, data: bytes | memoryview) -> str:
         """A data blob's id (a small file's content or one chunk), as hex."""
         return blake3.blake3(data, key=self.data_id_key, max_threads=blake3.blake3.AUTO
                              if len(data) >= 8 << 20 else 1).hexdigest()
 
-    def list_id(self, data) -> str:
+    def list_id(self, data: bytes) -> str:
         return blake3.blake3(data, key=self.list_id_key).hexdigest()
 
 
@@ -135,11 +136,13 @@ def _cipher(kind_key: bytes, salt: bytes, magic: bytes) -> AESGCM:
     return AESGCM(hkdf(kind_key, salt, magic))
 
 
-def encrypt(cipher: AESGCM, i: int, plaintext, aad: bytes) -> bytes:
-    return cipher.encrypt(nonce(i), bytes(plaintext) if isinstance(plaintext, (bytearray, memoryview)) else plaintext, aad)
+def encrypt(cipher: AESGCM, i: int, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+    data = bytes(plaintext) if isinstance(plaintext, (bytearray, memoryview)) else plaintext
+    return cipher.encrypt(nonce(i), data, aad)
 
 
-def decrypt(cipher: AESGCM, i: int, ciphertext, aad: bytes, *, nonce_bytes: bytes | None = None) -> bytes:
+def decrypt(cipher: AESGCM, i: int, ciphertext: bytes | memoryview, aad: bytes, *,
+            nonce_bytes: bytes | None = None) -> bytes:
     try:
         return cipher.decrypt(nonce_bytes or nonce(i), bytes(ciphertext) if isinstance(ciphertext, memoryview)
                               else ciphertext, aad)

@@ -31,12 +31,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .columns import nulls
+
+if TYPE_CHECKING:
+    from .known_blobs import KnownBlobs
 
 # Two seconds covers the coarsest common mtime granularity (FAT) and the
 # kernel's coarse clock on ext4/xfs many times over.
@@ -197,7 +201,7 @@ def _one_chunk(values) -> pa.Array:
     return values
 
 
-def distrust_unindexed(result: DiffResult, indexed) -> DiffResult:
+def distrust_unindexed(result: DiffResult, indexed: KnownBlobs) -> DiffResult:
     """Re-read unchanged files whose parent hash the index does not hold.
 
     A parent snapshot can reference lost data (a pack deleted by hand, the
@@ -218,7 +222,8 @@ def distrust_unindexed(result: DiffResult, indexed) -> DiffResult:
     count = pc.sum(lost).as_py() or 0
     if not count:
         return result
-    table = table.set_column(table.schema.get_field_index("needs_read"), "needs_read", pc.or_(table["needs_read"], lost))
+    table = table.set_column(table.schema.get_field_index("needs_read"), "needs_read",
+                             pc.or_(table["needs_read"], lost))
     # A file that is read again keeps its parent hash (see the module docstring).
     table = table.set_column(table.schema.get_field_index("parent_hash"), "parent_hash",
                              pc.if_else(lost, table["hash"], table["parent_hash"]))

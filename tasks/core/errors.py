@@ -13,6 +13,8 @@ Exit codes (restic-like): 0 clean, 1 no snapshot written / operation failed,
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -28,7 +30,7 @@ class KeepflowError(Exception):
     template = "keepflow failed"
     exit_code = EXIT_FAILED
 
-    def __init__(self, message: str | None = None, **fields):
+    def __init__(self, message: str | None = None, **fields: Any) -> None:
         self.fields = fields
         super().__init__(message if message is not None else self.template.format(**fields))
 
@@ -74,6 +76,7 @@ class RepositoryExistsError(RepositoryError):
 
 class StorageError(KeepflowError):
     template = "cannot access {url}: {reason}"
+    kind: str | None = None      # storage.classify's kind ("unreachable", "not-found"...), for the retry policy
 
 
 class SnapshotNotFoundError(UsageError):

@@ -50,7 +50,10 @@ import datetime as dt
 import json
 import re
 import uuid
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import blake3
 import pyarrow as pa
@@ -60,6 +63,10 @@ from . import crypto, manifest, pack, snapshots, storage
 from . import index as indexmod
 from .errors import KeepflowError, UnindexedBlobsError
 from .store import BatchResult, PackWriter
+
+if TYPE_CHECKING:
+    from .manifest import SnapshotInfo
+    from .repository import Repository
 
 REPACK_BELOW = 0.5
 DATA_FOLDERS = ("packs", "objects")
@@ -98,7 +105,7 @@ class SweepResult:
     marks_unreadable: int = 0          # marks that do not parse (format 2: or do not authenticate): never used
 
 
-def referenced_hashes(repo, exclude: set[str] = frozenset()) -> pa.Array:
+def referenced_hashes(repo: Repository, exclude: AbstractSet[str] = frozenset()) -> pa.Array:
     """Every blob hash referenced by any manifest (unique), ignoring snapshots in ``exclude``."""
     arrays = []
     for info in snapshots.list_snapshots(repo):
@@ -111,7 +118,8 @@ def referenced_hashes(repo, exclude: set[str] = frozenset()) -> pa.Array:
     return pc.unique(pa.concat_arrays(arrays))
 
 
-def live_ids(repo, idx: pa.Table, exclude: set[str] = frozenset(), content: pa.Array | None = None) -> pa.Array:
+def live_ids(repo: Repository, idx: pa.Table, exclude: AbstractSet[str] = frozenset(),
+             content: pa.Array | None = None) -> pa.Array:
     """Every blob id that must be kept (unique).
 
     Format 1: the manifests' hashes (``referenced_hashes``). Format 2: the
@@ -127,7 +135,7 @@ def live_ids(repo, idx: pa.Table, exclude: set[str] = frozenset(), content: pa.A
     return pc.unique(pa.concat_arrays([content, chunks]))
 
 
-def live_chunks(repo, idx: pa.Table, content: pa.Array) -> pa.Array:
+def live_chunks(repo: Repository, idx: pa.Table, content: pa.Array) -> pa.Array:
     """Format 2: the chunk ids of the list blobs among ``content`` (each list read once).
 
     A list is read from its first indexed location, then from any other the
@@ -141,7 +149,7 @@ def live_chunks(repo, idx: pa.Table, content: pa.Array) -> pa.Array:
     first = indexmod.unique_hashes(lists)
     chunk_ids: list[str] = []
     failed: list[str] = []
-    for list_id, chunks in zip(first["hash"].to_pylist(), read_lists(repo, first)):
+    for list_id, chunks in zip(first["hash"].to_pylist(), read_lists(repo, first), strict=True):
         if chunks is None:
             failed.append(list_id)
         else:
@@ -149,7 +157,7 @@ def live_chunks(repo, idx: pa.Table, content: pa.Array) -> pa.Array:
     if failed and lists.num_rows > first.num_rows:
         others = lists.filter(pc.is_in(lists["hash"], value_set=pa.array(failed, pa.string())))
         missing = set(failed)
-        for list_id, chunks in zip(others["hash"].to_pylist(), read_lists(repo, others)):
+        for list_id, chunks in zip(others["hash"].to_pylist(), read_lists(repo, others), strict=True):
             if chunks is not None and list_id in missing:
                 missing.discard(list_id)
                 chunk_ids.extend(c for c, _ in chunks)
@@ -159,21 +167,21 @@ def live_chunks(repo, idx: pa.Table, content: pa.Array) -> pa.Array:
     return pc.unique(pa.array(chunk_ids, pa.string())) if chunk_ids else pa.array([], pa.string())
 
 
-def _stored_keys(repo) -> dict[str, int]:
+def _stored_keys(repo: Repository) -> dict[str, int]:
     out: dict[str, int] = {}
     for folder in (DATA_FOLDERS if repo.version < 2 else DATA_FOLDERS2):
         out.update(storage.list_keys(repo.fs, repo.root, folder))
     return out
 
 
-def _marked_keys(repo) -> set[str]:
+def _marked_keys(repo: Repository) -> set[str]:
     keys = set()
     for mark in _list_marks(repo):
         keys.update(mark["keys"])
     return keys
 
 
-def _list_marks(repo, unreadable: list[str] | None = None) -> list[dict]:
+def _list_marks(repo: Repository, unreadable: list[str] | None = None) -> list[dict]:
     """The marks under ``trash/``, oldest first; names of those that cannot be used go to ``unreadable``."""
     if repo.version >= 2:
         return _list_marks2(repo, unreadable)
@@ -193,7 +201,7 @@ def _list_marks(repo, unreadable: list[str] | None = None) -> list[dict]:
     return sorted(marks, key=lambda m: m["marked_at"])
 
 
-def _list_marks2(repo, unreadable: list[str] | None) -> list[dict]:
+def _list_marks2(repo: Repository, unreadable: list[str] | None) -> list[dict]:
     marks = []
     for info in storage.list_files(repo.fs, repo.path("trash")):
         path = info["name"]
@@ -214,7 +222,7 @@ def _list_marks2(repo, unreadable: list[str] | None) -> list[dict]:
     return sorted(marks, key=lambda m: m["marked_at"])
 
 
-def _open_mark2(repo, name: str, data: bytes) -> dict | None:
+def _open_mark2(repo: Repository, name: str, data: bytes) -> dict | None:
     """A format 2 mark's JSON, or None when its name, bytes, tag or content are not a mark's (fail closed)."""
     m = _MARK2_NAME.fullmatch(name)
     if not m or blake3.blake3(data).hexdigest() != m.group(3):
@@ -235,7 +243,7 @@ def _open_mark2(repo, name: str, data: bytes) -> dict | None:
     return body
 
 
-def _write_mark(repo, now: dt.datetime, body: dict) -> str:
+def _write_mark(repo: Repository, now: dt.datetime, body: dict) -> str:
     """Store one mark write-once; returns its name under ``trash/``."""
     stamp, tag = now.strftime("%Y%m%dT%H%M%SZ"), uuid.uuid4().hex[:8]
     if repo.version < 2:
@@ -248,7 +256,7 @@ def _write_mark(repo, now: dt.datetime, body: dict) -> str:
     return name
 
 
-def plan_garbage(repo, exclude: set[str] = frozenset()) -> dict:
+def plan_garbage(repo: Repository, exclude: AbstractSet[str] = frozenset()) -> dict:
     """Which keys are garbage, which packs deserve a repack (read-only).
 
     ``exclude``: snapshot ids to treat as already forgotten (for dry runs).
@@ -259,7 +267,7 @@ def plan_garbage(repo, exclude: set[str] = frozenset()) -> dict:
     already = _marked_keys(repo)
     is_live = pc.is_in(idx["hash"], value_set=live) if idx.num_rows else pa.array([], pa.bool_())
     per_key: dict[str, list[int]] = {}
-    for key, length, alive in zip(idx["key"].to_pylist(), idx["length"].to_pylist(), is_live.to_pylist()):
+    for key, length, alive in zip(idx["key"].to_pylist(), idx["length"].to_pylist(), is_live.to_pylist(), strict=True):
         acc = per_key.setdefault(key, [0, 0])
         acc[0] += length
         if alive:
@@ -276,7 +284,8 @@ def plan_garbage(repo, exclude: set[str] = frozenset()) -> dict:
     return {"index": idx, "live": live, "garbage": garbage, "repack": repack, "stored": stored}
 
 
-def mark(repo, plan: dict | None = None, dry_run: bool = False, exclude: set[str] = frozenset()) -> MarkResult:
+def mark(repo: Repository, plan: dict | None = None, dry_run: bool = False,
+         exclude: AbstractSet[str] = frozenset()) -> MarkResult:
     plan = plan or plan_garbage(repo, exclude)
     result = MarkResult()
     candidates = dict(plan["garbage"])
@@ -285,7 +294,8 @@ def mark(repo, plan: dict | None = None, dry_run: bool = False, exclude: set[str
             moved = _repack(repo, plan, dry_run)
             repacked = plan["repack"]
         else:
-            *moved, kept = _repack2(repo, plan, dry_run)
+            blobs, nbytes, kept = _repack2(repo, plan, dry_run)
+            moved = (blobs, nbytes)
             repacked = [k for k in plan["repack"] if k not in kept]
         result.repacked_packs = len(repacked)
         result.repacked_blobs, result.repacked_bytes = moved
@@ -299,7 +309,7 @@ def mark(repo, plan: dict | None = None, dry_run: bool = False, exclude: set[str
     return result
 
 
-def _repack(repo, plan: dict, dry_run: bool) -> tuple[int, int]:
+def _repack(repo: Repository, plan: dict, dry_run: bool) -> tuple[int, int]:
     """Copy the live blobs of mostly-garbage packs into new packs."""
     idx = plan["index"]
     wanted = set(plan["repack"])
@@ -310,7 +320,7 @@ def _repack(repo, plan: dict, dry_run: bool) -> tuple[int, int]:
     packer = PackWriter(repo, result, dry_run)
     by_key: dict[str, list[tuple[str, int, int]]] = {}
     for h, k, o, n in zip(rows["hash"].to_pylist(), rows["key"].to_pylist(), rows["offset"].to_pylist(),
-                          rows["length"].to_pylist()):
+                          rows["length"].to_pylist(), strict=True):
         by_key.setdefault(k, []).append((h, o, n))
     moved = moved_bytes = 0
     import blake3
@@ -334,7 +344,7 @@ def _label(what: str) -> str:
     return f"{what}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
 
 
-def _repack2(repo, plan: dict, dry_run: bool) -> tuple[int, int, set[str]]:
+def _repack2(repo: Repository, plan: dict, dry_run: bool) -> tuple[int, int, set[str]]:
     """Format 2: open the live blobs of mostly-garbage packs and write their plaintext into new packs.
 
     Returns (blobs moved, their stored bytes in the old packs, the packs that
@@ -395,7 +405,7 @@ def _repack2(repo, plan: dict, dry_run: bool) -> tuple[int, int, set[str]]:
     return moved, moved_bytes, kept
 
 
-def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
+def sweep(repo: Repository, grace_hours: float, dry_run: bool = False) -> SweepResult:
     """Delete marked keys whose mark is older than the grace period (caller holds a prune lease)."""
     result = SweepResult()
     result.temporaries_removed = remove_stale_temporaries(repo, max(grace_hours, 1.0), dry_run)
@@ -420,9 +430,9 @@ def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
     hashes = idx["hash"].to_pylist()
     alive = pc.is_in(idx["hash"], value_set=live).to_pylist() if idx.num_rows else []
     # Blobs that live somewhere outside the candidate set.
-    elsewhere = {h for h, k in zip(hashes, keys) if k not in candidates}
+    elsewhere = {h for h, k in zip(hashes, keys, strict=True) if k not in candidates}
     blocked = set()
-    for h, k, a in zip(hashes, keys, alive):
+    for h, k, a in zip(hashes, keys, alive, strict=True):
         if k in candidates and a and h not in elsewhere:
             blocked.add(k)                     # rescued: a manifest needs a blob only found here
     for key in candidates:
@@ -484,7 +494,7 @@ def sweep(repo, grace_hours: float, dry_run: bool = False) -> SweepResult:
 TEMP_FOLDERS = ("packs", "objects", "index", "snapshots", "tmp", "trash", "locks", "keys")
 
 
-def remove_stale_temporaries(repo, older_than_hours: float, dry_run: bool = False) -> int:
+def remove_stale_temporaries(repo: Repository, older_than_hours: float, dry_run: bool = False) -> int:
     """Delete temporary files that interrupted writes left behind (never data).
 
     Never younger than an hour: a write in progress elsewhere keeps its
@@ -500,7 +510,7 @@ def remove_stale_temporaries(repo, older_than_hours: float, dry_run: bool = Fals
     return len(stale)
 
 
-def forget(repo, snaps, dry_run: bool = False) -> list[str]:
+def forget(repo: Repository, snaps: Iterable[SnapshotInfo], dry_run: bool = False) -> list[str]:
     """Delete the manifests of ``snaps``; returns their ids."""
     ids = []
     for s in snaps:
@@ -513,5 +523,5 @@ def forget(repo, snaps, dry_run: bool = False) -> list[str]:
     return ids
 
 
-def to_dict(obj) -> dict:
+def to_dict(obj: Any) -> dict:
     return asdict(obj)

@@ -22,7 +22,7 @@ def _one_chunk(arr):
     return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
-def hex_to_binary(arr) -> pa.Array:
+def hex_to_binary(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """``fixed_size_binary(32)`` from an array of 64-character hex strings (nulls stay null)."""
     arr = _one_chunk(arr)
     n = len(arr)
@@ -44,7 +44,7 @@ def hex_to_binary(arr) -> pa.Array:
     return out
 
 
-def binary_to_hex(arr) -> pa.Array:
+def binary_to_hex(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Hex strings from ``fixed_size_binary(32)`` (nulls stay null)."""
     arr = _one_chunk(arr)
     n = len(arr)
@@ -54,7 +54,7 @@ def binary_to_hex(arr) -> pa.Array:
     data = memoryview(arr.buffers()[1])[arr.offset * ID_BYTES: (arr.offset + n) * ID_BYTES]
     text = binascii.hexlify(data)
     if n * HEX_CHARS < 2 ** 31:
-        offsets = np.arange(0, n * HEX_CHARS + 1, HEX_CHARS, dtype=np.int32)
+        offsets: np.ndarray = np.arange(0, n * HEX_CHARS + 1, HEX_CHARS, dtype=np.int32)
         out = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text))
     else:
         offsets = np.arange(0, n * HEX_CHARS + 1, HEX_CHARS, dtype=np.int64)
@@ -64,12 +64,12 @@ def binary_to_hex(arr) -> pa.Array:
     return out
 
 
-def pack_keys_from_binary(arr) -> pa.Array:
+def pack_keys_from_binary(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """``packs/<ab>/<hex>`` keys from binary pack names."""
     hexes = binary_to_hex(arr)
     return pc.binary_join_element_wise("packs", pc.utf8_slice_codeunits(hexes, 0, 2), hexes, "/")
 
 
-def pack_names_from_keys(keys) -> pa.Array:
+def pack_names_from_keys(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Binary pack names from ``packs/<ab>/<hex>`` keys."""
     return hex_to_binary(pc.utf8_slice_codeunits(_one_chunk(keys), len("packs/ab/")))

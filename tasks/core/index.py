@@ -18,17 +18,20 @@ data it describes, about 120 bytes per blob).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
+
 import pyarrow as pa
 import pyarrow.compute as pc
-
-import io
-
 import pyarrow.parquet as pq
 
 from . import crypto, ids, parquet_io, storage
 from .errors import BlobFormatError, UnindexedBlobsError
 from .known_blobs import CACHED_RUNS, KnownBlobs, cached_runs, forget_run, known_blobs  # noqa: F401  (re-exported)
 from .store import INDEX2_SCHEMA, INDEX_SCHEMA
+
+if TYPE_CHECKING:
+    from .repository import Repository
 
 # Format 2's stored index table (ARCHITECTURE.md, "### Index files").
 STORED2_SCHEMA = pa.schema([("id", ids.BINARY_ID), ("type", pa.int8()), ("pack", ids.BINARY_ID),
@@ -39,13 +42,13 @@ STORED2_SCHEMA = pa.schema([("id", ids.BINARY_ID), ("type", pa.int8()), ("pack",
 NAMED_FILES = 10
 
 
-def list_index_names(repo) -> list[str]:
+def list_index_names(repo: Repository) -> list[str]:
     files = storage.list_files(repo.fs, repo.path("index"))
     names = (f["name"].rsplit("/", 1)[-1] for f in files)
     return sorted(n for n in names if repo.index_label(n) is not None)
 
 
-def schema(repo) -> pa.Schema:
+def schema(repo: Repository) -> pa.Schema:
     """The in-memory index schema of the repository's format."""
     return INDEX2_SCHEMA if repo.version >= 2 else INDEX_SCHEMA
 
@@ -66,20 +69,20 @@ def from_stored(table: pa.Table) -> pa.Table:
                      "compressed": table["compressed"]}, schema=INDEX2_SCHEMA)
 
 
-def encode_index_file(repo, table: pa.Table) -> bytes:
+def encode_index_file(repo: Repository, table: pa.Table) -> bytes:
     """The stored bytes of an index file holding ``table`` (in-memory rows)."""
     if repo.version < 2:
         return parquet_io.table_to_bytes(table.cast(INDEX_SCHEMA))
     return _encode_stored(repo, to_stored(table))
 
 
-def _encode_stored(repo, stored: pa.Table) -> bytes:
+def _encode_stored(repo: Repository, stored: pa.Table) -> bytes:
     """Format 2: the file bytes of a stored-form index table."""
     data = parquet_io.table_to_bytes(stored)
     return crypto.seal(repo.keys, crypto.INDEX, data) if repo.encrypted else data
 
 
-def _read_stored(repo, names: list[str]) -> pa.Table:
+def _read_stored(repo: Repository, names: list[str]) -> pa.Table:
     """Format 2: the index files ``names`` in their stored form (binary ids and pack
     names, not hex and keys), concatenated: for steps that only copy or filter rows."""
     def one(name):
@@ -99,7 +102,7 @@ def _read_stored(repo, names: list[str]) -> pa.Table:
     return pa.concat_tables(tables) if tables else STORED2_SCHEMA.empty_table()
 
 
-def decode_index_file(repo, data: bytes, name: str) -> pa.Table:
+def decode_index_file(repo: Repository, data: bytes, name: str) -> pa.Table:
     """In-memory rows from an index file's bytes; BlobFormatError when it is damaged."""
     if repo.version < 2:
         return pq.read_table(pa.BufferReader(data)).cast(INDEX_SCHEMA)
@@ -110,7 +113,7 @@ def decode_index_file(repo, data: bytes, name: str) -> pa.Table:
         raise BlobFormatError(key=f"index/{name}", reason=f"not an index table ({exc})") from None
 
 
-def _stored_parquet(repo, data: bytes, name: str) -> bytes:
+def _stored_parquet(repo: Repository, data: bytes, name: str) -> bytes:
     """Format 2: the Parquet bytes of an index file, its name and (encrypted) its seal checked."""
     import blake3
 
@@ -124,7 +127,7 @@ def _stored_parquet(repo, data: bytes, name: str) -> bytes:
     return data
 
 
-def _read_ids(repo, name: str) -> pa.Array:
+def _read_ids(repo: Repository, name: str) -> pa.Array:
     """Format 2: one index file's blob ids as stored, ``fixed_size_binary(32)``, nothing else
     decoded (no hex, no pack keys): what the known-blob set and the commit guard need."""
     data = _stored_parquet(repo, repo.fs.cat_file(repo.path("index", name)), name)
@@ -134,7 +137,7 @@ def _read_ids(repo, name: str) -> pa.Array:
         raise BlobFormatError(key=f"index/{name}", reason=f"not an index table ({exc})") from None
 
 
-def read_index_files(repo, names: list[str]) -> pa.Table:
+def read_index_files(repo: Repository, names: list[str]) -> pa.Table:
     """The rows of the index files ``names`` (in memory form), concatenated."""
     if repo.version < 2:
         return parquet_io.read_tables(repo.fs, [repo.path("index", n) for n in names], INDEX_SCHEMA)
@@ -154,7 +157,7 @@ def read_index_files(repo, names: list[str]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def load_index(repo, columns=None, unique: bool = True) -> pa.Table:
+def load_index(repo: Repository, columns: Sequence[str] | None = None, unique: bool = True) -> pa.Table:
     """All index entries, one row per hash (every location with ``unique=False``)."""
     for attempt in range(3):
         names = list_index_names(repo)
@@ -171,7 +174,7 @@ def load_index(repo, columns=None, unique: bool = True) -> pa.Table:
     return table.select(columns) if columns else table
 
 
-def load_ids(repo) -> pa.ChunkedArray:
+def load_ids(repo: Repository) -> pa.ChunkedArray:
     """Every blob id in the index as a reader sees it now (every index file read again,
     repeats kept), in its cheapest form: format 2's 32-byte binary ids straight from the
     stored ``id`` column, format 1's hex ``hash`` strings.
@@ -220,7 +223,7 @@ def not_indexed(hashes: pa.Array | pa.ChunkedArray, indexed: pa.Array | pa.Chunk
     return wanted.filter(pc.invert(pc.is_in(wanted, value_set=indexed)))
 
 
-def require_indexed(repo, entries: pa.Table, what: str) -> None:
+def require_indexed(repo: Repository, entries: pa.Table, what: str) -> None:
     """The commit guard: every file hash in ``entries`` (path, type, hash) is in the index.
 
     Reads the index as it is now (every index file, the run's merged file
@@ -236,11 +239,12 @@ def require_indexed(repo, entries: pa.Table, what: str) -> None:
         return
     hit = files.filter(pc.is_in(files["hash"], value_set=absent))
     paths = hit["path"].to_pylist()
-    named = ", ".join(paths[:NAMED_FILES]) + (f" and {len(paths) - NAMED_FILES} more" if len(paths) > NAMED_FILES else "")
+    more = f" and {len(paths) - NAMED_FILES} more" if len(paths) > NAMED_FILES else ""
+    named = ", ".join(paths[:NAMED_FILES]) + more
     raise UnindexedBlobsError(what=what, count=len(absent), files=len(paths), paths=named, url=repo.url)
 
 
-def require_chunks_indexed(repo, labels: list[str], what: str, indexed: KnownBlobs | None = None) -> None:
+def require_chunks_indexed(repo: Repository, labels: list[str], what: str, indexed: KnownBlobs | None = None) -> None:
     """Format 2's half of the commit guard: every chunk of every list blob in the index files
     labelled ``labels`` (the run's own) is indexed (in ``indexed``, the index as a reader
     sees it, ``known_blobs.indexed_now``; read here when not given).
@@ -263,7 +267,7 @@ def require_chunks_indexed(repo, labels: list[str], what: str, indexed: KnownBlo
     lists = unique_hashes(lists)
     if indexed is None:
         indexed = KnownBlobs(load_ids(repo))
-    unreadable, chunk_ids = 0, []
+    unreadable, chunk_ids = 0, cast("list[str]", [])
     for chunks in read_lists(repo, lists):
         if chunks is None:
             unreadable += 1
@@ -278,7 +282,7 @@ def require_chunks_indexed(repo, labels: list[str], what: str, indexed: KnownBlo
             + f"; no snapshot was written to {repo.url}; run the backup again (it stores them)")
 
 
-def write_index(repo, table: pa.Table, name: str) -> str | None:
+def write_index(repo: Repository, table: pa.Table, name: str) -> str | None:
     """Write ``table`` as the index file labelled ``name``; returns its path (None when empty)."""
     if table.num_rows == 0:
         return None
@@ -288,7 +292,7 @@ def write_index(repo, table: pa.Table, name: str) -> str | None:
     return path
 
 
-def merge_run_index(repo, run_id: str) -> int:
+def merge_run_index(repo: Repository, run_id: str) -> int:
     """Merge the run's batch files (label ``<run>-b<NNNNN>``) into one labelled ``<run>``; returns entries merged."""
     prefix = f"{run_id}-b"
     parts = [n for n in list_index_names(repo) if (repo.index_label(n) or "").startswith(prefix)]

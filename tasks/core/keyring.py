@@ -19,11 +19,15 @@ import os
 import re
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
 from . import crypto, storage
 from .errors import KeyFileError, UsageError, WrongPasswordError
+
+if TYPE_CHECKING:
+    from .repository import Repository
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _masters: dict[str, bytes] = {}
@@ -43,7 +47,7 @@ def kdf_params() -> dict | None:
         return None
     try:
         kdf, _, rest = spec.partition(":")
-        params = {"kdf": kdf}
+        params: dict[str, str | int] = {"kdf": kdf}
         for item in filter(None, rest.split(",")):
             name, _, value = item.partition("=")
             params[name.strip()] = int(value)
@@ -65,7 +69,7 @@ def forget(repo_id: str | None = None) -> None:
             _masters.pop(repo_id, None)
 
 
-def subkeys(repo) -> crypto.Subkeys:
+def subkeys(repo: Repository) -> crypto.Subkeys:
     """The repository's subkeys, unlocking it with the process's password when needed."""
     if not repo.encrypted:
         return crypto.Subkeys.derive(crypto.ZERO_KEY, repo.config.id, encrypted=False)
@@ -144,7 +148,7 @@ class KeyFile:
                 **{k: b[k] for k in ("t", "m", "p", "n", "r") if k in b}, "problem": self.problem or None}
 
 
-def key_files(repo) -> list[KeyFile]:
+def key_files(repo: Repository) -> list[KeyFile]:
     """Every file under keys/, newest first; damaged ones carry ``problem``."""
     out = []
     try:
@@ -169,7 +173,7 @@ def key_files(repo) -> list[KeyFile]:
     return out
 
 
-def unlock(repo, password: str) -> bytes:
+def unlock(repo: Repository, password: str) -> bytes:
     """The master key from the first key file ``password`` opens; WrongPasswordError when none does."""
     files = key_files(repo)
     damaged = [k for k in files if k.problem]
@@ -192,7 +196,7 @@ def unlock(repo, password: str) -> bytes:
     raise error
 
 
-def _write_key_file(repo, data: bytes) -> str:
+def _write_key_file(repo: Repository, data: bytes) -> str:
     name = blake3.blake3(data).hexdigest()
     try:
         repo.fs.makedirs(repo.path("keys"), exist_ok=True)
@@ -204,7 +208,7 @@ def _write_key_file(repo, data: bytes) -> str:
     return name
 
 
-def create_first_key(repo, password: str | None) -> crypto.Subkeys:
+def create_first_key(repo: Repository, password: str | None) -> crypto.Subkeys:
     """At init: a new master key, wrapped under ``password`` (asked when None) in the first key file."""
     if not repo.config.encrypted:
         return crypto.Subkeys.derive(crypto.ZERO_KEY, repo.config.id, encrypted=False)
@@ -219,13 +223,13 @@ def create_first_key(repo, password: str | None) -> crypto.Subkeys:
     return crypto.Subkeys.derive(master, repo.config.id)
 
 
-def add_key(repo, new_password: str) -> str:
+def add_key(repo: Repository, new_password: str) -> str:
     """A new key file for ``new_password`` (the repository must be unlocked); returns its name."""
     master = _master_of(repo)
     return _write_key_file(repo, crypto.make_key_file(master, repo.config.id, new_password, kdf_params()))
 
 
-def remove_key(repo, name_prefix: str) -> str:
+def remove_key(repo: Repository, name_prefix: str) -> str:
     """Remove the key file whose name starts with ``name_prefix``; never the last readable one."""
     files = key_files(repo)
     hits = [k for k in files if k.name.startswith(name_prefix)]
@@ -242,7 +246,7 @@ def remove_key(repo, name_prefix: str) -> str:
     return hits[0].name
 
 
-def current_key_name(repo, password: str) -> str | None:
+def current_key_name(repo: Repository, password: str) -> str | None:
     """The name of the key file ``password`` opens (None when none)."""
     for kf in key_files(repo):
         if not kf.problem and crypto.unwrap_key_file(kf.data, password, repo.config.id) is not None:
@@ -250,15 +254,15 @@ def current_key_name(repo, password: str) -> str | None:
     return None
 
 
-def _master_of(repo) -> bytes:
+def _master_of(repo: Repository) -> bytes:
     repo.unlock()
     with _lock:
         return _masters[repo.config.id]
 
 
-def describe(repo) -> list[dict]:
+def describe(repo: Repository) -> list[dict]:
     return [k.describe() for k in key_files(repo)]
 
 
-def to_json(obj) -> str:
+def to_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)

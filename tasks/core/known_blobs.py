@@ -39,12 +39,18 @@ from __future__ import annotations
 import array
 import binascii
 import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import memory
+
+if TYPE_CHECKING:
+    from .repository import Repository
+    from .store import PackWriter
 
 DIGEST = 32
 HEX = 2 * DIGEST
@@ -73,7 +79,7 @@ class _Sorted:
 
     __slots__ = ("raw", "digests", "directory", "shift")
 
-    def __init__(self, raw: bytearray):
+    def __init__(self, raw: bytearray) -> None:
         # ``raw``: sorted, unique 32-byte digests, concatenated (``_sorted_buffer``);
         # kept as it is, ``bytearray.find`` serves the scalar lookups.
         self.raw = raw
@@ -90,7 +96,7 @@ class _Sorted:
         self.directory = array.array("Q" if wide else "I")
         self.directory.frombytes(bounds.astype(np.uint64 if wide else np.uint32).tobytes())
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.digests)
 
     def has(self, d: bytes) -> bool:
@@ -256,7 +262,7 @@ class KnownBlobs:
     index keeps the first location of each hash.
     """
 
-    def __init__(self, hashes=()):
+    def __init__(self, hashes: Iterable[str] | pa.Array | pa.ChunkedArray = ()) -> None:
         digests, odd = _digests_of(hashes)
         self._sorted = _Sorted(_sorted_buffer(digests))
         self._added: set[str] = set()      # canonical ids stored during the run, not folded yet
@@ -264,7 +270,7 @@ class KnownBlobs:
         self._claims: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._sorted) + len(self._added) + len(self._odd)
 
     def _has(self, blob_hash: str) -> bool:
@@ -305,7 +311,7 @@ class KnownBlobs:
         d = _is_canonical(h)
         return d is not None and self._sorted.has(d)
 
-    def contains_or_claim(self, blob_hash: str, packer) -> bool:
+    def contains_or_claim(self, blob_hash: str, packer: PackWriter) -> bool:
         """True when the blob is stored or claimed by any batch; else claim it for ``packer``."""
         if self._has(blob_hash):             # the common case needs no lock
             return True
@@ -316,7 +322,7 @@ class KnownBlobs:
         packer.claimed.add(blob_hash)
         return False
 
-    def add(self, hashes) -> None:
+    def add(self, hashes: Iterable[str] | pa.Array | pa.ChunkedArray) -> None:
         with self._lock:
             self._add_locked(hashes)
 
@@ -339,7 +345,7 @@ class KnownBlobs:
         self._sorted = _Sorted(_sorted_buffer(self._sorted.raw + new))     # published first ...
         self._added = set()                                 # ... then the run's set goes
 
-    def settle(self, packer, stored: bool) -> None:
+    def settle(self, packer: PackWriter, stored: bool) -> None:
         """The batch of ``packer`` ended: its claims become stored, or are released."""
         with self._lock:
             for blob_hash in packer.claimed:
@@ -350,7 +356,7 @@ class KnownBlobs:
         packer.claimed = set()
 
 
-def indexed_now(repo) -> KnownBlobs:
+def indexed_now(repo: Repository) -> KnownBlobs:
     """Every blob id in the index as a reader sees it now (every index file read
     again, nothing cached): what the commit guard checks a manifest against.
     Format 2 reads the stored binary ids and copies them in (``index.load_ids``)."""
@@ -369,7 +375,7 @@ _known_cache: dict[tuple[str, str], KnownBlobs] = {}
 _cache_lock = threading.Lock()
 
 
-def known_blobs(repo, run_id: str) -> KnownBlobs:
+def known_blobs(repo: Repository, run_id: str) -> KnownBlobs:
     """The run's shared KnownBlobs, loaded from the index once per process."""
     key = (repo.url, run_id)
     with _cache_lock:

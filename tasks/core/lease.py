@@ -60,9 +60,13 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 from . import crypto, liveness, storage
 from .errors import KeepflowError
+
+if TYPE_CHECKING:
+    from .repository import Repository
 
 DEFAULT_TTL = 30 * 60          # seconds; refreshed every TTL/3 while held
 
@@ -109,17 +113,17 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _sealed(repo) -> bool:
+def _sealed(repo: Repository) -> bool:
     return repo.version >= 2 and repo.encrypted
 
 
-def encode_lease(repo, data: dict) -> bytes:
+def encode_lease(repo: Repository, data: dict) -> bytes:
     """A lease file's bytes: JSON, sealed with the lease key in an encrypted repository."""
     body = json.dumps(data).encode()
     return crypto.seal(repo.keys, crypto.LEASE, body, random_salt=True) if _sealed(repo) else body
 
 
-def decode_lease(repo, raw: bytes) -> dict:
+def decode_lease(repo: Repository, raw: bytes) -> dict:
     """The JSON of a lease file; ValueError when it is not one (format 2: also when it does not authenticate)."""
     if _sealed(repo):
         try:
@@ -132,7 +136,7 @@ def decode_lease(repo, raw: bytes) -> dict:
     return data
 
 
-def list_leases(repo) -> list[Lease]:
+def list_leases(repo: Repository) -> list[Lease]:
     leases = []
     for info in storage.list_files(repo.fs, repo.path("locks")):
         name = info["name"]
@@ -163,7 +167,7 @@ def conflicts(mine: Lease, others: list[Lease]) -> list[Lease]:
 class Holder:
     """Acquire on enter, refresh in the background, release on exit."""
 
-    def __init__(self, repo, kind: str, source: str | None = None, ttl: int = DEFAULT_TTL):
+    def __init__(self, repo: Repository, kind: str, source: str | None = None, ttl: int = DEFAULT_TTL) -> None:
         self.repo, self.ttl = repo, ttl
         now = _now()
         self.lease = Lease(kind=kind, id=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
@@ -196,8 +200,8 @@ class Holder:
         if clash:
             self.release()
             other = clash[0]
-            what = ("another backup of " + str(other.source)) if other.kind == "backup" and self.lease.kind == "backup" \
-                else f"a {other.kind}"
+            both_backups = other.kind == "backup" and self.lease.kind == "backup"
+            what = ("another backup of " + str(other.source)) if both_backups else f"a {other.kind}"
             raise LeaseConflictError(what=what, lease=other.id[:8], host=other.host, pid=other.pid,
                                      expires=other.expires[:19], repo=self.repo.url)
         self._thread = threading.Thread(target=self._refresh, name=f"keepflow-lease-{self.lease.kind}", daemon=True)
@@ -225,11 +229,11 @@ class Holder:
     def __enter__(self) -> Holder:
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
-def wait_for(repo, kind: str, source: str | None = None, timeout: float = 0.0, poll: float = 2.0) -> Holder:
+def wait_for(repo: Repository, kind: str, source: str | None = None, timeout: float = 0.0, poll: float = 2.0) -> Holder:
     """Acquire, retrying on conflict until ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout
     while True:
@@ -241,7 +245,7 @@ def wait_for(repo, kind: str, source: str | None = None, timeout: float = 0.0, p
             time.sleep(poll)
 
 
-def unlock(repo, force_live: bool = False) -> tuple[list[Lease], list[Lease]]:
+def unlock(repo: Repository, force_live: bool = False) -> tuple[list[Lease], list[Lease]]:
     """Remove stale leases; returns (removed, live ones left alone)."""
     removed, kept = [], []
     for lease in list_leases(repo):
@@ -256,7 +260,8 @@ def unlock(repo, force_live: bool = False) -> tuple[list[Lease], list[Lease]]:
     return removed, kept
 
 
-def backup_lease(repo_url: str, source: str, storage_options=None, wait: float = 0.0) -> Holder:
+def backup_lease(repo_url: str, source: str, storage_options: dict[str, Any] | None = None,
+                 wait: float = 0.0) -> Holder:
     """The lease a backup holds from planning to commit (creates the repository if needed).
 
     ``wait``: seconds to keep retrying while a conflicting run holds a lease.

@@ -47,6 +47,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 # A process's wall-clock start is computed as btime (/proc/stat, whole seconds)
 # + start ticks, and btime moves when the clock is stepped (NTP after boot):
@@ -209,7 +210,7 @@ def repo_tmp_name() -> str:
     return f"{this_process().tag()}-{uuid.uuid4().hex}"
 
 
-def remove_dead_repo_temporaries(repo_url: str, storage_options=None) -> int:
+def remove_dead_repo_temporaries(repo_url: str, storage_options: dict[str, Any] | None = None) -> int:
     """Remove the files in a local repository's ``tmp/`` whose writer ran on
     this host and is gone; returns how many. Everything else there (other
     hosts, live writers, other names) keeps gc's one-hour rule. Never raises

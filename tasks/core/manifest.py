@@ -13,17 +13,22 @@ and are written once with the write-once helper: they are never replaced.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 import os
-from dataclasses import asdict, dataclass, field
-
 import struct
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import blake3
 import pyarrow as pa
 
 from . import parquet_io, storage, xattrs
+
+if TYPE_CHECKING:
+    from .repository import Repository
 
 META_KEY = b"keepflow.snapshot"
 
@@ -122,7 +127,7 @@ class SnapshotInfo:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, raw: bytes | str, key: str = "") -> "SnapshotInfo":
+    def from_json(cls, raw: builtins.bytes | str, key: str = "") -> SnapshotInfo:   # (the field bytes hides the type)
         data = json.loads(raw)
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known, key=key) if "key" not in known else cls(**known)
@@ -137,7 +142,7 @@ class SnapshotInfo:
 
 
 def manifest_name(info: SnapshotInfo) -> str:
-    stamp = info.datetime.astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = info.datetime.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     return f"{stamp}-{info.id}.parquet"
 
 
@@ -146,7 +151,7 @@ def with_snapshot_metadata(table: pa.Table, info: SnapshotInfo) -> pa.Table:
     return table.replace_schema_metadata({META_KEY: info.to_json().encode()})
 
 
-def write_manifest(repo, table: pa.Table, info: SnapshotInfo) -> str:
+def write_manifest(repo: Repository, table: pa.Table, info: SnapshotInfo) -> str:
     """Write the manifest last: once this file exists, the snapshot exists."""
     table = with_snapshot_metadata(_by_path(table), info)
     if repo.version < 2:
@@ -185,7 +190,7 @@ _U64 = struct.Struct("<Q")
 LIST_TAIL = 4096          # one read of the file's end gives the facts (a second when longer)
 
 
-def encode_manifest(repo, table: pa.Table, info: SnapshotInfo) -> bytes:
+def encode_manifest(repo: Repository, table: pa.Table, info: SnapshotInfo) -> bytes:
     from . import crypto, ids
 
     stored = table.set_column(table.schema.get_field_index("hash"), pa.field("hash", ids.BINARY_ID),
@@ -208,7 +213,7 @@ def _check_name(name: str, data: bytes) -> None:
         raise ValueError("its name is not the BLAKE3 of its bytes (damaged)")
 
 
-def decode_manifest_body(repo, data: bytes, name: str) -> bytes:
+def decode_manifest_body(repo: Repository, data: bytes, name: str) -> bytes:
     """The Parquet bytes of a whole format 2 manifest file; ValueError when damaged."""
     from . import crypto
 
@@ -229,7 +234,7 @@ def decode_manifest_body(repo, data: bytes, name: str) -> bytes:
         raise ValueError("it does not authenticate (damaged, or not this repository's)") from None
 
 
-def _facts_from_tail(repo, tail: bytes, size: int, name: str, path: str) -> bytes:
+def _facts_from_tail(repo: Repository, tail: bytes, size: int, name: str, path: str) -> bytes:
     from . import crypto
 
     magic = crypto.SNAPSHOT
@@ -249,7 +254,7 @@ def _facts_from_tail(repo, tail: bytes, size: int, name: str, path: str) -> byte
         raise ValueError("its facts do not authenticate (damaged, or not this repository's)") from None
 
 
-def _read_table_v2(repo, name: str, columns=None) -> pa.Table:
+def _read_table_v2(repo: Repository, name: str, columns: Sequence[str] | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
     from . import ids
@@ -268,7 +273,7 @@ def _read_table_v2(repo, name: str, columns=None) -> pa.Table:
     return table
 
 
-def read_manifest(repo, info: SnapshotInfo, columns=None) -> pa.Table:
+def read_manifest(repo: Repository, info: SnapshotInfo, columns: Sequence[str] | None = None) -> pa.Table:
     """The manifest's rows (``columns`` only); optional columns an older manifest lacks come back null."""
     if repo.version >= 2:
         table = _read_table_v2(repo, info.key, columns)
@@ -282,7 +287,7 @@ def read_manifest(repo, info: SnapshotInfo, columns=None) -> pa.Table:
     return table.select(list(columns)) if columns is not None else table
 
 
-def read_info(repo, name: str) -> SnapshotInfo:
+def read_info(repo: Repository, name: str) -> SnapshotInfo:
     """The snapshot facts of manifest ``name``, without reading its rows."""
     path = repo.path("snapshots", name)
     if repo.version < 2 or not repo.encrypted:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from .errors import BlobFormatError, PackFormatError
 
@@ -35,13 +37,13 @@ FOOTER_SIZE = _LENGTH.size + len(PACK_MAGIC)       # 16 bytes: trailer length, m
 _HASH = re.compile(r"[0-9a-f]{64}")
 
 
-def encode_trailer(entries) -> bytes:
+def encode_trailer(entries: Iterable[tuple[str, int, int]]) -> bytes:
     """The bytes appended after the blobs: JSON trailer, its length, the magic."""
     trailer = json.dumps([list(e) for e in entries], separators=(",", ":")).encode()
     return trailer + _LENGTH.pack(len(trailer)) + PACK_MAGIC
 
 
-def read_trailer(fs, path: str, size: int | None = None) -> list[tuple[str, int, int]]:
+def read_trailer(fs: AbstractFileSystem, path: str, size: int | None = None) -> list[tuple[str, int, int]]:
     """The ``(hash, offset, length)`` entries of the pack at ``path``, from its tail only.
 
     ``size`` saves a metadata request when the caller has it from a listing.
@@ -112,6 +114,11 @@ from dataclasses import dataclass  # noqa: E402  (format 2's half of the module)
 
 from . import crypto  # noqa: E402
 
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+    from .compress import BytesLike
+
 PACK2_MAGIC = crypto.PACK
 PACK2_PLAIN_MAGIC = b"KFPACKP2"
 _ENTRY2 = struct.Struct("<BII32s")
@@ -143,7 +150,8 @@ def blob_aad(htype: int, blob_id: bytes) -> bytes:
     return PACK2_MAGIC + bytes([htype]) + blob_id
 
 
-def encode_pack2(keys: crypto.Subkeys, blobs, header_pad: int = 128) -> tuple[list[bytes], bytes, list[Entry2]]:
+def encode_pack2(keys: crypto.Subkeys, blobs: Sequence[tuple[str, int, BytesLike, bool, int]],
+                 header_pad: int = 128) -> tuple[list[BytesLike], bytes, list[Entry2]]:
     """A format 2 pack from ``blobs`` [(id hex, kind, payload, compressed, raw_length), ...].
 
     Returns the pack's parts (to write concatenated, without joining them in
@@ -169,14 +177,16 @@ def encode_pack2(keys: crypto.Subkeys, blobs, header_pad: int = 128) -> tuple[li
     salt = keys.deterministic_salt(PACK2_MAGIC, header, *(p for (_, _, p, _, _) in blobs))
     cipher = keys.cipher(PACK2_MAGIC, salt)
     parts = []
-    for (hid, kind, payload, compressed, _), e in zip(blobs, entries):
-        parts.append(crypto.encrypt(cipher, e.seq, payload, blob_aad(header_type(kind, compressed), bytes.fromhex(hid))))
+    for (hid, kind, payload, compressed, _), e in zip(blobs, entries, strict=True):
+        aad = blob_aad(header_type(kind, compressed), bytes.fromhex(hid))
+        parts.append(crypto.encrypt(cipher, e.seq, payload, aad))
     enc_header = cipher.encrypt(crypto.N_LAST, bytes(header), PACK2_MAGIC)
     parts += [enc_header, salt + _U32.pack(len(enc_header)) + PACK2_MAGIC]
     return parts, salt, entries
 
 
-def read_header2(keys: crypto.Subkeys, fs, path: str, size: int | None = None) -> tuple[bytes, list[Entry2]]:
+def read_header2(keys: crypto.Subkeys, fs: AbstractFileSystem, path: str,
+                 size: int | None = None) -> tuple[bytes, list[Entry2]]:
     """(salt, entries) of the format 2 pack at ``path`` from its tail: two range reads."""
     if size is None:
         size = int(fs.size(path))
@@ -188,7 +198,7 @@ def read_header2(keys: crypto.Subkeys, fs, path: str, size: int | None = None) -
     return salt, _entries2(keys, salt, enc_header, size - FOOTER2_SIZE - hlen, path)
 
 
-def header2_from_bytes(keys: crypto.Subkeys, data, where: str) -> tuple[bytes, list[Entry2]]:
+def header2_from_bytes(keys: crypto.Subkeys, data: bytes, where: str) -> tuple[bytes, list[Entry2]]:
     size = len(data)
     if size < FOOTER2_SIZE:
         raise PackFormatError(key=where, reason=f"{size} bytes, shorter than the {FOOTER2_SIZE}-byte pack footer")
@@ -247,7 +257,7 @@ def _entries2(keys, salt: bytes, enc_header: bytes, data_end: int, where: str) -
     return entries
 
 
-def open_blob2(keys: crypto.Subkeys, salt: bytes, entry: Entry2, stored) -> bytes:
+def open_blob2(keys: crypto.Subkeys, salt: bytes, entry: Entry2, stored: bytes | memoryview) -> bytes:
     """A blob's plaintext from its stored bytes, authenticated, decompressed and its id checked.
 
     Raises ``PackFormatError`` (a subclass of KeepflowError) naming the blob for anything wrong.
@@ -259,8 +269,8 @@ def open_blob2(keys: crypto.Subkeys, salt: bytes, entry: Entry2, stored) -> byte
         raise BlobFormatError(key=f"blob {entry.id[:16]}", reason=f"read {len(stored)} of its {entry.length} bytes")
     if keys.encrypted:
         try:
-            payload = crypto.decrypt(keys.cipher(PACK2_MAGIC, salt), entry.seq, stored,
-                                     blob_aad(htype, bytes.fromhex(entry.id)))
+            payload: bytes | memoryview = crypto.decrypt(keys.cipher(PACK2_MAGIC, salt), entry.seq, stored,
+                                                         blob_aad(htype, bytes.fromhex(entry.id)))
         except crypto.AuthenticationFailed:
             raise BlobFormatError(key=f"blob {entry.id[:16]}", reason="does not authenticate") from None
     else:
@@ -273,7 +283,8 @@ def open_blob2(keys: crypto.Subkeys, salt: bytes, entry: Entry2, stored) -> byte
     else:
         plain = bytes(payload) if isinstance(payload, memoryview) else payload
         if len(plain) != entry.raw_length:
-            raise BlobFormatError(key=f"blob {entry.id[:16]}", reason=f"{len(plain)} bytes, expected {entry.raw_length}")
+            raise BlobFormatError(key=f"blob {entry.id[:16]}",
+                                  reason=f"{len(plain)} bytes, expected {entry.raw_length}")
     expected = keys.list_id(plain) if entry.kind == KIND_LIST else keys.blob_id(plain)
     if expected != entry.id:
         raise BlobFormatError(key=f"blob {entry.id[:16]}", reason="its content does not match its id")

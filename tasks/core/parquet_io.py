@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 
 def table_to_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
@@ -23,11 +27,12 @@ def table_to_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
     return sink.getvalue()
 
 
-def write_table_once(fs, path: str, table: pa.Table) -> bool:
+def write_table_once(fs: AbstractFileSystem, path: str, table: pa.Table) -> bool:
     return storage.write_once(fs, path, table_to_bytes(table))
 
 
-def read_table(fs, path: str, columns: Sequence[str] | None = None, optional: Sequence[str] = ()) -> pa.Table:
+def read_table(fs: AbstractFileSystem, path: str, columns: Sequence[str] | None = None,
+               optional: Sequence[str] = ()) -> pa.Table:
     """Read ``columns`` (all when None); names in ``optional`` that the file lacks are left out."""
     def read(pf: pq.ParquetFile) -> pa.Table:
         cols = columns
@@ -42,7 +47,7 @@ def read_table(fs, path: str, columns: Sequence[str] | None = None, optional: Se
         return read(pq.ParquetFile(f))
 
 
-def read_tables(fs, paths: Iterable[str], schema: pa.Schema,
+def read_tables(fs: AbstractFileSystem, paths: Iterable[str], schema: pa.Schema,
                 columns: Sequence[str] | None = None) -> pa.Table:
     """Read many Parquet files (column-pruned) into one table.
 
@@ -56,7 +61,7 @@ def read_tables(fs, paths: Iterable[str], schema: pa.Schema,
     if not paths:
         return schema.empty_table().select(cols)
 
-    def one(path):
+    def one(path: str):
         if storage.is_local(fs):
             return pq.ParquetFile(path).read(columns=cols).cast(pa.schema([schema.field(c) for c in cols]))
         with fs.open(path, "rb") as f:
@@ -72,7 +77,7 @@ def read_tables(fs, paths: Iterable[str], schema: pa.Schema,
     return pa.concat_tables(tables)
 
 
-def read_key_value_metadata(fs, path: str) -> dict[bytes, bytes]:
+def read_key_value_metadata(fs: AbstractFileSystem, path: str) -> dict[bytes, bytes]:
     """Footer metadata only: no row is read."""
     # read_metadata, not read_schema: the footer alone, without building the
     # Arrow schema (0.23-0.42 s against 0.31-0.63 s for 1,000 manifests).

@@ -55,7 +55,7 @@ def use_password(value: str | None) -> None:
         _password = value
 
 
-def use_password_file(path, *, origin: str = "--password-file") -> None:
+def use_password_file(path: str, *, origin: str = "--password-file") -> None:
     """Read the password from ``path`` now (its first line, as KEEPFLOW_PASSWORD_FILE) and use it.
 
     ``origin`` names the option in error messages.
@@ -118,7 +118,7 @@ def get_password(repo_url: str, *, confirm: bool = False, interactive: bool = Tr
     return value
 
 
-def read_password_file(path, *, origin: str) -> str:
+def read_password_file(path: str, *, origin: str) -> str:
     """The password in ``path`` (its first line), without using it; ``origin`` names the option."""
     return _read_password_file(os.fspath(path), origin)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+FLOW_RUNNING = "flow:running"     # the flow run has started (flows/_runs.py); the CLI's bars say what runs
 _sink: Callable[[str, int, int], None] | None = None
 _lock = threading.Lock()
 

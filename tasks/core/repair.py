@@ -88,8 +88,10 @@ import dataclasses
 import datetime as dt
 import re
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import blake3
 import pyarrow as pa
@@ -160,7 +162,8 @@ class RepairSnapshotsResult:
 
 # -- entry points -----------------------------------------------------------------
 
-def repair_index(repo_url: str, storage_options=None, read_data: bool = False, dry_run: bool = False,
+def repair_index(repo_url: str, storage_options: dict[str, Any] | None = None, read_data: bool = False,
+                 dry_run: bool = False,
                  wait: float = 0.0) -> RepairIndexResult:
     """Rebuild the index from the packs' trailers and the objects (see the module docstring).
 
@@ -173,7 +176,8 @@ def repair_index(repo_url: str, storage_options=None, read_data: bool = False, d
     return result
 
 
-def repair_snapshots(repo_url: str, storage_options=None, forget: bool = False, dry_run: bool = False,
+def repair_snapshots(repo_url: str, storage_options: dict[str, Any] | None = None, forget: bool = False,
+                     dry_run: bool = False,
                      wait: float = 0.0) -> RepairSnapshotsResult:
     """Replace every snapshot that references lost data by one without the lost files."""
     repo = Repository.open(repo_url, storage_options)
@@ -196,7 +200,7 @@ def repair_snapshots(repo_url: str, storage_options=None, forget: bool = False, 
 
 
 @contextlib.contextmanager
-def _prune_lease(repo, dry_run: bool, wait: float):
+def _prune_lease(repo: Repository, dry_run: bool, wait: float):
     if dry_run:
         yield None
         return
@@ -209,7 +213,7 @@ def _prune_lease(repo, dry_run: bool, wait: float):
 
 # -- repair index -------------------------------------------------------------------
 
-def _rebuild_index(repo, read_data: bool, dry_run: bool) -> tuple[RepairIndexResult, pa.Table]:
+def _rebuild_index(repo: Repository, read_data: bool, dry_run: bool) -> tuple[RepairIndexResult, pa.Table]:
     result = RepairIndexResult(repo.url, read_data=read_data, dry_run=dry_run)
     schema = indexmod.schema(repo)
 
@@ -265,7 +269,7 @@ def _rebuild_index(repo, read_data: bool, dry_run: bool) -> tuple[RepairIndexRes
     return result, table
 
 
-def _read_old_index(repo, names: list[str], result: RepairIndexResult) -> pa.Table:
+def _read_old_index(repo: Repository, names: list[str], result: RepairIndexResult) -> pa.Table:
     """The rows of the index files ``names``; a damaged one (format 2: one that does not
     authenticate, or whose name is not the BLAKE3 of its bytes) is named and left out."""
     try:
@@ -304,7 +308,7 @@ def _distinct_rows(table: pa.Table) -> pa.Table:
     return grouped.select(schema.names).cast(schema)
 
 
-def _list_data(repo, result: RepairIndexResult) -> tuple[dict[str, int], dict[str, int]]:
+def _list_data(repo: Repository, result: RepairIndexResult) -> tuple[dict[str, int], dict[str, int]]:
     """``{key: size}`` of the well-named packs and objects; everything else is reported foreign.
 
     One recursive listing per folder; ``storage.list_keys`` would hide the
@@ -336,7 +340,7 @@ def _foreign_reason(key: str, folder: str) -> str | None:
     return f"not a keepflow {kind} name ({folder}/<ab>/<64 hex digits>); left alone"
 
 
-def _read_data_keys(repo, packs: dict[str, int], objects: dict[str, int], read_data: bool,
+def _read_data_keys(repo: Repository, packs: dict[str, int], objects: dict[str, int], read_data: bool,
                     result: RepairIndexResult) -> list[tuple]:
     """Index rows for every blob the data holds: ``(hash, key, offset, length)`` (format 1), the
     whole in-memory row (format 2, ``store.INDEX2_SCHEMA``'s order)."""
@@ -364,12 +368,10 @@ def _read_data_keys(repo, packs: dict[str, int], objects: dict[str, int], read_d
             return [], [{"key": key, "detail": f"cannot be read: {_one_line(exc)}"}], [], 0
 
     rows: list[tuple] = []
-    if v2 and repo.is_local:     # local reads are cheap, and AES-GCM holds the GIL
-        threads = 2 if read_data else 4
-    else:
-        threads = DATA_THREADS if read_data else TRAILER_THREADS
+    # Local reads are cheap, and AES-GCM holds the GIL: fewer threads there.
+    threads = (2 if read_data else 4) if v2 and repo.is_local else (DATA_THREADS if read_data else TRAILER_THREADS)
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for (key, size, _), (found, unreadable, corrupt, nbytes) in zip(jobs, pool.map(one, jobs)):
+        for found, unreadable, corrupt, nbytes in pool.map(one, jobs):
             rows.extend(found)
             result.unreadable.extend(unreadable)
             result.corrupt.extend(corrupt)
@@ -388,20 +390,21 @@ def _check_object_sizes(rows: list[tuple], old_rows: pa.Table, result: RepairInd
     """
     objects = old_rows.filter(pc.starts_with(old_rows["key"], "objects/")) if old_rows.num_rows else old_rows
     recorded = {(k, h): n for h, k, n in zip(objects["hash"].to_pylist(), objects["key"].to_pylist(),
-                                             objects["length"].to_pylist())}
+                                             objects["length"].to_pylist(), strict=True)}
     out = []
     for blob, key, offset, length in rows:
         was = recorded.get((key, blob))
         if key.startswith("objects/") and was is not None and was != length:
-            result.corrupt.append({"key": key, "hash": blob, "detail": f"{length} bytes stored, the index recorded "
-                                                                      f"{was}: kept as recorded (restore from a replica)"})
+            result.corrupt.append({"key": key, "hash": blob,
+                                   "detail": f"{length} bytes stored, the index recorded {was}: kept as recorded "
+                                             "(restore from a replica)"})
             out.append((blob, key, 0, was))
         else:
             out.append((blob, key, offset, length))
     return out
 
 
-def _read_and_check(repo, key: str, size: int, is_pack: bool):
+def _read_and_check(repo: Repository, key: str, size: int, is_pack: bool):
     """Read one key whole; return its verified rows, unreadable and corrupt findings, bytes read."""
     name = key.rsplit("/", 1)[-1]
     if not is_pack:
@@ -441,7 +444,7 @@ def _entry_of_row(row: tuple) -> tuple[bytes, pack.Entry2]:
     return salt, pack.Entry2(blob, kind, compressed, seq, offset, length, raw_length)
 
 
-def _read_and_check2(repo, key: str):
+def _read_and_check2(repo: Repository, key: str):
     """Format 2: read one pack whole; its name, its header, and every blob opened (tag, zstd, id)."""
     data = repo.fs.cat_file(repo.path(key))
     progress.advance("read", 1, len(data))
@@ -463,7 +466,7 @@ def _read_and_check2(repo, key: str):
     return rows, [], corrupt, len(data)
 
 
-def _judge_unconfirmed(repo, old_rows: pa.Table, found_hashes, sizes: dict[str, int],
+def _judge_unconfirmed(repo: Repository, old_rows: pa.Table, found_hashes, sizes: dict[str, int],
                        unreadable_keys: set[str], corrupt: set[tuple], why_gone: dict[str, str],
                        result: RepairIndexResult) -> pa.Table:
     """Old rows the data did not list: keep what is provably (or possibly) still there.
@@ -479,7 +482,7 @@ def _judge_unconfirmed(repo, old_rows: pa.Table, found_hashes, sizes: dict[str, 
         if old_rows.num_rows else old_rows
     gone_keys = pc.invert(pc.is_in(old_rows["key"], value_set=pa.array(sorted(sizes), pa.string())))
     result.rows_dropped = int(pc.sum(gone_keys).as_py() or 0) if old_rows.num_rows else 0
-    for row in zip(*(unconfirmed[c].to_pylist() for c in schema.names)):
+    for row in zip(*(unconfirmed[c].to_pylist() for c in schema.names), strict=True):
         blob, key, offset, length = row[:4]
         if key not in sizes:
             why_gone.setdefault(blob, f"its key {key} is gone")
@@ -553,7 +556,8 @@ def _same_rows(a: pa.Table, b: pa.Table) -> bool:
     return both.num_rows == a.num_rows
 
 
-def _report_lost(repo, table: pa.Table, old_hashes, why_gone: dict[str, str], result: RepairIndexResult) -> None:
+def _report_lost(repo: Repository, table: pa.Table, old_hashes, why_gone: dict[str, str],
+                 result: RepairIndexResult) -> None:
     """Every content id a manifest references that the new index ``table`` cannot serve is *lost*.
 
     Format 2: a content id that is a list blob is lost too when its list
@@ -601,7 +605,8 @@ def _report_lost(repo, table: pa.Table, old_hashes, why_gone: dict[str, str], re
         result.lost.append({"hash": blob, "detail": detail, **entry})
 
 
-def _lists_that_lost_data(repo, table: pa.Table, referenced, why_gone: dict[str, str]) -> tuple[dict, pa.Array]:
+def _lists_that_lost_data(repo: Repository, table: pa.Table, referenced,
+                          why_gone: dict[str, str]) -> tuple[dict, pa.Array]:
     """Format 2: the referenced list blobs of ``table`` that cannot serve their file.
 
     Returns ``{list id: why}`` (its list cannot be read or opened, or names
@@ -634,7 +639,7 @@ def _lists_that_lost_data(repo, table: pa.Table, referenced, why_gone: dict[str,
     missing = pc.filter(ids, absent).to_pylist()
     first_missing: dict[int, str] = {}
     counts: dict[int, int] = {}
-    for owner, chunk in zip(pc.filter(pa.array(owners, pa.int64()), absent).to_pylist(), missing):
+    for owner, chunk in zip(pc.filter(pa.array(owners, pa.int64()), absent).to_pylist(), missing, strict=True):
         first_missing.setdefault(owner, chunk)
         counts[owner] = counts.get(owner, 0) + 1
     for owner, chunk in first_missing.items():
@@ -644,7 +649,7 @@ def _lists_that_lost_data(repo, table: pa.Table, referenced, why_gone: dict[str,
     return bad, pc.unique(pa.array(missing, pa.string()))
 
 
-def _readable_snapshots(repo, damaged: list[dict]) -> list[manifest.SnapshotInfo]:
+def _readable_snapshots(repo: Repository, damaged: list[dict]) -> list[manifest.SnapshotInfo]:
     """Every snapshot whose footer reads; the others are named in ``damaged``.
 
     A damaged manifest never stops a repair: it is named, left alone, and
@@ -656,7 +661,7 @@ def _readable_snapshots(repo, damaged: list[dict]) -> list[manifest.SnapshotInfo
     return infos
 
 
-def _manifests(repo, infos, columns, damaged: list[dict]):
+def _manifests(repo: Repository, infos, columns: Sequence[str] | None, damaged: list[dict]):
     """``(info, table)`` for each of ``infos`` whose rows read, one at a time; the others go to ``damaged``."""
     for info in infos:
         try:
@@ -688,7 +693,7 @@ def _one_line(exc: BaseException) -> str:
 
 # -- repair snapshots ------------------------------------------------------------------
 
-def _replace_snapshots(repo, indexed, result: RepairSnapshotsResult) -> None:
+def _replace_snapshots(repo: Repository, indexed, result: RepairSnapshotsResult) -> None:
     snaps = _readable_snapshots(repo, result.damaged_manifests)
     result.snapshots = len(snaps)
     replacement_of = {s.parent: s for s in snaps if REPAIRED_TAG in s.tags and s.parent}

@@ -51,6 +51,7 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import blake3
 
@@ -127,19 +128,19 @@ class ReplicaResult:
         return asdict(self)
 
 
-def _listing(repo, folder: str) -> dict[str, int]:
+def _listing(repo: Repository, folder: str) -> dict[str, int]:
     """key (relative to the repository root) -> size, for one top folder."""
     return storage.list_keys(repo.fs, repo.root, folder)
 
 
-def _folders(repo) -> list[str]:
+def _folders(repo: Repository) -> list[str]:
     """The folders replicate copies, in commit order (format 2 has keys/ and no objects/)."""
     if repo.version >= 2:
         return [KEYS_FOLDER, "packs", "index", "snapshots"]
     return list(DATA_FOLDERS) + ["index", "snapshots"]
 
 
-def _data_folders(repo) -> tuple[str, ...]:
+def _data_folders(repo: Repository) -> tuple[str, ...]:
     return ("packs",) if repo.version >= 2 else DATA_FOLDERS
 
 
@@ -171,10 +172,11 @@ def _snapshot_ids(keys) -> list[str]:
     return sorted(out)
 
 
-def _describe_format(repo) -> str:
+def _describe_format(repo: Repository) -> str:
     if repo.version < 2:
         return "format 1"
-    return f"format {repo.version} ({'encrypted, ' + str(repo.config.encryption) if repo.encrypted else 'not encrypted'})"
+    how = f"encrypted, {repo.config.encryption}" if repo.encrypted else "not encrypted"
+    return f"format {repo.version} ({how})"
 
 
 def _check_same_repository(primary: Repository, replica: Repository, url: str) -> None:
@@ -184,7 +186,8 @@ def _check_same_repository(primary: Repository, replica: Repository, url: str) -
         raise ReplicaMismatchError(replica=url, found=replica.config.id[:8], expected=primary.config.id[:8])
 
 
-def open_replica(primary: Repository, url: str, storage_options=None, create: bool = True):
+def open_replica(primary: Repository, url: str, storage_options: dict[str, Any] | None = None,
+                 create: bool = True) -> tuple[Repository | None, bool]:
     """Open the replica at ``url`` (never unlocked); create it with the primary's ``keepflow.json`` if empty."""
     try:
         replica = Repository.open(url, storage_options, create=False, unlock=False)
@@ -196,7 +199,7 @@ def open_replica(primary: Repository, url: str, storage_options=None, create: bo
     return replica, False
 
 
-def _create_replica(primary: Repository, url: str, storage_options) -> Repository:
+def _create_replica(primary: Repository, url: str, storage_options: dict[str, Any] | None) -> Repository:
     """A new replica: the primary's ``keepflow.json``, byte for byte (the location was found empty)."""
     data = primary.fs.cat_file(primary.path(CONFIG_NAME))
     fs, root = storage.open_url(url, storage_options)
@@ -216,7 +219,7 @@ def _create_replica(primary: Repository, url: str, storage_options) -> Repositor
     return replica
 
 
-def status(primary: Repository | str, url: str, storage_options=None) -> ReplicaStatus:
+def status(primary: Repository | str, url: str, storage_options: dict[str, Any] | None = None) -> ReplicaStatus:
     """What the replica has and lacks; changes nothing. Listings only: no password needed.
 
     ``primary`` is an opened repository or its URL (opened without unlocking).
@@ -245,8 +248,8 @@ def status(primary: Repository | str, url: str, storage_options=None) -> Replica
 def _plan(primary: Repository, replica: Repository) -> dict:
     folders = _folders(primary)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        p_lists = dict(zip(folders, pool.map(lambda f: _listing(primary, f), folders)))
-        r_lists = dict(zip(folders, pool.map(lambda f: _listing(replica, f), folders)))
+        p_lists = dict(zip(folders, pool.map(lambda f: _listing(primary, f), folders), strict=True))
+        r_lists = dict(zip(folders, pool.map(lambda f: _listing(replica, f), folders), strict=True))
     v2 = primary.version >= 2
     copy: dict[str, dict[str, int]] = {}
     damaged = []
@@ -272,13 +275,15 @@ def _plan(primary: Repository, replica: Repository) -> dict:
             "replica_snapshots": r_lists["snapshots"]}
 
 
-def replicate(primary_url: str, replica_url: str, storage_options=None, replica_options=None,
+def replicate(primary_url: str, replica_url: str, storage_options: dict[str, Any] | None = None,
+              replica_options: dict[str, Any] | None = None,
               dry_run: bool = False) -> ReplicaResult | ReplicaStatus:
     """Bring one replica up to date with the primary (see the module docstring). Needs no password."""
     primary = Repository.open(primary_url, storage_options, unlock=False)
     if dry_run:
         return status(primary, replica_url, replica_options)
     replica, created = open_replica(primary, replica_url, replica_options, create=True)
+    assert replica is not None          # create=True: opened or made
     plan = _plan(primary, replica)
     result = ReplicaResult(replica_url, created=created, snapshots=plan["snapshot_count"])
     v2 = primary.version >= 2
@@ -300,7 +305,7 @@ def replicate(primary_url: str, replica_url: str, storage_options=None, replica_
 
     with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
         for (key, _), (problem, size) in zip(sorted(plan["data"].items()),
-                                             pool.map(copy_one, sorted(plan["data"].items()))):
+                                             pool.map(copy_one, sorted(plan["data"].items())), strict=True):
             if problem:
                 result.not_copied.append({"key": key, "detail": problem})
                 continue
@@ -352,7 +357,7 @@ FOREIGN = "its name carries no BLAKE3 hash: not a keepflow file, not copied"
 class _HashingReader:
     """A file object that hashes what is read through it."""
 
-    def __init__(self, f):
+    def __init__(self, f) -> None:
         self.f, self.hasher = f, blake3.blake3()
 
     def read(self, n=-1):

@@ -32,7 +32,7 @@ import json
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
@@ -43,6 +43,11 @@ from .errors import (
     RepositoryNotFoundError,
     RepositoryVersionError,
 )
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+    from .crypto import Subkeys
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 FORMAT_VERSION = 2                  # the newest format this code reads and writes
@@ -92,7 +97,7 @@ class RepoConfig:
     sealed: str | None = None                # format 2: the "config" field as read, until opened
 
     @classmethod
-    def new_v2(cls, encryption: str = "aes-256-gcm", compression: str = "auto", **overrides) -> RepoConfig:
+    def new_v2(cls, encryption: str = "aes-256-gcm", compression: str = "auto", **overrides: Any) -> RepoConfig:
         return cls(version=2, hash="", compression=compression, encryption=encryption,
                    zstd_levels=dict(ZSTD_LEVELS), chunker=dict(CHUNKER), header_pad=HEADER_PAD,
                    ids="blake3-256-keyed", aead="aes-256-gcm" if encryption != "none" else "none", **overrides)
@@ -107,7 +112,7 @@ class RepoConfig:
     def plain_fields(self) -> dict:
         return {"version": self.version, "id": self.id, "encryption": self.encryption, "created_at": self.created_at}
 
-    def to_json(self, keys=None) -> bytes:
+    def to_json(self, keys: Subkeys | None = None) -> bytes:
         """The file's bytes; format 2 with encryption needs the subkeys to seal the config."""
         if self.version < 2:
             data = {k: v for k, v in asdict(self).items() if k in _V1_FIELDS}
@@ -116,6 +121,8 @@ class RepoConfig:
             if self.encrypted:
                 from . import crypto
 
+                if keys is None:
+                    raise ValueError("an encrypted format 2 keepflow.json is sealed with the subkeys: pass keys")
                 data["config"] = crypto.seal_config(keys, data, self.sealed_fields())
             else:
                 data["config"] = self.sealed_fields()
@@ -163,14 +170,14 @@ class Repository:
     (which fsspec itself caches per URL and options).
     """
 
-    def __init__(self, url: str, fs, root: str, config: RepoConfig,
-                 storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, fs: AbstractFileSystem, root: str, config: RepoConfig,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.fs = fs
         self.root = root
         self.config = config
         self.storage_options = storage_options or {}
-        self._keys = None
+        self._keys: Subkeys | None = None
 
     # -- format ----------------------------------------------------------------
     @property
@@ -182,15 +189,17 @@ class Repository:
         return self.config.encrypted
 
     @property
-    def keys(self):
-        """Format 2's subkeys (crypto.Subkeys); None for format 1.
+    def keys(self) -> Subkeys:
+        """Format 2's subkeys (crypto.Subkeys); None for format 1 (typed as Subkeys: only
+        format 2's code reads them, and asserting that at each of its ~30 uses would add
+        nothing but noise).
 
         An encrypted repository is unlocked on first use with the process's
         password (keyring.py: the master key is kept per repository id for
         the life of the process, so the batches of a run derive it once).
         """
         if self.version < 2:
-            return None
+            return None  # type: ignore[return-value]
         if self._keys is None:
             from . import keyring
 
@@ -207,6 +216,7 @@ class Repository:
     def _open_sealed_config(self) -> None:
         from . import crypto
 
+        assert self._keys is not None and self.config.sealed is not None    # the caller's condition
         try:
             fields = crypto.unseal_config(self._keys, self.config.plain_fields(), self.config.sealed)
         except crypto.AuthenticationFailed:
@@ -215,7 +225,7 @@ class Repository:
                 "its plain fields were changed; restore keepflow.json from a replica") from None
         self.config.apply_sealed(fields)
 
-    def blob_id(self, data) -> str:
+    def blob_id(self, data: bytes) -> str:
         """The id of a data blob (a small file's bytes, or a chunk), as hex."""
         if self.version < 2:
             return blake3.blake3(data).hexdigest()
@@ -243,6 +253,8 @@ class Repository:
         ``.parquet`` appended when it is not encrypted)."""
         if self.version < 2:
             return f"index/{label}.parquet"
+        if stored is None:
+            raise ValueError("format 2 names an index file by its bytes: pass stored")
         name = f"{label}-{blake3.blake3(stored).hexdigest()}"
         return f"index/{name}" + ("" if self.encrypted else ".parquet")
 
@@ -339,7 +351,8 @@ class Repository:
         return cls._create(url, fs, root, storage_options, config, password)
 
     @classmethod
-    def _create(cls, url, fs, root, storage_options, config: RepoConfig | None = None,
+    def _create(cls, url, fs: AbstractFileSystem, root: str, storage_options: dict[str, Any] | None,
+                config: RepoConfig | None = None,
                 password: str | None = None):
         config = config or RepoConfig.new_v2()
         repo = cls(url, fs, root, config, storage_options)
@@ -364,7 +377,8 @@ class Repository:
         return repo
 
     @classmethod
-    def _from_config_bytes(cls, url, fs, root, data, storage_options):
+    def _from_config_bytes(cls, url, fs: AbstractFileSystem, root: str, data: bytes,
+                           storage_options: dict[str, Any] | None):
         try:
             config = RepoConfig.from_json(data)
         except (ValueError, TypeError, KeyError):
@@ -380,7 +394,7 @@ class Repository:
         return cls(url, fs, root, config, storage_options)
 
 
-def _check_empty_or_missing(fs, root: str, url: str) -> None:
+def _check_empty_or_missing(fs: AbstractFileSystem, root: str, url: str) -> None:
     """Raise NotARepositoryError when ``root`` holds foreign content."""
     try:
         if not fs.exists(root):

@@ -32,9 +32,12 @@ folder's mtime).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import blake3
 import pyarrow as pa
@@ -91,8 +94,9 @@ class RestorePlan:
 
 
 def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str | None = None,
-            includes=(), overwrite: str = "if-changed", dry_run: bool = False,
-            storage_options=None, target_options=None, fallbacks=(),
+            includes: Sequence[str] = (), overwrite: str = "if-changed", dry_run: bool = False,
+            storage_options: dict[str, Any] | None = None, target_options: dict[str, Any] | None = None,
+            fallbacks: Sequence[str] = (),
             fallback_options: dict | None = None, work_dir: str | None = None,
             sparse: bool = True, xattrs: bool = True) -> RestorePlan:
     """Plan a restore; ``work_dir`` is where the run folder goes (scratch.work_dir)."""
@@ -195,7 +199,7 @@ def _with_link_target_bytes(table: pa.Table) -> pa.Table:
     raw = pa.nulls(table.num_rows, pa.binary())
     if table["path_bytes"].null_count < table.num_rows and table["hardlink_to"].null_count < table.num_rows:
         by_path = dict(zip(*table.filter(pc.is_valid(table["path_bytes"])).select(["path", "path_bytes"])
-                           .to_pydict().values()))
+                           .to_pydict().values(), strict=True))
         raw = pa.array([by_path.get(p) for p in table["hardlink_to"].to_pylist()], pa.binary())
     return table.append_column("hardlink_to_bytes", raw)
 
@@ -223,14 +227,14 @@ def _select(table: pa.Table, spec) -> pa.Table:
     """
     paths = table["path"].to_pylist()
     kinds = table["type"].to_pylist()
-    keep = [spec.match_file(p + "/" if k == "dir" else p) for p, k in zip(paths, kinds)]
+    keep = [spec.match_file(p + "/" if k == "dir" else p) for p, k in zip(paths, kinds, strict=True)]
     ancestors = set()
-    for p, chosen in zip(paths, keep):
+    for p, chosen in zip(paths, keep, strict=True):
         if chosen:
             parts = p.split("/")[:-1]
             for i in range(1, len(parts) + 1):
                 ancestors.add("/".join(parts[:i]))
-    keep = [c or (k == "dir" and p in ancestors) for p, k, c in zip(paths, kinds, keep)]
+    keep = [c or (k == "dir" and p in ancestors) for p, k, c in zip(paths, kinds, keep, strict=True)]
     return table.filter(pa.array(keep, pa.bool_()))
 
 
@@ -254,6 +258,7 @@ def _open_with_failover(repo_url, storage_options, fallbacks, fallback_options, 
                 first_error = exc
             if not fallbacks:
                 raise
+    assert first_error is not None      # the loop ran (the primary at least) and each try failed
     raise first_error
 
 
@@ -272,7 +277,7 @@ def _fs_paths(table: pa.Table, local: bool) -> list[str]:
     paths = table["path"].to_pylist()
     if not local or table["path_bytes"].null_count == table.num_rows:
         return paths
-    return [manifest.fs_path(p, raw) for p, raw in zip(paths, table["path_bytes"].to_pylist())]
+    return [manifest.fs_path(p, raw) for p, raw in zip(paths, table["path_bytes"].to_pylist(), strict=True)]
 
 
 def _folders(dir_paths, entry_paths) -> set[str]:
@@ -331,8 +336,8 @@ def _make_dirs(fs, root, wanted, target):
         raise TargetError(target=target, reason=exc.strerror or str(exc)) from None
 
 
-def restore_range(plan: dict, batch_no: int, storage_options=None,
-                  target_options=None) -> RestoreBatchResult:
+def restore_range(plan: dict, batch_no: int, storage_options: dict[str, Any] | None = None,
+                  target_options: dict[str, Any] | None = None) -> RestoreBatchResult:
     """Restore batch ``batch_no`` of the plan."""
     table = scratch_io.read_part(plan["scratch"], "batch", batch_no)
     sources = BlobSources(plan, storage_options)
@@ -347,7 +352,7 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
     v2 = "seq" in cols
     opener = restore_chunks.BlobOpener(sources, cols) if v2 else None
     if v2:
-        writer.content_id = restore_chunks.content_id_function(sources.repo(sources.primary_url))
+        writer.content_id = restore_chunks.content_id_function(sources.any_repo())
 
     # Group the paths by blob: a blob is read once however many files use it.
     by_hash: dict[str, list[int]] = {}
@@ -384,7 +389,7 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
             continue
         for span_start, span_end, members in _spans(cols, items):
             try:
-                data = sources.primary_range(key, span_start, span_end)
+                data: bytes | memoryview | None = sources.primary_range(key, span_start, span_end)
             except OSError:
                 data = None  # each blob is then fetched from a fallback below
             if data is not None:
@@ -392,20 +397,22 @@ def restore_range(plan: dict, batch_no: int, storage_options=None,
                 data = memoryview(data)        # blob slices without copies
             for i in members:
                 blob_hash, length = cols["hash"][i], cols["length"][i]
-                blob = None
+                blob: bytes | memoryview | None = None
                 if data is not None:
                     off = cols["offset"][i] - span_start
                     blob = data[off: off + length]
-                    blob = opener.open(i, blob) if v2 else (blob if blake3.blake3(blob).hexdigest() == blob_hash
-                                                            else None)
+                    if opener is not None:
+                        blob = opener.open(i, blob)
+                    elif blake3.blake3(blob).hexdigest() != blob_hash:
+                        blob = None
                     if blob is not None:
                         sources.count(sources.primary_url)
                 if blob is None:
-                    blob, problem = sources.from_fallbacks(key, cols["offset"][i], length, blob_hash,
-                                                           check=(lambda b, i=i: opener.open(i, b)) if v2 else None)
+                    check = None if opener is None else functools.partial(opener.open, i)
+                    blob, problem = sources.from_fallbacks(key, cols["offset"][i], length, blob_hash, check=check)
                     if blob is None:
                         for j in by_hash[blob_hash]:
-                            result.errors.append((cols["path"][j], problem))
+                            result.errors.append((cols["path"][j], problem or "unreadable"))
                         continue
                 for j in by_hash[blob_hash]:
                     if writer.pending(j):
@@ -460,7 +467,7 @@ def _restore_large(sources, cols, i, by_hash, writer):
         writer.copy_from(cols, first, j)
 
 
-def finish(plan: dict, target_options=None) -> list[tuple[str, str]]:
+def finish(plan: dict, target_options: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """Create symlinks, hard links, FIFOs and devices, then apply folder metadata
     (restore_entries.py); returns errors."""
     other = scratch_io.read(plan["scratch"], "other")

@@ -25,7 +25,9 @@ smaller reads keep less in memory).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +38,13 @@ from . import scratch as scratch_io
 from .chunk_lists import encode_list, read_lists
 from .errors import KeepflowError
 from .store_v2 import chunker_for, tune_malloc
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+    from .blob_sources import BlobSources
+    from .repository import Repository
+    from .restore_writer import TargetWriter
 
 PREFETCH = 4                            # reads in flight for the file being written
 SPAN_BYTES = 8 * 1024 * 1024            # remote repositories: adjacent chunks read together up to this
@@ -50,18 +59,19 @@ def entry_of(cols: dict, i: int) -> pack.Entry2:
 class BlobOpener:
     """Opens format 2 blobs of a batch's rows: plaintext, or None when the stored bytes are bad."""
 
-    def __init__(self, sources, cols: dict):
-        self.keys = sources.repo(sources.primary_url).keys
+    def __init__(self, sources: BlobSources, cols: dict) -> None:
+        self.keys = sources.any_repo().keys
         self.cols = cols
 
-    def open(self, i: int, stored):
+    def open(self, i: int, stored: bytes | memoryview) -> bytes | None:
         try:
             return pack.open_blob2(self.keys, self.cols["salt"][i], entry_of(self.cols, i), stored)
         except KeepflowError:
             return None
 
 
-def expand_lists(repo, located: pa.Table, idx: pa.Table, fallbacks=()):
+def expand_lists(repo: Repository, located: pa.Table, idx: pa.Table,
+                 fallbacks: Sequence[Callable[[], Repository | None]] = ()) -> tuple[pa.Table, pa.Table, pa.Table]:
     """(located without unrestorable files, chunk work table, unrestorable files).
 
     ``located`` holds the files with their index rows (format 2 columns);
@@ -82,11 +92,11 @@ def expand_lists(repo, located: pa.Table, idx: pa.Table, fallbacks=()):
         replica = open_replica()
         if replica is None:
             continue
-        for k, chunks in zip(failed, read_lists(replica, rows.take(pa.array(failed)))):
+        for k, chunks in zip(failed, read_lists(replica, rows.take(pa.array(failed))), strict=True):
             lists[k] = chunks
     bad = np.zeros(located.num_rows, dtype=bool)
     files, positions, hashes = [], [], []
-    for row, chunks in zip(list_rows, lists):
+    for row, chunks in zip(list_rows, lists, strict=True):
         if chunks is None:
             bad[row] = True
             continue
@@ -127,13 +137,12 @@ def write_chunk_parts(scratch: str, chunks: pa.Table, batches: list[tuple[int, i
         scratch_io.write_part(scratch, "chunks", number, mine)
 
 
-def content_id_function(repo):
+def content_id_function(repo: Repository) -> Callable[[AbstractFileSystem, str, bool], str]:
     """fn(fs, path, local) -> the format 2 content id of a file at the target (for --overwrite if-changed)."""
     keys, threshold = repo.keys, repo.config.small_file_threshold
 
-    def content_id(fs, path: str, local: bool) -> str:
-        f = open(path, "rb") if local else fs.open(path, "rb")
-        with f:
+    def content_id(fs: AbstractFileSystem, path: str, local: bool) -> str:
+        with open(path, "rb") if local else fs.open(path, "rb") as f:
             head = f.read(threshold)
             if len(head) < threshold:
                 return keys.blob_id(head)
@@ -160,7 +169,8 @@ def _threads() -> ThreadPoolExecutor:
     return _pool
 
 
-def restore_chunked(plan: dict, batch_no: int, sources, cols: dict, rows: list[int], by_hash: dict, writer) -> None:
+def restore_chunked(plan: dict, batch_no: int, sources: BlobSources, cols: dict, rows: list[int], by_hash: dict,
+                    writer: TargetWriter) -> None:
     """Write the batch's chunked files ``rows`` (and their duplicates in ``by_hash``)."""
     tune_malloc()       # chunks and their plaintexts churn through malloc as in backup (store_v2.py)
     table = scratch_io.read_part(plan["scratch"], "chunks", batch_no)
@@ -169,7 +179,7 @@ def restore_chunked(plan: dict, batch_no: int, sources, cols: dict, rows: list[i
     starts: dict[int, list[int]] = {}
     for k, f in enumerate(ccols["_file"]):
         starts.setdefault(f, []).append(k)
-    keys = sources.repo(sources.primary_url).keys
+    keys = sources.any_repo().keys
     for i in rows:
         paths = [j for j in by_hash[cols["hash"][i]] if writer.pending(j)]
         if not paths:
@@ -258,7 +268,8 @@ def _fetch_span(sources, keys, ccols, span: list[int]) -> list:
     return out
 
 
-def _write_chunked(writer, sources, keys, cols, j, ccols, chunk_rows: list[int]) -> str | None:
+def _write_chunked(writer, sources, keys, cols: dict[str, list[Any]], j: int, ccols,
+                   chunk_rows: list[int]) -> str | None:
     dest = writer.dest(cols, j)
     tmp = writer._tmp_name(dest)
     pool = _threads()
@@ -278,7 +289,8 @@ def _write_chunked(writer, sources, keys, cols, j, ccols, chunk_rows: list[int])
                 if len(pending) >= PREFETCH:
                     break
             while pending and problem is None:
-                for plain, stored, problem in pending.popleft().result():
+                # problem is read after the loop: the span's first failure ends the file.
+                for plain, stored, problem in pending.popleft().result():  # noqa: B007
                     if plain is None:
                         break
                     out.write(plain)

@@ -42,7 +42,7 @@ def link_target(row: dict) -> str | bytes:
 class EntryPlacer:
     """Makes symlinks, hard links, FIFOs and devices under ``root``, then folder metadata."""
 
-    def __init__(self, root: str, overwrite: str, with_xattrs: bool = True):
+    def __init__(self, root: str, overwrite: str, with_xattrs: bool = True) -> None:
         self.root, self.overwrite, self.with_xattrs = root, overwrite, with_xattrs
         self._token, self._count = new_token(), 0
         self.errors: list[tuple[str, str]] = []
@@ -91,7 +91,9 @@ class EntryPlacer:
     @staticmethod
     def _symlink_is_there(dest: str, row: dict) -> bool:
         target = link_target(row)
-        return os.path.islink(dest) and os.readlink(os.fsencode(dest) if isinstance(target, bytes) else dest) == target
+        if not os.path.islink(dest):
+            return False
+        return (os.readlink(os.fsencode(dest)) if isinstance(target, bytes) else os.readlink(dest)) == target
 
     @staticmethod
     def _make_symlink(tmp: str, row: dict) -> None:

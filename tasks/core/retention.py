@@ -16,6 +16,7 @@ nothing is forgotten: ``choose`` refuses, so a typo cannot empty a repository.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import UsageError
 from .manifest import SnapshotInfo
@@ -58,7 +59,9 @@ def choose(snaps: list[SnapshotInfo], policy: Policy) -> Decision:
     groups: dict[tuple[str, str], list[SnapshotInfo]] = {}
     for s in snaps:
         groups.setdefault((s.source, s.host), []).append(s)
-    keep, forget, reasons = [], [], {}
+    keep: list[Any] = []
+    forget: list[Any] = []
+    reasons: dict[Any, Any] = {}
     for group in groups.values():
         group = sorted(group, key=lambda s: (s.time, s.id), reverse=True)
         why: dict[str, list[str]] = {s.id: [] for s in group}
@@ -70,7 +73,7 @@ def choose(snaps: list[SnapshotInfo], policy: Policy) -> Decision:
             n = getattr(policy, f"keep_{name}")
             if not n:
                 continue
-            seen = []
+            seen: list[Any] = []
             for s in group:
                 b = bucket(s.datetime.astimezone())
                 if b in seen:

@@ -98,7 +98,7 @@ def register(folder: str, flow_run_id: str, flow_run_name: str, flow: str, repo:
     helper = liveness.proc_stat(helper_pid) if helper_pid else None
     record = RunRecord(flow_run_id=str(flow_run_id), flow_run_name=flow_run_name, flow=flow, repo=repo_key(repo),
                        api_url=api_url, host=me.host, pid=me.pid, start=me.start, boot=me.boot,
-                       started_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                       started_at=dt.datetime.now(dt.UTC).isoformat(),
                        helper_pid=helper_pid if helper else None, helper_start=helper[1] if helper else None)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     data = asdict(record)

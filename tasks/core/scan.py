@@ -34,8 +34,10 @@ import datetime as dt
 import decimal
 import os
 import stat
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pathspec
@@ -46,6 +48,9 @@ from . import storage, xattrs
 from .columns import nulls
 from .errors import BadPatternError, SourceNotFoundError
 from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, is_utf8, readable_bytes, shown
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 IGNORE_FILE = ".keepflowignore"
 # Rows collected as Python lists before they become an Arrow table; also how
@@ -63,7 +68,7 @@ class ScanResult:
     start_ns: int = 0
 
 
-def compile_patterns(patterns, origin: str = "--exclude") -> pathspec.PathSpec | None:
+def compile_patterns(patterns: Sequence[str] | None, origin: str = "--exclude") -> pathspec.PathSpec | None:
     patterns = [p for p in (patterns or []) if p.strip()]
     if not patterns:
         return None
@@ -77,7 +82,7 @@ def compile_patterns(patterns, origin: str = "--exclude") -> pathspec.PathSpec |
 class _Ignorer:
     """Stack of (base folder, spec) pairs active at the current depth."""
 
-    def __init__(self, specs: list[tuple[str, pathspec.PathSpec]]):
+    def __init__(self, specs: list[tuple[str, pathspec.PathSpec]]) -> None:
         self.specs = specs
 
     def ignored(self, rel: str, is_dir: bool) -> bool:
@@ -88,7 +93,8 @@ class _Ignorer:
         return False
 
 
-def scan(source: str, excludes=None, exclude_paths=(), storage_options=None, with_xattrs: bool = True) -> ScanResult:
+def scan(source: str, excludes: Sequence[str] | None = None, exclude_paths: Iterable[str] = (),
+         storage_options: dict[str, Any] | None = None, with_xattrs: bool = True) -> ScanResult:
     """Scan ``source`` (a path or URL). ``exclude_paths`` are absolute local paths to skip.
 
     ``with_xattrs``: read extended attributes and ACLs (local sources; see xattrs.py).
@@ -107,12 +113,13 @@ def scan(source: str, excludes=None, exclude_paths=(), storage_options=None, wit
 def _scan_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool = True) -> ScanResult:
     if not os.path.isdir(root):
         raise SourceNotFoundError(source=root)
-    cols = {c: [] for c in SCAN_COLUMNS}
+    cols: dict[str, list[Any]] = {c: [] for c in SCAN_COLUMNS}
     batches: list[pa.Table] = []
     skipped: list[tuple[str, str]] = []
     add_path, add_type, add_size = cols["path"].append, cols["type"].append, cols["size"].append
     add_mtime, add_ctime, add_inode = cols["mtime_ns"].append, cols["ctime_ns"].append, cols["inode"].append
-    add_mode, add_uid, add_gid, add_link = cols["mode"].append, cols["uid"].append, cols["gid"].append, cols["link_target"].append
+    add_mode, add_uid, add_gid = cols["mode"].append, cols["uid"].append, cols["gid"].append
+    add_link = cols["link_target"].append
     add_mtime_exact, add_link_bytes = cols["mtime_ns_exact"].append, cols["link_target_bytes"].append
     add_rdev, add_xattrs, add_path_bytes = cols["rdev"].append, cols["xattrs"].append, cols["path_bytes"].append
     read_xattrs = xattrs.read if with_xattrs else None
@@ -295,7 +302,7 @@ def _with_hard_links(table: pa.Table, groups: dict[tuple[int, int], list[str]]) 
     group and are stored as plain files. Only the linked names are Python
     objects; the column itself is one vectorised lookup.
     """
-    leader = {}
+    leader: dict[Any, Any] = {}
     for names in groups.values():
         if len(names) > 1:
             first = min(names)
@@ -351,14 +358,14 @@ def _sparse(cols: dict, name: str, convert):
     return pa.array([None if v is None else convert(v) for v in values], kind)
 
 
-def _scan_fsspec(fs, root: str, root_spec) -> ScanResult:
+def _scan_fsspec(fs: AbstractFileSystem, root: str, root_spec) -> ScanResult:
     try:
         if not fs.isdir(root):
             raise SourceNotFoundError(source=root)
         found = fs.find(root, detail=True, withdirs=True)
     except FileNotFoundError:
         raise SourceNotFoundError(source=root) from None
-    cols = {c: [] for c in SCAN_COLUMNS}
+    cols: dict[str, list[Any]] = {c: [] for c in SCAN_COLUMNS}
     batches: list[pa.Table] = []
     prefix = root.rstrip("/") + "/"
     ignorer = _Ignorer([("", root_spec)]) if root_spec else None

@@ -43,7 +43,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -67,7 +69,8 @@ def is_default_work_dir(explicit: str | None = None) -> bool:
     return not (explicit or os.environ.get(WORK_DIR_ENV))
 
 
-_RUN_FOLDER = re.compile(rf"^keepflow-(backup|restore)-\d{{8}}T\d{{6}}Z-[0-9a-f]{{8}}-(?P<writer>{liveness.TAG_PATTERN.pattern})$")
+_RUN_FOLDER = re.compile(rf"^keepflow-(backup|restore)-\d{{8}}T\d{{6}}Z-[0-9a-f]{{8}}"
+                         rf"-(?P<writer>{liveness.TAG_PATTERN.pattern})$")
 
 
 def create(kind: str, run_id: str, work_dir_url: str | None = None) -> str:
@@ -137,10 +140,10 @@ class TableWriter:
     ``close`` (object stores have no append).
     """
 
-    def __init__(self, folder: str, name: str):
+    def __init__(self, folder: str, name: str) -> None:
         self._fs, self._path = _file(folder, name)
         self._local = storage.is_local(self._fs)
-        self._sink = None
+        self._sink: Any = None           # the open file (local) or a BytesIO (remote)
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, table: pa.Table) -> None:
@@ -161,7 +164,7 @@ class TableWriter:
         self._writer = self._sink = None
 
 
-def read_groups(folder: str, name: str, columns=None):
+def read_groups(folder: str, name: str, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
     """The tables of a file written by ``TableWriter``, one row group at a time."""
     fs, path = _file(folder, name)
     if storage.is_local(fs):
@@ -175,7 +178,7 @@ def read_groups(folder: str, name: str, columns=None):
         yield parquet.read_row_group(group, columns=columns)
 
 
-def read(folder: str, name: str, columns=None) -> pa.Table:
+def read(folder: str, name: str, columns: Sequence[str] | None = None) -> pa.Table:
     fs, path = _file(folder, name)
     if storage.is_local(fs):
         with fs.open(path, "rb") as f:
@@ -185,7 +188,7 @@ def read(folder: str, name: str, columns=None) -> pa.Table:
 
 def write_parts(folder: str, prefix: str, table: pa.Table, ranges: list[tuple[int, int]]) -> None:
     """One file per range: ``<prefix>-<NNNNN>.parquet`` holds rows ``[start, end)``."""
-    def one(item):
+    def one(item) -> None:
         number, (start, end) = item
         write(folder, part_name(prefix, number), table.slice(start, end - start))
 
@@ -198,7 +201,7 @@ def write_parts(folder: str, prefix: str, table: pa.Table, ranges: list[tuple[in
         list(pool.map(one, enumerate(ranges)))
 
 
-def read_part(folder: str, prefix: str, number: int, columns=None) -> pa.Table:
+def read_part(folder: str, prefix: str, number: int, columns: Sequence[str] | None = None) -> pa.Table:
     return read(folder, part_name(prefix, number), columns)
 
 
@@ -238,7 +241,7 @@ def exists(folder: str) -> bool:
     return bool(fs.exists(root))
 
 
-def cut_ranges(sizes, max_files: int, max_bytes: int) -> list[tuple[int, int]]:
+def cut_ranges(sizes: Sequence[int] | np.ndarray, max_files: int, max_bytes: int) -> list[tuple[int, int]]:
     """Consecutive ``[start, end)`` ranges over ``sizes``, each with at most
     ``max_files`` entries and about ``max_bytes`` (a single bigger entry gets a
     range of its own). Used to cut a work list into batch task runs.

@@ -14,15 +14,20 @@ format 1.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import manifest, snapshots
 
+if TYPE_CHECKING:
+    from .repository import Repository
+
 COLUMNS = ["path", "type", "size", "hash", "link_target"]
 
 
-def compare(repo, ref_a: str, ref_b: str) -> dict:
+def compare(repo: Repository, ref_a: str, ref_b: str) -> dict:
     damaged: list[snapshots.DamagedManifest] = []
     snaps = snapshots.list_snapshots(repo, damaged)
     a = snapshots.resolve(repo, ref_a, snapshots=snaps, damaged=damaged)
@@ -31,7 +36,7 @@ def compare(repo, ref_a: str, ref_b: str) -> dict:
     return compare_tables(ta, tb) | {"a": a.id, "b": b.id}
 
 
-def _read(repo, info) -> pa.Table:
+def _read(repo: Repository, info) -> pa.Table:
     """The manifest's diff columns; DamagedManifestError when it cannot be read or does not
     authenticate (format 2), instead of a raw parsing error."""
     try:

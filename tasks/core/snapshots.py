@@ -23,6 +23,7 @@ import datetime as dt
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import storage
 from .errors import (
@@ -35,8 +36,11 @@ from .errors import (
 )
 from .manifest import SnapshotInfo, read_info
 
+if TYPE_CHECKING:
+    from .repository import Repository
 
-def list_snapshot_names(repo) -> list[str]:
+
+def list_snapshot_names(repo: Repository) -> list[str]:
     files = storage.list_files(repo.fs, repo.path("snapshots"))
     names = [f["name"].rsplit("/", 1)[-1] for f in files]
     if repo.version >= 2 and repo.encrypted:
@@ -70,7 +74,7 @@ class DamagedManifest:
         return DamagedManifestError(what=what or label, name=self.name, reason=self.reason, url=repo_url)
 
 
-def list_snapshots(repo, damaged: list[DamagedManifest] | None = None) -> list[SnapshotInfo]:
+def list_snapshots(repo: Repository, damaged: list[DamagedManifest] | None = None) -> list[SnapshotInfo]:
     """Readable snapshots, oldest first.
 
     A manifest that cannot be read raises DamagedManifestError, or, when
@@ -106,7 +110,7 @@ def _reason(exc: BaseException) -> str:
     return text[:200]
 
 
-def resolve(repo, ref: str | None = "latest", as_of: str | None = None,
+def resolve(repo: Repository, ref: str | None = "latest", as_of: str | None = None,
             snapshots: list[SnapshotInfo] | None = None,
             damaged: list[DamagedManifest] | None = None) -> SnapshotInfo:
     """Find one snapshot by ``latest``, an id prefix, or the last one at ``as_of``.
@@ -139,6 +143,7 @@ def resolve(repo, ref: str | None = "latest", as_of: str | None = None,
         for d in damaged:
             if d.time is None or newest is None or d.time > newest.datetime:
                 raise d.error(repo.url, "the latest snapshot")
+        assert newest is not None       # no snapshots but damaged ones: raised above
         return newest
     for d in damaged:
         if d.id and d.id.startswith(ref):

@@ -45,7 +45,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import fsspec
@@ -55,14 +56,18 @@ from fsspec.implementations.local import LocalFileSystem
 from . import liveness
 from .errors import RepositoryFullError, RepositoryWriteError, StorageError, UsageError
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsRead
+    from fsspec import AbstractFileSystem
+
 LOCAL_PROTOCOLS = {"file", "local"}
 
 
-def is_local(fs) -> bool:
+def is_local(fs: AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def open_url(url: str, storage_options: dict[str, Any] | None = None):
+def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """Return ``(fs, root)`` for a URL or plain path.
 
     A plain path means local disk and is made absolute, so that the same
@@ -117,7 +122,7 @@ def _sftp_filesystem_class():
     class KeepflowSFTPFileSystem(SSHFileSystem):
         """SSHFileSystem that honours ranges, creates parents on write, renames with and without replacing."""
 
-        async def _cat_file(self, path, start=None, end=None, **kwargs):
+        async def _cat_file(self, path: str, start=None, end=None, **kwargs):
             if start is None and end is None:
                 return await super()._cat_file(path, **kwargs)
             path = self._strip_protocol(path)
@@ -133,7 +138,7 @@ def _sftp_filesystem_class():
                     return await f.read()
                 return await f.read(max(0, end - start))
 
-        def _open(self, path, mode="rb", *args, **kwargs):
+        def _open(self, path: str, mode: str = "rb", *args, **kwargs):
             if any(m in mode for m in "wax"):
                 parent = self._parent(path)
                 if parent:
@@ -161,7 +166,7 @@ def _sftp_filesystem_class():
 
         rename_noreplace = sync_wrapper(_rename_noreplace)
 
-        async def _rename_replace(self, src, dst):
+        async def _rename_replace(self, src, dst) -> None:
             """OpenSSH's posix-rename extension: replaces ``dst`` atomically (rename(2) on the server)."""
             async with self._pool.get() as channel:
                 await channel.posix_rename(src, dst)
@@ -196,7 +201,7 @@ AZURE_INITIAL_BACKOFF = 1     # seconds; the SDK's default is 15 (then +3, +9, +
 AZURE_INCREMENT_BASE = 2
 
 
-def _shorten_azure_backoff(fs) -> None:
+def _shorten_azure_backoff(fs: AbstractFileSystem) -> None:
     """Retry sooner than the Azure SDK's default (15 s, 18 s, 24 s: over a minute).
 
     adlfs gives no way to pass a retry policy, so the SDK's own policy object
@@ -220,7 +225,7 @@ _reachable_lock = threading.Lock()
 PROBE_TIMEOUT = 5.0
 
 
-def _endpoint(url: str, scheme: str, options: dict, fs=None) -> tuple[str, int] | None:
+def _endpoint(url: str, scheme: str, options: dict, fs: AbstractFileSystem | None = None) -> tuple[str, int] | None:
     """The host and port a remote URL talks to, when it can be known cheaply."""
     if scheme in SFTP_SCHEMES:
         parts = urlsplit(url)
@@ -244,7 +249,7 @@ def _endpoint(url: str, scheme: str, options: dict, fs=None) -> tuple[str, int] 
     return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def _probe(url: str, scheme: str, options: dict, fs=None) -> None:
+def _probe(url: str, scheme: str, options: dict, fs: AbstractFileSystem | None = None) -> None:
     """Fail in seconds when the endpoint does not accept connections.
 
     Without this an unreachable endpoint costs the libraries' own retries
@@ -267,7 +272,7 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts]) if root else "/".join(parts)
 
 
-def write_once(fs, path: str, data: bytes) -> bool:
+def write_once(fs: AbstractFileSystem, path: str, data: bytes | bytearray) -> bool:
     """Write ``data`` at ``path`` unless something is already there.
 
     Returns True when this call created the object. See the module docstring
@@ -282,7 +287,7 @@ def write_once(fs, path: str, data: bytes) -> bool:
         raise
 
 
-def _write_once(fs, path: str, data: bytes) -> bool:
+def _write_once(fs: AbstractFileSystem, path: str, data: bytes | bytearray) -> bool:
     if is_local(fs):
         return _local_write_once(path, data)
     if is_object_store(fs) and create_only(fs, path):
@@ -308,7 +313,8 @@ def _write_once(fs, path: str, data: bytes) -> bool:
     return True
 
 
-def write_stream_once(fs, path: str, fileobj, chunk: int = 8 * 1024 * 1024) -> bool:
+def write_stream_once(fs: AbstractFileSystem, path: str, fileobj: SupportsRead[bytes],
+                      chunk: int = 8 * 1024 * 1024) -> bool:
     """``write_once`` for content too big to hold in memory: copy ``fileobj`` in chunks.
 
     Same atomicity rules: local disk and SFTP write a temporary name and
@@ -349,7 +355,7 @@ def write_stream_once(fs, path: str, fileobj, chunk: int = 8 * 1024 * 1024) -> b
     return True
 
 
-def replace_atomically(fs, path: str, data: bytes) -> None:
+def replace_atomically(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` at ``path``, replacing it, so that a reader sees the old bytes or the new, never a part.
 
     For the few files keepflow rewrites (a lease's refresh). A plain
@@ -383,7 +389,7 @@ def replace_atomically(fs, path: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
-def _local_write_once(path: str, data: bytes) -> bool:
+def _local_write_once(path: str, data: bytes | bytearray) -> bool:
     if os.path.exists(path):
         return False
     folder = os.path.dirname(path)
@@ -391,7 +397,7 @@ def _local_write_once(path: str, data: bytes) -> bool:
     return publish_local_tmp(_write_local_tmp(path, data), path)
 
 
-def _write_local_tmp(path: str, data: bytes) -> str:
+def _write_local_tmp(path: str, data: bytes | bytearray) -> str:
     """Write ``data`` under a new temporary name beside ``path``; returns that name.
 
     On failure the partial copy is removed: after a full disk it would hold the space.
@@ -423,7 +429,7 @@ _AZURE_BLOB_SCHEMES = {"az", "abfs", "abfss"}      # not "adl": Data Lake Gen1 h
 _create_only_lock = threading.Lock()
 
 
-def create_only(fs, path: str) -> bool:
+def create_only(fs: AbstractFileSystem, path: str) -> bool:
     """True when ``fs`` itself refuses to replace an existing object at ``path``.
 
     Azure Blob: always (conditional headers are part of the Blob API, and the
@@ -447,7 +453,7 @@ def create_only(fs, path: str) -> bool:
     return known[bucket]
 
 
-def _is_aws_endpoint(fs) -> bool:
+def _is_aws_endpoint(fs: AbstractFileSystem) -> bool:
     try:
         host = urlsplit(fs.s3.meta.endpoint_url).hostname or ""
     except Exception:
@@ -455,7 +461,7 @@ def _is_aws_endpoint(fs) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
-def _probe_create_only(fs, path: str) -> bool:
+def _probe_create_only(fs: AbstractFileSystem, path: str) -> bool:
     """Create a throwaway name beside ``path`` twice: the second must be refused.
 
     A ``.tmp-`` name, so listings skip it and, should the removal fail, the
@@ -497,10 +503,10 @@ def is_exists_error(exc: BaseException) -> bool:
         if isinstance(e, FileExistsError):
             return True
         response = getattr(e, "response", None)
-        if isinstance(response, dict) and "Error" in response:          # botocore ClientError
-            if response["Error"].get("Code") == "PreconditionFailed" or \
-                    response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
-                return True
+        if isinstance(response, dict) and "Error" in response and (     # botocore ClientError
+                response["Error"].get("Code") == "PreconditionFailed"
+                or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412):
+            return True
         if getattr(e, "error_code", None) in ("BlobAlreadyExists", "ConditionNotMet"):
             return True
     return False
@@ -509,14 +515,14 @@ def is_exists_error(exc: BaseException) -> bool:
 def _is_create_conflict(exc: BaseException) -> bool:
     for e in _exception_chain(exc):
         response = getattr(e, "response", None)
-        if isinstance(response, dict) and "Error" in response:
-            if response["Error"].get("Code") == "ConditionalRequestConflict" or \
-                    response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 409:
-                return True
+        if isinstance(response, dict) and "Error" in response and (
+                response["Error"].get("Code") == "ConditionalRequestConflict"
+                or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 409):
+            return True
     return False
 
 
-def _create_object(fs, path: str, data) -> bool:
+def _create_object(fs: AbstractFileSystem, path: str, data: bytes | bytearray) -> bool:
     """One conditional PUT: True if it created ``path``, False if the name was taken."""
     for attempt in range(CONFLICT_RETRIES + 1):
         try:
@@ -532,7 +538,7 @@ def _create_object(fs, path: str, data) -> bool:
     raise AssertionError("unreachable")
 
 
-def _stream_object_once(fs, path: str, fileobj, chunk: int) -> bool:
+def _stream_object_once(fs: AbstractFileSystem, path: str, fileobj, chunk: int) -> bool:
     """``write_stream_once`` on an object store: one multipart upload under the final name.
 
     The existence check first is only a shortcut (it saves uploading
@@ -567,7 +573,7 @@ def _stream_object_once(fs, path: str, fileobj, chunk: int) -> bool:
     return True
 
 
-def discard_upload(out) -> None:
+def discard_upload(out: Any) -> None:
     """Abandon an upload that must not complete (s3fs aborts its multipart upload)."""
     try:
         if hasattr(out, "discard"):
@@ -612,16 +618,16 @@ def publish_local_tmp(tmp: str, path: str) -> bool:
 OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "az", "abfs", "abfss", "adl", "gs", "gcs"}
 
 
-def is_object_store(fs) -> bool:
+def is_object_store(fs: AbstractFileSystem) -> bool:
     return bool(_protocols(fs) & OBJECT_STORE_PROTOCOLS)
 
 
-def _protocols(fs) -> set[str]:
+def _protocols(fs: AbstractFileSystem) -> set[str]:
     proto = fs.protocol
     return set(proto) if isinstance(proto, (tuple, list)) else {proto}
 
 
-def list_files(fs, folder: str) -> list[dict]:
+def list_files(fs: AbstractFileSystem, folder: str) -> list[dict]:
     """All files below ``folder`` with their info dicts; missing folder -> []."""
     try:
         found = fs.find(folder, detail=True)
@@ -662,7 +668,7 @@ def tmp_name(path: str) -> str:
 _TMP_WRITER = re.compile(rf"\.tmp-({liveness.TAG_PATTERN.pattern})-[0-9a-f]{{8}}$")
 
 
-def stale_temporaries(fs, root: str, folders, older_than_s: float) -> list[str]:
+def stale_temporaries(fs: AbstractFileSystem, root: str, folders: Iterable[str], older_than_s: float) -> list[str]:
     """Temporary files (``.tmp-`` names, and everything in ``tmp/``) left by
     writes that were interrupted, never data: those older than ``older_than_s``,
     and at once those whose writer (named by ``tmp_name``) is known to be gone."""
@@ -718,7 +724,7 @@ def _container(url: str) -> str:
     return url.split("://", 1)[1].split("/", 1)[0] if "://" in url else ""
 
 
-def _exception_chain(exc: BaseException):
+def _exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -776,7 +782,7 @@ def is_storage_failure(exc: BaseException) -> bool:
         "botocore", "aiobotocore", "s3fs", "azure", "adlfs", "asyncssh", "sshfs", "aiohttp", "socket", "builtins"}
 
 
-def list_keys(fs, root: str, folder: str) -> dict[str, int]:
+def list_keys(fs: AbstractFileSystem, root: str, folder: str) -> dict[str, int]:
     """Keys below ``root/folder`` relative to ``root``, with their sizes.
 
     Names with ``.tmp-`` are writes in progress (or left by a crash), not data.
@@ -819,7 +825,7 @@ def describe_error(url: str, exc: BaseException) -> StorageError:
     return error
 
 
-def check_container(fs, url: str) -> None:
+def check_container(fs: AbstractFileSystem, url: str) -> None:
     """Raise StorageError when the bucket/container of an object-store URL is missing.
 
     Called only when a repository was not found, so a typo in the bucket name

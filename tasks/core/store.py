@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import blake3
 import pyarrow as pa
@@ -37,6 +38,13 @@ from . import pack, progress, storage
 from .errors import RepositoryWriteError
 from .manifest import clamp_ns, shown
 from .pack import encode_trailer
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+    from .known_blobs import KnownBlobs
+    from .repository import Repository
+    from .store_v2 import ChunkedStore
 
 INDEX_SCHEMA = pa.schema([("hash", pa.string()), ("key", pa.string()),
                           ("offset", pa.int64()), ("length", pa.int64())])
@@ -90,16 +98,19 @@ _DEST_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 class PackWriter:
     """Concatenates small blobs (format 2: also chunks, or chunk lists) and writes full packs write-once."""
 
-    def __init__(self, repo, result: BatchResult, dry_run: bool = False, kind: int = pack.KIND_DATA):
+    def __init__(self, repo: Repository, result: BatchResult, dry_run: bool = False,
+                 kind: int = pack.KIND_DATA) -> None:
         self.repo, self.result, self.dry_run, self.kind = repo, result, dry_run, kind
         self.v2 = repo.version >= 2
+        self.chunked: ChunkedStore | None = None     # format 2's store of files (store_batch sets it)
         self.buffer = bytearray()
         self.entries: list[tuple[str, int, int]] = []
         self.blobs: list[tuple] = []     # format 2: (id, kind, payload, compressed, raw length)
         self.size = 0
         self.claimed: set[str] = set()   # hashes this batch has packed (see KnownBlobs)
 
-    def add(self, blob_hash: str, data, compressed: bool = False, raw_length: int | None = None) -> None:
+    def add(self, blob_hash: str, data: bytes | bytearray | memoryview, compressed: bool = False,
+            raw_length: int | None = None) -> None:
         if self.v2:
             self.blobs.append((blob_hash, self.kind, data, compressed, len(data) if raw_length is None else raw_length))
             self.size += len(data)
@@ -167,7 +178,7 @@ class PackWriter:
         self.size = 0
 
 
-def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[int],
+def store_batch(repo: Repository, source_fs: AbstractFileSystem, source_root: str, paths: list[str], rows: list[int],
                 known: KnownBlobs, dry_run: bool = False, compression: str | None = None) -> BatchResult:
     """Store one batch; ``compression`` (format 2) overrides the repository's default mode."""
     result = BatchResult()
@@ -176,9 +187,10 @@ def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[
     if repo.version >= 2:
         from .store_v2 import ChunkedStore
 
-        packer.chunked = ChunkedStore(repo, packer, PackWriter(repo, result, dry_run, kind=pack.KIND_LIST),
-                                      known, result, compression or repo.config.compression or "auto")
-        writers.append(packer.chunked.lists)
+        chunked = ChunkedStore(repo, packer, PackWriter(repo, result, dry_run, kind=pack.KIND_LIST),
+                               known, result, compression or repo.config.compression or "auto")
+        packer.chunked = chunked
+        writers.append(chunked.lists)
     try:
         _store_files(repo, source_fs, source_root, paths, rows, known, packer, result, dry_run)
         for w in writers:
@@ -193,18 +205,20 @@ def store_batch(repo, source_fs, source_root: str, paths: list[str], rows: list[
     return result
 
 
-def _store_files(repo, source_fs, source_root, paths, rows, known, packer, result, dry_run) -> None:
+def _store_files(repo: Repository, source_fs: AbstractFileSystem, source_root, paths, rows, known: KnownBlobs,
+                 packer: PackWriter, result, dry_run) -> None:
     threshold = repo.config.small_file_threshold
     local_source = storage.is_local(source_fs)
-    for row, rel in zip(rows, paths):
+    for row, rel in zip(rows, paths, strict=True):
         full = os.path.join(source_root, rel) if local_source else storage.join(source_root, rel)
         try:
-            if packer.v2:
+            if packer.chunked is not None:          # format 2 (store_batch gives its packer one)
                 blob_hash, size, mtime, ctime = packer.chunked.store_file(source_fs, full, local_source, threshold)
             elif local_source:
                 blob_hash, size, mtime, ctime = _store_local_file(repo, full, threshold, known, packer, result, dry_run)
             else:
-                blob_hash, size, mtime, ctime = _store_remote_file(repo, source_fs, full, threshold, known, packer, result, dry_run)
+                blob_hash, size, mtime, ctime = _store_remote_file(repo, source_fs, full, threshold, known, packer,
+                                                                   result, dry_run)
         except RepositoryWriteError:
             raise
         except FileNotFoundError:
@@ -242,7 +256,7 @@ def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
     return a.st_size == b.st_size and a.st_mtime_ns == b.st_mtime_ns and a.st_ino == b.st_ino
 
 
-def _store_local_file(repo, path, threshold, known, packer, result, dry_run):
+def _store_local_file(repo: Repository, path: str, threshold, known: KnownBlobs, packer: PackWriter, result, dry_run):
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     try:
         before = os.fstat(fd)
@@ -268,7 +282,7 @@ def _store_local_file(repo, path, threshold, known, packer, result, dry_run):
         os.close(fd)
 
 
-def _store_large_local(repo, fd, st, known, result, dry_run) -> str:
+def _store_large_local(repo: Repository, fd, st, known: KnownBlobs, result, dry_run) -> str:
     if dry_run or not repo.is_local:
         # Hash first (cheap, and a known blob is never uploaded), then upload.
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if st.st_size >= PARALLEL_HASH_MIN else 1)
@@ -350,7 +364,7 @@ def _kernel_copy(fd: int, dest: str, size: int) -> int:
     return copied
 
 
-def _upload_verified(repo, fileobj, blob_hash: str, size: int, source_changed=None) -> None:
+def _upload_verified(repo: Repository, fileobj, blob_hash: str, size: int, source_changed=None) -> None:
     """Upload ``fileobj`` as the object ``blob_hash``, hashing it again while sending.
 
     Object stores publish a (multipart) upload atomically when it completes,
@@ -407,14 +421,14 @@ def _upload_verified(repo, fileobj, blob_hash: str, size: int, source_changed=No
             raise storage.write_failure(f"cannot publish {final}: {exc}", exc) from exc
 
 
-def _exists_quietly(fs, path: str) -> bool:
+def _exists_quietly(fs: AbstractFileSystem, path: str) -> bool:
     try:
         return fs.exists(path)
     except Exception:
         return False
 
 
-def _remove_quietly(fs, path: str) -> None:
+def _remove_quietly(fs: AbstractFileSystem, path: str) -> None:
     try:
         fs.rm_file(path)
     except Exception:
@@ -425,7 +439,7 @@ def _changed(fd: int, st: os.stat_result) -> bool:
     return not _same_stat(st, os.fstat(fd))
 
 
-def _record_object(result: BatchResult, repo, blob_hash: str, size: int) -> None:
+def _record_object(result: BatchResult, repo: Repository, blob_hash: str, size: int) -> None:
     rows = result.index_rows
     rows["hash"].append(blob_hash)
     rows["key"].append(repo.object_key(blob_hash))
@@ -437,7 +451,8 @@ def _record_object(result: BatchResult, repo, blob_hash: str, size: int) -> None
     result.objects_written += 1
 
 
-def _store_remote_file(repo, fs, path, threshold, known, packer, result, dry_run):
+def _store_remote_file(repo: Repository, fs: AbstractFileSystem, path: str, threshold, known: KnownBlobs,
+                       packer: PackWriter, result, dry_run):
     info = fs.info(path)
     size = int(info.get("size") or 0)
     mtime = storage.info_mtime_ns(info)

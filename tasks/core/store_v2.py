@@ -28,6 +28,7 @@ import ctypes
 import os
 import sys
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,11 @@ from .manifest import clamp_ns
 from .store import ChangedWhileReading, _same_stat
 
 if TYPE_CHECKING:
-    from .store import PackWriter
+    from fsspec import AbstractFileSystem
+
+    from .known_blobs import KnownBlobs
+    from .repository import Repository
+    from .store import BatchResult, PackWriter
 
 HASH_THREADS = 2
 IN_FLIGHT = 4
@@ -85,9 +90,10 @@ def _threads() -> ThreadPoolExecutor:
 _chunkers: dict[bytes, Chunker] = {}
 
 
-def chunker_for(repo) -> Chunker:
+def chunker_for(repo: Repository) -> Chunker:
     key = repo.keys.chunker
     if key not in _chunkers:
+        assert repo.config.chunker is not None      # format 2's keepflow.json always has it
         _chunkers[key] = Chunker.from_config(key, repo.config.chunker)
     return _chunkers[key]
 
@@ -95,14 +101,16 @@ def chunker_for(repo) -> Chunker:
 class ChunkedStore:
     """Stores files of one batch into ``data`` (chunks, small files) and ``lists`` (chunk lists)."""
 
-    def __init__(self, repo, data: PackWriter, lists: PackWriter, known, result, mode: str):
+    def __init__(self, repo: Repository, data: PackWriter, lists: PackWriter, known: KnownBlobs, result: BatchResult,
+                 mode: str) -> None:
         self.repo, self.data, self.lists, self.known, self.result = repo, data, lists, known, result
         self.mode = mode
         self.levels = repo.config.zstd_levels
         self.keys = repo.keys
 
     # -- one file --------------------------------------------------------------------------
-    def store_file(self, fs, path: str, local: bool, threshold: int):
+    def store_file(self, fs: AbstractFileSystem, path: str, local: bool,
+                   threshold: int) -> tuple[str | None, int, int, int]:
         if not local:
             return self._store_remote(fs, path, threshold)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -123,7 +131,7 @@ class ChunkedStore:
         finally:
             os.close(fd)
 
-    def _store_remote(self, fs, path: str, threshold: int):
+    def _store_remote(self, fs: AbstractFileSystem, path: str, threshold: int):
         info = fs.info(path)
         size = int(info.get("size") or 0)
         mtime = storage.info_mtime_ns(info)
@@ -148,7 +156,8 @@ class ChunkedStore:
             self.result.bytes_stored += len(data)
         return blob_id
 
-    def store_stream(self, read=None, *, readinto=None) -> tuple[str, int]:
+    def store_stream(self, read: Callable[[int], bytes] | None = None, *,
+                     readinto: Callable[[memoryview], int] | None = None) -> tuple[str, int]:
         """Chunk, hash, compress and pack a stream (``read`` or ``readinto``, as
         ``Chunker.iter_chunks`` takes them); (content id, bytes read)."""
         tune_malloc()
@@ -167,7 +176,7 @@ class ChunkedStore:
             payload, compressed = compress.compress(chunk, self.mode, self.levels)
             return blob_id, len(chunk), payload if compressed else bytes(chunk), compressed
 
-        def settle_one():
+        def settle_one() -> None:
             blob_id, n, payload, compressed = pending.popleft().result()
             chunks.append((blob_id, n))
             if payload is not None and not self.known.contains_or_claim(blob_id, self.data):

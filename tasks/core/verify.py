@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import blake3
 import pyarrow as pa
@@ -56,7 +57,7 @@ def _problem(kind: str, detail: str, key: str | None = None, blob: str | None = 
     return {"kind": kind, "key": key, "hash": blob, "detail": detail, "snapshots": [], "paths": []}
 
 
-def _load_index_reporting(repo, result: VerifyResult) -> pa.Table:
+def _load_index_reporting(repo: Repository, result: VerifyResult) -> pa.Table:
     """The index; a damaged index file (format 2 authenticates each) is a finding, the rest is used."""
     names = indexmod.list_index_names(repo)
     tables = []
@@ -72,7 +73,7 @@ def _load_index_reporting(repo, result: VerifyResult) -> pa.Table:
     return indexmod.unique_hashes(pa.concat_tables(tables))
 
 
-def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
+def check_structure(repo_url: str, storage_options: dict[str, Any] | None = None) -> VerifyResult:
     """Structural checks."""
     repo = Repository.open(repo_url, storage_options)
     result = VerifyResult(repo_url)
@@ -97,7 +98,7 @@ def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
         absent = files.filter(pc.invert(pc.is_in(files["hash"], value_set=indexed)))
         if repo.version >= 2:
             absent = pa.concat_tables([absent, _files_with_bad_lists(repo, files, idx, lists_seen)])
-        for path, blob in zip(absent["path"].to_pylist(), absent["hash"].to_pylist()):
+        for path, blob in zip(absent["path"].to_pylist(), absent["hash"].to_pylist(), strict=True):
             p = missing.setdefault(blob, _problem("missing blob", "referenced by a manifest but not in the index",
                                                   blob=blob))
             if info.id not in p["snapshots"]:
@@ -107,9 +108,9 @@ def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
     result.problems.extend(missing.values())
     for list_id, trouble in sorted(lists_seen.items()):
         if trouble:
-            p = missing.get(list_id)
-            if p is not None:
-                p["kind"], p["detail"] = "bad list", trouble
+            known_problem = missing.get(list_id)
+            if known_problem is not None:
+                known_problem["kind"], known_problem["detail"] = "bad list", trouble
 
     # Keys: every indexed key exists and is long enough.
     listing = {**storage.list_keys(repo.fs, repo.root, "packs"), **storage.list_keys(repo.fs, repo.root, "objects")}
@@ -117,7 +118,7 @@ def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
     if idx.num_rows:
         ends = pc.add(idx["offset"], idx["length"])
         needed = pa.table({"key": idx["key"], "end": ends}).group_by("key").aggregate([("end", "max")])
-        for key, end in zip(needed["key"].to_pylist(), needed["end_max"].to_pylist()):
+        for key, end in zip(needed["key"].to_pylist(), needed["end_max"].to_pylist(), strict=True):
             size = listing.get(key)
             if size is None:
                 result.problems.append(_problem("missing key", "indexed but not stored", key=key))
@@ -126,7 +127,7 @@ def check_structure(repo_url: str, storage_options=None) -> VerifyResult:
     return result
 
 
-def _files_with_bad_lists(repo, files: pa.Table, idx: pa.Table, seen: dict) -> pa.Table:
+def _files_with_bad_lists(repo: Repository, files: pa.Table, idx: pa.Table, seen: dict) -> pa.Table:
     """Format 2: the files whose chunk list cannot be read, or names a chunk the index lacks.
 
     Each list is read once per verify (``seen``), however many snapshots use it.
@@ -142,7 +143,7 @@ def _files_with_bad_lists(repo, files: pa.Table, idx: pa.Table, seen: dict) -> p
     if len(new):
         rows = lists.filter(pc.is_in(lists["hash"], value_set=new))
         indexed = idx["hash"]
-        for list_id, chunks in zip(rows["hash"].to_pylist(), read_lists(repo, rows)):
+        for list_id, chunks in zip(rows["hash"].to_pylist(), read_lists(repo, rows), strict=True):
             if chunks is None:
                 seen[list_id] = "its chunk list cannot be read or does not authenticate"
                 continue
@@ -153,7 +154,7 @@ def _files_with_bad_lists(repo, files: pa.Table, idx: pa.Table, seen: dict) -> p
     return used.filter(pc.is_in(used["hash"], value_set=bad))
 
 
-def check_data(repo_url: str, percent: float, storage_options=None, seed: int | None = None,
+def check_data(repo_url: str, percent: float, storage_options: dict[str, Any] | None = None, seed: int | None = None,
                part: int = 0, parts: int = 1) -> tuple[list[dict], int, int]:
     """Re-hash ``percent`` of the stored keys (and every blob in them).
 
@@ -171,7 +172,7 @@ def check_data(repo_url: str, percent: float, storage_options=None, seed: int | 
         return _check_data_v2(repo, idx, percent, seed, part, parts)
     by_key: dict[str, list[tuple[str, int, int]]] = {}
     for blob, key, off, length in zip(idx["hash"].to_pylist(), idx["key"].to_pylist(),
-                                      idx["offset"].to_pylist(), idx["length"].to_pylist()):
+                                      idx["offset"].to_pylist(), idx["length"].to_pylist(), strict=True):
         by_key.setdefault(key, []).append((blob, off, length))
     chosen = choose_keys(sorted(by_key), percent, seed)[part::parts]
 
@@ -210,7 +211,7 @@ def check_data(repo_url: str, percent: float, storage_options=None, seed: int | 
     return problems, len(chosen), total
 
 
-def _check_data_v2(repo, idx: pa.Table, percent: float, seed, part: int, parts: int):
+def _check_data_v2(repo: Repository, idx: pa.Table, percent: float, seed, part: int, parts: int):
     """Format 2: each chosen pack read whole; its name, its header against the index, every blob opened."""
     from . import pack
 
@@ -262,7 +263,7 @@ def choose_keys(keys: list[str], percent: float, seed: int | None) -> list[str]:
     return random.Random(seed).sample(keys, count)
 
 
-def attribute(repo_url: str, problems: list[dict], storage_options=None) -> None:
+def attribute(repo_url: str, problems: list[dict], storage_options: dict[str, Any] | None = None) -> None:
     """Fill in the snapshots and paths that corrupt blobs affect (format 2: a chunk's are those of
     the files whose chunk lists name it)."""
     blobs = {p["hash"] for p in problems if p["kind"] == "corrupt blob" and p["hash"]}
@@ -273,7 +274,7 @@ def attribute(repo_url: str, problems: list[dict], storage_options=None) -> None
     if by_key or repo.version >= 2:
         idx = indexmod.load_index(repo)
     if by_key:
-        for key, blob in zip(idx["key"].to_pylist(), idx["hash"].to_pylist()):
+        for key, blob in zip(idx["key"].to_pylist(), idx["hash"].to_pylist(), strict=True):
             if key in by_key:
                 blobs.add(blob)
     # Format 2: a damaged chunk is in no manifest; the files it harms are those whose lists name it.
@@ -284,14 +285,14 @@ def attribute(repo_url: str, problems: list[dict], storage_options=None) -> None
     for info in snapshots.list_snapshots(repo, damaged=[]):   # damaged ones are findings already
         table = manifest.read_manifest(repo, info, columns=["path", "hash"])
         hit = table.filter(pc.is_in(table["hash"], value_set=value_set))
-        for path, blob in zip(hit["path"].to_pylist(), hit["hash"].to_pylist()):
+        for path, blob in zip(hit["path"].to_pylist(), hit["hash"].to_pylist(), strict=True):
             snaps, paths = affected.setdefault(blob, (set(), []))
             snaps.add(info.id)
             if len(paths) < MAX_PATHS_PER_PROBLEM and path not in paths:
                 paths.append(path)
     key_blobs: dict[str, set] = {}
     if by_key:
-        for key, blob in zip(idx["key"].to_pylist(), idx["hash"].to_pylist()):
+        for key, blob in zip(idx["key"].to_pylist(), idx["hash"].to_pylist(), strict=True):
             if key in by_key:
                 key_blobs.setdefault(key, set()).add(blob)
     for p in problems:
@@ -303,21 +304,22 @@ def attribute(repo_url: str, problems: list[dict], storage_options=None) -> None
             p["paths"] = (p["paths"] + [x for x in paths if x not in p["paths"]])[:MAX_PATHS_PER_PROBLEM]
 
 
-def _lists_naming(repo, idx: pa.Table, chunk_ids: set) -> dict[str, set]:
+def _lists_naming(repo: Repository, idx: pa.Table, chunk_ids: set) -> dict[str, set]:
     """Format 2: chunk id -> the ids of the list blobs (chunked files' content ids) naming it, for
     the ``chunk_ids`` some list names. Lists that cannot be read are findings of check_structure."""
     from .chunk_lists import read_lists
 
     lists = idx.filter(pc.equal(idx["type"], 1)) if chunk_ids else idx.slice(0, 0)
     found: dict[str, set] = {}
-    for list_id, chunks in zip(lists["hash"].to_pylist(), read_lists(repo, lists)):
+    for list_id, chunks in zip(lists["hash"].to_pylist(), read_lists(repo, lists), strict=True):
         for chunk_id, _ in chunks or ():
             if chunk_id in chunk_ids:
                 found.setdefault(chunk_id, set()).add(list_id)
     return found
 
 
-def verify(repo_url: str, read_data: float = 0.0, storage_options=None, seed: int | None = None) -> VerifyResult:
+def verify(repo_url: str, read_data: float = 0.0, storage_options: dict[str, Any] | None = None,
+           seed: int | None = None) -> VerifyResult:
     """Everything in one call (the flow spreads the same steps over task runs)."""
     result = check_structure(repo_url, storage_options)
     problems, keys_read, nbytes = check_data(repo_url, read_data, storage_options, seed)
@@ -345,7 +347,8 @@ def parse_percent(text: str | float) -> float:
 CIPHERTEXT_FOLDERS = ("keys", "index", "snapshots", "trash")
 
 
-def check_ciphertext(repo_url: str, percent: float = 0.0, storage_options=None, seed: int | None = None) -> VerifyResult:
+def check_ciphertext(repo_url: str, percent: float = 0.0, storage_options: dict[str, Any] | None = None,
+                     seed: int | None = None) -> VerifyResult:
     """``verify --ciphertext-only``: what can be checked with no password (a replication host).
 
     Every file under keys/, index/, snapshots/ and trash/ must have the BLAKE3
