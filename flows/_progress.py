@@ -29,10 +29,16 @@ def progress_for(phase: str, enabled: bool):
 
     bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                     DownloadColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=True)
-    scan = bars.add_task(f"{phase}: scanning" if phase == "backup" else f"{phase}: planning", total=None)
+    # Until the flow run is Running, the time is Prefect's (imports, and with no server
+    # a temporary one starting): say so, then what the flow does first.
+    first = f"{phase}: scanning" if phase == "backup" else f"{phase}: planning"
+    scan = bars.add_task("starting Prefect…", total=None)
     tasks: dict[str, int] = {}
 
     def sink(name: str, files: int, nbytes: int) -> None:
+        if name == core_progress.FLOW_RUNNING:
+            bars.update(scan, description=first)
+            return
         if name.endswith(":start"):
             base = name.split(":", 1)[0]
             bars.update(scan, visible=False)

@@ -97,6 +97,9 @@ def _logger(flow, flow_run):
 
 
 def _started(flow, flow_run, state) -> None:
+    from keepflow.tasks.core import progress
+
+    progress.advance(progress.FLOW_RUNNING)       # the CLI's progress stops saying "starting Prefect…"
     repo = (flow_run.parameters or {}).get("repo")
     if not isinstance(repo, str) or not repo:
         return

@@ -413,13 +413,14 @@ def test_unreadable_file_is_skipped_with_exit_3(cli_env, tmp_path):
 _READ_HISTORY = r"""
 import json
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 out = []
 with get_client(sync_client=True) as client:
     for run in client.read_flow_runs():
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
         out.append({
-            "flow": client.read_flow(run.flow_id).name, "name": run.name,
+            "flow": client.read_flow(run.flow_id).name, "name": run.name, "logs": [x.message for x in logs],
             "state": run.state.type.value if run.state else None,
             "tasks": [{"name": t.name, "state": t.state.type.value if t.state else None,
                        "final": bool(t.state and t.state.is_final())} for t in tasks],
@@ -455,3 +456,24 @@ def test_run_history_is_complete_with_embedded_server(tmp_path):
     assert sum(n.startswith("commit-") for n in names) == 1
     assert sum(n.startswith("store-b") for n in names) == summary["batches"] >= 1
     assert all(t["final"] and t["state"] == "COMPLETED" for t in run["tasks"]), run["tasks"]
+    # The command ends with os._exit after the shutdown hooks (flows/cli/__init__.py:
+    # console): the log worker was still drained, so the run's last log line is
+    # recorded, and the temporary server was still stopped.
+    assert any("Finished in state Completed" in m for m in run["logs"]), run["logs"][-5:]
+    assert _processes_of_home(env["PREFECT_HOME"]) == []
+
+
+def _processes_of_home(home: str) -> list[int]:
+    """Live processes whose environment has PREFECT_HOME=home (a temporary server left behind)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"PREFECT_HOME={home}".encode() in environ and state != "Z":
+            found.append(int(pid))
+    return found

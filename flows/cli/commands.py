@@ -13,7 +13,7 @@ imported, then serves its deployments from this process.
 from __future__ import annotations
 
 from keepflow.flows.cli import output, reports
-from keepflow.flows.cli.startup import cluster, on_cluster, prepare_prefect, run_flow
+from keepflow.flows.cli.startup import cluster, on_cluster, prepare_prefect, run_flow, unlock_ahead
 from keepflow.tasks.core.errors import UsageError
 
 
@@ -47,6 +47,7 @@ def _finish(summary: dict, args, printer, *extra) -> int:
 
 def cmd_backup(args) -> int:
     on = cluster(args, uses_work_dir=True)
+    unlock_ahead(args)
     prepare_prefect(args.verbose)
     from keepflow.flows.backup import backup
 
@@ -62,6 +63,7 @@ def cmd_backup(args) -> int:
 
 def cmd_restore(args) -> int:
     on = cluster(args, uses_work_dir=True)
+    unlock_ahead(args)
     prepare_prefect(args.verbose)
     from keepflow.flows.restore import restore
 
@@ -88,6 +90,8 @@ def cmd_verify(args) -> int:
 
     percent = parse_percent(args.read_data)
     on = cluster(args, uses_work_dir=False)
+    if not args.ciphertext_only:
+        unlock_ahead(args)
     prepare_prefect(args.verbose)
     from keepflow.flows.verify import verify
 
@@ -107,6 +111,7 @@ def cmd_prune(args) -> int:
         raise UsageError("no retention rule given; pass at least one --keep-* option (nothing was forgotten)")
     if args.grace < 0:
         raise UsageError(f"--grace must be 0 or more hours, not {args.grace:g}")
+    unlock_ahead(args)
     prepare_prefect(args.verbose)
     from keepflow.flows.prune import prune
 
@@ -141,6 +146,7 @@ def cmd_unlock(args) -> int:
 
 
 def cmd_repair(args) -> int:
+    unlock_ahead(args)
     prepare_prefect(args.verbose)
     from keepflow.flows.repair import repair
 
