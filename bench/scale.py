@@ -107,9 +107,9 @@ def _tree_rss(skip: set[int]) -> int:
     return total
 
 
-def newest_mtime(root: str) -> float:
-    """The newest mtime of anything under root (root included)."""
-    newest = os.lstat(root).st_mtime
+def newest_mtime(root: str) -> tuple[float, int, int]:
+    """(the newest mtime of anything under root, root included; regular files; their bytes)."""
+    newest, files, size = os.lstat(root).st_mtime, 0, 0
     stack = [root]
     while stack:
         with os.scandir(stack.pop()) as it:
@@ -118,7 +118,9 @@ def newest_mtime(root: str) -> float:
                 newest = max(newest, st.st_mtime)
                 if e.is_dir(follow_symlinks=False):
                     stack.append(e.path)
-    return newest
+                elif e.is_file(follow_symlinks=False):
+                    files, size = files + 1, size + st.st_size
+    return newest, files, size
 
 
 class Scale(Bench):
@@ -202,7 +204,8 @@ class Scale(Bench):
                 self.runs.append(run)
                 continue
             argv, cwd, env = self.command(tree, tool, scenario, 0)
-            warm(self.repo(tree.kind, tool, 0) if scenario == "restore" else tree.src)
+            if not self.a.no_warm:
+                warm(self.repo(tree.kind, tool, 0) if scenario == "restore" else tree.src)
             os.sync()
             before = Path("/proc/loadavg").read_text().split()[0]
             self.timed(run, argv, cwd=cwd, env=env)
@@ -265,10 +268,8 @@ class Scale(Bench):
                     return 1
             if self.a.src:
                 tree = Tree("scale", Path(self.a.src).resolve())
-                files = gentree.list_files(str(tree.src))
-                tree.gen = gentree.TreeStats("scale", str(tree.src), gentree.DEFAULT_SEED, len(files),
-                                             0, sum(s for _, s in files), 0.0)
-                del files
+                _, n, size = newest_mtime(str(tree.src))
+                tree.gen = gentree.TreeStats("scale", str(tree.src), gentree.DEFAULT_SEED, n, 0, size, 0.0)
             else:
                 tree = Tree("scale", self.work / "src")
                 log(f"generating {self.a.files:,} files ({self.a.sizes} bytes) in {tree.src}")
@@ -276,7 +277,7 @@ class Scale(Bench):
                 tree.gen = gentree.generate("small", str(tree.src), n_files=self.a.files, small_sizes=(lo, hi))
                 log(f"generated in {tree.gen.seconds:.0f} s")
             self.trees["scale"] = tree
-            wait = newest_mtime(str(tree.src)) + 3 - time.time()    # out of the 2 s racy window
+            wait = newest_mtime(str(tree.src))[0] + 3 - time.time()    # out of the 2 s racy window
             log(f"waiting {max(0.0, wait):.1f} s for the racy window")
             time.sleep(max(0.0, wait))
             failed: set = set()
@@ -290,7 +291,7 @@ class Scale(Bench):
             tree.change = gentree.apply_change(str(tree.src))
             log(f"applied the change: {tree.change.modified:,} modified, {tree.change.added:,} added, "
                 f"{tree.change.deleted:,} deleted")
-            time.sleep(max(0.0, newest_mtime(str(tree.src)) + 3 - time.time()))
+            time.sleep(max(0.0, newest_mtime(str(tree.src))[0] + 3 - time.time()))
             self.scenario(tree, "changed", failed)
             self.scenario(tree, "restore", failed)
         except KeyboardInterrupt:
@@ -314,6 +315,7 @@ class Scale(Bench):
         cmd = (f"python -m bench.scale --files {self.a.files} --sizes {self.a.sizes} --format {self.a.format} "
                f"--tools {self.a.tools} --label {self.a.label}"
                + (f" --restore-tools {self.a.restore_tools}" if self.a.restore_tools else "")
+               + (" --no-warm" if self.a.no_warm else "")
                + (f" --src {self.a.src}" if self.a.src else "") + (f" --code {self.a.code}" if self.a.code else ""))
         L = [f"### Scale: {files:,} small files, keepflow format {self.a.format} ({self.a.label})", "",
              f"`{cmd}`, {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; keepflow source: "
@@ -356,6 +358,9 @@ class Scale(Bench):
                   + (f"1% change: {tree.change.modified:,} modified, {tree.change.added:,} added, "
                      f"{tree.change.deleted:,} deleted. " if tree.change else "")
                   + "Restore check: " + "; ".join(f"{t}: {v}" for t, v in tree.verify.items()) + "."]
+        if self.a.no_warm:
+            L += ["- **Cache not warmed** (`--no-warm`): the tree does not fit in the page cache, so each command "
+                  "found it as the step before left it; the first backup read most files from disk."]
         L += ["- Tools: `keepflow` is the default thread pool in one process; `keepflow-wN` adds `--workers N` "
               "(a local Dask cluster of N single-threaded worker processes for the batches; its RSS target is "
               "judged on the process-tree figure); restic 0.14 repository version 2 (encrypted, compression "
@@ -364,7 +369,9 @@ class Scale(Bench):
               "its tree); \"process tree\" is the highest sum of RSS over the command and its descendants, "
               f"sampled every {SAMPLE_EVERY} s (counts shared library pages once per process). keepflow's "
               "Prefect server is a separate process, not counted.",
-              "- Cache: warm (input read once and `sync` before every command, untimed). `keepflow init` and "
+              "- Cache: " + ("not warmed, `sync` before every command" if self.a.no_warm else
+                             "warm (input read once and `sync` before every command, untimed)")
+              + ". `keepflow init` and "
               "`restic init` untimed. Each restore is checked and deleted before the next tool's restore, "
               "then the run waits until creating files is fast again"
               + (" (" + "; ".join(self.settles) + ")" if self.settles else "") + ".",
@@ -396,6 +403,9 @@ def main(argv=None) -> int:
                    help="keepflow (default thread pool), keepflow-wN (--workers N), restic")
     p.add_argument("--restore-tools", help="the tools whose full restore is run (default: every tool); "
                    "at 5M files each restore costs its time plus a delete of 5M files")
+    p.add_argument("--no-warm", action="store_true",
+                   help="do not read the input before each command (a 5M-file tree does not fit in the page "
+                        "cache here: reading it took ~19 min at ~4,400 files/s): the cache is as the last step left it")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--workdir", default="/work/bench-tmp")
     p.add_argument("--keepflow", help="keepflow executable (default .venv/bin/keepflow)")
