@@ -2,8 +2,9 @@
 
 Building the parser imports nothing heavy: ``main`` builds it for every
 command, the 0.3 s read-only ones included. Usage errors print one line and
-exit 2 (``_Parser.error``). Every command that opens a repository gets
-``--password-file`` (the loop at the end of ``build_parser``).
+exit 2 (``_Parser.error``). Every command that opens a repository (it has a
+REPO argument) takes ``--storage-options`` and ``--password-file``: the end of
+``build_parser`` adds them where a command's definition did not.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import json
 from keepflow.tasks.core.errors import EXIT_USAGE
 
 COMPRESSION = ["auto", "off", "fastest", "max"]
-# Commands that open no repository: no --password-file.
-NO_REPOSITORY = ("serve", "key", "server")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,17 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_init_backup_restore(add)
     _add_replication_and_upkeep(add)
-    repair = _add_repair(add)
+    _add_repair(add)
     _add_readonly(add)
     _add_key(add)
     _add_server(add)
-    # Every command that opens a repository takes --password-file.
-    for name, sp in sub.choices.items():
-        if name not in NO_REPOSITORY and "--password-file" not in sp._option_string_actions:
+    # Every command that opens a repository takes its storage options and its password.
+    for sp in repository_parsers(p):
+        if "--storage-options" not in sp._option_string_actions:
+            storage_options_arg(sp)
+        if "--password-file" not in sp._option_string_actions:
             password_arg(sp)
-    for sp in repair.choices.values():
-        password_arg(sp)
     return p
+
+
+def repository_parsers(parser: argparse.ArgumentParser):
+    """The parsers under ``parser`` of the commands that open a repository: those with a REPO argument."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                yield from repository_parsers(sp)
+        elif action.dest == "repo" and not action.option_strings:
+            yield parser
 
 
 # -- shared option groups ----------------------------------------------------------
@@ -196,7 +205,7 @@ def _add_replication_and_upkeep(add) -> None:
     storage_options_arg(sp)
 
 
-def _add_repair(add):
+def _add_repair(add) -> None:
     sp = add("repair", "rebuild the index from the stored data, or replace snapshots that reference lost data")
     what = sp.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser, required=True)
     rp = what.add_parser("index", help="rebuild the index from the packs' trailers and the objects",
@@ -216,7 +225,6 @@ def _add_repair(add):
     rp.add_argument("--dry-run", action="store_true", help="report what would be dropped, write nothing")
     json_arg(rp)
     storage_options_arg(rp)
-    return what
 
 
 def _add_readonly(add) -> None:
@@ -248,6 +256,7 @@ def _add_readonly(add) -> None:
     sp.add_argument("--last", type=int, default=10, metavar="N",
                     help="show growth over the last N snapshots (default 10)")
     json_arg(sp, JSON_HELP)
+    storage_options_arg(sp)
 
 
 def _add_key(add) -> None:

@@ -94,7 +94,7 @@ def cmd_stats(args) -> int:
 
     if args.last < 1:
         raise UsageError(f"--last must be at least 1, not {args.last}")
-    s = repository_summary(args.repo, last=args.last)
+    s = repository_summary(args.repo, last=args.last, storage_options=args.storage_options)
     if args.json:
         output.print_json(s)
     else:
