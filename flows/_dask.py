@@ -109,7 +109,12 @@ def api_url() -> str | None:
     """PREFECT_API_URL as set (environment or profile); None means the embedded temporary server."""
     from prefect.settings import PREFECT_API_URL
 
-    return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
+    from keepflow.flows import _temporary_server
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
+    if url and url == os.environ.get(_temporary_server.ENV):
+        return None          # the command's own temporary server (flows/_temporary_server.py): embedded
+    return url
 
 
 def _temporary_api_url() -> str:
@@ -119,6 +124,11 @@ def _temporary_api_url() -> str:
     so this starts nothing extra: only earlier, so local workers can be told
     where it is before they are spawned.
     """
+    from keepflow.flows import _temporary_server
+
+    if _temporary_server.started():        # the CLI started it before importing Prefect
+        _temporary_server.wait_ready()
+        return os.environ[_temporary_server.ENV]
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()

@@ -19,9 +19,13 @@ import time
 
 
 def uses_temporary_server() -> bool:
+    """No server set up: Prefect's temporary one, or the CLI's early-started equivalent (_temporary_server.py)."""
     from prefect.settings import PREFECT_API_URL
 
-    return not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value())
+    from keepflow.flows._temporary_server import ENV
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    return not url or url == os.environ.get(ENV)
 
 
 def settle(flow_run_id, expected_task_runs: int, timeout: float = 60.0) -> bool:

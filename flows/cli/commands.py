@@ -48,7 +48,7 @@ def _finish(summary: dict, args, printer, *extra) -> int:
 def cmd_backup(args) -> int:
     on = cluster(args, uses_work_dir=True)
     unlock_ahead(args)
-    prepare_prefect(args.verbose)
+    prepare_prefect(args.verbose, start_server=True)
     from keepflow.flows.backup import backup
 
     summary = run_flow(on_cluster(backup, on),
@@ -64,7 +64,7 @@ def cmd_backup(args) -> int:
 def cmd_restore(args) -> int:
     on = cluster(args, uses_work_dir=True)
     unlock_ahead(args)
-    prepare_prefect(args.verbose)
+    prepare_prefect(args.verbose, start_server=True)
     from keepflow.flows.restore import restore
 
     summary = run_flow(on_cluster(restore, on),
@@ -77,7 +77,7 @@ def cmd_restore(args) -> int:
 
 
 def cmd_replicate(args) -> int:
-    prepare_prefect(args.verbose)
+    prepare_prefect(args.verbose, start_server=True)
     from keepflow.flows.replicate import replicate
 
     summary = run_flow(replicate, dict(repo=args.repo, replicas=args.replicas, dry_run=args.dry_run,
@@ -92,7 +92,7 @@ def cmd_verify(args) -> int:
     on = cluster(args, uses_work_dir=False)
     if not args.ciphertext_only:
         unlock_ahead(args)
-    prepare_prefect(args.verbose)
+    prepare_prefect(args.verbose, start_server=True)
     from keepflow.flows.verify import verify
 
     summary = run_flow(on_cluster(verify, on),
@@ -112,7 +112,7 @@ def cmd_prune(args) -> int:
     if args.grace < 0:
         raise UsageError(f"--grace must be 0 or more hours, not {args.grace:g}")
     unlock_ahead(args)
-    prepare_prefect(args.verbose)
+    prepare_prefect(args.verbose, start_server=True)
     from keepflow.flows.prune import prune
 
     summary = run_flow(prune, dict(repo=args.repo, keep_last=args.keep_last, keep_hourly=args.keep_hourly,
@@ -147,7 +147,7 @@ def cmd_unlock(args) -> int:
 
 def cmd_repair(args) -> int:
     unlock_ahead(args)
-    prepare_prefect(args.verbose)
+    prepare_prefect(args.verbose, start_server=True)
     from keepflow.flows.repair import repair
 
     summary = run_flow(repair, dict(repo=args.repo, what=args.what, read_data=getattr(args, "read_data", False),

@@ -64,8 +64,13 @@ def unlock_ahead(args) -> None:
     keyring.unlock_ahead(args.repo, args.storage_options)
 
 
-def prepare_prefect(verbose: bool) -> None:
-    """Environment for Prefect, set before it is imported."""
+def prepare_prefect(verbose: bool, start_server: bool = False) -> None:
+    """Environment for Prefect, set before it is imported.
+
+    ``start_server`` (commands that run a flow): with no server set up, spawn
+    the temporary one now (flows/_temporary_server.py), so it starts while
+    Prefect is imported instead of after.
+    """
     # A backup tool sends nothing anywhere by default: Prefect's SDK and server
     # analytics are off unless the user sets these variables otherwise.
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -76,6 +81,10 @@ def prepare_prefect(verbose: bool) -> None:
     if not server.use_running_server() and not os.environ.get("PREFECT_API_URL") \
             and not server.profile_api_url():
         hint_once_per_hour()
+        if start_server:
+            from keepflow.flows import _temporary_server
+
+            _temporary_server.start()
     if not verbose:
         # Logs still go to the API (run history); only the console is quiet,
         # so failures reach the user as our one-line errors, not tracebacks.
@@ -104,7 +113,7 @@ def hint_once_per_hour() -> None:
 def run_flow(flow_fn, kwargs, args, phase: str) -> dict:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    from keepflow.flows import _history
+    from keepflow.flows import _history, _temporary_server
     from keepflow.flows._progress import progress_for
 
     # An ad hoc run from the command line sends no heartbeats: the engine joins
@@ -113,6 +122,7 @@ def run_flow(flow_fn, kwargs, args, phase: str) -> dict:
     # Deployments (serve, workers) keep Prefect's heartbeat.
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
             progress_for(phase, enabled=sys.stderr.isatty() and not args.json):
+        _temporary_server.wait_ready()          # started early by prepare_prefect, if at all
         state = flow_fn(**kwargs, return_state=True)
     flow_run_id = state.state_details.flow_run_id if state.state_details else None
     outcome = state.result(raise_on_failure=False)
