@@ -26,12 +26,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from keepflow.tasks.core import backup as core_backup_mod
-from keepflow.tasks.core import restore as core_restore_mod
 from keepflow.tasks.core import snapshots as core_snapshots
 from keepflow.tasks.core.repository import Repository
 from keepflow.tasks.core.treeinfo import describe, differences
 
+from tests import core_helpers
 from tests.conftest import KEEPFLOW, VENV_BIN, age_tree, make_tree, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,22 +54,13 @@ def set_past_mtime(*paths: Path, seconds: int = 60) -> None:
 
 def core_backup(source: Path, repo: Path) -> str:
     """One snapshot through the core steps the backup flow's tasks run (no Prefect)."""
-    plan = core_backup_mod.prepare(str(source), str(repo))
-    plan_d = plan.to_dict()
-    summaries = [core_backup_mod.store_range(plan_d, i, a, b) for i, (a, b) in enumerate(plan.batches)]
-    return core_backup_mod.commit(plan_d, summaries).info.id
+    committed, _, _ = core_helpers.backup(source, repo)
+    return committed.info.id
 
 
 def core_restore(repo: Path, target: Path, **kw) -> list:
     """Restore through the core steps the restore flow's tasks run; returns the errors."""
-    plan = core_restore_mod.prepare(str(repo), str(target), **kw)
-    plan_d = plan.to_dict()
-    try:
-        results = [core_restore_mod.restore_range(plan_d, a, b) for a, b in plan.batches]
-        errors = [e for r in results for e in r.errors] + list(plan.missing)
-        return errors + core_restore_mod.finish(plan_d)
-    finally:
-        core_restore_mod.cleanup(plan_d)
+    return core_helpers.restore(repo, target, **kw)[2]
 
 
 def same_tree(expected: dict, got: dict) -> None:

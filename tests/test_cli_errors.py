@@ -28,6 +28,7 @@ from keepflow.tasks.core import snapshots as core_snapshots
 from keepflow.tasks.core.errors import EXIT_FAILED, EXIT_NO_REPO, EXIT_USAGE, BadPatternError, SourceNotFoundError
 from keepflow.tasks.core.repository import RepoConfig, Repository
 
+from tests import core_helpers
 from tests.conftest import age_tree, make_tree, run_cli
 
 
@@ -59,10 +60,7 @@ def snapshot_tree(path: Path) -> dict[str, bytes | None]:
 
 def core_snapshot(source: Path, repo: Path, tags=()) -> str:
     """Make one snapshot with the core steps (what the flow's tasks call), without Prefect."""
-    plan = core_backup.prepare(str(source), str(repo), tags=tags)
-    plan_d = plan.to_dict()
-    summaries = [core_backup.store_range(plan_d, i, s, e) for i, (s, e) in enumerate(plan.batches)]
-    return core_backup.commit(plan_d, summaries).info.id
+    return core_helpers.backup(source, repo, tags=tags)[0].info.id
 
 
 # -- argument errors (argparse, no flow) ----------------------------------------
@@ -365,7 +363,8 @@ def test_corrupted_blobs_are_not_restored_under_their_names(cli, tmp_path, versi
     r = Repository.open(str(repo))
     assert r.version == version
     info = core_snapshots.resolve(r, "latest")
-    hashes = dict(zip(*core_manifest.read_manifest(r, info, columns=["path", "hash"]).to_pydict().values()))
+    table = core_manifest.read_manifest(r, info, columns=["path", "hash"])
+    hashes = dict(zip(table["path"].to_pylist(), table["hash"].to_pylist(), strict=True))
     where = {row["hash"]: row for row in core_index.load_index(r).to_pylist()}
     small, large = where[hashes["bad.txt"]], _a_data_blob_of(r, where[hashes["sub/big.bin"]], where)
     assert small["key"].startswith("packs/")

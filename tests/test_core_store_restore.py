@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import blake3
 import fsspec
@@ -35,7 +36,7 @@ def init_repository(url: str, version: int) -> Repository:
 
 def _manifest_hashes(repo, info) -> dict[str, str]:
     table = manifest.read_manifest(repo, info, columns=["path", "hash"])
-    return dict(zip(table["path"].to_pylist(), table["hash"].to_pylist()))
+    return dict(zip(table["path"].to_pylist(), table["hash"].to_pylist(), strict=True))
 
 
 def test_roundtrip_small_and_large(tmp_path, repo_url, repo_format):
@@ -160,10 +161,10 @@ def test_corrupt_blob_is_reported_and_never_written(tmp_path, repo_format):
     bad_hash = repo.blob_id(b"bad content!")
     row = next(r for r in idx if r["hash"] == bad_hash)
     path = repo.path(row["key"])
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[row["offset"]] ^= 0xFF
     os.chmod(path, 0o644)
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     _, _, errors = core_helpers.restore(repo_url, tmp_path / "out")
     assert [e[0] for e in errors] == ["bad"]
     assert not (tmp_path / "out" / "bad").exists()
@@ -213,9 +214,8 @@ def test_interrupted_run_leaves_no_snapshot_and_next_run_reuses_blobs(tmp_path):
 
     repo_url = str(tmp_path / "repo")
     src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(1000) for i in range(20)})
-    plan = core_backup.prepare(str(src), repo_url).to_dict()
-    for i in range(len(plan["batches"])):
-        core_backup.store_range(plan, i)
+    plan = core_helpers.plan_backup(src, repo_url)
+    core_helpers.store_all(plan)
     core_backup.cleanup(plan)                       # the process "dies" here: no commit
     repo = Repository.open(repo_url)
     assert snapshots.list_snapshots(repo) == []
@@ -287,9 +287,9 @@ def test_failed_repository_write_fails_the_batch_not_the_file(tmp_path):
     src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(1000) for i in range(5)})
     # A real fault: the packs folder is a regular file, so no pack can be created under it.
     (tmp_path / "repo" / "packs").write_text("in the way")
-    plan = core_backup.prepare(str(src), repo_url).to_dict()
+    plan = core_helpers.plan_backup(src, repo_url)
     with pytest.raises(RepositoryWriteError):
-        core_backup.store_range(plan, 0)
+        core_helpers.store_all(plan)
     core_backup.cleanup(plan)
     assert snapshots.list_snapshots(Repository.open(repo_url)) == []
 

@@ -16,7 +16,7 @@ import pytest
 from keepflow.tasks.core import index as indexmod
 from keepflow.tasks.core import store, treeinfo
 from keepflow.tasks.core import verify as verifymod
-from keepflow.tasks.core.backup import MAX_BATCH_FILES, commit, prepare, store_range
+from keepflow.tasks.core.backup import MAX_BATCH_FILES, commit
 from keepflow.tasks.core.errors import EXIT_FAILED, UnindexedBlobsError
 from keepflow.tasks.core.known_blobs import KnownBlobs
 from keepflow.tasks.core.repository import RepoConfig, Repository
@@ -157,13 +157,12 @@ def test_a_failed_batch_releases_its_claims_so_a_retry_stores_the_data(tmp_path)
     src = make_tree(tmp_path / "src", {f"f{i}": f"blob {i}" for i in range(20)})
     repo = Repository.open(str(tmp_path / "repo"), create=True)
     known = KnownBlobs()
-    fs, root = __import__("keepflow.tasks.core.storage", fromlist=["open_url"]).open_url(str(src))
     paths = sorted(os.listdir(src))
     # A real write fault: `packs` is a regular file, so no pack can be created.
     packs = tmp_path / "repo" / "packs"
     packs.write_bytes(b"in the way")
     with pytest.raises(store.RepositoryWriteError):
-        store.store_batch(repo, fs, root, paths, list(range(20)), known)
+        core_helpers.store_files(repo, src, paths, known)
     # Nothing stays claimed: another batch may claim every one of these blobs.
     probe = store.PackWriter(repo, store.BatchResult(), dry_run=True)
     assert not any(known.contains_or_claim(store.blake3.blake3(f"blob {i}".encode()).hexdigest(), probe)
@@ -171,7 +170,7 @@ def test_a_failed_batch_releases_its_claims_so_a_retry_stores_the_data(tmp_path)
     known.settle(probe, stored=False)
 
     packs.unlink()
-    retried = store.store_batch(repo, fs, root, paths, list(range(20)), known)
+    retried = core_helpers.store_files(repo, src, paths, known)
     assert retried.blobs_stored == 20 and retried.packs_written == 1
     assert len(known) == 20
 
@@ -193,8 +192,8 @@ def test_commit_guard_refuses_a_snapshot_that_references_unindexed_blobs(tmp_pat
     src = make_tree(tmp_path / "src", {f"f{i:03d}": f"data {i}" for i in range(50)})
     age_tree(src)
     repo_url = str(tmp_path / "repo")
-    plan = prepare(str(src), repo_url).to_dict()
-    summaries = [store_range(plan, i) for i in range(len(plan["batches"]))]
+    plan = core_helpers.plan_backup(src, repo_url)
+    summaries = core_helpers.store_all(plan)
     # A real fault between store and commit: the batch's index file is gone
     # (as a concurrent, buggy compaction did).
     repo = Repository.open(repo_url)

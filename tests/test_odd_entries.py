@@ -174,7 +174,6 @@ def test_hard_links_are_restored_as_links(tmp_path):
 def test_restore_keeps_folders_private_until_they_get_the_snapshot_mode(tmp_path):
     import stat
 
-    from keepflow.tasks.core import restore as core_restore
 
     src = make_tree(tmp_path / "src", {"open/a": "a", "secret/key": "k", "secret/deeper/b": "b"})
     os.chmod(src / "open", 0o755)
@@ -184,20 +183,16 @@ def test_restore_keeps_folders_private_until_they_get_the_snapshot_mode(tmp_path
     core_helpers.backup(src, repo_url)
 
     out = tmp_path / "out"
-    plan = core_restore.prepare(repo_url, str(out)).to_dict()
+    plan = core_helpers.plan_restore(repo_url, out)
     # While the restore runs (or after it was killed here), every folder it created is owner-only.
     for folder in (out, out / "open", out / "secret", out / "secret" / "deeper"):
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder
-    for i in range(len(plan["batches"])):
-        core_restore.restore_range(plan, i)
-    assert core_restore.finish(plan) == []
-    core_restore.cleanup(plan)
+    assert core_helpers.restore_all(plan)[1] == []
     assert stat.S_IMODE(os.stat(out / "open").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(out / "secret").st_mode) == 0o700
 
 
 def test_sparse_files_stay_sparse_on_restore(tmp_path):
-    from keepflow.tasks.core import restore as core_restore
 
     src = tmp_path / "src"
     src.mkdir()
@@ -223,16 +218,11 @@ def test_sparse_files_stay_sparse_on_restore(tmp_path):
         assert st.st_blocks * 512 < 4 * 1024 * 1024, f"{name}: {st.st_blocks * 512} bytes on disk"
     # --no-sparse writes every byte.
     dense = tmp_path / "dense"
-    plan = core_restore.prepare(repo_url, str(dense), sparse=False).to_dict()
-    for i in range(len(plan["batches"])):
-        core_restore.restore_range(plan, i)
-    core_restore.finish(plan)
-    core_restore.cleanup(plan)
+    core_helpers.restore(repo_url, dense, sparse=False)
     assert os.stat(dense / "disk.img").st_blocks * 512 >= size
 
 
 def test_xattrs_on_files_and_folders_round_trip(tmp_path):
-    from keepflow.tasks.core import restore as core_restore
 
     src = make_tree(tmp_path / "src", {"doc.txt": "text", "dir/inner": "i", "plain": "p"})
     os.setxattr(src / "doc.txt", "user.origin", b"scanner-7")
@@ -260,11 +250,7 @@ def test_xattrs_on_files_and_folders_round_trip(tmp_path):
     repo2 = Repository.open(str(tmp_path / "repo2"))
     assert manifest.read_manifest(repo2, resolve(repo2, "latest"))["xattrs"].null_count == committed.info.files + 1
     bare = tmp_path / "bare"
-    plan = core_restore.prepare(repo_url, str(bare), xattrs=False).to_dict()
-    for i in range(len(plan["batches"])):
-        core_restore.restore_range(plan, i)
-    core_restore.finish(plan)
-    core_restore.cleanup(plan)
+    core_helpers.restore(repo_url, bare, xattrs=False)
     assert os.listxattr(bare / "doc.txt") == [] and os.listxattr(bare / "dir") == []
 
 

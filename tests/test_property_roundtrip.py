@@ -29,11 +29,11 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keepflow.tasks.core import backup as core_backup
-from keepflow.tasks.core import restore as core_restore
 from keepflow.tasks.core import snapshots as core_snapshots
 from keepflow.tasks.core.repository import DEFAULT_SMALL_FILE_THRESHOLD, Repository
 from keepflow.tasks.core.treeinfo import describe, differences
+
+from tests import core_helpers
 
 MIB = DEFAULT_SMALL_FILE_THRESHOLD  # the small-file threshold is 1 MiB
 NOW_NS = time.time_ns()
@@ -195,24 +195,13 @@ def apply_changes(root: str, data) -> list[str]:
 # -- the two ways of running a backup / restore ---------------------------------
 
 def core_backup_run(source: str, repo: str) -> str:
-    plan = core_backup.prepare(source, repo)
-    plan_d = plan.to_dict()
-    summaries = [core_backup.store_range(plan_d, i, s, e) for i, (s, e) in enumerate(plan.batches)]
-    committed = core_backup.commit(plan_d, summaries)
+    committed, _, _ = core_helpers.backup(source, repo)
     assert committed.skipped == []
     return committed.info.id
 
 
 def core_restore_run(repo: str, target: str, snapshot: str) -> list:
-    plan = core_restore.prepare(repo, target, snapshot=snapshot)
-    plan_d = plan.to_dict()
-    try:
-        results = [core_restore.restore_range(plan_d, s, e) for s, e in plan.batches]
-        errors = [e for r in results for e in r.errors] + list(plan.missing)
-        errors += core_restore.finish(plan_d)
-    finally:
-        core_restore.cleanup(plan_d)
-    return errors
+    return core_helpers.restore(repo, target, snapshot=snapshot)[2]
 
 
 def flow_backup_run(source: str, repo: str) -> str:

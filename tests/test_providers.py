@@ -22,11 +22,11 @@ import pytest
 
 from keepflow.tasks.core import analysis, manifest, snapshots, treeinfo
 from keepflow.tasks.core import backup as core_backup
-from keepflow.tasks.core import restore as core_restore
 from keepflow.tasks.core.errors import StorageError, UsageError
 from keepflow.tasks.core.repository import Repository
 from keepflow.tasks.core.snapshot_diff import compare
 
+from tests import core_helpers
 from tests.conftest import age_tree, make_tree, run_cli
 from tests.servers import S3RequestCounter, clear_fs_caches
 
@@ -76,18 +76,11 @@ def remote(request):
 # -- running the core with storage options on every step ------------------------
 
 def backup(source, url, so, **kw):
-    plan = core_backup.prepare(str(source), url, storage_options=so, **kw).to_dict()
-    summaries = [core_backup.store_range(plan, i, so) for i in range(len(plan["batches"]))]
-    return core_backup.commit(plan, summaries, so), plan, summaries
+    return core_helpers.backup(source, url, storage_options=so, **kw)
 
 
 def restore(url, target, so, **kw):
-    plan = core_restore.prepare(url, str(target), storage_options=so, **kw).to_dict()
-    results = [core_restore.restore_range(plan, i, so) for i in range(len(plan["batches"]))]
-    errors = [e for r in results for e in r.errors] + list(plan["missing"])
-    errors += core_restore.finish(plan)
-    core_restore.cleanup(plan)
-    return plan, results, errors
+    return core_helpers.restore(url, target, storage_options=so, **kw)
 
 
 def tree_v1(root):
@@ -151,8 +144,8 @@ def test_interrupted_run_leaves_no_snapshot_and_next_run_reuses_blobs(provider, 
     so, url = provider.storage_options, provider.unique_url()
     src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(3000) for i in range(40)} | {"big": os.urandom(MiB + 5)})
     age_tree(src)
-    plan = core_backup.prepare(str(src), url, storage_options=so).to_dict()
-    stored = [core_backup.store_range(plan, i, so) for i in range(len(plan["batches"]))]
+    plan = core_helpers.plan_backup(src, url, storage_options=so)
+    stored = core_helpers.store_all(plan, so)
     core_backup.cleanup(plan)    # the run dies here: no commit
     blobs = sum(s.blobs_stored for s in stored)
     # 40 small files, and the large one as one blob (format 1, or format 2 when the keyed
@@ -246,7 +239,8 @@ def test_write_once_never_replaces_and_racers_have_one_winner(provider):
 # -- request cost on S3 ----------------------------------------------------------
 
 def _delta(after, before):
-    return {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before) if after.get(k, 0) != before.get(k, 0)}
+    return {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)
+            if after.get(k, 0) != before.get(k, 0)}
 
 
 def test_s3_request_cost_for_10000_small_files(s3_server, tmp_path, capsys):
@@ -332,8 +326,8 @@ def test_wrong_credentials_s3(s3_server):
 
 def test_wrong_credentials_azure(azure_server):
     bad_key = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXktd3Jvbmcta2V5LXdyb25nLWtleQ=="
-    cs = azure_server.connection_string.replace(f"AccountKey={azure_server.connection_string.split('AccountKey=')[1].split(';')[0]}",
-                                                f"AccountKey={bad_key}")
+    good_key = azure_server.connection_string.split("AccountKey=")[1].split(";")[0]
+    cs = azure_server.connection_string.replace(f"AccountKey={good_key}", f"AccountKey={bad_key}")
     with pytest.raises(StorageError) as err:
         Repository.open(azure_server.unique_url(), {"connection_string": cs}, create=True)
     _one_line(err.value, "Azure", "credentials", "AZURE_STORAGE_CONNECTION_STRING")

@@ -80,7 +80,8 @@ def _marked_keys_holding(repo, content_id: str) -> set[str]:
     idx = indexmod.load_index(repo, unique=False)
     blobs = set(gc.live_ids(repo, idx, content=pa.array([content_id], pa.string())).to_pylist())
     marked = set().union(*(set(m["keys"]) for m in gc._list_marks(repo)))
-    return {k for h, k in zip(idx["hash"].to_pylist(), idx["key"].to_pylist()) if h in blobs and k in marked}
+    return {k for h, k in zip(idx["hash"].to_pylist(), idx["key"].to_pylist(), strict=True)
+            if h in blobs and k in marked}
 
 
 def test_gc_two_phases_respects_grace_and_frees_data(tmp_path, history_any_format):
@@ -132,8 +133,8 @@ def test_orphan_data_from_a_crashed_run_is_collected_after_grace(tmp_path):
     src = make_tree(tmp_path / "src", {f"f{i}": os.urandom(3000) for i in range(10)})
     repo_url = str(tmp_path / "repo")
     core_helpers.backup(make_tree(tmp_path / "other", {"x": "1"}), repo_url)
-    plan = core_backup.prepare(str(src), repo_url).to_dict()
-    core_backup.store_range(plan, 0)
+    plan = core_helpers.plan_backup(src, repo_url)
+    core_helpers.store_all(plan)
     core_backup.cleanup(plan)                     # crashed before commit: its pack is referenced by nothing
     repo = Repository.open(repo_url)
     assert gc.mark(repo).keys == 1

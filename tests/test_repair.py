@@ -24,7 +24,7 @@ import pytest
 
 from keepflow.tasks.core import index as indexmod
 from keepflow.tasks.core import lease, manifest, pack, repair, snapshots, treeinfo, verify
-from keepflow.tasks.core.backup import commit, prepare, store_range
+from keepflow.tasks.core.backup import commit
 from keepflow.tasks.core.errors import PackFormatError
 from keepflow.tasks.core.repository import RepoConfig, Repository
 
@@ -68,9 +68,9 @@ def _two_sources_sharing_content(tmp_path, url, so=None, version: int = 2) -> di
         src = make_tree(tmp_path / f"src-{name}", spec)
         age_tree(src)
         sources[name] = src
-    plans = {n: prepare(str(s), url, storage_options=so).to_dict() for n, s in sources.items()}
+    plans = {n: core_helpers.plan_backup(s, url, storage_options=so) for n, s in sources.items()}
     indexmod.known_blobs(Repository.open(url, so), plans["b"]["run_id"])   # B's index, loaded at its start
-    stored = {n: [store_range(p, i, so) for i in range(len(p["batches"]))] for n, p in plans.items()}
+    stored = {n: core_helpers.store_all(p, so) for n, p in plans.items()}
     for n, p in plans.items():
         commit(p, stored[n], so)
     repo = Repository.open(url, so)
@@ -100,7 +100,7 @@ def _compact_with_the_old_bug(url, so=None) -> tuple[int, pa.Table]:
 
 def _index_rows(url, so=None) -> set[tuple]:
     table = indexmod.load_index(Repository.open(url, so), unique=False)
-    return set(zip(*(table[c].to_pylist() for c in ("hash", "key", "offset", "length"))))
+    return set(zip(*(table[c].to_pylist() for c in ("hash", "key", "offset", "length")), strict=True))
 
 
 def _restores_exactly(tmp_path, url, sources: dict, so=None) -> None:
@@ -124,7 +124,7 @@ def test_trailer_is_what_the_pack_writer_appends_and_is_read_from_the_tail(tmp_p
     data = (tmp_path / "repo" / key).read_bytes()
     entries = pack.read_trailer(repo.fs, repo.path(key))
     assert sorted(entries) == sorted(zip(idx["hash"].to_pylist(), idx["offset"].to_pylist(),
-                                         idx["length"].to_pylist()))
+                                         idx["length"].to_pylist(), strict=True))
     assert data.endswith(pack.encode_trailer(entries)) and data.endswith(pack.PACK_MAGIC)
     assert pack.trailer_from_bytes(data, key) == entries
     assert pack.PACK_MAGIC == b"KFPACK01"
