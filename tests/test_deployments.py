@@ -262,7 +262,14 @@ interval = 10
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                pass
+                # Seen twice on a loaded machine: a Ctrl-C that lands while the runner
+                # finishes a flow run is lost inside prefect.serve (nothing is logged,
+                # the process keeps serving). A user presses Ctrl-C again; so does this.
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)   # anything of its own left behind
         except ProcessLookupError:
