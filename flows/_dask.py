@@ -109,12 +109,11 @@ def api_url() -> str | None:
     """PREFECT_API_URL as set (environment or profile); None means the embedded temporary server."""
     from prefect.settings import PREFECT_API_URL
 
-    from keepflow.flows import _temporary_server
+    from keepflow.flows._history import uses_temporary_server
 
-    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
-    if url and url == os.environ.get(_temporary_server.ENV):
-        return None          # the command's own temporary server (flows/_temporary_server.py): embedded
-    return url
+    if uses_temporary_server():      # no server set up, or the CLI's own temporary one
+        return None
+    return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
 
 
 def _temporary_api_url() -> str:

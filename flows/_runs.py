@@ -81,8 +81,9 @@ def _temporary_server_pid() -> int | None:
     from keepflow.flows import _temporary_server
     from keepflow.flows._history import uses_temporary_server
 
-    if _temporary_server.pid() is not None:                 # the CLI's early-started one
-        return _temporary_server.pid()
+    early = _temporary_server.pid()                         # the CLI's early-started one
+    if early is not None:
+        return early
     module = sys.modules.get("prefect.server.api.server")   # imported only if this process started one
     if module is None or not uses_temporary_server():
         return None
