@@ -20,7 +20,12 @@ What it does (the method of bench/run.py, at scale; see bench/README.md):
    change (``gentree.apply_change``) -> changed backup -> full restore of the
    latest snapshot into a fresh folder. The tools are ``keepflow`` (the
    default thread pool), ``keepflow-wN`` (``--workers N``: a local Dask
-   cluster of N worker processes for the batches) and ``restic``; each has
+   cluster of N worker processes for the batches), ``keepflow-daskN``
+   (``--dask ADDRESS`` of a cluster started beforehand, untimed, as a user
+   starts one: a ``dask scheduler`` and N ``dask worker`` processes of one
+   thread each, with their own working folders and TMPDIR; the summary's
+   ``ran_on`` says which worker ran how many batches, and the workers' CPU
+   and RSS are counted as the command's) and ``restic``; each has
    its own repository;
 4. records wall time, user and system CPU, and two peak memory figures per
    command: ``ru_maxrss`` of the waited-for child (the largest single process
@@ -78,8 +83,14 @@ def workers_of(tool: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def dask_workers_of(tool: str) -> int | None:
+    """``keepflow-dask2`` -> 2 (a cluster of 2 workers started beforehand); anything else -> None."""
+    m = re.fullmatch(r"keepflow-dask(\d+)", tool)
+    return int(m.group(1)) if m else None
+
+
 def is_keepflow(tool: str) -> bool:
-    return tool == "keepflow" or workers_of(tool) is not None
+    return tool == "keepflow" or workers_of(tool) is not None or dask_workers_of(tool) is not None
 
 
 def _tree_rss(skip: set[int]) -> int:
@@ -123,6 +134,97 @@ def newest_mtime(root: str) -> tuple[float, int, int]:
     return newest, files, size
 
 
+class Cluster:
+    """A Dask cluster started the way a user starts one: ``dask scheduler`` and ``dask worker`` processes.
+
+    Each process has its own working directory and TMPDIR under ``root``; the
+    workers get the command's environment (PREFECT_API_URL, PYTHONPATH of
+    ``--code``), one thread each. Started before the commands and untimed,
+    as a cluster someone keeps running.
+    """
+
+    def __init__(self, root: Path, dask: str, workers: int, env: dict[str, str]) -> None:
+        from bench.run import free_port
+        self.root, self.procs = root, []
+        port = free_port()
+        self.address = f"tcp://127.0.0.1:{port}"
+        self._start("scheduler", [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--no-dashboard", "--no-show"], env)
+        self._wait_port(port)
+        for i in range(workers):
+            self._start(f"worker-{i}", [dask, "worker", self.address, "--nthreads", "1", "--nworkers", "1",
+                                        "--no-dashboard", "--host", "127.0.0.1", "--name", f"w{i}"], env)
+        self._wait_workers(workers)
+
+    def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        import subprocess
+        home = self.root / name
+        (home / "tmp").mkdir(parents=True, exist_ok=True)
+        log_f = open(home / "log", "wb")    # noqa: SIM115 - stays open for the process's life
+        self.procs.append(subprocess.Popen(cmd, cwd=home, env=dict(env, TMPDIR=str(home / "tmp")),
+                                           stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True))
+
+    def _wait_port(self, port: int) -> None:
+        import socket
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"dask scheduler did not listen on {port}: see {self.root / 'scheduler' / 'log'}")
+
+    def _wait_workers(self, n: int) -> None:
+        from distributed import Client
+        with Client(self.address, timeout=60) as c:
+            c.wait_for_workers(n, timeout=120)
+
+    def pids(self) -> list[int]:
+        """The cluster's processes and their children (a nanny's worker)."""
+        found = [p.pid for p in self.procs]
+        kids: dict[int, list[int]] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
+                except (OSError, IndexError, ValueError):
+                    pass
+        todo = list(found)
+        while todo:
+            for k in kids.get(todo.pop(), []):
+                found.append(k)
+                todo.append(k)
+        return found
+
+    def cpu(self) -> float:
+        from bench.run import tree_cpu
+        return sum(tree_cpu(p.pid) for p in self.procs)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a stuck process is killed below
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def ran_on(out_file: Path) -> dict[str, int] | None:
+    """``ran_on`` of a backup's ``--json`` summary (host:pid -> batches), if it has one."""
+    import json
+    try:
+        text = out_file.read_text()
+        return json.loads(text[text.index("{"):]).get("ran_on")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class Scale(Bench):
     def __init__(self, args):
         args.settle = 0.25
@@ -137,6 +239,9 @@ class Scale(Bench):
         self.tree_peak: dict[tuple[str, str], float] = {}     # (scenario, tool) -> MiB
         self.settles: list[str] = []
         self.restore_tools = [t for t in (args.restore_tools or args.tools).split(",") if t]
+        self.cluster: Cluster | None = None
+        self.cluster_cpu: dict[tuple[str, str], float] = {}   # (scenario, tool) -> CPU-s of the dask workers
+        self.ran_on: dict[tuple[str, str], dict[str, int]] = {}
 
     # ------------------------------------------------------------------ commands
     def keepflow(self, *args: str) -> list[str]:
@@ -158,6 +263,8 @@ class Scale(Bench):
         repo = self.repo(tree.kind, tool, r)
         n = workers_of(tool)
         extra = ["--workers", str(n)] if n else []
+        if dask_workers_of(tool):
+            extra = ["--dask", self.cluster.address]
         if scenario == "restore":
             return self.keepflow("restore", str(repo), str(self.restore_dir(tree.kind, tool, r)), "--json",
                                  *extra), str(self.work), self.kf_env
@@ -178,18 +285,27 @@ class Scale(Bench):
         peak = [0]
         done = threading.Event()
         skip = {self.server.pid} if self.server else set()
+        cluster = self.cluster
+        if cluster and not dask_workers_of(run.tool):
+            skip |= set(cluster.pids())
 
         def sample():
             while not done.wait(SAMPLE_EVERY):
                 peak[0] = max(peak[0], _tree_rss(skip))
         t = threading.Thread(target=sample, daemon=True)
         t.start()
+        cpu0 = cluster.cpu() if cluster else 0.0
         try:
             return super().timed(run, cmd, cwd=cwd, env=env)
         finally:
             done.set()
             t.join()
             self.tree_peak[(run.scenario, run.tool)] = peak[0] / 2**20
+            if cluster:     # the workers' CPU is the command's work for a dask tool, nobody's otherwise
+                used = max(0.0, cluster.cpu() - cpu0)
+                run.other_cpu = max(0.0, run.other_cpu - used)
+                if dask_workers_of(run.tool):
+                    self.cluster_cpu[(run.scenario, run.tool)] = used
 
     # ------------------------------------------------------------------ scenarios
     def scenario(self, tree, scenario: str, failed: set) -> None:
@@ -211,6 +327,11 @@ class Scale(Bench):
             self.timed(run, argv, cwd=cwd, env=env)
             self.load[(scenario, tool)] = (before, Path("/proc/loadavg").read_text().split()[0])
             self.runs.append(run)
+            if dask_workers_of(tool) and run.ok and scenario != "restore":
+                got = ran_on(self.logs / f"{run.tree}-{run.scenario}-{run.tool}-r{run.repeat}.out")
+                if got:
+                    self.ran_on[(scenario, tool)] = got
+                    log(f"  batches ran on: {got}")
             state = f"{run.seconds:.1f} s" if run.ok else f"FAILED rc={run.rc} {run.note}"
             log(f"{scenario:8s} {tool:12s} {state}  (user {run.user:.1f} s, sys {run.sys:.1f} s, "
                 f"max RSS {run.maxrss_mib:.0f} MiB, tree {self.tree_peak[(scenario, tool)]:.0f} MiB, "
@@ -266,6 +387,12 @@ class Scale(Bench):
                 if self.server_error:
                     log(f"Prefect server did not start: {self.server_error}")
                     return 1
+            n_dask = max((dask_workers_of(t) or 0 for t in self.tools), default=0)
+            if n_dask:
+                dask = str(Path(self.python).parent / "dask")
+                log(f"starting a Dask cluster: dask scheduler + {n_dask} dask worker processes")
+                self.cluster = Cluster(self.work / "dask", dask, n_dask, self.kf_env)
+                log(f"Dask cluster at {self.cluster.address}")
             if self.a.src:
                 tree = Tree("scale", Path(self.a.src).resolve())
                 _, n, size = newest_mtime(str(tree.src))
@@ -297,6 +424,8 @@ class Scale(Bench):
         except KeyboardInterrupt:
             self.notes.append("Interrupted: the results below are incomplete.")
         finally:
+            if self.cluster:
+                self.cluster.stop()
             self.stop_server()
         out = Path(self.a.out)
         write_section(out, f"scale-{self.a.label}", self.section())
@@ -333,7 +462,8 @@ class Scale(Bench):
                 elif not x.ok:
                     cells = [f"FAILED ({x.rc}) {x.note}", "", "", ""]
                 else:
-                    cells = [f"{x.seconds:.1f} s", f"{x.user + x.sys:.1f} s", f"{x.maxrss_mib:.0f} MiB",
+                    cpu = x.user + x.sys + self.cluster_cpu.get((sc, tool), 0.0)
+                    cells = [f"{x.seconds:.1f} s", f"{cpu:.1f} s", f"{x.maxrss_mib:.0f} MiB",
                              f"{self.tree_peak.get((sc, tool), 0):.0f} MiB"]
                 ok = x is not None and x.ok
                 ratio = f"{x.seconds / r.seconds:.2f}x" if ok and r and r.ok and tool != "restic" else ""
@@ -343,7 +473,8 @@ class Scale(Bench):
                         target.append(f"time <= {TARGETS[sc]}x: "
                                       + ("PASS" if x.seconds <= TARGETS[sc] * r.seconds else "FAIL"))
                     if sc != "restore" or files > 1_500_000:
-                        whole = max(x.maxrss_mib, self.tree_peak.get((sc, tool), 0) if workers_of(tool) else 0)
+                        whole = max(x.maxrss_mib, self.tree_peak.get((sc, tool), 0)
+                                    if workers_of(tool) or dask_workers_of(tool) else 0)
                         target.append(f"RSS <= {rss_target} MiB: " + ("PASS" if whole <= rss_target else "FAIL"))
                 load = self.load.get((sc, tool))
                 L.append(f"| {TITLES[sc]} | {tool} | " + " | ".join(cells) + f" | {ratio} | "
@@ -358,6 +489,11 @@ class Scale(Bench):
                   + (f"1% change: {tree.change.modified:,} modified, {tree.change.added:,} added, "
                      f"{tree.change.deleted:,} deleted. " if tree.change else "")
                   + "Restore check: " + "; ".join(f"{t}: {v}" for t, v in tree.verify.items()) + "."]
+        for (sc, tool), where in self.ran_on.items():
+            L += [f"- {TITLES[sc]}, {tool}: batches per worker process (`ran_on` of the summary): "
+                  + ", ".join(f"{k}: {v}" for k, v in sorted(where.items()))
+                  + (f"; the workers used {self.cluster_cpu[(sc, tool)]:.1f} CPU-s (in the CPU column)"
+                     if (sc, tool) in self.cluster_cpu else "") + "."]
         if self.a.no_warm:
             L += ["- **Cache not warmed** (`--no-warm`): the tree does not fit in the page cache, so each command "
                   "found it as the step before left it; the first backup read most files from disk."]
@@ -400,7 +536,8 @@ def main(argv=None) -> int:
     p.add_argument("--src", help="an existing gentree small tree to use (the 1%% change is applied to it)")
     p.add_argument("--sizes", default="1024:7168", help="MIN:MAX file sizes of the generated tree (bytes)")
     p.add_argument("--tools", default="keepflow,keepflow-w1,keepflow-w2,restic",
-                   help="keepflow (default thread pool), keepflow-wN (--workers N), restic")
+                   help="keepflow (default thread pool), keepflow-wN (--workers N), keepflow-daskN (--dask: a "
+                        "cluster of N dask worker processes started beforehand), restic")
     p.add_argument("--restore-tools", help="the tools whose full restore is run (default: every tool); "
                    "at 5M files each restore costs its time plus a delete of 5M files")
     p.add_argument("--no-warm", action="store_true",
@@ -414,7 +551,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     bad = [t for t in a.tools.split(",") if t and t != "restic" and not is_keepflow(t)]
     if bad:
-        p.error(f"unknown tools {bad}: keepflow, keepflow-wN, restic")
+        p.error(f"unknown tools {bad}: keepflow, keepflow-wN, keepflow-daskN, restic")
     if "restic" in a.tools.split(",") and not shutil.which("restic"):
         p.error("restic not found: apt-get install -y restic")
 
