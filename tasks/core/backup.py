@@ -27,7 +27,7 @@ import datetime as dt
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -317,9 +317,10 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options: dict[str,
     Memory: the index-wide steps run first, while nothing else is loaded
     (merging the run's index files, format 2's chunk guard, and reading the
     index's ids for the commit guard as 32-byte digests, known_blobs.py).
-    Then the plan is read a row group at a time and each group merged with the
-    results of the batches that cover it, so only the manifest table being
-    built is whole in memory, never the plan and all results beside it.
+    Then the plan is read a row group at a time, each group merged with the
+    results of the batches that cover it, counted, checked by the commit guard
+    and appended to the manifest being written (manifest.ManifestWriter), so
+    neither the plan, the results nor the manifest is ever whole in memory.
     """
     scratch = plan["scratch"]
     repo = indexed = None
@@ -338,39 +339,69 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options: dict[str,
             indexmod.require_chunks_indexed(repo, [plan["run_id"]], what, indexed)
         memory.release()
 
-    table = _merge_results(scratch, plan, summaries)
+    # The manifest is written a plan row group at a time (manifest.ManifestWriter):
+    # each merged group is counted, checked by the commit guard and appended, so
+    # the manifest is never a whole table in memory. Nothing reaches the
+    # repository before ``close``, after the guard has seen every row.
+    writer = manifest.ManifestWriter(repo) if repo is not None else None
+    counts = {"new": 0, "changed": 0, "unchanged": 0}
+    totals = [0, 0, 0]          # files, dirs, bytes
+    columns = [f.name for f in manifest.MANIFEST_SCHEMA]
+    try:
+        for group in _merged_groups(scratch, plan, summaries):
+            _add_group(group, counts, totals)
+            if writer is not None:
+                out = group.select(columns)
+                # A snapshot never references a blob a reader could not find.
+                assert repo is not None and indexed is not None      # both opened above when not a dry run
+                _require_indexed(repo, out, indexed, what)
+                writer.write(out)
+            del group
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
+    files, dirs, total_bytes = totals
+    del indexed
     memory.release()
-    counts = diffmod.final_counts(table)
     skipped = list(plan["skipped"]) + [tuple(s) for b in summaries for s in b.skipped]
 
-    is_file = pc.equal(table["type"], "file")
     end = dt.datetime.now(dt.UTC)
     info = manifest.SnapshotInfo(
         id=uuid.uuid4().hex[:16] if not plan["dry_run"] else "dry-run",
         time=plan["start_time"], end_time=end.isoformat(timespec="microseconds"),
         parent=plan["parent"], source=plan["source"], host=plan["host"], tags=list(plan["tags"]),
-        files=pc.sum(is_file).as_py() or 0, dirs=pc.sum(pc.equal(table["type"], "dir")).as_py() or 0,
-        bytes=pc.sum(pc.if_else(is_file, table["size"], 0)).as_py() or 0,
+        files=files, dirs=dirs, bytes=total_bytes,
         new=counts["new"], changed=counts["changed"], unchanged=counts["unchanged"], deleted=plan["deleted"],
         bytes_read=sum(b.bytes_read for b in summaries), bytes_stored=sum(b.bytes_stored for b in summaries),
         bytes_written=sum(b.bytes_written for b in summaries),
         skipped=len(skipped), start_ns=plan["start_ns"], keepflow_version=KEEPFLOW_VERSION,
     )
-    if not plan["dry_run"]:
-        out = table.select([f.name for f in manifest.MANIFEST_SCHEMA])
-        del table
-        # A snapshot never references a blob a reader could not find.
-        assert repo is not None and indexed is not None      # both opened above when not a dry run
-        _require_indexed(repo, out, indexed, what)
-        del indexed
-        manifest.write_manifest(repo, out, info)
+    if writer is not None:
+        writer.close(info)          # the commit point
     scratch_io.remove(scratch)
     return CommitResult(info, skipped)
 
 
+def _add_group(group: pa.Table, counts: dict, totals: list[int]) -> None:
+    """Add a manifest group's counts (diff.final_counts) and its files, dirs and bytes."""
+    for key, value in diffmod.final_counts(group).items():
+        counts[key] += value
+    is_file = pc.equal(group["type"], "file")
+    totals[0] += pc.sum(is_file).as_py() or 0
+    totals[1] += pc.sum(pc.equal(group["type"], "dir")).as_py() or 0
+    totals[2] += pc.sum(pc.if_else(is_file, group["size"], 0)).as_py() or 0
+
+
 def _merge_results(scratch: str, plan: dict, summaries: list[BatchSummary]) -> pa.Table:
+    """``_merged_groups`` as one table (tests, callers that want it whole)."""
+    return pa.concat_tables(list(_merged_groups(scratch, plan, summaries)))
+
+
+def _merged_groups(scratch: str, plan: dict, summaries: list[BatchSummary]) -> Iterator[pa.Table]:
     """The plan with every batch's results merged in, and files that were to be
-    read but have no result (skipped) left out: the manifest's rows.
+    read but have no result (skipped) left out: the manifest's rows, one plan
+    row group at a time.
 
     Batches cover consecutive, non-overlapping plan row ranges (``plan["batches"]``),
     so walking the plan's row groups in order, a batch's results are read when
@@ -378,7 +409,6 @@ def _merge_results(scratch: str, plan: dict, summaries: list[BatchSummary]) -> p
     """
     pending = sorted((tuple(plan["batches"][s.batch]), s.batch) for s in summaries)
     active: list[tuple[int, pa.Table]] = []      # (end row, results) of the batches in reach
-    pieces = []
     start = 0
     for group in scratch_io.read_groups(scratch, "plan"):
         end = start + group.num_rows
@@ -404,10 +434,9 @@ def _merge_results(scratch: str, plan: dict, summaries: list[BatchSummary]) -> p
                                          pc.if_else(has_arr, results[col].take(take), group[col]))
         if not keep.all():
             group = group.filter(pa.array(keep))
-        pieces.append(share_nulls(group))
+        yield share_nulls(group)
         active = [(e, r) for e, r in active if e > end]
         start = end
-    return pa.concat_tables(pieces)
 
 
 def _require_indexed(repo: Repository, entries: pa.Table, indexed: KnownBlobs, what: str) -> None:

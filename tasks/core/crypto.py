@@ -136,6 +136,30 @@ def _cipher(kind_key: bytes, salt: bytes, magic: bytes) -> AESGCM:
     return AESGCM(hkdf(kind_key, salt, magic))
 
 
+def stream_encryptor(keys: Subkeys, magic: bytes, salt: bytes, i: int) -> Any:
+    """``AEAD(K_f, N(i), plaintext, magic)`` of a message too large to hold twice in memory:
+    ``update`` it chunk by chunk, then ``finalize()`` and append ``.tag``. The bytes
+    are exactly ``encrypt``'s (AES-256-GCM is a stream cipher plus a tag), so the
+    files it writes are the format's, whichever way they were made."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(hkdf(keys.kind_key(magic), salt, magic)), modes.GCM(nonce(i))).encryptor()
+    enc.authenticate_additional_data(magic)
+    return enc
+
+
+def stream_decryptor(keys: Subkeys, magic: bytes, salt: bytes, i: int) -> Any:
+    """The reverse of ``stream_encryptor``: ``update`` the ciphertext (without its
+    tag), then ``finalize_with_tag(tag)``, which raises ``InvalidTag`` when the
+    message does not authenticate. Nothing ``update`` returns may be trusted
+    (parsed, decompressed, written under a real name) before that call returns."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    dec = Cipher(algorithms.AES(hkdf(keys.kind_key(magic), salt, magic)), modes.GCM(nonce(i))).decryptor()
+    dec.authenticate_additional_data(magic)
+    return dec
+
+
 def encrypt(cipher: AESGCM, i: int, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
     data = bytes(plaintext) if isinstance(plaintext, (bytearray, memoryview)) else plaintext
     return cipher.encrypt(nonce(i), data, aad)

@@ -13,14 +13,16 @@ and are written once with the write-once helper: they are never replaced.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import datetime as dt
 import json
 import os
 import struct
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import blake3
 import pyarrow as pa
@@ -31,6 +33,10 @@ if TYPE_CHECKING:
     from .repository import Repository
 
 META_KEY = b"keepflow.snapshot"
+# A manifest being written or read is spooled in memory up to this size, then in an
+# unlinked local temporary file (ManifestWriter, open_manifest): ~1/3 of a 1M-file manifest.
+SPOOL_BYTES = 16 * 1024 * 1024
+BLOCK_BYTES = 4 * 1024 * 1024      # what one pass over a spooled manifest reads at a time
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -153,17 +159,151 @@ def with_snapshot_metadata(table: pa.Table, info: SnapshotInfo) -> pa.Table:
 
 def write_manifest(repo: Repository, table: pa.Table, info: SnapshotInfo) -> str:
     """Write the manifest last: once this file exists, the snapshot exists."""
-    table = with_snapshot_metadata(_by_path(table), info)
-    if repo.version < 2:
-        name = manifest_name(info)
-        parquet_io.write_table_once(repo.fs, repo.path("snapshots", name), table)
-    else:
-        data = encode_manifest(repo, table, info)
-        stamp = manifest_name(info)[: -len(".parquet")]
-        name = f"{stamp}-{blake3.blake3(data).hexdigest()}" + ("" if repo.encrypted else ".parquet")
-        storage.write_once(repo.fs, repo.path("snapshots", name), data)
-    info.key = name
-    return name
+    writer = ManifestWriter(repo)
+    writer.write(_by_path(table))
+    return writer.close(info)
+
+
+class ManifestWriter:
+    """A manifest written a row group at a time; nothing exists in the repository until ``close``.
+
+    The rows (sorted by path, checked) go through pyarrow's ``ParquetWriter``
+    into a spooled temporary file (memory up to ``SPOOL_BYTES``, then an
+    unlinked file in the local temporary folder), one row group per
+    ``write``, so neither the manifest table nor its Parquet bytes need to be
+    whole in memory (1M files: the table, the Parquet bytes, the ciphertext
+    and the joined file were four copies, +238 MiB at the write). The
+    snapshot facts, known only once every row has been seen, go into the
+    footer's key-value metadata at ``close``. Format 2 then makes the file
+    of the format exactly as ``encode_manifest`` does, in two passes over the
+    spooled body (the salt covers the whole body before a byte can be
+    encrypted), the ciphertext going into a second spooled file while its
+    BLAKE3 (the name) is computed, and the result is written create-only in
+    chunks (``storage.write_stream_once``): same bytes, same atomicity.
+    """
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed by close or discard)
+        self._writer: Any = None
+        self._last: str | None = None
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows; ``table`` holds ``MANIFEST_SCHEMA``'s columns, sorted by path and
+        after every row written before (ValueError otherwise: a manifest is sorted)."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from . import ids
+
+        table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+        n = table.num_rows
+        if n:
+            paths = table["path"]
+            if (n > 1 and not pc.all(pc.less_equal(paths.slice(0, n - 1), paths.slice(1))).as_py()) or (
+                    self._last is not None and paths[0].as_py() < self._last):
+                raise ValueError("manifest rows must come sorted by path")
+            self._last = paths[n - 1].as_py()
+        if self._repo.version >= 2:
+            table = table.set_column(table.schema.get_field_index("hash"), pa.field("hash", ids.BINARY_ID),
+                                     ids.hex_to_binary(table["hash"]))
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._spool, table.schema, compression="zstd")
+        if n:
+            self._writer.write_table(table, row_group_size=n)
+
+    def discard(self) -> None:
+        """Drop what was written (nothing reached the repository)."""
+        self._spool.close()
+
+    def close(self, info: SnapshotInfo) -> str:
+        """Finish the file and write it to the repository (create-only); returns its name."""
+        try:
+            if self._writer is None:
+                self.write(MANIFEST_SCHEMA.empty_table())
+            # The facts as the file's key-value metadata and, as pq.write_table puts them, in
+            # the stored Arrow schema too (ARROW:schema, pyarrow's own encoding), so a reader
+            # of the schema alone (pq.read_schema) finds them as in every older manifest.
+            facts = {META_KEY: info.to_json().encode()}
+            schema = self._writer.schema.with_metadata(facts)
+            self._writer.add_key_value_metadata(
+                {**facts, b"ARROW:schema": base64.b64encode(schema.serialize().to_pybytes())})
+            self._writer.close()
+            body = self._spool
+            body_len = body.tell()
+            repo = self._repo
+            stamp = manifest_name(info)[: -len(".parquet")]
+            if repo.version < 2:
+                name = manifest_name(info)
+                body.seek(0)
+                storage.write_stream_once(repo.fs, repo.path("snapshots", name), body)
+            elif not repo.encrypted:
+                name = f"{stamp}-{_b3_of(body)}.parquet"
+                body.seek(0)
+                storage.write_stream_once(repo.fs, repo.path("snapshots", name), body)
+            else:
+                with _encrypted(repo, body, body_len, info.to_json().encode()) as (data, digest):
+                    name = f"{stamp}-{digest}"
+                    storage.write_stream_once(repo.fs, repo.path("snapshots", name), data)
+        finally:
+            self._spool.close()
+        info.key = name
+        return name
+
+
+class _encrypted:
+    """Format 2's encrypted manifest file made from a spooled Parquet body, in a
+    spooled file of its own: ``(file positioned at 0, BLAKE3 hex of its bytes)``."""
+
+    def __init__(self, repo: Repository, body: Any, body_len: int, facts: bytes) -> None:
+        self._args = (repo, body, body_len, facts)
+        self._out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed by __exit__)
+
+    def __enter__(self) -> tuple[Any, str]:
+        from . import crypto
+
+        repo, body, body_len, facts = self._args
+        keys = repo.keys
+        salt_h = blake3.blake3(crypto.SNAPSHOT, key=keys.salt)
+        salt_h.update(_U64.pack(body_len))
+        body.seek(0)
+        for block in _blocks(body):
+            salt_h.update(block)
+        salt_h.update(facts)
+        salt = salt_h.digest()
+        enc = crypto.stream_encryptor(keys, crypto.SNAPSHOT, salt, 0)
+        digest = blake3.blake3()
+        out = self._out
+
+        def emit(data: bytes) -> None:
+            digest.update(data)
+            out.write(data)
+
+        body.seek(0)
+        for block in _blocks(body):
+            emit(enc.update(block))
+        emit(enc.finalize())
+        emit(enc.tag)
+        enc_facts = crypto.encrypt(keys.cipher(crypto.SNAPSHOT, salt), 1, facts, crypto.SNAPSHOT)
+        emit(enc_facts + salt + _U32.pack(len(enc_facts)) + crypto.SNAPSHOT)
+        out.seek(0)
+        return out, digest.hexdigest()
+
+    def __exit__(self, *exc: object) -> None:
+        self._out.close()
+
+
+def _blocks(f: Any, size: int = 0) -> Iterator[bytes]:
+    while block := f.read(size or BLOCK_BYTES):
+        yield block
+
+
+def _b3_of(f: Any) -> str:
+    f.seek(0)
+    h = blake3.blake3()
+    for block in _blocks(f):
+        h.update(block)
+    return h.hexdigest()
 
 
 def _by_path(table: pa.Table) -> pa.Table:

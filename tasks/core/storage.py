@@ -322,6 +322,15 @@ def write_stream_once(fs: AbstractFileSystem, path: str, fileobj: SupportsRead[b
     atomically, so they are written under the final name (create-only where
     the provider has it, see ``create_only``).
     """
+    try:
+        return _write_stream_once(fs, path, fileobj, chunk)
+    except OSError as exc:
+        if is_no_space(exc):
+            raise write_failure(f"cannot write {path}: {exc}", exc) from exc
+        raise
+
+
+def _write_stream_once(fs: AbstractFileSystem, path: str, fileobj: SupportsRead[bytes], chunk: int) -> bool:
     def copy(out) -> None:
         while block := fileobj.read(chunk):
             out.write(block)
@@ -331,8 +340,12 @@ def write_stream_once(fs: AbstractFileSystem, path: str, fileobj: SupportsRead[b
             return False
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = tmp_name(path)
-        with open(tmp, "wb") as out:
-            copy(out)
+        try:
+            with open(tmp, "wb") as out:
+                copy(out)
+        except BaseException:       # a partial copy after a full disk would hold the space
+            _unlink_quietly(tmp)
+            raise
         return publish_local_tmp(tmp, path)
     if is_object_store(fs):
         return _stream_object_once(fs, path, fileobj, chunk)
