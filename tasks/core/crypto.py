@@ -160,6 +160,14 @@ def stream_decryptor(keys: Subkeys, magic: bytes, salt: bytes, i: int) -> Any:
     return dec
 
 
+def finish_decrypt(dec: Any, tag: bytes) -> bytes:
+    """The last plaintext bytes of a ``stream_decryptor``; AuthenticationFailed when the tag is wrong."""
+    try:
+        return dec.finalize_with_tag(tag)
+    except InvalidTag:
+        raise AuthenticationFailed() from None
+
+
 def encrypt(cipher: AESGCM, i: int, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
     data = bytes(plaintext) if isinstance(plaintext, (bytearray, memoryview)) else plaintext
     return cipher.encrypt(nonce(i), data, aad)

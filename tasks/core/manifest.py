@@ -394,19 +394,79 @@ def _facts_from_tail(repo: Repository, tail: bytes, size: int, name: str, path: 
         raise ValueError("its facts do not authenticate (damaged, or not this repository's)") from None
 
 
+def _open_body(repo: Repository, name: str) -> Any:
+    """The Parquet body of format 2 manifest ``name`` in a spooled temporary file (at 0),
+    checked (name, tag) before anyone parses it; ValueError when damaged.
+
+    Streaming: the file is copied in blocks while its BLAKE3 is computed, then
+    the body decrypted block by block (crypto.stream_decryptor) into a second
+    spooled file, and given out only once the tag has verified. Memory holds a
+    block at a time, never the ciphertext and the plaintext of the whole file
+    (1M files: two copies of ~50 MiB each, for the parent's read in every backup).
+    """
+    from . import crypto
+
+    raw = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed below or by the caller)
+    try:
+        digest = blake3.blake3()
+        with repo.fs.open(repo.path("snapshots", name), "rb") as f:
+            for block in _blocks(f):
+                digest.update(block)
+                raw.write(block)
+        size = raw.tell()
+        if digest.hexdigest() != name.split(".", 1)[0].rsplit("-", 1)[-1]:
+            raise ValueError("its name is not the BLAKE3 of its bytes (damaged)")
+        raw.seek(0)
+        if not repo.encrypted:
+            return raw
+        magic = crypto.SNAPSHOT
+        raw.seek(max(0, size - 12 - crypto.SALT_SIZE))
+        tail = raw.read()
+        if len(tail) < 12 + crypto.SALT_SIZE or tail[-8:] != magic:
+            raise ValueError(f"it does not end with {magic.decode()}")
+        (flen,) = _U32.unpack(tail[-12:-8])
+        salt = tail[-12 - crypto.SALT_SIZE: -12]
+        body_end = size - 12 - crypto.SALT_SIZE - flen
+        if body_end < crypto.TAG_SIZE:
+            raise ValueError("its facts length does not fit")
+        raw.seek(body_end - crypto.TAG_SIZE)
+        tag = raw.read(crypto.TAG_SIZE)
+        dec = crypto.stream_decryptor(repo.keys, magic, salt, 0)
+        out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (the caller's)
+        try:
+            raw.seek(0)
+            left = body_end - crypto.TAG_SIZE
+            while left:
+                block = raw.read(min(BLOCK_BYTES, left))
+                left -= len(block)
+                out.write(dec.update(block))
+            try:
+                out.write(crypto.finish_decrypt(dec, tag))
+            except crypto.AuthenticationFailed:
+                raise ValueError("it does not authenticate (damaged, or not this repository's)") from None
+        except BaseException:
+            out.close()
+            raise
+        out.seek(0)
+        raw.close()
+        return out
+    except BaseException:
+        raw.close()
+        raise
+
+
 def _read_table_v2(repo: Repository, name: str, columns: Sequence[str] | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
     from . import ids
 
-    data = repo.fs.cat_file(repo.path("snapshots", name))
-    body = decode_manifest_body(repo, data, name)
-    pf = pq.ParquetFile(pa.BufferReader(body))
-    cols = columns
-    if cols is not None:
-        present = set(pf.schema_arrow.names)
-        cols = [c for c in cols if c in present or c not in OPTIONAL_COLUMNS]
-    table = pf.read(columns=cols)
+    with _open_body(repo, name) as body:
+        pf = pq.ParquetFile(body)
+        cols = columns
+        if cols is not None:
+            present = set(pf.schema_arrow.names)
+            cols = [c for c in cols if c in present or c not in OPTIONAL_COLUMNS]
+        table = pf.read(columns=cols)
     if "hash" in table.column_names:
         table = table.set_column(table.schema.get_field_index("hash"), pa.field("hash", pa.string()),
                                  ids.binary_to_hex(table["hash"]))
