@@ -246,7 +246,8 @@ class Scale(Bench):
     # ------------------------------------------------------------------ commands
     def keepflow(self, *args: str) -> list[str]:
         if self.code:
-            module = "keepflow.flows.cli" if (Path(self.code) / "keepflow" / "flows" / "cli.py").exists() \
+            flows = Path(self.code) / "keepflow" / "flows"     # cli.py, a package since the namespace's CLI split
+            module = "keepflow.flows.cli" if (flows / "cli.py").exists() or (flows / "cli").is_dir() \
                 else "flows.cli"
             return [self.python, "-m", module, *args]
         return [self.kf, *args]
