@@ -41,7 +41,7 @@ def _manifest_hashes(repo, info) -> dict[str, str]:
 
 def test_roundtrip_small_and_large(tmp_path, repo_url, repo_format):
     src = make_tree(tmp_path / "src", {"a.txt": "alpha", "dir/b.bin": os.urandom(5000), "empty.txt": "",
-                                       "big.bin": os.urandom(2 * MiB + 7), "nothing": None,
+                                       "big.bin": os.urandom(8 * MiB + 7), "nothing": None,  # > max chunk: >= 2 chunks
                                        "ln": ("link", "a.txt")})
     init_repository(repo_url, repo_format)
     committed, plan, _ = core_helpers.backup(src, repo_url)
