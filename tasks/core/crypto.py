@@ -112,10 +112,15 @@ class Subkeys:
 
     def deterministic_salt(self, magic: bytes, *parts: bytes | bytearray | memoryview) -> bytes:
         """``B3K(K_salt, magic || parts...)``: the salt of a write-once file (SIV: no RNG involved)."""
-        h = blake3.blake3(magic, key=self.salt)
+        h = self.salt_hasher(magic)
         for p in parts:
             h.update(p)
         return h.digest()
+
+    def salt_hasher(self, magic: bytes) -> Any:
+        """``deterministic_salt``'s keyed hash before the parts: ``update`` it with them
+        in order, then ``digest()``, for files too large to hold whole."""
+        return blake3.blake3(magic, key=self.salt)
 
     def cipher(self, magic: bytes, salt: bytes) -> AESGCM:
         """The AEAD of one file: its key is ``HKDF(K_kind, salt, magic)``."""

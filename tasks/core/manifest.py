@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import datetime as dt
 import json
 import os
@@ -175,7 +176,7 @@ class ManifestWriter:
     and the joined file were four copies, +238 MiB at the write). The
     snapshot facts, known only once every row has been seen, go into the
     footer's key-value metadata at ``close``. Format 2 then makes the file
-    of the format exactly as ``encode_manifest`` does, in two passes over the
+    of the format (ARCHITECTURE.md, "### Snapshots (manifests)") in two passes over the
     spooled body (the salt covers the whole body before a byte can be
     encrypted), the ciphertext going into a second spooled file while its
     BLAKE3 (the name) is computed, and the result is written create-only in
@@ -251,29 +252,23 @@ class ManifestWriter:
         return name
 
 
-class _encrypted:
+@contextlib.contextmanager
+def _encrypted(repo: Repository, body: Any, body_len: int, facts: bytes) -> Iterator[tuple[Any, str]]:
     """Format 2's encrypted manifest file made from a spooled Parquet body, in a
     spooled file of its own: ``(file positioned at 0, BLAKE3 hex of its bytes)``."""
+    from . import crypto
 
-    def __init__(self, repo: Repository, body: Any, body_len: int, facts: bytes) -> None:
-        self._args = (repo, body, body_len, facts)
-        self._out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed by __exit__)
-
-    def __enter__(self) -> tuple[Any, str]:
-        from . import crypto
-
-        repo, body, body_len, facts = self._args
-        keys = repo.keys
-        salt_h = blake3.blake3(crypto.SNAPSHOT, key=keys.salt)
-        salt_h.update(_U64.pack(body_len))
-        body.seek(0)
-        for block in _blocks(body):
-            salt_h.update(block)
-        salt_h.update(facts)
-        salt = salt_h.digest()
-        enc = crypto.stream_encryptor(keys, crypto.SNAPSHOT, salt, 0)
-        digest = blake3.blake3()
-        out = self._out
+    keys = repo.keys
+    salt_h = keys.salt_hasher(crypto.SNAPSHOT)      # deterministic_salt(magic, len, body, facts), streamed
+    salt_h.update(_U64.pack(body_len))
+    body.seek(0)
+    for block in _blocks(body):
+        salt_h.update(block)
+    salt_h.update(facts)
+    salt = salt_h.digest()
+    enc = crypto.stream_encryptor(keys, crypto.SNAPSHOT, salt, 0)
+    digest = blake3.blake3()
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as out:
 
         def emit(data: bytes) -> None:
             digest.update(data)
@@ -287,10 +282,7 @@ class _encrypted:
         enc_facts = crypto.encrypt(keys.cipher(crypto.SNAPSHOT, salt), 1, facts, crypto.SNAPSHOT)
         emit(enc_facts + salt + _U32.pack(len(enc_facts)) + crypto.SNAPSHOT)
         out.seek(0)
-        return out, digest.hexdigest()
-
-    def __exit__(self, *exc: object) -> None:
-        self._out.close()
+        yield out, digest.hexdigest()
 
 
 def _blocks(f: Any, size: int = 0) -> Iterator[bytes]:
@@ -330,58 +322,22 @@ _U64 = struct.Struct("<Q")
 LIST_TAIL = 4096          # one read of the file's end gives the facts (a second when longer)
 
 
-def encode_manifest(repo: Repository, table: pa.Table, info: SnapshotInfo) -> bytes:
-    from . import crypto, ids
-
-    stored = table.set_column(table.schema.get_field_index("hash"), pa.field("hash", ids.BINARY_ID),
-                              ids.hex_to_binary(table["hash"]))
-    stored = stored.replace_schema_metadata(table.schema.metadata)
-    body = parquet_io.table_to_bytes(stored)
-    if not repo.encrypted:
-        return body
-    keys, facts = repo.keys, info.to_json().encode()
-    salt = keys.deterministic_salt(crypto.SNAPSHOT, _U64.pack(len(body)), body, facts)
-    cipher = keys.cipher(crypto.SNAPSHOT, salt)
-    enc_facts = crypto.encrypt(cipher, 1, facts, crypto.SNAPSHOT)
-    return b"".join([crypto.encrypt(cipher, 0, body, crypto.SNAPSHOT), enc_facts, salt,
-                     _U32.pack(len(enc_facts)), crypto.SNAPSHOT])
-
-
-def _check_name(name: str, data: bytes) -> None:
-    digest = name.split(".", 1)[0].rsplit("-", 1)[-1]
-    if blake3.blake3(data).hexdigest() != digest:
-        raise ValueError("its name is not the BLAKE3 of its bytes (damaged)")
-
-
-def decode_manifest_body(repo: Repository, data: bytes, name: str) -> bytes:
-    """The Parquet bytes of a whole format 2 manifest file; ValueError when damaged."""
-    from . import crypto
-
-    _check_name(name, data)
-    if not repo.encrypted:
-        return data
-    magic = crypto.SNAPSHOT
-    if len(data) < 8 + 4 + crypto.SALT_SIZE or data[-8:] != magic:
-        raise ValueError(f"it does not end with {magic.decode()}")
-    (flen,) = _U32.unpack(data[-12:-8])
-    salt = data[-12 - crypto.SALT_SIZE: -12]
-    body_end = len(data) - 12 - crypto.SALT_SIZE - flen
-    if body_end < crypto.TAG_SIZE:
-        raise ValueError("its facts length does not fit")
-    try:
-        return crypto.decrypt(repo.keys.cipher(magic, salt), 0, data[:body_end], magic)
-    except crypto.AuthenticationFailed:
-        raise ValueError("it does not authenticate (damaged, or not this repository's)") from None
-
-
-def _facts_from_tail(repo: Repository, tail: bytes, size: int, name: str, path: str) -> bytes:
+def _tail_fields(tail: bytes) -> tuple[int, bytes]:
+    """``(len(EncFacts), salt)`` from the last bytes of a format 2 manifest; ValueError when malformed."""
     from . import crypto
 
     magic = crypto.SNAPSHOT
     if len(tail) < 12 + crypto.SALT_SIZE or tail[-8:] != magic:
         raise ValueError(f"it does not end with {magic.decode()}")
     (flen,) = _U32.unpack(tail[-12:-8])
-    salt = tail[-12 - crypto.SALT_SIZE: -12]
+    return flen, tail[-12 - crypto.SALT_SIZE: -12]
+
+
+def _facts_from_tail(repo: Repository, tail: bytes, size: int, name: str, path: str) -> bytes:
+    from . import crypto
+
+    magic = crypto.SNAPSHOT
+    flen, salt = _tail_fields(tail)
     need = 12 + crypto.SALT_SIZE + flen
     if need > size:
         raise ValueError("its facts length does not fit")
@@ -421,11 +377,7 @@ def _open_body(repo: Repository, name: str) -> Any:
             return raw
         magic = crypto.SNAPSHOT
         raw.seek(max(0, size - 12 - crypto.SALT_SIZE))
-        tail = raw.read()
-        if len(tail) < 12 + crypto.SALT_SIZE or tail[-8:] != magic:
-            raise ValueError(f"it does not end with {magic.decode()}")
-        (flen,) = _U32.unpack(tail[-12:-8])
-        salt = tail[-12 - crypto.SALT_SIZE: -12]
+        flen, salt = _tail_fields(raw.read())
         body_end = size - 12 - crypto.SALT_SIZE - flen
         if body_end < crypto.TAG_SIZE:
             raise ValueError("its facts length does not fit")
