@@ -13,7 +13,7 @@ imported, then serves its deployments from this process.
 from __future__ import annotations
 
 from keepflow.flows.cli import output, reports
-from keepflow.flows.cli.startup import cluster, on_cluster, prepare_prefect, run_flow, unlock_ahead
+from keepflow.flows.cli.startup import cluster, importing, on_cluster, prepare_prefect, run_flow, unlock_ahead
 from keepflow.tasks.core.errors import UsageError
 
 
@@ -49,7 +49,8 @@ def cmd_backup(args) -> int:
     on = cluster(args, uses_work_dir=True)
     unlock_ahead(args)
     prepare_prefect(args.verbose, start_server=True)
-    from keepflow.flows.backup import backup
+    with importing():
+        from keepflow.flows.backup import backup
 
     summary = run_flow(on_cluster(backup, on),
                        dict(source=args.source, repo=args.repo, tags=args.tag, excludes=args.exclude,
@@ -65,7 +66,8 @@ def cmd_restore(args) -> int:
     on = cluster(args, uses_work_dir=True)
     unlock_ahead(args)
     prepare_prefect(args.verbose, start_server=True)
-    from keepflow.flows.restore import restore
+    with importing():
+        from keepflow.flows.restore import restore
 
     summary = run_flow(on_cluster(restore, on),
                        dict(repo=args.repo, target=args.target, snapshot=args.snapshot, as_of=args.as_of,
@@ -78,7 +80,8 @@ def cmd_restore(args) -> int:
 
 def cmd_replicate(args) -> int:
     prepare_prefect(args.verbose, start_server=True)
-    from keepflow.flows.replicate import replicate
+    with importing():
+        from keepflow.flows.replicate import replicate
 
     summary = run_flow(replicate, dict(repo=args.repo, replicas=args.replicas, dry_run=args.dry_run,
                                        storage_options=args.storage_options), args, "replicate")
@@ -93,7 +96,8 @@ def cmd_verify(args) -> int:
     if not args.ciphertext_only:
         unlock_ahead(args)
     prepare_prefect(args.verbose, start_server=True)
-    from keepflow.flows.verify import verify
+    with importing():
+        from keepflow.flows.verify import verify
 
     summary = run_flow(on_cluster(verify, on),
                        dict(repo=args.repo, read_data=percent, storage_options=args.storage_options,
@@ -113,7 +117,8 @@ def cmd_prune(args) -> int:
         raise UsageError(f"--grace must be 0 or more hours, not {args.grace:g}")
     unlock_ahead(args)
     prepare_prefect(args.verbose, start_server=True)
-    from keepflow.flows.prune import prune
+    with importing():
+        from keepflow.flows.prune import prune
 
     summary = run_flow(prune, dict(repo=args.repo, keep_last=args.keep_last, keep_hourly=args.keep_hourly,
                                    keep_daily=args.keep_daily, keep_weekly=args.keep_weekly,
@@ -148,7 +153,8 @@ def cmd_unlock(args) -> int:
 def cmd_repair(args) -> int:
     unlock_ahead(args)
     prepare_prefect(args.verbose, start_server=True)
-    from keepflow.flows.repair import repair
+    with importing():
+        from keepflow.flows.repair import repair
 
     summary = run_flow(repair, dict(repo=args.repo, what=args.what, read_data=getattr(args, "read_data", False),
                                     forget=getattr(args, "forget", False), dry_run=args.dry_run,
