@@ -85,6 +85,97 @@ def test_a_shown_name_that_clashes_is_reported_in_a_streamed_scan(tmp_path, monk
     assert [p for p, _ in result.skipped] == ["caf\\xe9"]
 
 
+def _name_order_tree(root):
+    """Names whose path order is not their walk order: a folder's contents sort at
+    its name + "/", between its siblings ("a", "a b", "a.txt" < "a/..." < "a0")."""
+    spec = {name: name for name in ("a b", "a.txt", "a-", "a0", "b", "\u00e4", "\u4e2d", "A", "~")}
+    spec.update({f"a/{i:03d}": "x" for i in range(40)})
+    spec.update({"a/b/c": "deep", "a/b c": "x", "a.d/e": "x", "a/b/c d/e": "x"})
+    spec.update({f"flat/f{i:04d}": f"{i}" for i in range(300)})     # a folder larger than FLUSH_ROWS
+    spec.update({f"flat/sub{j}/g": "y" for j in range(5)})
+    tree = make_tree(root, spec)
+    (tree / os.fsdecode(b"a/caf\xe9")).write_text("raw name")
+    os.mkdir(tree / os.fsdecode(b"raw\xff"))
+    (tree / os.fsdecode(b"raw\xff/inner")).write_text("under a raw folder")
+    os.link(tree / "a.txt", tree / "a/b/hard")          # the first name in path order leads
+    os.link(tree / "a.txt", tree / "0-hard")
+    return tree
+
+
+@pytest.mark.parametrize("flush_rows,chunk_rows", [(8, 5), (64, 37), (10**9, 10**9)])
+def test_scan_stream_gives_the_tree_in_path_order_chunks(tmp_path, monkeypatch, flush_rows, chunk_rows):
+    src = _name_order_tree(tmp_path / "src")
+    monkeypatch.setattr(scanmod, "FLUSH_ROWS", flush_rows)
+    stream = scanmod.scan_stream(str(src), chunk_rows=chunk_rows)
+    chunks = list(stream.chunks)
+    assert all(0 < c.num_rows <= chunk_rows for c in chunks)
+    assert all(c.schema.names == scanmod.SCAN_COLUMNS for c in chunks)
+    table = pa.concat_tables(chunks)
+    paths = table["path"].to_pylist()
+    # Arrow's own sort of the same paths is the identity: the walk gave them out sorted, each once.
+    assert pc.sort_indices(table["path"]).to_pylist() == list(range(table.num_rows))
+    assert len(set(paths)) == len(paths)
+    on_disk = {os.path.join(d, n) for d, ds, fs in os.walk(os.fsencode(src)) for n in ds + fs}
+    assert len(paths) == len(on_disk) == 373
+    assert paths.index("a") < paths.index("a b") < paths.index("a.txt") < paths.index("a/000") < paths.index("a0")
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert rows["0-hard"]["hardlink_to"] is None
+    assert rows["a.txt"]["hardlink_to"] == rows["a/b/hard"]["hardlink_to"] == "0-hard"
+    assert rows["raw\\xff/inner"]["path_bytes"] == b"raw\xff/inner"
+    assert rows["a/caf\\xe9"]["path_bytes"] == b"a/caf\xe9"
+    monkeypatch.setattr(scanmod, "FLUSH_ROWS", 10**9)
+    assert table.equals(scanmod.scan(str(src)).table)      # the same rows as the one-table scan
+
+
+def test_diff_stream_against_a_manifest_read_a_row_group_at_a_time(tmp_path, monkeypatch):
+    from keepflow.tasks.core import manifest as manifestmod
+    from keepflow.tasks.core.repository import Repository
+
+    from tests.core_helpers import backup
+
+    src = _odd_tree(tmp_path / "src")
+    age_tree(src)
+    repo_url = str(tmp_path / "repo")
+    monkeypatch.setattr(scanmod, "CHUNK_ROWS", 23)        # the manifest gets a row group per 23 rows
+    first, _, _ = backup(src, repo_url)
+    repo = Repository.open(repo_url)
+    with manifestmod.ManifestRows(repo, first.info, diffmod.PARENT_COLUMNS) as rows:
+        groups = list(rows.groups())
+        assert len(groups) > 10 and rows.sorted_by_path()
+    parent = manifestmod.read_manifest(repo, first.info, columns=diffmod.PARENT_COLUMNS)
+    assert pa.concat_tables(groups).equals(parent)
+    for path in ("big/f0300", "d5/s3/g3"):                  # changed since
+        with open(src / path, "ab") as f:
+            f.write(b"more")
+    os.remove(src / "big" / "f0444")                      # deleted
+    (src / "d4" / "new").write_text("new")               # new
+    whole = diffmod.diff(scanmod.scan(str(src)).table, parent, first.info.start_ns)
+    assert (whole.new, whole.changed, whole.deleted) == (1, 2, 1)
+    for chunk_rows in (7, 23, 64):
+        stream = scanmod.scan_stream(str(src), chunk_rows=chunk_rows)
+        with manifestmod.ManifestRows(repo, first.info, diffmod.PARENT_COLUMNS) as rows:
+            parts = list(diffmod.diff_stream(stream.chunks, rows.groups(), first.info.start_ns))
+        assert len(parts) > 1
+        assert pa.concat_tables([p.table for p in parts]).equals(whole.table)
+        assert (sum(p.new for p in parts), sum(p.changed for p in parts), sum(p.unchanged for p in parts),
+                sum(p.deleted for p in parts)) == (whole.new, whole.changed, whole.unchanged, whole.deleted)
+    # The next backup, streaming both sides, stores just the change and verifies clean.
+    monkeypatch.setattr(scanmod, "CHUNK_ROWS", 9)
+    second, plan, _ = backup(src, repo_url)
+    assert (plan["new"], plan["changed"], plan["deleted"], plan["to_read"]) == (1, 2, 1, 3)
+    from keepflow.tasks.core import verify as verifymod
+    assert verifymod.verify(repo_url, read_data=1.0).problems == []
+
+
+def test_diff_stream_refuses_a_scan_out_of_path_order():
+    chunk = pa.table({"path": ["b", "c"], "type": ["file", "file"], "size": [1, 1], "mtime_ns": [1, 1],
+                      "ctime_ns": [1, 1], "inode": [1, 2]})
+    earlier = chunk.set_column(0, "path", pa.array(["a", "a2"]))
+    parent = _parent_of(chunk, {"b": "0" * 64, "c": "1" * 64})
+    with pytest.raises(RuntimeError, match="path order"):
+        list(diffmod.diff_stream([chunk, earlier], [parent]))
+
+
 def test_all_null_columns_are_shared_not_allocated():
     column = nulls(pa.decimal128(38, 0), 1_000_000)
     assert len(column) == column.null_count == 1_000_000

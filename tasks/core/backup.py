@@ -23,11 +23,13 @@ index files already written are reused by the next run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import socket
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -44,7 +46,7 @@ from .columns import share_nulls
 from .errors import SnapshotNotFoundError, UsageError
 from .known_blobs import KnownBlobs, indexed_now
 from .repository import COMPRESSIONS, Repository
-from .scan import scan
+from .scan import scan_stream
 from .store import store_batch
 
 MAX_BATCH_FILES = 4096
@@ -172,52 +174,45 @@ def prepare(source: str, repo_url: str, *, excludes: Sequence[str] = (), tags: S
             exclude_paths.append(repo.root)
         elif repo is None and "://" not in repo_url:
             exclude_paths.append(os.path.abspath(repo_url))
-        scanned = scan(source, excludes=excludes, exclude_paths=exclude_paths, storage_options=source_options,
-                       with_xattrs=xattrs)
-        scan_table = scanned.table
-        memory.release()                    # the scan's garbage, before the parent is read
-        types = scan_table["type"]
-        files = pc.sum(pc.equal(types, "file")).as_py() or 0
-        dirs = pc.sum(pc.equal(types, "dir")).as_py() or 0
-        del types
-        parent_table = (manifest.read_manifest(repo, parent_info, columns=diffmod.PARENT_COLUMNS)
-                        if repo is not None and parent_info else None)
-
-        # The diff is written to the plan a part at a time; only what the work
-        # lists need (rows to read, their paths and sizes) is kept across parts.
+        scanned = scan_stream(source, excludes=excludes, exclude_paths=exclude_paths,
+                              storage_options=source_options, with_xattrs=xattrs)
+        # The scan, the parent and the diff stream through together, a slice of
+        # paths at a time (diff.diff_stream), and the plan and the work lists
+        # are written as they come: no whole-tree table exists at any moment.
         scratch = scratch_io.create("backup", run_id, work_dir)
         counts = {"new": 0, "changed": 0, "unchanged": 0, "deleted": 0}
-        rows_parts, size_parts, work_parts = [], [], []
+        files = dirs = 0
         try:
-            plan_writer = scratch_io.TableWriter(scratch, "plan")
-            offset = 0
-            for part in diffmod.diff_parts(scan_table, parent_table, parent_info.start_ns if parent_info else 0,
-                                           rehash=rehash):
-                if known is not None and part.unchanged:
-                    part = diffmod.distrust_unindexed(part, known)
-                for key in counts:
-                    counts[key] += getattr(part, key)
-                table = part.table
-                plan_writer.write(table)
-                needs = table["needs_read"].to_numpy(zero_copy_only=False)
-                local = np.flatnonzero(needs)
-                take = pa.array(local)
-                rows_parts.append(local + offset)
-                size_parts.append(table["size"].to_numpy(zero_copy_only=False)[local])
-                work_parts.append(pa.table({"row": pa.array(local + offset, pa.int64()),
-                                            "path": table["path"].take(take),
-                                            "path_bytes": table["path_bytes"].take(take)}))
-                offset += table.num_rows
-            plan_writer.close()
-            del scan_table, parent_table, part, table
-            scanned.table = None
-            memory.release()
-            # Each batch's own work list: the rows to read and their paths.
-            rows = np.concatenate(rows_parts)
-            sizes = np.concatenate(size_parts)
-            work = pa.concat_tables(work_parts)
-            work_ranges = scratch_io.cut_ranges(sizes, MAX_BATCH_FILES, MAX_BATCH_BYTES)
-            scratch_io.write_parts(scratch, "batch", work, work_ranges)
+            with contextlib.ExitStack() as stack:
+                parent_rows = None
+                if repo is not None and parent_info is not None:
+                    reader = stack.enter_context(manifest.ManifestRows(repo, parent_info, diffmod.PARENT_COLUMNS))
+                    parent_rows = (reader.groups() if reader.sorted_by_path() else
+                                   [diffmod.sorted_parent(manifest.read_manifest(repo, parent_info,
+                                                                                 diffmod.PARENT_COLUMNS))])
+                plan_writer = scratch_io.TableWriter(scratch, "plan")
+                work_lists = _WorkLists(scratch)
+                stack.callback(work_lists.shutdown)
+                offset = 0
+                for part in diffmod.diff_stream(scanned.chunks, parent_rows,
+                                                parent_info.start_ns if parent_info else 0, rehash=rehash):
+                    if known is not None and part.unchanged:
+                        part = diffmod.distrust_unindexed(part, known)
+                    for key in counts:
+                        counts[key] += getattr(part, key)
+                    table = part.table
+                    types = table["type"]
+                    files += pc.sum(pc.equal(types, "file")).as_py() or 0
+                    dirs += pc.sum(pc.equal(types, "dir")).as_py() or 0
+                    plan_writer.write(table)
+                    local = np.flatnonzero(table["needs_read"].to_numpy(zero_copy_only=False))
+                    take = pa.array(local)
+                    work_lists.add(local + offset, table["size"].to_numpy(zero_copy_only=False)[local],
+                                   table["path"].take(take), table["path_bytes"].take(take))
+                    offset += table.num_rows
+                    del part, table, types
+                plan_writer.close()
+                batches = work_lists.close()
         except BaseException:
             scratch_io.remove(scratch)      # nobody else knows the folder yet
             raise
@@ -225,14 +220,14 @@ def prepare(source: str, repo_url: str, *, excludes: Sequence[str] = (), tags: S
         if known is not None and repo is not None:      # nobody will ask for this run's set again
             indexmod.forget_run(repo.url, run_id)
         raise
-    batches = _plan_ranges(rows, work_ranges)
+    memory.release()
     return BackupPlan(
         run_id=run_id, repo_url=repo_url, source=source, scratch=scratch, host=host,
         start_time=start.isoformat(timespec="microseconds"), start_ns=scanned.start_ns,
         parent=parent_info.id if parent_info else None,
         parent_key=parent_info.key if parent_info else None,
         batches=batches, files=files, dirs=dirs,
-        to_read=len(rows), bytes_to_read=int(sizes.sum()),
+        to_read=work_lists.files, bytes_to_read=work_lists.bytes,
         new=counts["new"], changed=counts["changed"], unchanged=counts["unchanged"], deleted=counts["deleted"],
         skipped=list(scanned.skipped), tags=list(tags), dry_run=dry_run,
         repo_config=repo.config.to_plan() if repo is not None else None, compression=compression,
@@ -250,6 +245,76 @@ def cut_batches(needs: np.ndarray, sizes: np.ndarray,
 def _plan_ranges(rows: np.ndarray, work_ranges) -> list[tuple[int, int]]:
     """Work-list ranges expressed as plan row ranges."""
     return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in work_ranges]
+
+
+class _WorkLists:
+    """The batches' work lists, cut and written as the diff gives out files to read.
+
+    Cut as ``scratch.cut_ranges`` cuts the whole list (its ranges are greedy,
+    so every range but the last of any prefix is final): the rows to read are
+    held only until their batch is complete, never for the whole tree.
+    Remote run folders get the files from a few threads, as ``write_parts`` does.
+    """
+
+    def __init__(self, scratch: str) -> None:
+        self._scratch = scratch
+        self._rows: list[np.ndarray] = []
+        self._sizes: list[np.ndarray] = []
+        self._paths: list[pa.Array] = []
+        self._raw: list[pa.Array] = []
+        self.batches: list[tuple[int, int]] = []       # plan row ranges
+        self.files = self.bytes = 0
+        fs, _ = storage.open_url(scratch)
+        self._pool = None if storage.is_local(fs) else ThreadPoolExecutor(max_workers=scratch_io.REMOTE_WRITERS)
+        self._writes: list[Any] = []
+
+    def add(self, rows: np.ndarray, sizes: np.ndarray, paths: pa.Array, raw: pa.Array) -> None:
+        if not len(rows):
+            return
+        self._rows.append(rows)
+        self._sizes.append(sizes)
+        self._paths.append(paths)
+        self._raw.append(raw)
+        self.files += len(rows)
+        self.bytes += int(sizes.sum())
+        self._cut(final=False)
+
+    def close(self) -> list[tuple[int, int]]:
+        """Write the last batch; every work list is written once this returns."""
+        self._cut(final=True)
+        for write in self._writes:
+            write.result()
+        return self.batches
+
+    def shutdown(self) -> None:
+        """Stop the writer threads (after ``close``, or on failure before the folder is removed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _cut(self, final: bool) -> None:
+        if not self._rows:
+            return
+        rows, sizes = np.concatenate(self._rows), np.concatenate(self._sizes)
+        ranges = scratch_io.cut_ranges(sizes, MAX_BATCH_FILES, MAX_BATCH_BYTES)
+        done = ranges if final else ranges[:-1]
+        if not done:
+            self._rows, self._sizes = [rows], [sizes]
+            return
+        work = pa.table({"row": pa.array(rows, pa.int64()), "path": pa.chunked_array(self._paths, pa.string()),
+                         "path_bytes": pa.chunked_array(self._raw, pa.binary())})
+        for start, end in done:
+            number = len(self.batches)
+            self.batches.append((int(rows[start]), int(rows[end - 1]) + 1))
+            piece = work.slice(start, end - start)
+            if self._pool is None:
+                scratch_io.write_part(self._scratch, "batch", number, piece)
+            else:
+                self._writes.append(self._pool.submit(scratch_io.write_part, self._scratch, "batch", number, piece))
+        rest = done[-1][1]
+        left = work.slice(rest)
+        self._rows, self._sizes = ([rows[rest:]], [sizes[rest:]]) if len(left) else ([], [])
+        self._paths = [left["path"].combine_chunks()] if len(left) else []
+        self._raw = [left["path_bytes"].combine_chunks()] if len(left) else []
 
 
 def store_range(plan: dict, batch_no: int, storage_options: dict[str, Any] | None = None,
@@ -330,13 +395,14 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options: dict[str,
         indexmod.forget_run(plan["repo_url"], plan["run_id"])
         repo = Repository.open(plan["repo_url"], storage_options, create=False)
         memory.release()                # what the batches left
-        indexmod.merge_run_index(repo, plan["run_id"])
+        merged = indexmod.merge_run_index(repo, plan["run_id"])
         memory.release()
         # The commit guard's view: the index as a reader sees it now, all files read
         # again (once: format 2's chunk guard checks against the same set).
         indexed = indexed_now(repo)
         if repo.version >= 2:
-            indexmod.require_chunks_indexed(repo, [plan["run_id"]], what, indexed)
+            indexmod.require_chunks_indexed(repo, [plan["run_id"]], what, indexed, own_lists=merged.lists)
+        del merged
         memory.release()
 
     # The manifest is written a plan row group at a time (manifest.ManifestWriter):

@@ -50,3 +50,19 @@ def _is_shared(column: pa.ChunkedArray) -> bool:
         return False
     first = column.chunk(0)
     return first.buffers()[0] is not None and first.buffers()[0].address == chunk.buffers()[0].address
+
+
+def lower_bound(values: pa.ChunkedArray | pa.Array, key: str, lo: int = 0) -> int:
+    """The first row at or after ``lo`` whose value is not below ``key``, in a
+    column sorted ascending (binary search: log2(n) lookups).
+
+    Python compares str by code point, Arrow sorts UTF-8 bytes: the same order.
+    """
+    hi = len(values)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if values[mid].as_py() < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

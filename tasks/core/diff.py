@@ -29,7 +29,7 @@ null, which costs 4 bytes instead of 68.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,85 +76,157 @@ def diff(scan: pa.Table, parent: pa.Table | None, parent_start_ns: int = 0,
 
 def diff_parts(scan: pa.Table, parent: pa.Table | None, parent_start_ns: int = 0,
                rehash: bool = False) -> Iterator[DiffResult]:
-    """The diff in consecutive slices of the scan (at least one), in scan order.
+    """The diff of a whole scan table in consecutive slices of the scan (at
+    least one), in scan order; ``diff_stream`` over the table's slices.
 
     Each part has its own counts; their sums are the diff's (a deleted file
-    is counted in the part whose parent slice held it). The plan is written a
-    part at a time (backup.prepare), so the diffed scan is never whole in
-    memory.
+    is counted in the part whose parent slice held it). When the scan is not
+    sorted by path (a hand-built table), one part covers everything: the
+    plain hash join.
     """
     n = scan.num_rows
+    chunks = (scan.slice(start, CHUNK_ROWS) for start in range(0, max(n, 1), CHUNK_ROWS))
     if parent is None or parent.num_rows == 0:
-        for start in range(0, max(n, 1), CHUNK_ROWS):
-            piece = scan.slice(start, CHUNK_ROWS)
+        yield from diff_stream(chunks, None, parent_start_ns, rehash)
+        return
+    if not _sorted_unique(scan["path"]):
+        yield _diff_piece(scan, _prefixed(parent), parent_start_ns, rehash)
+        return
+    if not _sorted_unique(parent["path"]):
+        parent = parent.sort_by("path")
+        if not _sorted_unique(parent["path"]):          # the parent repeats a path: one plain join
+            yield _diff_piece(scan, _prefixed(parent), parent_start_ns, rehash)
+            return
+    yield from diff_stream(chunks, [parent], parent_start_ns, rehash)
+
+
+def diff_stream(scan_chunks: Iterable[pa.Table], parent_groups: Iterable[pa.Table] | None,
+                parent_start_ns: int = 0, rehash: bool = False) -> Iterator[DiffResult]:
+    """The diff of a scan given in path order (``scan.scan_stream``'s chunks)
+    against the parent's rows in path order (``PARENT_COLUMNS``, e.g. the row
+    groups of a manifest whose ``ManifestRows.sorted_by_path`` holds; see
+    ``sorted_parent`` for one that is not), one result per scan chunk.
+
+    Each chunk is joined with the parent rows of its path range only, pulled
+    a row group at a time as the scan advances: neither side is ever whole in
+    memory. A scan chunk out of path order is a bug, not a state of the
+    source: it raises rather than pair the wrong rows.
+    """
+    if parent_groups is None:
+        for piece in scan_chunks:
             is_file = pc.equal(piece["type"], "file")
             piece = piece.append_column("hash", nulls(pa.string(), piece.num_rows))
             piece = piece.append_column("needs_read", is_file)
             piece = piece.append_column("parent_hash", nulls(pa.string(), piece.num_rows))
             yield DiffResult(piece, new=pc.sum(is_file).as_py() or 0, changed=0, unchanged=0, deleted=0)
         return
+    parent = _ParentRows(_prefixed(g) for g in parent_groups)
+    last: str | None = None
+    chunks = iter(scan_chunks)
+    chunk = next(chunks, None)
+    while chunk is not None:
+        following = next(chunks, None)
+        paths, n = chunk["path"], chunk.num_rows
+        if n:
+            first = paths[0].as_py()
+            if not _sorted_unique(paths) or (last is not None and not last < first):
+                raise RuntimeError("the scan came out of path order (a bug in keepflow's scan); nothing was stored")
+            last = paths[n - 1].as_py()
+        if following is None:
+            yield _diff_piece(chunk, parent.rest(), parent_start_ns, rehash)
+        elif n:
+            yield _diff_piece(chunk, parent.upto(last), parent_start_ns, rehash)   # type: ignore[arg-type]
+        chunk = following
 
-    parent = parent.select(PARENT_COLUMNS).rename_columns([f"p_{c}" if c != "path" else "path" for c in PARENT_COLUMNS])
+
+def sorted_parent(parent: pa.Table) -> pa.Table:
+    """A parent table that ``diff_stream`` can walk: sorted by path, each path
+    once (a manifest keepflow wrote is both already; a hand-made one that
+    repeats a path keeps its first row)."""
+    if _sorted_unique(parent["path"]):
+        return parent
+    parent = parent.sort_by("path")
+    paths, n = parent["path"], parent.num_rows
+    if n > 1:
+        repeat = pc.equal(paths.slice(1), paths.slice(0, n - 1))
+        if pc.any(repeat).as_py():
+            keep = pa.concat_arrays([pa.array([True]), pc.invert(repeat).combine_chunks()])
+            parent = parent.filter(keep)
+    return parent
+
+
+def _prefixed(parent: pa.Table) -> pa.Table:
+    return parent.select(PARENT_COLUMNS).rename_columns([f"p_{c}" if c != "path" else "path" for c in PARENT_COLUMNS])
+
+
+def _diff_piece(piece: pa.Table, parent_slice: pa.Table, parent_start_ns: int, rehash: bool) -> DiffResult:
+    """One scan piece against the (prefixed) parent rows of its path range."""
     # Join only the columns compared: Arrow's hash join carries no nested
     # columns (xattrs), and narrower is faster.
-    narrow = scan.select(["path", "type", "size", "mtime_ns", "ctime_ns", "inode"])
-    sorted_sides = _sorted_unique(narrow["path"])
-    if sorted_sides and not _sorted_unique(parent["path"]):
-        parent = parent.sort_by("path")
-        sorted_sides = _sorted_unique(parent["path"])     # False if the parent repeats a path
-    for (a, b), (pa_, pb) in _slices(narrow["path"], parent["path"], sorted_sides):
-        parent_slice = parent.slice(pa_, pb - pa_)
-        part = _diff_slice(narrow.slice(a, b - a), parent_slice, parent_start_ns, rehash)
-        piece = scan.slice(a, b - a)
-        piece = piece.append_column("hash", part["hash"])
-        piece = piece.append_column("needs_read", part["needs_read"])
-        # Kept so the final report can classify re-read files by content.
-        piece = piece.append_column("parent_hash", part["parent_hash"])
-        files = pc.sum(pc.equal(piece["type"], "file")).as_py() or 0
-        parent_files = pc.sum(pc.equal(parent_slice["p_type"], "file")).as_py() or 0
-        yield DiffResult(piece, new=part["new"], changed=files - part["new"] - part["unchanged"],
-                         unchanged=part["unchanged"], deleted=parent_files - part["matched_parent_files"])
+    narrow = piece.select(["path", "type", "size", "mtime_ns", "ctime_ns", "inode"])
+    part = _diff_slice(narrow, parent_slice, parent_start_ns, rehash)
+    piece = piece.append_column("hash", part["hash"])
+    piece = piece.append_column("needs_read", part["needs_read"])
+    # Kept so the final report can classify re-read files by content.
+    piece = piece.append_column("parent_hash", part["parent_hash"])
+    files = pc.sum(pc.equal(piece["type"], "file")).as_py() or 0
+    parent_files = pc.sum(pc.equal(parent_slice["p_type"], "file")).as_py() or 0
+    return DiffResult(piece, new=part["new"], changed=files - part["new"] - part["unchanged"],
+                      unchanged=part["unchanged"], deleted=parent_files - part["matched_parent_files"])
+
+
+class _ParentRows:
+    """The parent's rows in path order, pulled a table at a time as the scan
+    advances: ``upto(path)`` gives the rows not yet given whose path is at
+    most ``path``; only the last table pulled can hold rows beyond it, and
+    those wait for the next call."""
+
+    def __init__(self, tables: Iterable[pa.Table]) -> None:
+        self._tables = iter(tables)
+        self._held: list[pa.Table] = []
+        self._schema: pa.Schema | None = None
+
+    def _pull(self) -> bool:
+        table = next(self._tables, None)
+        if table is None:
+            return False
+        self._schema = table.schema
+        if table.num_rows:
+            self._held.append(table)
+        return True
+
+    def upto(self, path: str) -> pa.Table:
+        while not self._held or self._held[-1]["path"][-1].as_py() <= path:
+            if not self._pull():
+                break
+        if not self._held:
+            return self._empty()
+        last = self._held[-1]
+        k = pc.sum(pc.less_equal(last["path"], path)).as_py() or 0     # sorted: the rows <= path come first
+        out = [*self._held[:-1], last.slice(0, k)]
+        self._held = [last.slice(k)] if k < last.num_rows else []
+        return pa.concat_tables(out)
+
+    def rest(self) -> pa.Table:
+        while self._pull():
+            pass
+        out, self._held = self._held, []
+        return pa.concat_tables(out) if out else self._empty()
+
+    def _empty(self) -> pa.Table:
+        if self._schema is None:
+            return _prefixed(pa.schema([(c, _PARENT_TYPES[c]) for c in PARENT_COLUMNS]).empty_table())
+        return self._schema.empty_table()
+
+
+_PARENT_TYPES = {"path": pa.string(), "type": pa.string(), "size": pa.int64(), "mtime_ns": pa.int64(),
+                 "ctime_ns": pa.int64(), "inode": pa.int64(), "hash": pa.string()}
 
 
 def _sorted_unique(paths: pa.ChunkedArray) -> bool:
     """True when every path is greater than the one before (vectorised)."""
     n = len(paths)
     return n < 2 or bool(pc.all(pc.less(paths.slice(0, n - 1), paths.slice(1))).as_py())
-
-
-def _slices(scan_paths: pa.ChunkedArray, parent_paths: pa.ChunkedArray, sorted_sides: bool):
-    """Pairs of row ranges ((scan start, end), (parent start, end)) covering both sides.
-
-    Each scan range of CHUNK_ROWS rows goes with the parent rows whose paths
-    fall between its first path and the next range's: a path present on both
-    sides is in the same pair. When the sides are not both sorted by path (a
-    hand-built table), one pair covers everything: the plain hash join.
-    """
-    n, m = len(scan_paths), len(parent_paths)
-    if n <= CHUNK_ROWS or not sorted_sides:
-        yield (0, n), (0, m)
-        return
-    scan_start = parent_start = 0
-    while scan_start < n:
-        scan_end = min(n, scan_start + CHUNK_ROWS)
-        parent_end = m if scan_end == n else _lower_bound(parent_paths, scan_paths[scan_end].as_py(), parent_start)
-        yield (scan_start, scan_end), (parent_start, parent_end)
-        scan_start, parent_start = scan_end, parent_end
-
-
-def _lower_bound(paths: pa.ChunkedArray, key: str, lo: int) -> int:
-    """The first row at or after ``lo`` whose path is not below ``key`` (binary search).
-
-    Python compares str by code point, Arrow sorts UTF-8 bytes: the same order.
-    """
-    hi = len(paths)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if paths[mid].as_py() < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
 def _diff_slice(narrow: pa.Table, parent: pa.Table, parent_start_ns: int, rehash: bool) -> dict:

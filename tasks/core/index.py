@@ -19,6 +19,7 @@ data it describes, about 120 bytes per blob).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import pyarrow as pa
@@ -244,24 +245,29 @@ def require_indexed(repo: Repository, entries: pa.Table, what: str) -> None:
     raise UnindexedBlobsError(what=what, count=len(absent), files=len(paths), paths=named, url=repo.url)
 
 
-def require_chunks_indexed(repo: Repository, labels: list[str], what: str, indexed: KnownBlobs | None = None) -> None:
+def require_chunks_indexed(repo: Repository, labels: list[str], what: str, indexed: KnownBlobs | None = None,
+                           own_lists: pa.Table | None = None) -> None:
     """Format 2's half of the commit guard: every chunk of every list blob in the index files
     labelled ``labels`` (the run's own) is indexed (in ``indexed``, the index as a reader
     sees it, ``known_blobs.indexed_now``; read here when not given).
 
     A list written by this run may name a chunk another batch claimed (known_blobs.py);
     should that batch have failed and its retry not stored the chunk, this stops the commit.
+    ``own_lists``: those files' list rows in stored form, when the caller has them
+    (``merge_run_index`` gives them), so the files are not read again.
     """
     from .chunk_lists import read_lists
 
-    names = [n for n in list_index_names(repo) if repo.index_label(n) in labels]
-    if not names:
-        return
-    # Only the list rows are decoded (stored form first: a 1M-file run's merged
-    # file is 1M data rows, which this never turns into hex and keys).
-    own = _read_stored(repo, names)
-    lists = from_stored(own.filter(pc.equal(own["type"], 1)))
-    del own
+    if own_lists is None:
+        names = [n for n in list_index_names(repo) if repo.index_label(n) in labels]
+        if not names:
+            return
+        # Only the list rows are decoded (stored form first: a 1M-file run's merged
+        # file is 1M data rows, which this never turns into hex and keys).
+        own = _read_stored(repo, names)
+        own_lists = own.filter(pc.equal(own["type"], 1))
+        del own
+    lists = from_stored(own_lists)
     if lists.num_rows == 0:
         return
     lists = unique_hashes(lists)
@@ -292,25 +298,113 @@ def write_index(repo: Repository, table: pa.Table, name: str) -> str | None:
     return path
 
 
-def merge_run_index(repo: Repository, run_id: str) -> int:
-    """Merge the run's batch files (label ``<run>-b<NNNNN>``) into one labelled ``<run>``; returns entries merged."""
+@dataclass
+class MergedRunIndex:
+    entries: int                        # rows merged
+    lists: pa.Table | None = None       # format 2: the merged rows' chunk-list rows (stored form), for the chunk guard
+
+
+def merge_run_index(repo: Repository, run_id: str) -> MergedRunIndex:
+    """Merge the run's batch files (label ``<run>-b<NNNNN>``) into one labelled ``<run>``.
+
+    Format 2 streams: each batch file is read, its rows go through pyarrow's
+    ``ParquetWriter`` into a spooled file (``MERGE_ROWS`` to a row group), and
+    that is sealed in a second pass (the deterministic salt covers the whole
+    plaintext first) into the file written create-only: the rows of a run are
+    never whole in memory (1M files: +290 MiB at the merge when they were).
+    Same format as any index file (a sealed Parquet table), other row groups.
+    """
     prefix = f"{run_id}-b"
     parts = [n for n in list_index_names(repo) if (repo.index_label(n) or "").startswith(prefix)]
-    if not parts:
-        return 0
+    if not parts:       # (a retried commit: an earlier attempt merged them; the guard reads that file)
+        return MergedRunIndex(0)
+    lists = None
     if repo.version < 2:
         table = read_index_files(repo, parts)
         write_index(repo, table, run_id)
+        entries = table.num_rows
+        del table
     else:
-        # Copied in the stored form: decoding 1M rows to hex ids and pack keys only to
-        # encode them back cost +420 MiB at the merge of a 1M-file run (bench.memory_phases).
-        table = _read_stored(repo, parts)
-        data = _encode_stored(repo, table)
-        storage.write_once(repo.fs, repo.path(repo.index_key(run_id, data)), data)
-        del data
+        entries, lists = _merge_stored(repo, parts, run_id)
     for n in parts:
         try:
             repo.fs.rm_file(repo.path("index", n))
         except FileNotFoundError:
             pass
-    return table.num_rows
+    return MergedRunIndex(entries, lists)
+
+
+MERGE_ROWS = 65536
+
+
+def _merge_stored(repo: Repository, names: list[str], label: str) -> tuple[int, pa.Table]:
+    """Format 2: ``names`` copied in stored form (decoding 1M rows to hex ids and pack
+    keys only to encode them back cost +420 MiB once) into one index file labelled
+    ``label``; returns its rows and its chunk-list rows."""
+    import tempfile
+
+    import blake3
+
+    from .manifest import BLOCK_BYTES, SPOOL_BYTES
+
+    def blocks(f):
+        f.seek(0)
+        while block := f.read(BLOCK_BYTES):
+            yield block
+
+    entries = 0
+    lists: list[pa.Table] = []
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as body, \
+            tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as sealed:
+        writer = pq.ParquetWriter(body, STORED2_SCHEMA, compression="zstd")
+        pending: list[pa.Table] = []
+        held = 0
+        for table in _stored_tables(repo, names):
+            entries += table.num_rows
+            lists.append(table.filter(pc.equal(table["type"], 1)))
+            pending.append(table)
+            held += table.num_rows
+            if held >= MERGE_ROWS:
+                writer.write_table(pa.concat_tables(pending), row_group_size=held)
+                pending, held = [], 0
+        if pending or not entries:
+            writer.write_table(pa.concat_tables(pending) if pending else STORED2_SCHEMA.empty_table(),
+                               row_group_size=max(1, held))
+        writer.close()
+        del pending
+        digest = blake3.blake3()
+        if repo.encrypted:
+            # crypto.seal, streamed: AEAD(K_f, N(0), parquet, magic) || salt || magic.
+            salt_h = repo.keys.salt_hasher(crypto.INDEX)
+            for block in blocks(body):
+                salt_h.update(block)
+            salt = salt_h.digest()
+            enc = crypto.stream_encryptor(repo.keys, crypto.INDEX, salt, 0)
+            for block in blocks(body):
+                out = enc.update(block)
+                digest.update(out)
+                sealed.write(out)
+            tail = enc.finalize() + enc.tag + salt + crypto.INDEX
+            digest.update(tail)
+            sealed.write(tail)
+            data = sealed
+        else:
+            for block in blocks(body):
+                digest.update(block)
+            data = body
+        data.seek(0)
+        storage.write_stream_once(repo.fs, repo.path(repo.index_key(label, digest=digest.hexdigest())), data)
+    return entries, pa.concat_tables(lists) if lists else STORED2_SCHEMA.empty_table()
+
+
+def _stored_tables(repo: Repository, names: list[str]):
+    """``_read_stored`` one file at a time, in order (remote: a few read ahead)."""
+    if repo.is_local or len(names) < 3:
+        for name in names:
+            yield _read_stored(repo, [name])
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for start in range(0, len(names), 8):
+            yield from pool.map(lambda n: _read_stored(repo, [n]), names[start:start + 8])

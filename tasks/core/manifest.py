@@ -439,6 +439,80 @@ def read_manifest(repo: Repository, info: SnapshotInfo, columns: Sequence[str] |
     return table.select(list(columns)) if columns is not None else table
 
 
+class ManifestRows:
+    """A manifest's rows a row group at a time (``columns`` only), for readers that
+    walk it in path order (the backup's diff against its parent) instead of
+    holding it whole: ``with ManifestRows(repo, info, cols) as rows: for t in rows.groups(): ...``.
+
+    A format 2 body is checked (name, tag) before the first row is parsed, as
+    ``read_manifest`` does; optional columns an older manifest lacks come back
+    null, and ``hash`` as hex text, as there.
+    """
+
+    def __init__(self, repo: Repository, info: SnapshotInfo, columns: Sequence[str]) -> None:
+        self._repo, self._info, self._columns = repo, info, list(columns)
+        self._stack = contextlib.ExitStack()
+        self._file: Any = None
+
+    def __enter__(self) -> ManifestRows:
+        import pyarrow.parquet as pq
+
+        repo = self._repo
+        try:
+            if repo.version >= 2:
+                body = self._stack.enter_context(_open_body(repo, self._info.key))
+            elif storage.is_local(repo.fs):
+                body = repo.path("snapshots", self._info.key)
+            else:
+                body = self._stack.enter_context(repo.fs.open(repo.path("snapshots", self._info.key), "rb"))
+            self._file = pq.ParquetFile(body)
+        except BaseException:
+            self._stack.close()
+            raise
+        present = set(self._file.schema_arrow.names)
+        self._read = [c for c in self._columns if c in present or c not in OPTIONAL_COLUMNS]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file = None
+        self._stack.close()
+
+    def groups(self, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:
+        """Each row group as a table of ``columns`` (default: the reader's), in file order."""
+        from . import ids
+
+        wanted = self._columns if columns is None else list(columns)
+        read = [c for c in self._read if c in wanted]
+        for i in range(self._file.num_row_groups):
+            table = self._file.read_row_group(i, columns=read)
+            if "hash" in table.column_names and self._repo.version >= 2:
+                table = table.set_column(table.schema.get_field_index("hash"), pa.field("hash", pa.string()),
+                                         ids.binary_to_hex(table["hash"]))
+            for name in OPTIONAL_COLUMNS:
+                if name in wanted and name not in table.column_names:
+                    field = MANIFEST_SCHEMA.field(name)
+                    table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+            yield table.select(wanted)
+
+    def sorted_by_path(self) -> bool:
+        """True when every path is greater than the one before, across row groups
+        (read from the path column alone; a manifest keepflow wrote always is)."""
+        import pyarrow.compute as pc
+
+        last: str | None = None
+        for table in self.groups(["path"]):
+            paths, n = table["path"], table.num_rows
+            if not n:
+                continue
+            if n > 1 and not pc.all(pc.less(paths.slice(0, n - 1), paths.slice(1))).as_py():
+                return False
+            first = paths[0].as_py()
+            if last is not None and not last < first:
+                return False
+            last = paths[n - 1].as_py()
+        return True
+
+
 def read_info(repo: Repository, name: str) -> SnapshotInfo:
     """The snapshot facts of manifest ``name``, without reading its rows."""
     path = repo.path("snapshots", name)

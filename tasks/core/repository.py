@@ -248,14 +248,15 @@ class Repository:
     def key_file_key(name: str) -> str:
         return f"keys/{name}"
 
-    def index_key(self, label: str, stored: bytes | None = None) -> str:
+    def index_key(self, label: str, stored: bytes | None = None, *, digest: str | None = None) -> str:
         """``index/<label>.parquet`` (format 1), ``index/<label>-<B3 of the file>`` (format 2,
-        ``.parquet`` appended when it is not encrypted)."""
+        ``.parquet`` appended when it is not encrypted; ``digest``: that BLAKE3 in hex,
+        for a file written from a stream)."""
         if self.version < 2:
             return f"index/{label}.parquet"
-        if stored is None:
-            raise ValueError("format 2 names an index file by its bytes: pass stored")
-        name = f"{label}-{blake3.blake3(stored).hexdigest()}"
+        if stored is None and digest is None:
+            raise ValueError("format 2 names an index file by its bytes: pass stored or its digest")
+        name = f"{label}-{digest or blake3.blake3(stored).hexdigest()}"
         return f"index/{name}" + ("" if self.encrypted else ".parquet")
 
     def index_label(self, name: str) -> str | None:
