@@ -254,9 +254,11 @@ class Repository:
         for a file written from a stream)."""
         if self.version < 2:
             return f"index/{label}.parquet"
-        if stored is None and digest is None:
-            raise ValueError("format 2 names an index file by its bytes: pass stored or its digest")
-        name = f"{label}-{digest or blake3.blake3(stored).hexdigest()}"
+        if digest is None:
+            if stored is None:
+                raise ValueError("format 2 names an index file by its bytes: pass stored or its digest")
+            digest = blake3.blake3(stored).hexdigest()
+        name = f"{label}-{digest}"
         return f"index/{name}" + ("" if self.encrypted else ".parquet")
 
     def index_label(self, name: str) -> str | None:
