@@ -16,12 +16,23 @@ always wins: keepflow never overrides a server the user chose
 (``use_running_server``, called by ``startup.prepare_prefect``, which also
 prints the once-an-hour hint on the temporary server). No Prefect import
 here: the command must start fast.
+
+The state file also records the Prefect version that started the server.
+While the installed one is the same, commands skip Prefect's API version
+check, as they do on the temporary server they start themselves
+(``PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED=false``, unless the user set
+it): a GET /admin/version per client, one of them on a new TLS context (the
+CA bundle loaded again, on the thread that sends events), ~0.03 s of CPU per
+command here, to learn what the state file already says. After a Prefect
+upgrade the versions differ and the check is made as before.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,12 +71,31 @@ def _read_state() -> dict | None:
     return state if isinstance(state, dict) and "api_url" in state else None
 
 
+def _running_state() -> dict | None:
+    state = _read_state()
+    return state if state and _healthy(state["api_url"]) else None
+
+
 def api_url_if_running() -> str | None:
     """The API URL of the server ``keepflow server start`` left running, or None."""
-    state = _read_state()
-    if state and _healthy(state["api_url"]):
-        return state["api_url"]
-    return None
+    state = _running_state()
+    return state["api_url"] if state else None
+
+
+def prefect_version() -> str | None:
+    """The installed Prefect's version, from its generated ``_build_info.py`` (importing Prefect costs ~1 s)."""
+    try:
+        spec = importlib.util.find_spec("prefect")
+        text = (Path(spec.origin).parent / "_build_info.py").read_text()  # type: ignore[union-attr, arg-type]
+    except (ImportError, AttributeError, TypeError, OSError, ValueError):
+        return None
+    found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", text, re.M)
+    return found.group(1) if found else None
+
+
+def skip_version_check() -> None:
+    """This process talks to a server of the installed Prefect: no API version check (see the module docstring)."""
+    os.environ.setdefault("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", "false")
 
 
 def profile_api_url() -> str | None:
@@ -86,10 +116,12 @@ def use_running_server() -> bool:
     """Point this process at the persistent server when the user chose no other; True when it did."""
     if os.environ.get("PREFECT_API_URL") or profile_api_url():
         return False
-    url = api_url_if_running()
-    if url is None:
+    state = _running_state()
+    if state is None:
         return False
-    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_API_URL"] = state["api_url"]
+    if state.get("prefect_version") and state["prefect_version"] == prefect_version():
+        skip_version_check()
     return True
 
 
@@ -161,7 +193,8 @@ def cmd_server(args) -> int:
                                     f"{START_TIMEOUT:.0f} s; see `prefect server stop`")
             time.sleep(0.3)
         state = {"api_url": api_url, "ui_url": f"http://{HOST}:{port}", "port": port,
-                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "prefect_version": prefect_version()}
         state_file().parent.mkdir(parents=True, exist_ok=True)
         state_file().write_text(json.dumps(state, indent=2) + "\n")
         out = {"running": True, "api_url": api_url, "ui_url": state["ui_url"],

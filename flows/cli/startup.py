@@ -116,6 +116,7 @@ def prepare_prefect(verbose: bool, start_server: bool = False) -> None:
             from keepflow.flows import _temporary_server
 
             _temporary_server.start()
+            server.skip_version_check()         # it runs this interpreter's Prefect: the check can only pass
     if not verbose:
         # Logs still go to the API (run history); only the console is quiet,
         # so failures reach the user as our one-line errors, not tracebacks.
