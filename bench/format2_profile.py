@@ -236,11 +236,14 @@ def store(src: str, threads: int, n: int, repo_dir: str | None) -> None:
 
 def restore_cmd(repo: str, target: str, threads: int, n: int) -> None:
     _password()
+    import resource
+
     from keepflow.tasks.core import restore
 
     c0, t0 = time.process_time(), time.perf_counter()
     plan = restore.prepare(repo, target).to_dict()
     t1 = time.perf_counter()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     batches = range(len(plan["batches"]))
 
     def run():
@@ -251,10 +254,14 @@ def restore_cmd(repo: str, target: str, threads: int, n: int) -> None:
 
     results, report = _profiled(run, n)
     t2 = time.perf_counter()
+    ru2 = resource.getrusage(resource.RUSAGE_SELF)
     restore.finish(plan)
     restore.cleanup(plan)
     t3 = time.perf_counter()
-    print(f"restore {repo} -> {target}: prepare {t1 - t0:.2f} s, batches {t2 - t1:.2f} s, finish {t3 - t2:.2f} s, "
+    errors = sum(len(r.errors) for r in results)
+    print(f"restore {repo} -> {target}: prepare {t1 - t0:.2f} s, batches {t2 - t1:.2f} s "
+          f"(user {ru2.ru_utime - ru1.ru_utime:.2f} s, sys {ru2.ru_stime - ru1.ru_stime:.2f} s; "
+          f"{sum(r.written for r in results):,} files written, {errors} errors), finish {t3 - t2:.2f} s, "
           f"total {t3 - t0:.2f} s wall, {time.process_time() - c0:.2f} s CPU; "
           f"load {Path('/proc/loadavg').read_text().split()[:3]}")
     if report:

@@ -26,7 +26,7 @@ import datetime as dt
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import blake3
@@ -107,8 +107,13 @@ class Subkeys:
                    list_id_key=sub("list id"), chunker=sub("chunker"), encrypted=encrypted)
 
     def kind_key(self, magic: bytes) -> bytes:
+        return self._kind_keys[magic]
+
+    @cached_property
+    def _kind_keys(self) -> dict[bytes, bytes]:
+        # Built once (restore and verify ask for the pack key once per blob).
         return {PACK: self.pack, INDEX: self.index, SNAPSHOT: self.snapshot, TRASH: self.trash,
-                LEASE: self.lease, CONFIG: self.config}[magic]
+                LEASE: self.lease, CONFIG: self.config}
 
     def deterministic_salt(self, magic: bytes, *parts: bytes | bytearray | memoryview) -> bytes:
         """``B3K(K_salt, magic || parts...)``: the salt of a write-once file (SIV: no RNG involved)."""
@@ -173,16 +178,18 @@ def finish_decrypt(dec: Any, tag: bytes) -> bytes:
         raise AuthenticationFailed() from None
 
 
+# cryptography's AEADs take any buffer (bytes, bytearray, memoryview) and read it in
+# place: a memoryview payload (a chunk of the chunker's window, a blob inside a
+# pack span) is neither copied on the way in nor out.
+
 def encrypt(cipher: AESGCM, i: int, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
-    data = bytes(plaintext) if isinstance(plaintext, (bytearray, memoryview)) else plaintext
-    return cipher.encrypt(nonce(i), data, aad)
+    return cipher.encrypt(nonce(i), plaintext, aad)
 
 
 def decrypt(cipher: AESGCM, i: int, ciphertext: bytes | memoryview, aad: bytes, *,
             nonce_bytes: bytes | None = None) -> bytes:
     try:
-        return cipher.decrypt(nonce_bytes or nonce(i), bytes(ciphertext) if isinstance(ciphertext, memoryview)
-                              else ciphertext, aad)
+        return cipher.decrypt(nonce_bytes or nonce(i), ciphertext, aad)
     except InvalidTag:
         raise AuthenticationFailed() from None
 

@@ -112,7 +112,7 @@ def _entries(trailer: bytes, data_end: int, where: str) -> list[tuple[str, int, 
 
 from dataclasses import dataclass  # noqa: E402  (format 2's half of the module)
 
-from . import crypto  # noqa: E402
+from . import compress, crypto  # noqa: E402
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -262,15 +262,14 @@ def open_blob2(keys: crypto.Subkeys, salt: bytes, entry: Entry2, stored: bytes |
 
     Raises ``PackFormatError`` (a subclass of KeepflowError) naming the blob for anything wrong.
     """
-    from . import compress
-
-    htype = header_type(entry.kind, entry.compressed)
     if len(stored) != entry.length:
         raise BlobFormatError(key=f"blob {entry.id[:16]}", reason=f"read {len(stored)} of its {entry.length} bytes")
     if keys.encrypted:
         try:
-            payload: bytes | memoryview = crypto.decrypt(keys.cipher(PACK2_MAGIC, salt), entry.seq, stored,
-                                                         blob_aad(htype, bytes.fromhex(entry.id)))
+            # a memoryview is read in place (crypto.decrypt): no copy of the stored bytes
+            payload: bytes | memoryview = crypto.decrypt(
+                keys.cipher(PACK2_MAGIC, salt), entry.seq, stored,
+                blob_aad(header_type(entry.kind, entry.compressed), bytes.fromhex(entry.id)))
         except crypto.AuthenticationFailed:
             raise BlobFormatError(key=f"blob {entry.id[:16]}", reason="does not authenticate") from None
     else:

@@ -159,12 +159,17 @@ class TargetWriter:
             elif self.local:
                 # Descriptor-based calls: one path lookup for the create, one
                 # for the rename; mode, owner and mtime are set on the open fd.
+                # Six syscalls a file (open, write, fchmod, futimens, close,
+                # rename); the kernel's part (the new inode and its folder
+                # entries) is most of a small file's restore.
                 tmp = self._tmp_name(dest)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                fd = os.open(tmp, _CREATE, 0o600)
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    n = os.write(fd, data)
+                    if n < len(data):           # a short write (a signal, a full disk on the way)
+                        view = memoryview(data)[n:]
+                        while view:
+                            view = view[os.write(fd, view):]
                     _apply_meta_fd(fd, cols, j)
                 except BaseException:
                     os.close(fd)
@@ -323,9 +328,12 @@ class SparseFile:
         self.close()
 
 
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+
+
 def _create_private(tmp: str):
     """A new file object for ``tmp``, owner-only, never following a symlink there."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(tmp, _CREATE, 0o600)
     return os.fdopen(fd, "wb")
 
 
@@ -429,14 +437,17 @@ def _set_xattrs(where, cols: dict[str, list[Any]], j: int) -> None:
 
 
 def _apply_meta_fd(fd, cols: dict[str, list[Any]], j: int) -> None:
-    uid, gid = cols["uid"][j], cols["gid"][j]
-    if IS_ROOT and uid is not None and (uid, gid) != _OWN_IDS:
-        try:
-            os.fchown(fd, uid, gid)
-        except OSError:
-            pass
+    if IS_ROOT:
+        uid, gid = cols["uid"][j], cols["gid"][j]
+        if uid is not None and (uid, gid) != _OWN_IDS:
+            try:
+                os.fchown(fd, uid, gid)
+            except OSError:
+                pass
     os.fchmod(fd, stat.S_IMODE(cols["mode"][j]))
-    _set_xattrs(fd, cols, j)
+    attrs = cols.get("xattrs")
+    if attrs is not None and attrs[j]:
+        _set_xattrs(fd, cols, j)
     mtime = exact_mtime(cols["mtime_ns"][j], cols["mtime_ns_exact"][j])
     os.utime(fd, ns=(mtime, mtime))
 
