@@ -45,7 +45,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -408,6 +408,58 @@ def _local_write_once(path: str, data: bytes | bytearray) -> bool:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     return publish_local_tmp(_write_local_tmp(path, data), path)
+
+
+def write_once_parts(fs: AbstractFileSystem, path: str, parts: Sequence[bytes | bytearray | memoryview]) -> bool:
+    """``write_once`` of the concatenation of ``parts`` (a format 2 pack's blobs, header, footer).
+
+    Local disk writes the parts with ``os.writev`` into the temporary file, never
+    joining them: the join copied every 16 MiB pack once more, into fresh pages
+    (bench.format2_profile stages: join + write 2.49, writev 2.33 ms of CPU per
+    MiB at load 5.6). Elsewhere the parts are joined for the one PUT (or upload)
+    the backends make anyway.
+    """
+    if not is_local(fs):
+        return write_once(fs, path, b"".join(parts))
+    try:
+        if os.path.exists(path):
+            return False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = tmp_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)     # as open(tmp, "wb")
+            try:
+                _writev_all(fd, parts)
+            finally:
+                os.close(fd)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        return publish_local_tmp(tmp, path)
+    except OSError as exc:
+        if is_no_space(exc):
+            raise write_failure(f"cannot write {path}: {exc}", exc) from exc
+        raise
+
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
+
+def _writev_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Write every byte of ``parts`` in order: at most ``_IOV_MAX`` buffers a call, short writes resumed."""
+    views = [memoryview(p) for p in parts if len(p)]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i: i + _IOV_MAX])
+        if n <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        while n:
+            size = len(views[i])
+            if n < size:
+                views[i] = views[i][n:]
+                break
+            n -= size
+            i += 1
 
 
 def _write_local_tmp(path: str, data: bytes | bytearray) -> str:

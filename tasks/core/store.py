@@ -158,7 +158,7 @@ class PackWriter:
         key = self.repo.pack_key(hasher.hexdigest())
         if not self.dry_run:
             try:
-                storage.write_once(self.repo.fs, self.repo.path(key), b"".join(parts))
+                storage.write_once_parts(self.repo.fs, self.repo.path(key), parts)
             except Exception as exc:
                 raise storage.write_failure(f"cannot write {key} to {self.repo.url}: {exc}", exc) from exc
         rows = self.result.index_rows
