@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     ph.wrap(manifest, "read_manifest", "read_manifest (parent)")
     ph.wrap(diff, "distrust_unindexed")
     ph.wrap(index, "load_index")
+    if os.path.exists(os.path.join(os.path.dirname(core.__file__), "restore_plan.py")):    # since the streamed plan
+        ph.wrap(mod("restore_plan"), "write_plan", "restore_plan.write_plan")
     ph.wrap(index, "read_index_files")
     ph.wrap(scratch, "write_parts", "scratch.write_parts (work lists)")
     ph.wrap(scratch, "write_part", "scratch.write_part (results)")

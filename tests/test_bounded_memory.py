@@ -452,3 +452,38 @@ def test_the_known_blob_set_from_the_stored_ids_is_the_one_from_the_index_table(
         known = KnownBlobs(ids)
         assert len(known) == 21 and known.contains("00" * 32)
         assert all(known.contains(h) for h in hexes.to_pylist()[5:25])
+
+
+# -- blob locations (restore's compact index) ---------------------------------------
+
+@pytest.mark.damages_repository      # a hand-made index: its rows point at packs that were never written
+def test_blob_locations_answer_like_the_first_index_row_of_each_hash(tmp_path):
+    from keepflow.tasks.core import index as indexmod
+    from keepflow.tasks.core.locations import BlobLocations
+    from keepflow.tasks.core.repository import RepoConfig, Repository
+
+    url = str(tmp_path / "repo")
+    Repository.init(url, config=RepoConfig())            # format 1: hex ids and keys as stored
+    repo = Repository.open(url)
+    rng = random.Random(4)
+    ids = _ids(rng, 400)
+    twins = [ids[i][:16] + f"{rng.getrandbits(192):048x}" for i in range(20)]   # same first 8 bytes
+    odd = ["not-an-id", "AB" * 32]
+    first = ids[:250] + twins + odd
+    second = ids[200:] + odd[:1]                           # 50 repeats and one odd repeat: the first file wins
+    for label, hashes in (("a-first", first), ("b-second", second)):
+        indexmod.write_index(repo, pa.table({
+            "hash": pa.array(hashes, pa.string()),
+            "key": pa.array([f"packs/{label}/{i % 7}" for i in range(len(hashes))], pa.string()),
+            "offset": pa.array(range(len(hashes)), pa.int64()),
+            "length": pa.array([len(label) + i for i in range(len(hashes))], pa.int64())}), label)
+    expected = {}
+    for label, hashes in (("a-first", first), ("b-second", second)):
+        for i, h in enumerate(hashes):
+            expected.setdefault(h, (f"packs/{label}/{i % 7}", i, len(label) + i))
+    locations = BlobLocations(repo)
+    assert len(locations) == len(expected)
+    asked = rng.sample(list(expected), 300) + _ids(rng, 30) + [None, "x", twins[3][:16] + "0" * 48]
+    found = locations.locate(pa.array(asked, pa.string()))
+    got = list(zip(found["key"].to_pylist(), found["offset"].to_pylist(), found["length"].to_pylist(), strict=True))
+    assert got == [expected.get(h, (None, None, None)) for h in asked]

@@ -457,6 +457,8 @@ class ManifestRows:
     def __enter__(self) -> ManifestRows:
         import pyarrow.parquet as pq
 
+        if self._file is not None:          # opened already (restore opens it to fall over, then walks it)
+            return self
         repo = self._repo
         try:
             if repo.version >= 2:

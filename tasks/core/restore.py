@@ -45,8 +45,7 @@ import blake3
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import index as indexmod
-from . import manifest, memory, progress, restore_chunks, restore_entries, snapshots, storage
+from . import manifest, memory, progress, restore_chunks, restore_entries, restore_plan, snapshots, storage
 from . import scratch as scratch_io
 from .blob_sources import BlobSources
 from .errors import TargetError, UsageError
@@ -113,83 +112,48 @@ def prepare(repo_url: str, target: str, *, snapshot: str = "latest", as_of: str 
     if overwrite not in OVERWRITE_MODES:
         raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_MODES)}, not {overwrite!r}")
     spec = compile_patterns(includes, origin="--include")
-    repo, info, table, used_url = _open_with_failover(repo_url, storage_options, list(fallbacks),
-                                                      fallback_options or {}, snapshot, as_of)
-    if spec is not None:
-        table = _select(table, spec)
-        if table.num_rows == 0:
-            raise UsageError(f"no entry of snapshot {info.short_id} matches --include {' '.join(includes)}")
-
+    repo, info, rows, used_url = _open_with_failover(repo_url, storage_options, list(fallbacks),
+                                                     fallback_options or {}, snapshot, as_of)
     tfs, troot = _target_fs(target, target_options)
     fresh = storage.is_local(tfs) and not os.path.lexists(troot)
-    table = _with_link_target_bytes(table)
-    files = table.filter(pc.equal(table["type"], "file"))
-    dirs = table.filter(pc.equal(table["type"], "dir"))
-    links = table.filter(pc.equal(table["type"], "symlink"))
-    specials = table.filter(pc.is_in(table["type"], value_set=pa.array(manifest.SPECIAL_TYPES)))
-    files, hard_links = _split_hard_links(files, local_target=storage.is_local(tfs))
-    del table                   # the whole manifest: its parts above are copies
-    memory.release()
-
-    idx = indexmod.load_index(repo)
-    if "type" in idx.column_names:      # format 2: the blob's kind (data or list), not the entry's type
-        idx = idx.rename_columns(["kind" if c == "type" else c for c in idx.column_names])
-    # Join the hash only (Arrow's join carries no nested columns such as
-    # xattrs), then take the file rows: the index is unique by hash.
-    where = files.select(["hash"]).append_column("_row", pa.array(range(files.num_rows), pa.int64()))
-    where = where.join(idx, keys="hash", join_type="left outer").sort_by("_row")
-    located = files
-    location_columns = [c for c in idx.column_names if c != "hash"]
-    for name in location_columns:
-        located = located.append_column(name, where[name])
-    del where
-    missing_mask = pc.is_null(located["key"])
-    missing = located.filter(missing_mask)
-    if len(missing):            # a filter is a copy of every row: only when some are missing
-        located = located.filter(pc.invert(missing_mask))
-    located = located.sort_by([("key", "ascending"), ("offset", "ascending")])
-    chunks = None
-    if repo.version >= 2:
-        located, chunks, unreadable = restore_chunks.expand_lists(
-            repo, located, idx, [_opener(u, storage_options if u == repo_url else (fallback_options or {}).get(u))
-                                 for u in [repo_url, *fallbacks] if u != used_url])
-        missing = pa.concat_tables([missing.select(["path"]), unreadable.select(["path"])])
-    del idx
-
     local = storage.is_local(tfs)
-    folders = {""} | set(_fs_paths(dirs, local))
-    for entries in (files, links, specials, hard_links):
-        folders |= _parent_folders(entries, local)
-    n_files, n_bytes = files.num_rows, pc.sum(files["size"]).as_py() or 0
-    del files
-    removed = []
-    if not dry_run:
-        _make_dirs(tfs, troot, folders, target)
-        if not fresh:
-            removed = remove_stale_temporaries(tfs, troot, folders)
-
-    sized_by = "size" if chunks is not None else "length"
-    batches = scratch_io.cut_ranges(located[sized_by].to_numpy(zero_copy_only=False), MAX_BATCH_FILES,
-                                    MAX_BATCH_BYTES)
+    openers = [_opener(u, storage_options if u == repo_url else (fallback_options or {}).get(u))
+               for u in [repo_url, *fallbacks] if u != used_url]
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
     scratch = scratch_io.create("restore", run_id, work_dir)
     try:
-        scratch_io.write(scratch, "other", pa.concat_tables([dirs, links, specials, hard_links]))
-        columns = _BATCH_COLUMNS + (list(V2_ROW_COLUMNS) if chunks is not None else [])
-        scratch_io.write_parts(scratch, "batch", located.select(columns), batches)
-        if chunks is not None:
-            restore_chunks.write_chunk_parts(scratch, chunks, batches)
+        with rows:
+            # The manifest a row group at a time, looked up in the compact index, the
+            # work lists written as batches fill (restore_plan.py): bounded memory.
+            facts = restore_plan.write_plan(repo, rows, scratch, spec=spec, local_target=local, fallbacks=openers,
+                                            batch_columns=_BATCH_COLUMNS, max_files=MAX_BATCH_FILES,
+                                            max_bytes=MAX_BATCH_BYTES, parent_folders=_parent_folders,
+                                            dir_paths=_fs_paths)
+        if spec is not None and facts.selected == 0:
+            raise UsageError(f"no entry of snapshot {info.short_id} matches --include {' '.join(includes)}")
     except BaseException:
         scratch_io.remove(scratch)      # nobody else knows the folder yet
         raise
+    memory.release()
+    removed = []
+    if not dry_run:
+        try:
+            _make_dirs(tfs, troot, facts.folders, target)
+            if not fresh:
+                removed = remove_stale_temporaries(tfs, troot, facts.folders)
+        except BaseException:
+            scratch_io.remove(scratch)
+            raise
+    batches, n_files, n_bytes = facts.batches, facts.files, facts.bytes
+    missing_paths = facts.missing
     return RestorePlan(
         repo_url=used_url, snapshot=info.id, snapshot_time=info.time, target=target, scratch=scratch,
-        overwrite=overwrite, dry_run=dry_run, batches=batches, files=n_files, dirs=dirs.num_rows,
-        symlinks=links.num_rows, bytes=n_bytes, fresh_target=fresh, sparse=sparse, xattrs=xattrs,
+        overwrite=overwrite, dry_run=dry_run, batches=batches, files=n_files, dirs=facts.dirs,
+        symlinks=facts.symlinks, bytes=n_bytes, fresh_target=fresh, sparse=sparse, xattrs=xattrs,
         temporaries_removed=len(removed),
         fallbacks=[u for u in [repo_url, *fallbacks] if u != used_url], fallback_options=fallback_options or {},
         primary_url=repo_url,
-        missing=[(p, "blob not in the repository index") for p in missing["path"].to_pylist()],
+        missing=[(p, "blob not in the repository index") for p in missing_paths],
         run_id=run_id, repo_config=repo.config.to_plan(),
     )
 
@@ -204,50 +168,6 @@ def _opener(url: str, options):
     return open_replica
 
 
-def _with_link_target_bytes(table: pa.Table) -> pa.Table:
-    """Add ``hardlink_to_bytes``: the raw path of each hard link's first name (when not UTF-8)."""
-    raw = pa.nulls(table.num_rows, pa.binary())
-    if table["path_bytes"].null_count < table.num_rows and table["hardlink_to"].null_count < table.num_rows:
-        by_path = dict(zip(*table.filter(pc.is_valid(table["path_bytes"])).select(["path", "path_bytes"])
-                           .to_pydict().values(), strict=True))
-        raw = pa.array([by_path.get(p) for p in table["hardlink_to"].to_pylist()], pa.binary())
-    return table.append_column("hardlink_to_bytes", raw)
-
-
-def _split_hard_links(files: pa.Table, local_target: bool) -> tuple[pa.Table, pa.Table]:
-    """Files to write, and further names of a file to link to it once it is written.
-
-    A name is linked only when the name it points at is restored too (an
-    ``--include`` may leave it out) and the target is local; otherwise it is
-    written as a file of its own, with the same content.
-    """
-    is_link = pc.is_valid(files["hardlink_to"])
-    if local_target and pc.any(is_link).as_py():
-        linked = pc.and_(is_link, pc.is_in(files["hardlink_to"], value_set=files["path"]))
-        return files.filter(pc.invert(linked)), files.filter(linked)
-    return files, files.slice(0, 0)
-
-
-def _select(table: pa.Table, spec) -> pa.Table:
-    """Entries matching the include patterns, plus the folders above them.
-
-    Folders are matched with a trailing slash (``docs/`` matches the folder
-    docs), and the folders above every selected entry come along so that
-    their mode and mtime are restored too.
-    """
-    paths = table["path"].to_pylist()
-    kinds = table["type"].to_pylist()
-    keep = [spec.match_file(p + "/" if k == "dir" else p) for p, k in zip(paths, kinds, strict=True)]
-    ancestors = set()
-    for p, chosen in zip(paths, keep, strict=True):
-        if chosen:
-            parts = p.split("/")[:-1]
-            for i in range(1, len(parts) + 1):
-                ancestors.add("/".join(parts[:i]))
-    keep = [c or (k == "dir" and p in ancestors) for p, k, c in zip(paths, kinds, keep, strict=True)]
-    return table.filter(pa.array(keep, pa.bool_()))
-
-
 def _open_with_failover(repo_url, storage_options, fallbacks, fallback_options, snapshot, as_of):
     """Open the primary and read the snapshot's manifest; on failure, the first
     fallback that can. Usage errors (unknown snapshot id...) are not retried
@@ -260,7 +180,9 @@ def _open_with_failover(repo_url, storage_options, fallbacks, fallback_options, 
         try:
             repo = Repository.open(url, opts)
             info = snapshots.resolve(repo, snapshot, as_of=as_of)
-            return repo, info, manifest.read_manifest(repo, info), url
+            # Opened (format 2: read and authenticated) here, so a damaged manifest falls over to a replica.
+            rows = manifest.ManifestRows(repo, info, manifest.MANIFEST_SCHEMA.names).__enter__()
+            return repo, info, rows, url
         except UsageError:
             raise
         except (KeepflowError, OSError) as exc:
@@ -288,11 +210,6 @@ def _fs_paths(table: pa.Table, local: bool) -> list[str]:
     if not local or table["path_bytes"].null_count == table.num_rows:
         return paths
     return [manifest.fs_path(p, raw) for p, raw in zip(paths, table["path_bytes"].to_pylist(), strict=True)]
-
-
-def _folders(dir_paths, entry_paths) -> set[str]:
-    """Every folder the restore writes into ("" is the target itself)."""
-    return {""} | set(dir_paths) | {p.rsplit("/", 1)[0] if "/" in p else "" for p in entry_paths}
 
 
 def _parent_folders(table: pa.Table, local: bool) -> set[str]:

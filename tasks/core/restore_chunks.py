@@ -70,18 +70,20 @@ class BlobOpener:
             return None
 
 
-def expand_lists(repo: Repository, located: pa.Table, idx: pa.Table,
+def expand_lists(repo: Repository, located: pa.Table, idx: pa.Table | Callable[[pa.ChunkedArray], pa.Table],
                  fallbacks: Sequence[Callable[[], Repository | None]] = ()) -> tuple[pa.Table, pa.Table, pa.Table]:
     """(located without unrestorable files, chunk work table, unrestorable files).
 
     ``located`` holds the files with their index rows (format 2 columns);
+    ``idx`` is the index table, or a function giving the location columns of
+    hashes (``locations.BlobLocations.locate``);
     the chunk table's ``_file`` is the row number in the returned ``located``.
     A list that cannot be read or opened from ``repo`` is read from each of
     ``fallbacks`` (callables returning an opened replica, or None) in turn.
     """
     is_list = pc.equal(located["kind"], 1)
     if not pc.any(is_list).as_py():
-        return located, _empty_chunks(), located.slice(0, 0)
+        return located, empty_chunks(), located.slice(0, 0)
     list_rows = np.flatnonzero(is_list.to_numpy(zero_copy_only=False))
     rows = located.take(pa.array(list_rows))
     lists = read_lists(repo, rows)
@@ -108,9 +110,15 @@ def expand_lists(repo: Repository, located: pa.Table, idx: pa.Table,
             pos += n
     table = pa.table({"_file": pa.array(files, pa.int64()), "pos": pa.array(positions, pa.int64()),
                       "hash": pa.array(hashes, pa.string())})
-    table = table.append_column("_order", pa.array(np.arange(table.num_rows), pa.int64()))
-    joined = table.join(idx.select(["hash", "key", "offset", "length", "seq", "salt", "raw_length", "compressed"]),
-                        keys="hash", join_type="left outer").sort_by("_order")
+    if callable(idx):
+        joined = table
+        where = idx(table["hash"])
+        for name in ("key", "offset", "length", "seq", "salt", "raw_length", "compressed"):
+            joined = joined.append_column(name, where[name])
+    else:
+        table = table.append_column("_order", pa.array(np.arange(table.num_rows), pa.int64()))
+        joined = table.join(idx.select(["hash", "key", "offset", "length", "seq", "salt", "raw_length",
+                                        "compressed"]), keys="hash", join_type="left outer").sort_by("_order")
     unindexed = pc.is_null(joined["key"])
     if pc.any(unindexed).as_py():
         bad[np.unique(joined.filter(unindexed)["_file"].to_numpy())] = True
@@ -121,7 +129,7 @@ def expand_lists(repo: Repository, located: pa.Table, idx: pa.Table,
     return located.filter(pa.array(keep)), chunks.select(_CHUNK_COLUMNS), located.filter(pa.array(bad))
 
 
-def _empty_chunks() -> pa.Table:
+def empty_chunks() -> pa.Table:
     return pa.table({"_file": pa.array([], pa.int64()), "pos": pa.array([], pa.int64()),
                      "hash": pa.array([], pa.string()), "key": pa.array([], pa.string()),
                      "offset": pa.array([], pa.int64()), "length": pa.array([], pa.int64()),
