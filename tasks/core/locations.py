@@ -17,6 +17,8 @@ repositories hold a few) are kept apart in a small table and looked up there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -90,7 +92,7 @@ class BlobLocations:
     def __len__(self) -> int:
         return len(self._cols["id"]) + (self._odd.num_rows if self._odd is not None else 0)
 
-    def _dtypes(self) -> dict[str, object]:
+    def _dtypes(self) -> dict[str, Any]:
         base = {"id": "S32", "pack": np.int32, "offset": np.int64, "length": np.int64}
         if self.version >= 2:
             base.update({"kind": np.int8, "seq": np.int32, "raw_length": np.int64, "compressed": np.bool_})
