@@ -18,7 +18,7 @@ data it describes, about 120 bytes per blob).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -103,7 +103,7 @@ def _read_stored(repo: Repository, names: list[str]) -> pa.Table:
     return pa.concat_tables(tables) if tables else STORED2_SCHEMA.empty_table()
 
 
-def iter_stored(repo: Repository, name: str):
+def iter_stored(repo: Repository, name: str) -> Iterator[pa.Table]:
     """Format 2: index file ``name`` in stored form, a row group at a time (its bytes
     checked first and spooled, ``_open_checked``): for readers that hold the
     index compactly and must not hold a merged 1M-row file's table whole."""
