@@ -13,12 +13,12 @@ Runnable as ``python -m keepflow prune REPO --keep-daily 7 ...``.
 
 from __future__ import annotations
 
-from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from keepflow.flows._credentials import resolve, resolve_map
+from keepflow.flows._flow import flow
 from keepflow.flows._naming import run_name
 from keepflow.flows._password import resolve_password_param
 from keepflow.flows._runs import HOOKS

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import random
 
-from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from keepflow.flows import _dask
 from keepflow.flows._credentials import resolve
+from keepflow.flows._flow import flow
 from keepflow.flows._naming import run_name
 from keepflow.flows._password import resolve_password_param
 from keepflow.flows._runs import HOOKS
