@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .columns import nulls
+from .manifest import MANIFEST_SCHEMA
 
 if TYPE_CHECKING:
     from .known_blobs import KnownBlobs
@@ -215,12 +216,8 @@ class _ParentRows:
 
     def _empty(self) -> pa.Table:
         if self._schema is None:
-            return _prefixed(pa.schema([(c, _PARENT_TYPES[c]) for c in PARENT_COLUMNS]).empty_table())
+            return _prefixed(MANIFEST_SCHEMA.empty_table())
         return self._schema.empty_table()
-
-
-_PARENT_TYPES = {"path": pa.string(), "type": pa.string(), "size": pa.int64(), "mtime_ns": pa.int64(),
-                 "ctime_ns": pa.int64(), "inode": pa.int64(), "hash": pa.string()}
 
 
 def _sorted_unique(paths: pa.ChunkedArray) -> bool:

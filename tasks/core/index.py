@@ -162,22 +162,13 @@ def _open_checked(repo: Repository, name: str):
     name and seal checked before anyone parses it (``_stored_parquet``, streamed):
     copied in blocks while its BLAKE3 is computed, then decrypted block by block
     into a second spooled file, given out only once the tag has verified."""
-    import tempfile
-
-    import blake3
-
-    from .manifest import BLOCK_BYTES, SPOOL_BYTES
+    from . import spool
 
     key = f"index/{name}"
-    raw = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed below or by the caller)
+    raw, digest = spool.hashed_copy(repo.fs, repo.path("index", name))
     try:
-        digest = blake3.blake3()
-        with repo.fs.open(repo.path("index", name), "rb") as f:
-            while block := f.read(BLOCK_BYTES):
-                digest.update(block)
-                raw.write(block)
         size = raw.tell()
-        if digest.hexdigest() != name.rsplit("-", 1)[-1].split(".", 1)[0]:
+        if digest != name.rsplit("-", 1)[-1].split(".", 1)[0]:
             raise BlobFormatError(key=key, reason="its name is not the BLAKE3 of its bytes")
         raw.seek(0)
         if not repo.encrypted:
@@ -192,23 +183,10 @@ def _open_checked(repo: Repository, name: str):
         tag = raw.read(crypto.TAG_SIZE)
         if found != magic:
             raise BlobFormatError(key=key, reason="it does not authenticate")
-        dec = crypto.stream_decryptor(repo.keys, magic, salt, 0)
-        out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (the caller's)
         try:
-            raw.seek(0)
-            left = size - trailer - crypto.TAG_SIZE
-            while left:
-                block = raw.read(min(BLOCK_BYTES, left))
-                left -= len(block)
-                out.write(dec.update(block))
-            try:
-                out.write(crypto.finish_decrypt(dec, tag))
-            except crypto.AuthenticationFailed:
-                raise BlobFormatError(key=key, reason="it does not authenticate") from None
-        except BaseException:
-            out.close()
-            raise
-        out.seek(0)
+            out = spool.decrypted(repo.keys, magic, salt, raw, size - trailer - crypto.TAG_SIZE, tag)
+        except crypto.AuthenticationFailed:
+            raise BlobFormatError(key=key, reason="it does not authenticate") from None
         raw.close()
         return out
     except BaseException:
@@ -423,12 +401,7 @@ def _merge_stored(repo: Repository, names: list[str], label: str) -> tuple[int, 
 
     import blake3
 
-    from .manifest import BLOCK_BYTES, SPOOL_BYTES
-
-    def blocks(f):
-        f.seek(0)
-        while block := f.read(BLOCK_BYTES):
-            yield block
+    from .spool import SPOOL_BYTES, blocks
 
     entries = 0
     lists: list[pa.Table] = []
@@ -454,10 +427,12 @@ def _merge_stored(repo: Repository, names: list[str], label: str) -> tuple[int, 
         if repo.encrypted:
             # crypto.seal, streamed: AEAD(K_f, N(0), parquet, magic) || salt || magic.
             salt_h = repo.keys.salt_hasher(crypto.INDEX)
+            body.seek(0)
             for block in blocks(body):
                 salt_h.update(block)
             salt = salt_h.digest()
             enc = crypto.stream_encryptor(repo.keys, crypto.INDEX, salt, 0)
+            body.seek(0)
             for block in blocks(body):
                 out = enc.update(block)
                 digest.update(out)
@@ -467,6 +442,7 @@ def _merge_stored(repo: Repository, names: list[str], label: str) -> tuple[int, 
             sealed.write(tail)
             data = sealed
         else:
+            body.seek(0)
             for block in blocks(body):
                 digest.update(block)
             data = body

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import pyarrow as pa
 
-from . import parquet_io, storage, xattrs
+from . import parquet_io, spool, storage, xattrs
+from .spool import BLOCK_BYTES, SPOOL_BYTES  # noqa: F401  (the writer's spool; re-exported)
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
 META_KEY = b"keepflow.snapshot"
 # A manifest being written or read is spooled in memory up to this size, then in an
 # unlinked local temporary file (ManifestWriter, open_manifest): ~1/3 of a 1M-file manifest.
-SPOOL_BYTES = 16 * 1024 * 1024
-BLOCK_BYTES = 4 * 1024 * 1024      # what one pass over a spooled manifest reads at a time
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -262,7 +261,7 @@ def _encrypted(repo: Repository, body: Any, body_len: int, facts: bytes) -> Iter
     salt_h = keys.salt_hasher(crypto.SNAPSHOT)      # deterministic_salt(magic, len, body, facts), streamed
     salt_h.update(_U64.pack(body_len))
     body.seek(0)
-    for block in _blocks(body):
+    for block in spool.blocks(body):
         salt_h.update(block)
     salt_h.update(facts)
     salt = salt_h.digest()
@@ -275,7 +274,7 @@ def _encrypted(repo: Repository, body: Any, body_len: int, facts: bytes) -> Iter
             out.write(data)
 
         body.seek(0)
-        for block in _blocks(body):
+        for block in spool.blocks(body):
             emit(enc.update(block))
         emit(enc.finalize())
         emit(enc.tag)
@@ -285,15 +284,10 @@ def _encrypted(repo: Repository, body: Any, body_len: int, facts: bytes) -> Iter
         yield out, digest.hexdigest()
 
 
-def _blocks(f: Any, size: int = 0) -> Iterator[bytes]:
-    while block := f.read(size or BLOCK_BYTES):
-        yield block
-
-
 def _b3_of(f: Any) -> str:
     f.seek(0)
     h = blake3.blake3()
-    for block in _blocks(f):
+    for block in spool.blocks(f):
         h.update(block)
     return h.hexdigest()
 
@@ -362,15 +356,10 @@ def _open_body(repo: Repository, name: str) -> Any:
     """
     from . import crypto
 
-    raw = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (closed below or by the caller)
+    raw, digest = spool.hashed_copy(repo.fs, repo.path("snapshots", name))
     try:
-        digest = blake3.blake3()
-        with repo.fs.open(repo.path("snapshots", name), "rb") as f:
-            for block in _blocks(f):
-                digest.update(block)
-                raw.write(block)
         size = raw.tell()
-        if digest.hexdigest() != name.split(".", 1)[0].rsplit("-", 1)[-1]:
+        if digest != name.split(".", 1)[0].rsplit("-", 1)[-1]:
             raise ValueError("its name is not the BLAKE3 of its bytes (damaged)")
         raw.seek(0)
         if not repo.encrypted:
@@ -383,23 +372,10 @@ def _open_body(repo: Repository, name: str) -> Any:
             raise ValueError("its facts length does not fit")
         raw.seek(body_end - crypto.TAG_SIZE)
         tag = raw.read(crypto.TAG_SIZE)
-        dec = crypto.stream_decryptor(repo.keys, magic, salt, 0)
-        out = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (the caller's)
         try:
-            raw.seek(0)
-            left = body_end - crypto.TAG_SIZE
-            while left:
-                block = raw.read(min(BLOCK_BYTES, left))
-                left -= len(block)
-                out.write(dec.update(block))
-            try:
-                out.write(crypto.finish_decrypt(dec, tag))
-            except crypto.AuthenticationFailed:
-                raise ValueError("it does not authenticate (damaged, or not this repository's)") from None
-        except BaseException:
-            out.close()
-            raise
-        out.seek(0)
+            out = spool.decrypted(repo.keys, magic, salt, raw, body_end - crypto.TAG_SIZE, tag)
+        except crypto.AuthenticationFailed:
+            raise ValueError("it does not authenticate (damaged, or not this repository's)") from None
         raw.close()
         return out
     except BaseException:

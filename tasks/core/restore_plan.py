@@ -104,7 +104,7 @@ def write_plan(repo: Repository, rows: manifest.ManifestRows, scratch: str, *, s
         other.write(held)
         wrote_other = True
     if not wrote_other:
-        other.write(_empty_other(rows))
+        other.write(_with_link_target_bytes(manifest.MANIFEST_SCHEMA.empty_table(), {}))
     other.close()
     facts.batches = work.close()
     return facts
@@ -194,13 +194,6 @@ def _select_group(group: pa.Table, spec: Any, ancestors: set[str]) -> pa.Table:
             for i in range(1, len(parts) + 1):
                 ancestors.add("/".join(parts[:i]))
     return group.filter(pa.array(keep, pa.bool_()))
-
-
-def _empty_other(rows: manifest.ManifestRows) -> pa.Table:
-    table = next(iter(rows.groups()), None)
-    if table is None:
-        table = manifest.MANIFEST_SCHEMA.empty_table()
-    return table.slice(0, 0).append_column("hardlink_to_bytes", pa.array([], pa.binary()))
 
 
 class _RestoreWork:
