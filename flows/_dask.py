@@ -280,7 +280,10 @@ def batches(dask_address: str | None, workers: int | None, *, work_dir: str | No
             batches.wait_ready()                   # before the engine closes the runner
         return
     if not dask_address and workers is None:
-        yield Batches()
+        from keepflow.tasks.core import batch_processes
+
+        with batch_processes.session():     # this machine's cores, for runs of several batches
+            yield Batches()
         return
     check(dask_address, workers, work_dir=work_dir, uses_work_dir=uses_work_dir, api_url=api_url())
     with task_runner(dask_address, workers) as runner:

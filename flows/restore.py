@@ -16,12 +16,13 @@ from keepflow.flows._flow import flow
 from keepflow.flows._naming import run_name
 from keepflow.flows._password import resolve_password_param
 from keepflow.flows._runs import HOOKS
+from keepflow.tasks.core import batch_processes
 from keepflow.tasks.core.errors import EXIT_FAILED, EXIT_OK
 from keepflow.tasks.core.format import human_bytes
 from keepflow.tasks.core.restore import cleanup
 from keepflow.tasks.restore import finish_restore, plan_restore, restore_batch
 
-DEFAULT_WORKERS = 2
+DEFAULT_WORKERS = batch_processes.threads_for_batches()     # as flows/backup.py
 
 
 @flow(name="restore", flow_run_name=lambda: run_name("restore", "target"),

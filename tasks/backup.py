@@ -6,6 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from keepflow.tasks.core import backup as core
+from keepflow.tasks.core import batch_processes
 from keepflow.tasks.retry import retry_transient
 
 
@@ -30,7 +31,10 @@ def plan_backup(source: str, repo: str, excludes: list[str], tags: list[str], re
       retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def store_batch(plan: dict, batch_no: int, storage_options: dict | None,
                 source_options: dict | None) -> core.BatchSummary:
-    summary = core.store_range(plan, batch_no, storage_options, source_options)
+    # In a child process of this machine when the run has several batches (batch_processes.py).
+    summary = batch_processes.call(core.store_range, plan, batch_no, storage_options, source_options,
+                                   batches=len(plan["batches"]),
+                                   urls=(plan["repo_url"], plan["source"], plan["scratch"]))
     get_run_logger().info(
         "batch %d: %d files, read %d bytes, stored %d bytes in %d packs + %d objects, %d skipped",
         batch_no, summary.files, summary.bytes_read, summary.bytes_stored, summary.packs_written,

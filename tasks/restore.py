@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from keepflow.tasks.core import batch_processes
 from keepflow.tasks.core import restore as core
 from keepflow.tasks.retry import retry_transient
 
@@ -30,7 +31,10 @@ def plan_restore(repo: str, target: str, snapshot: str, as_of: str | None, inclu
       retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
 def restore_batch(plan: dict, batch_no: int, storage_options: dict | None,
                   target_options: dict | None) -> core.RestoreBatchResult:
-    result = core.restore_range(plan, batch_no, storage_options, target_options)
+    # In a child process of this machine when the run has several batches (batch_processes.py).
+    result = batch_processes.call(core.restore_range, plan, batch_no, storage_options, target_options,
+                                  batches=len(plan["batches"]),
+                                  urls=(plan["repo_url"], plan["target"], plan["scratch"]))
     get_run_logger().info("batch %d: wrote %d files (%d bytes), %d identical, %d kept, %d errors",
                           batch_no, result.written, result.bytes_written, result.identical, result.kept,
                           len(result.errors))

@@ -34,6 +34,12 @@ os.environ["KEEPFLOW_PASSWORD"] = TEST_PASSWORD
 os.environ["KEEPFLOW_KDF"] = "argon2id:t=1,m=1024,p=1"
 for _name in ("KEEPFLOW_PASSWORD_FILE", "KEEPFLOW_PASSWORD_COMMAND"):
     os.environ.pop(_name, None)
+# Flows run in this process keep their batches in its threads: many tests
+# cause faults by patching core functions here, which a child process would
+# not see. The `keepflow` commands of the CLI tests (cli_env) run batches in
+# child processes, the default; tests/test_batch_processes.py tests them in
+# flows run here.
+os.environ["KEEPFLOW_BATCH_PROCESSES"] = "0"
 
 VENV_BIN = Path(sys.executable).parent
 KEEPFLOW = str(VENV_BIN / "keepflow")
@@ -72,6 +78,7 @@ def cli_env(prefect_api_url):
     env = dict(os.environ)
     env["PREFECT_API_URL"] = prefect_api_url
     env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", None)
+    env.pop("KEEPFLOW_BATCH_PROCESSES", None)      # the default: batches in child processes
     return env
 
 

@@ -69,6 +69,18 @@ def forget(repo_id: str | None = None) -> None:
             _masters.pop(repo_id, None)
 
 
+def unlocked() -> dict[str, bytes]:
+    """The master keys unlocked in this process, by repository id (for batch_processes' children)."""
+    with _lock:
+        return dict(_masters)
+
+
+def install(masters: dict[str, bytes]) -> None:
+    """Take master keys unlocked by another process of this run (batch_processes: the flow process's)."""
+    with _lock:
+        _masters.update(masters)
+
+
 def subkeys(repo: Repository) -> crypto.Subkeys:
     """The repository's subkeys, unlocking it with the process's password when needed."""
     if not repo.encrypted:

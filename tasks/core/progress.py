@@ -2,7 +2,9 @@
 
 The core calls ``advance(phase, files, nbytes)`` as it works; by default that
 does nothing. The CLI installs a sink (rich progress bars on a terminal) with
-``set_sink``; batches running in the flow's thread pool report into it. Under
+``set_sink``; batches running in the flow's thread pool report into it, and
+batches in this machine's child processes through it (batch_processes.py
+passes on what they report, start markers included, with ``advance``). Under
 a distributed runner the batches run elsewhere and simply report nowhere.
 """
 
@@ -34,3 +36,4 @@ def start(phase: str, total_files: int, total_bytes: int) -> None:
     if sink is not None:
         with _lock:
             sink(phase + ":start", total_files, total_bytes)
+
