@@ -73,12 +73,52 @@ def repo_url(request, tmp_path):
             fs.rm(url, recursive=True)
 
 
-@pytest.fixture
-def cli_env(prefect_api_url):
+# The `keepflow` commands of these modules must each be a process of their own (KEEPFLOW_WARM=0):
+# they kill the command (SIGKILL leaves a warm child running on), or look at its child processes.
+COLD_MODULES = {"test_batch_processes", "test_crash", "test_dask", "test_deployments", "test_format2_prune",
+                "test_prune", "test_run_folder", "test_runs", "test_temporaries"}
+
+
+def _cli_environment(prefect_api_url: str) -> dict:
     env = dict(os.environ)
     env["PREFECT_API_URL"] = prefect_api_url
     env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", None)
     env.pop("KEEPFLOW_BATCH_PROCESSES", None)      # the default: batches in child processes
+    return env
+
+
+@pytest.fixture(scope="session")
+def _warm_process(prefect_api_url):
+    """The warm process of ``keepflow server start`` (flows/cli/warm.py) for the session's server.
+
+    Why: importing Prefect is most of a `keepflow` command's time here, and the
+    suite runs several hundred of them. The CLI tests' commands run as they do
+    for a user after ``keepflow server start``: forked from a process that
+    imported Prefect, with their own environment, streams and exit code. The
+    commands of COLD_MODULES, those with another environment (another
+    PREFECT_HOME or server, KEEPFLOW_BATCH_PROCESSES) and tests/test_server.py
+    run in processes of their own.
+    """
+    from keepflow.flows.cli import warm
+
+    def ensure() -> None:
+        if os.environ.get("KEEPFLOW_WARM") == "0":     # `KEEPFLOW_WARM=0 make test`: every command cold
+            return
+        if not warm.running() and not warm.start(prefect_api_url, env=_cli_environment(prefect_api_url)):
+            raise RuntimeError(f"the warm process did not start: {warm.log_path().read_text()[-2000:]}")
+
+    ensure()
+    yield ensure
+    warm.stop()
+
+
+@pytest.fixture
+def cli_env(request, prefect_api_url, _warm_process):
+    env = _cli_environment(prefect_api_url)
+    if request.module.__name__.rsplit(".", 1)[-1] in COLD_MODULES:
+        env["KEEPFLOW_WARM"] = "0"
+    else:
+        _warm_process()          # started again if changed code made it exit (tests/test_server.py does)
     return env
 
 

@@ -5,17 +5,28 @@ port: after ``start``, a backup run with no ``PREFECT_API_URL`` is recorded in
 that server (asked through its API); ``status --json`` names it; a
 ``PREFECT_API_URL`` the user set still wins; after ``stop`` it is gone and
 ``status`` exits 3.
+
+``start`` also starts the warm process (flows/cli/warm.py): the commands
+after it run in children forked from it, which its log names; exit codes,
+output, Ctrl-C and restores behave as in a process of their own; another
+Prefect environment or changed code makes it step aside, and the command
+still runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import httpx
 
-from tests.conftest import age_tree, make_tree, run_cli
+from tests.conftest import KEEPFLOW, age_tree, make_tree, run_cli
+from tests.treecompare import compare, format_differences
 
 
 def _free_port() -> int:
@@ -46,16 +57,52 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
         again = run_cli(["server", "start", "--json"], env=env, check=True)
         assert json.loads(again.stdout)["started"] is False           # one server, not two
 
+        assert started["warm_process"] is True and status["warm_process"] is True
+        warm_log = Path(env["PREFECT_HOME"]) / "keepflow" / "warm.log"
+        warm_pid = int((warm_log.parent / "warm.pid").read_text())
+
         run_cli(["backup", src, tmp_path / "repo"], env=env, check=True)
         assert [n for n in _runs(started["api_url"]) if n.startswith("backup-src")]
+        assert _warm_lines(warm_log, "['backup'] in pid") == 1           # it ran in the warm process
 
-        # A server the user chose wins over the persistent one.
+        # Output, exit codes and one-line errors come back from the warm process as from a process of its own.
+        listed = run_cli(["snapshots", tmp_path / "repo", "--json"], env=env, check=True)
+        assert len(json.loads(listed.stdout)) == 1
+        missing = run_cli(["backup", tmp_path / "no-such-folder", tmp_path / "repo"], env=env)
+        assert missing.returncode == 2 and missing.stderr.startswith("keepflow: error:"), missing.stderr
+        assert "Traceback" not in missing.stderr and _warm_lines(warm_log, "['backup'] in pid") == 2
+        run_cli(["restore", tmp_path / "repo", tmp_path / "restored"], env=env, check=True)
+        diffs = compare(src, tmp_path / "restored")
+        assert not diffs, format_differences(diffs)
+
+        # Ctrl-C reaches the command's child: the run ends with 130 and its lease released.
+        big = make_tree(tmp_path / "big", {f"big{i:02d}.bin": os.urandom(8 * 1024 * 1024) for i in range(40)})
+        age_tree(big)
+        _ctrl_c_during_backup(big, tmp_path / "repo-big", env)
+        assert _warm_lines(warm_log, "['backup'] in pid") == 3
+
+        # A server the user chose wins over the persistent one; the warm process steps aside for it.
         before = len(_runs(started["api_url"]))
         run_cli(["backup", src, tmp_path / "repo"], env={**env, "PREFECT_API_URL": prefect_api_url}, check=True)
         assert len(_runs(started["api_url"])) == before
+        assert _warm_lines(warm_log, "declined ['backup']") == 1
+
+        # Changed code: the warm process exits rather than run what it imported before; the command still runs.
+        source = Path(__file__).resolve().parents[1] / "flows" / "cli" / "warm.py"
+        st = source.stat()
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        try:
+            run_cli(["backup", src, tmp_path / "repo"], env=env, check=True)
+        finally:
+            os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert _warm_lines(warm_log, "['backup'] in pid") == 3
+        assert json.loads(run_cli(["server", "status", "--json"], env=env).stdout)["warm_process"] is False
+        assert json.loads(run_cli(["server", "start", "--json"], env=env, check=True).stdout)["warm_process"]
+        warm_pid = int((warm_log.parent / "warm.pid").read_text())
     finally:
         stopped = run_cli(["server", "stop", "--json"], env=env)
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"] is True
+    assert not Path(f"/proc/{warm_pid}").exists() and not (warm_log.parent / "warm.sock").exists()
     assert run_cli(["server", "status"], env=env).returncode == 3
     try:
         httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2)
@@ -63,3 +110,22 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
     except httpx.HTTPError:
         reachable = False
     assert not reachable
+
+
+def _warm_lines(log: Path, text: str) -> int:
+    return sum(text in line for line in log.read_text().splitlines())
+
+
+def _ctrl_c_during_backup(src: Path, repo: Path, env: dict) -> None:
+    proc = subprocess.Popen([KEEPFLOW, "backup", str(src), str(repo)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((repo / "locks").glob("backup-*.json")):
+        time.sleep(0.05)
+    assert list((repo / "locks").glob("backup-*.json")), "the backup never took its lease"
+    time.sleep(0.3)                       # into the store batches
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("keepflow: error: interrupted"), err
+    assert list((repo / "locks").glob("*.json")) == []

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import sys
 
-from keepflow.flows.cli import commands, readonly, server
+from keepflow.flows.cli import commands, readonly, server, warm
 from keepflow.flows.cli.errors import run
 from keepflow.flows.cli.parser import build_parser
 from keepflow.flows.cli.startup import skip_pyarrow_pandas_probe
 from keepflow.tasks.core.errors import EXIT_USAGE
 
-__all__ = ["main", "console", "build_parser"]
+__all__ = ["main", "console", "shut_down", "build_parser"]
 
 COMMANDS = {
     "init": commands.cmd_init, "backup": commands.cmd_backup, "restore": commands.cmd_restore,
@@ -42,13 +42,19 @@ COMMANDS = {
 }
 
 
-def main(argv=None) -> int:
-    skip_pyarrow_pandas_probe()
+def main(argv=None, warm_process: bool = False) -> int:
+    """Run one command; ``warm_process``: in the warm process if one serves it (flows/cli/warm.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if warm_process and warm.may_take(args):
+        code = warm.delegate(argv)
+        if code is not None:
+            return code
+    skip_pyarrow_pandas_probe()
     return run(_dispatch, args)
 
 
@@ -64,16 +70,27 @@ def console() -> None:
     event workers), then the ``atexit`` handlers (Prefect stops its temporary
     server there; logging is flushed), then stdout and stderr are flushed and
     ``os._exit`` ends the process. ``main()`` stays a plain function for
-    callers in the same process.
+    callers in the same process. A flow command may run in the warm process
+    of ``keepflow server start`` (flows/cli/warm.py), which prints its output
+    on this process's own streams.
+    """
+    try:
+        code = main(warm_process=True)
+    except SystemExit as exc:                 # argparse: --help, usage errors
+        code = exc.code
+    shut_down(code)
+
+
+def shut_down(code, exit_process: bool = True) -> int:
+    """The end of ``console``: Prefect's shutdown hooks, atexit, flushed streams, then ``os._exit(code)``.
+
+    ``exit_process=False`` (a command in the warm process): everything but the
+    exit, and the exit code returned.
     """
     import atexit
     import os
     import threading
 
-    try:
-        code = main()
-    except SystemExit as exc:                 # argparse: --help, usage errors
-        code = exc.code
     if code is None:
         code = 0
     elif not isinstance(code, int):
@@ -88,7 +105,9 @@ def console() -> None:
             stream.flush()
         except (OSError, ValueError):         # a closed pipe (`keepflow ls | head`): nothing more to say
             pass
-    os._exit(code)
+    if exit_process:
+        os._exit(code)
+    return code
 
 
 def _dispatch(args) -> int:

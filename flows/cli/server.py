@@ -141,13 +141,17 @@ def _prefect() -> str:
 
 
 def _status() -> dict:
+    from keepflow.flows.cli import warm
+
     state = _read_state() or {}
     running = bool(state) and _healthy(state["api_url"])
     return {"running": running, "api_url": state.get("api_url") if running else None,
-            "ui_url": state.get("ui_url") if running else None, "prefect_home": str(prefect_home())}
+            "ui_url": state.get("ui_url") if running else None, "prefect_home": str(prefect_home()),
+            "warm_process": running and warm.running()}
 
 
 def cmd_server(args) -> int:
+    from keepflow.flows.cli import warm
     from keepflow.tasks.core.errors import KeepflowError
 
     action = args.server_command
@@ -156,12 +160,14 @@ def cmd_server(args) -> int:
         if args.json:
             output.print_json(out)
         elif out["running"]:
-            print(f"running: API {out['api_url']}, UI {out['ui_url']}")
+            print(f"running: API {out['api_url']}, UI {out['ui_url']}, warm process "
+                  f"{'ready' if out['warm_process'] else 'not running'}")
         else:
             print("not running; `keepflow server start` starts one")
         return 0 if out["running"] else 3
     if action == "stop":
         was = _status()
+        warm.stop()
         proc = subprocess.run([_prefect(), "server", "stop"], capture_output=True, text=True,
                               env=_server_env(None))
         try:
@@ -198,12 +204,15 @@ def cmd_server(args) -> int:
         state_file().parent.mkdir(parents=True, exist_ok=True)
         state_file().write_text(json.dumps(state, indent=2) + "\n")
         out = {"running": True, "api_url": api_url, "ui_url": state["ui_url"],
-               "prefect_home": str(prefect_home()), "started": True}
+               "prefect_home": str(prefect_home()), "started": True, "warm_process": False}
+    if not out["warm_process"]:
+        out["warm_process"] = warm.start(out["api_url"])
     if args.json:
         output.print_json(out)
     else:
         verb = "started" if out["started"] else "already running"
-        print(f"{verb}: API {out['api_url']}, UI {out['ui_url']}; keepflow commands use it from now on")
+        warm_note = "" if out["warm_process"] else f" (no warm process: see {warm.log_path()})"
+        print(f"{verb}: API {out['api_url']}, UI {out['ui_url']}; keepflow commands use it from now on{warm_note}")
     return 0
 
 

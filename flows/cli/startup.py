@@ -150,6 +150,12 @@ def prepare_prefect(verbose: bool, start_server: bool = False) -> None:
         # Logs still go to the API (run history); only the console is quiet,
         # so failures reach the user as our one-line errors, not tracebacks.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    if "prefect.context" in sys.modules:
+        # Prefect is imported already (a command in the warm process, flows/cli/warm.py; tests):
+        # its settings must see the environment set here, not the one it was imported with.
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
 
 
 def hint_once_per_hour() -> None:
