@@ -282,7 +282,10 @@ class VsRestic:
         self.load_start = Path("/proc/loadavg").read_text().strip()
         try:
             self.b.settle()
-            self.b.start_server()
+            if self.a.server == "keepflow":
+                self.b.start_keepflow_server()
+            else:
+                self.b.start_server()
             if self.b.server_error:
                 raise SystemExit(f"Prefect server did not start: {self.b.server_error}")
             for kind in only:
@@ -417,8 +420,10 @@ class VsRestic:
               "backup (racy window 2 s). "
               "Before each timed command its input (the source tree, or the repository for a restore) is read "
               "once and `sync` runs, untimed: warm page cache. Restores go into fresh folders and are checked "
-              "against the source (names, sizes; contents for repeat 1). keepflow runs with a Prefect server "
-              "started once (not timed) and `KEEPFLOW_PASSWORD` set; restic with `RESTIC_PASSWORD` and its own "
+              "against the source (names, sizes; contents for repeat 1). keepflow runs with "
+              + ("`keepflow server start` run once (not timed: the persistent server and its warm process, "
+                 "flows/cli/warm.py)" if self.a.server == "keepflow" else "a Prefect server started once (not timed)")
+              + " and `KEEPFLOW_PASSWORD` set; restic with `RESTIC_PASSWORD` and its own "
               "cache folder. Both derive their key from the password in every command (keepflow Argon2id "
               "t=4 m=128 MiB, restic scrypt as `restic init` calibrated it). "
               f"Load average (1 min) before the timed commands: {', '.join(self.loads)}; at start "
@@ -474,6 +479,9 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--settle", type=float, default=0.25)
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--server", choices=["prefect", "keepflow"], default="prefect",
+                   help="prefect: `prefect server start` and PREFECT_API_URL; keepflow: the tool's own "
+                        "`keepflow server start` (persistent server and warm process), nothing set")
     a = p.parse_args(argv)
     bad = set(a.only.split(",")) - {"small", "large", "text", ""}
     if bad:

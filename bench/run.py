@@ -305,7 +305,27 @@ class Bench:
         self.kf_env["PREFECT_API_URL"] = url
         log(f"Prefect server healthy after {self.server_startup:.1f} s at {url}")
 
+    def start_keepflow_server(self) -> None:
+        """``keepflow server start`` of the tool under test, in its PREFECT_HOME: the persistent
+        server and its warm process (flows/cli/warm.py); commands then find it with nothing set."""
+        self.prefect_home.mkdir(exist_ok=True)
+        port = free_port()
+        cmd = [self.kf, "server", "start", "--port", str(port), "--json"]
+        self.server_cmd = shlex.join(cmd)
+        log(f"starting the persistent server: {self.server_cmd}")
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, env=self.kf_env, capture_output=True, text=True)
+        if p.returncode:
+            self.server_error = f"`{self.server_cmd}` exited {p.returncode}: {p.stderr[-600:]}"
+            return
+        self.server_startup = time.perf_counter() - t0
+        self.keepflow_server = True
+        log(f"persistent server after {self.server_startup:.1f} s: {p.stdout.strip()}")
+
     def stop_server(self) -> None:
+        if getattr(self, "keepflow_server", False):
+            subprocess.run([self.kf, "server", "stop"], env=self.kf_env, capture_output=True)
+            self.keepflow_server = False
         if not self.server or self.server.poll() is not None:
             return
         try:

@@ -63,14 +63,14 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
 
         run_cli(["backup", src, tmp_path / "repo"], env=env, check=True)
         assert [n for n in _runs(started["api_url"]) if n.startswith("backup-src")]
-        assert _warm_lines(warm_log, "['backup'] in pid") == 1           # it ran in the warm process
+        assert _warm_lines(warm_log, "backup in pid") == 1           # it ran in the warm process
 
         # Output, exit codes and one-line errors come back from the warm process as from a process of its own.
         listed = run_cli(["snapshots", tmp_path / "repo", "--json"], env=env, check=True)
         assert len(json.loads(listed.stdout)) == 1
         missing = run_cli(["backup", tmp_path / "no-such-folder", tmp_path / "repo"], env=env)
         assert missing.returncode == 2 and missing.stderr.startswith("keepflow: error:"), missing.stderr
-        assert "Traceback" not in missing.stderr and _warm_lines(warm_log, "['backup'] in pid") == 2
+        assert "Traceback" not in missing.stderr and _warm_lines(warm_log, "backup in pid") == 2
         run_cli(["restore", tmp_path / "repo", tmp_path / "restored"], env=env, check=True)
         diffs = compare(src, tmp_path / "restored")
         assert not diffs, format_differences(diffs)
@@ -79,13 +79,13 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
         big = make_tree(tmp_path / "big", {f"big{i:02d}.bin": os.urandom(8 * 1024 * 1024) for i in range(40)})
         age_tree(big)
         _ctrl_c_during_backup(big, tmp_path / "repo-big", env)
-        assert _warm_lines(warm_log, "['backup'] in pid") == 3
+        assert _warm_lines(warm_log, "backup in pid") == 3
 
         # A server the user chose wins over the persistent one; the warm process steps aside for it.
         before = len(_runs(started["api_url"]))
         run_cli(["backup", src, tmp_path / "repo"], env={**env, "PREFECT_API_URL": prefect_api_url}, check=True)
         assert len(_runs(started["api_url"])) == before
-        assert _warm_lines(warm_log, "declined ['backup']") == 1
+        assert _warm_lines(warm_log, "declined backup") == 1
 
         # Changed code: the warm process exits rather than run what it imported before; the command still runs.
         source = Path(__file__).resolve().parents[1] / "flows" / "cli" / "warm.py"
@@ -95,7 +95,7 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
             run_cli(["backup", src, tmp_path / "repo"], env=env, check=True)
         finally:
             os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
-        assert _warm_lines(warm_log, "['backup'] in pid") == 3
+        assert _warm_lines(warm_log, "backup in pid") == 3
         assert json.loads(run_cli(["server", "status", "--json"], env=env).stdout)["warm_process"] is False
         assert json.loads(run_cli(["server", "start", "--json"], env=env, check=True).stdout)["warm_process"]
         warm_pid = int((warm_log.parent / "warm.pid").read_text())

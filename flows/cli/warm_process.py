@@ -117,6 +117,15 @@ def serve() -> int:
         listener.close()
 
 
+# Commands that never import Prefect nor a flow module: any Prefect environment is theirs to have.
+NO_PREFECT = {"init", "snapshots", "ls", "diff", "replicas", "stats"}
+
+
+def _command_name(argv: list[str]) -> str | None:
+    """The subcommand of ``argv`` (the first word that is not an option of ``keepflow`` itself)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def _other_threads() -> list[str]:
     """Threads besides this one, but jemalloc's purging thread (pyarrow's allocator, fork-safe: it
     takes its locks around a fork and the child starts its own)."""
@@ -153,15 +162,20 @@ def _serve_one(conn, listener, imported_with, fingerprint) -> str | None:
         if code_fingerprint() != fingerprint:
             _send(conn, {"declined": "stale"})
             return "stale"
-        if relevant_environment(request["env"]) != imported_with:
+        command = _command_name(request["argv"])
+        differs = command not in NO_PREFECT and relevant_environment(request["env"]) != imported_with
+        if differs:
+            theirs = relevant_environment(request["env"])
+            names = sorted(k for k in theirs.keys() | imported_with.keys() if theirs.get(k) != imported_with.get(k))
             _send(conn, {"declined": "environment"})
-            _log(f"declined {request['argv'][:1]}: Prefect's environment differs from the one imported with")
+            _log(f"declined {command}: Prefect's environment differs from the one imported with "
+                 f"({', '.join(names)})")          # names only: a value may be a credential
             return None
         pid = os.fork()
         if pid == 0:
             listener.close()
             _child(conn, fds, request)       # never returns
-        _log(f"{request['argv'][:1]} in pid {pid}")
+        _log(f"{command} in pid {pid}")
         return None
     except (OSError, ValueError, KeyError, struct.error) as exc:
         _log(f"a request failed: {type(exc).__name__}")

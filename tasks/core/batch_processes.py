@@ -104,8 +104,15 @@ class _Pool:
         self.drain = threading.Thread(target=_drain, args=(self.queue,), name="keepflow-batch-progress",
                                       daemon=True)
         self.drain.start()
+        self.closing = threading.Lock()
+        self.closed = False
 
     def close(self) -> None:
+        """Once only: every batch that met a broken pool discards it (_discard), each on a thread."""
+        with self.closing:
+            if self.closed:
+                return
+            self.closed = True
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.queue.put(None)            # ends the drain thread once the children's messages are read
         self.drain.join(timeout=5)
