@@ -1,8 +1,9 @@
 """The warm process: commands forked from a process that has already imported Prefect.
 
-Why: on this project's machines importing Prefect and the flow modules is
-most of a command's fixed cost (2.2-3.6 s of a 4.5 s no-change backup of 20
-files on a running server, bench/RESULTS.md), paid again by every command.
+Why: importing Prefect and the flow modules is most of a command's fixed
+cost, paid again by every command (3.6 s here on 2026-12-03; with this, a
+no-change backup of 20 files on the persistent server went from 3.26 to
+1.47 s: bench/RESULTS.md, "The warm process").
 ``keepflow server start`` therefore also starts one warm process
 (``warm_process.serve()``): it imports Prefect and the flows
 once, with the environment a command would give them, checks that it runs
