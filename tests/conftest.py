@@ -10,9 +10,11 @@ temporary server per command.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,23 @@ def age_tree(root: Path, seconds: int = 10) -> None:
             p = os.path.join(folder, name)
             st = os.lstat(p)
             os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 1_000_000_000), follow_symlinks=False)
+
+
+def ctrl_c_during_backup(src: Path, repo: Path, env: dict) -> None:
+    """Run ``keepflow backup src repo``, send SIGINT once it is in its store batches, and check that it
+    exits 130 with its one-line error and leaves no lease behind."""
+    proc = subprocess.Popen([KEEPFLOW, "backup", str(src), str(repo)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((repo / "locks").glob("backup-*.json")):
+        time.sleep(0.05)
+    assert list((repo / "locks").glob("backup-*.json")), "the backup never took its lease"
+    time.sleep(0.3)                       # into the store batches
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("keepflow: error: interrupted"), err
+    assert list((repo / "locks").glob("*.json")) == []
 
 
 # -- every test is an integrity test -------------------------------------------------

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import KEEPFLOW, age_tree, make_tree, run_cli
+from tests.conftest import age_tree, ctrl_c_during_backup, make_tree, run_cli
 from tests.treecompare import compare, format_differences
 
 
@@ -78,7 +75,7 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
         # Ctrl-C reaches the command's child: the run ends with 130 and its lease released.
         big = make_tree(tmp_path / "big", {f"big{i:02d}.bin": os.urandom(8 * 1024 * 1024) for i in range(40)})
         age_tree(big)
-        _ctrl_c_during_backup(big, tmp_path / "repo-big", env)
+        ctrl_c_during_backup(big, tmp_path / "repo-big", env)
         assert _warm_lines(warm_log, "backup in pid") == 3
 
         # A server the user chose wins over the persistent one; the warm process steps aside for it.
@@ -114,18 +111,3 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
 
 def _warm_lines(log: Path, text: str) -> int:
     return sum(text in line for line in log.read_text().splitlines())
-
-
-def _ctrl_c_during_backup(src: Path, repo: Path, env: dict) -> None:
-    proc = subprocess.Popen([KEEPFLOW, "backup", str(src), str(repo)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((repo / "locks").glob("backup-*.json")):
-        time.sleep(0.05)
-    assert list((repo / "locks").glob("backup-*.json")), "the backup never took its lease"
-    time.sleep(0.3)                       # into the store batches
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("keepflow: error: interrupted"), err
-    assert list((repo / "locks").glob("*.json")) == []

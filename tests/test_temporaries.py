@@ -92,20 +92,8 @@ def test_a_lease_is_released_when_acquiring_is_interrupted(tmp_path, monkeypatch
 
 
 def test_ctrl_c_during_a_backup_exits_130_and_releases_the_lease(tmp_path, cli_env):
-    from tests.conftest import KEEPFLOW, age_tree
+    from tests.conftest import age_tree, ctrl_c_during_backup
 
     src = make_tree(tmp_path / "src", {f"big{i:02d}.bin": os.urandom(8 * 1024 * 1024) for i in range(40)})
     age_tree(src)
-    repo = tmp_path / "repo"
-    proc = subprocess.Popen([KEEPFLOW, "backup", str(src), str(repo)], env=cli_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((repo / "locks").glob("backup-*.json")):
-        time.sleep(0.05)
-    assert list((repo / "locks").glob("backup-*.json")), "the backup never took its lease"
-    time.sleep(0.3)                       # into the store batches
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("keepflow: error: interrupted")
-    assert list((repo / "locks").glob("*.json")) == []
+    ctrl_c_during_backup(src, tmp_path / "repo", cli_env)

@@ -51,7 +51,7 @@ def main(argv=None, warm_process: bool = False) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     if warm_process and warm.may_take(args):
-        code = warm.delegate(argv)
+        code = warm.delegate(argv, args.command)
         if code is not None:
             return code
     skip_pyarrow_pandas_probe()

@@ -43,6 +43,7 @@ from pathlib import Path
 from keepflow.flows.cli import output
 
 DEFAULT_PORT = 4200
+VERSION_CHECK = "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"
 HOST = "127.0.0.1"
 START_TIMEOUT = 90.0
 
@@ -95,7 +96,7 @@ def prefect_version() -> str | None:
 
 def skip_version_check() -> None:
     """This process talks to a server of the installed Prefect: no API version check (see the module docstring)."""
-    os.environ.setdefault("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", "false")
+    os.environ.setdefault(VERSION_CHECK, "false")
 
 
 def profile_api_url() -> str | None:

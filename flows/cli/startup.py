@@ -27,6 +27,13 @@ from contextlib import contextmanager
 from keepflow.flows.cli import server
 
 HINT_EVERY = 3600.0
+# Set by prepare_prefect unless the user set them. A backup tool sends nothing anywhere by
+# default: Prefect's SDK and server analytics are off.
+PREFECT_DEFAULTS = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"}
+# ... and without --verbose: logs still go to the API (run history); only the console is quiet,
+# so failures reach the user as our one-line errors, not tracebacks.
+QUIET_CONSOLE = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL"}
 
 
 def skip_pyarrow_pandas_probe() -> None:
@@ -131,11 +138,8 @@ def prepare_prefect(verbose: bool, start_server: bool = False) -> None:
     Prefect is imported instead of after.
     """
     skip_httpx_cli()
-    # A backup tool sends nothing anywhere by default: Prefect's SDK and server
-    # analytics are off unless the user sets these variables otherwise.
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     # A server `keepflow server start` left running serves this command (unless the
     # user chose another); otherwise Prefect's temporary one, announced on a terminal.
     if not server.use_running_server() and not os.environ.get("PREFECT_API_URL") \
@@ -147,9 +151,8 @@ def prepare_prefect(verbose: bool, start_server: bool = False) -> None:
             _temporary_server.start()
             server.skip_version_check()         # it runs this interpreter's Prefect: the check can only pass
     if not verbose:
-        # Logs still go to the API (run history); only the console is quiet,
-        # so failures reach the user as our one-line errors, not tracebacks.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        for name, value in QUIET_CONSOLE.items():
+            os.environ.setdefault(name, value)
     if "prefect.context" in sys.modules:
         # Prefect is imported already (a command in the warm process, flows/cli/warm.py; tests):
         # its settings must see the environment set here, not the one it was imported with.

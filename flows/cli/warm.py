@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+from keepflow.flows.cli import server
+
 ENV = "KEEPFLOW_WARM"
 NEVER = {"server", "serve", "key"}
 PASSWORD_SOURCES = ("KEEPFLOW_PASSWORD", "KEEPFLOW_PASSWORD_FILE", "KEEPFLOW_PASSWORD_COMMAND")
@@ -57,8 +59,6 @@ START_TIMEOUT = 60.0
 
 
 def socket_path() -> Path:
-    from keepflow.flows.cli import server
-
     return server.prefect_home() / "keepflow" / "warm.sock"
 
 
@@ -70,7 +70,7 @@ def log_path() -> Path:
 
 def may_take(args) -> bool:
     """Could this parsed command run in the warm process?"""
-    if os.environ.get(ENV, "").strip() == "0" or not args.command or args.command in NEVER:
+    if os.environ.get(ENV, "").strip() == "0" or args.command in NEVER:
         return False
     if getattr(args, "verbose", False):
         return False
@@ -79,13 +79,15 @@ def may_take(args) -> bool:
     return not might_prompt and socket_path().exists()
 
 
-def delegate(argv: list[str]) -> int | None:
-    """Run ``argv`` in the warm process; its exit code, or None when it declined or is not there."""
+def delegate(argv: list[str], command: str) -> int | None:
+    """Run ``argv`` (the subcommand ``command``) in the warm process; its exit code, or None when it
+    declined or is not there."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(2.0)
         sock.connect(str(socket_path()))
-        request = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+        request = json.dumps({"argv": argv, "command": command, "env": dict(os.environ),
+                              "cwd": os.getcwd()}).encode()
         socket.send_fds(sock, [struct.pack("!I", len(request)) + request], [0, 1, 2])
         reader = sock.makefile("rb")
         first = _message(reader)

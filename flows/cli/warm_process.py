@@ -27,16 +27,11 @@ def _send(conn: socket.socket, message: dict) -> None:
 def relevant_environment(env: dict[str, str]) -> dict[str, str]:
     """What of ``env`` Prefect and the flow modules read at import, after prepare_prefect's defaults
     (with no ``PREFECT_API_URL``: the persistent server's, if it runs, as ``use_running_server`` sets)."""
-    from keepflow.flows.cli import server
+    from keepflow.flows.cli import server, startup
 
-    env = dict(env)
+    env = {**startup.PREFECT_DEFAULTS, **startup.QUIET_CONSOLE, server.VERSION_CHECK: "false", **env}
     if not env.get("PREFECT_API_URL"):
         env["PREFECT_API_URL"] = server.api_url_if_running() or ""
-    env.setdefault("DO_NOT_TRACK", "1")
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    env.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    env.setdefault("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", "false")
     return {k: v for k, v in env.items()
             if k.startswith("PREFECT_") or k in ("DO_NOT_TRACK", "KEEPFLOW_BATCH_PROCESSES")}
 
@@ -64,7 +59,7 @@ def code_fingerprint() -> tuple:
 
 
 def serve() -> int:
-    """The warm process's main loop (``warm.serve()``)."""
+    """The warm process's main loop."""
     # numpy's OpenBLAS would start a thread pool at import; keepflow does no linear algebra.
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from keepflow.flows.cli import startup
@@ -121,11 +116,6 @@ def serve() -> int:
 NO_PREFECT = {"init", "snapshots", "ls", "diff", "replicas", "stats"}
 
 
-def _command_name(argv: list[str]) -> str | None:
-    """The subcommand of ``argv`` (the first word that is not an option of ``keepflow`` itself)."""
-    return next((a for a in argv if not a.startswith("-")), None)
-
-
 def _other_threads() -> list[str]:
     """Threads besides this one, but jemalloc's purging thread (pyarrow's allocator, fork-safe: it
     takes its locks around a fork and the child starts its own)."""
@@ -162,10 +152,9 @@ def _serve_one(conn, listener, imported_with, fingerprint) -> str | None:
         if code_fingerprint() != fingerprint:
             _send(conn, {"declined": "stale"})
             return "stale"
-        command = _command_name(request["argv"])
-        differs = command not in NO_PREFECT and relevant_environment(request["env"]) != imported_with
-        if differs:
-            theirs = relevant_environment(request["env"])
+        command = request["command"]
+        theirs = imported_with if command in NO_PREFECT else relevant_environment(request["env"])
+        if theirs != imported_with:
             names = sorted(k for k in theirs.keys() | imported_with.keys() if theirs.get(k) != imported_with.get(k))
             _send(conn, {"declined": "environment"})
             _log(f"declined {command}: Prefect's environment differs from the one imported with "
@@ -204,9 +193,8 @@ def _child(conn: socket.socket, fds: list[int], request: dict) -> None:
         import random
 
         random.seed()
-        from prefect.context import refresh_global_settings_context
-
-        refresh_global_settings_context()
+        # Prefect's settings see this environment once the command's prepare_prefect has set it up
+        # (startup.py); commands that never call it never use Prefect.
         conn.settimeout(None)
         _send(conn, {"pid": os.getpid()})
         _watch_command(conn)
