@@ -56,7 +56,7 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
 
         assert started["warm_process"] is True and status["warm_process"] is True
         warm_log = Path(env["PREFECT_HOME"]) / "keepflow" / "warm.log"
-        warm_pid = int((warm_log.parent / "warm.pid").read_text())
+        warm_pid = json.loads((warm_log.parent / "warm.json").read_text())["pid"]
 
         run_cli(["backup", src, tmp_path / "repo"], env=env, check=True)
         assert [n for n in _runs(started["api_url"]) if n.startswith("backup-src")]
@@ -95,7 +95,7 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
         assert _warm_lines(warm_log, "backup in pid") == 3
         assert json.loads(run_cli(["server", "status", "--json"], env=env).stdout)["warm_process"] is False
         assert json.loads(run_cli(["server", "start", "--json"], env=env, check=True).stdout)["warm_process"]
-        warm_pid = int((warm_log.parent / "warm.pid").read_text())
+        warm_pid = json.loads((warm_log.parent / "warm.json").read_text())["pid"]
     finally:
         stopped = run_cli(["server", "stop", "--json"], env=env)
     assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"] is True
@@ -111,3 +111,46 @@ def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefe
 
 def _warm_lines(log: Path, text: str) -> int:
     return sum(text in line for line in log.read_text().splitlines())
+
+
+def test_server_start_with_a_chosen_api_starts_only_the_warm_process(tmp_path, prefect_api_url):
+    """A Prefect API the user chose (here in the active profile, as `prefect config set` leaves it):
+    `server start` starts no server beside it, only the warm process for it; commands with that API,
+    from the profile or from PREFECT_API_URL, run in the warm process and are recorded there."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{prefect_api_url}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(home)
+    src = make_tree(tmp_path / "src", {"a.txt": "alpha", "b/c.txt": "gamma"})
+    age_tree(src)
+
+    dead = run_cli(["server", "start"], env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"})
+    assert dead.returncode == 1 and dead.stderr.startswith("keepflow: error: the Prefect API"), dead.stderr
+    assert "Traceback" not in dead.stderr and len(dead.stderr.strip().splitlines()) == 1
+
+    proc = run_cli(["server", "start", "--json"], env=env)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        started = json.loads(proc.stdout)
+        assert started["chosen_by"] == "the Prefect profile" and started["api_url"] == prefect_api_url
+        assert started["started"] is False and started["warm_process"] is True
+        assert not (home / "keepflow" / "server.json").exists()           # no server of keepflow's own
+        status = json.loads(run_cli(["server", "status", "--json"], env=env, check=True).stdout)
+        assert status["chosen_by"] == "the Prefect profile" and status["warm_process"] is True
+        warm_log = home / "keepflow" / "warm.log"
+
+        before = len([n for n in _runs(prefect_api_url) if n.startswith("backup-src")])
+        run_cli(["backup", src, tmp_path / "repo"], env=env, check=True)
+        run_cli(["backup", src, tmp_path / "repo"], env={**env, "PREFECT_API_URL": prefect_api_url}, check=True)
+        assert _warm_lines(warm_log, "backup in pid") == 2 and _warm_lines(warm_log, "declined") == 0
+        assert len([n for n in _runs(prefect_api_url) if n.startswith("backup-src")]) == before + 2
+        run_cli(["restore", tmp_path / "repo", tmp_path / "restored"], env=env, check=True)
+        diffs = compare(src, tmp_path / "restored")
+        assert not diffs, format_differences(diffs)
+    finally:
+        stopped = run_cli(["server", "stop", "--json"], env=env)
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"] is False   # it stopped no server
+    assert not (home / "keepflow" / "warm.sock").exists()
+    assert json.loads(run_cli(["server", "status", "--json"], env=env, check=True).stdout)["warm_process"] is False
+    assert httpx.get(f"{prefect_api_url}/health", timeout=5).status_code == 200        # the chosen server runs on

@@ -14,8 +14,11 @@ at it (``PREFECT_API_URL=$(keepflow server status --json | jq -r .api_url)``).
 A ``PREFECT_API_URL`` in the environment or in the active Prefect profile
 always wins: keepflow never overrides a server the user chose
 (``use_running_server``, called by ``startup.prepare_prefect``, which also
-prints the once-an-hour hint on the temporary server). No Prefect import
-here: the command must start fast.
+prints the once-an-hour hint on the temporary server). With such a chosen
+API, ``start`` starts no server, only the warm process for that API (a
+team's server or Prefect Cloud: commands skip the imports there too), and
+``status`` reports that API (``chosen_by``); ``stop`` stops what keepflow
+started. No Prefect import here: the command must start fast.
 
 The state file also records the Prefect version that started the server.
 While the installed one is the same, commands skip Prefect's API version
@@ -113,9 +116,17 @@ def profile_api_url() -> str | None:
     return value or None
 
 
+def chosen_api_url() -> tuple[str, str] | None:
+    """The Prefect API the user chose, and where: ``(url, "PREFECT_API_URL" | "the Prefect profile")``."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"], "PREFECT_API_URL"
+    url = profile_api_url()
+    return (url, "the Prefect profile") if url else None
+
+
 def use_running_server() -> bool:
     """Point this process at the persistent server when the user chose no other; True when it did."""
-    if os.environ.get("PREFECT_API_URL") or profile_api_url():
+    if chosen_api_url():
         return False
     state = _running_state()
     if state is None:
@@ -142,13 +153,19 @@ def _prefect() -> str:
 
 
 def _status() -> dict:
+    """What commands use: the API the user chose (``chosen_by``), else the persistent server."""
     from keepflow.flows.cli import warm
 
+    chosen = chosen_api_url()
+    if chosen:
+        running = _healthy(chosen[0])
+        return {"running": running, "api_url": chosen[0], "ui_url": None, "prefect_home": str(prefect_home()),
+                "warm_process": running and warm.serving() == chosen[0], "chosen_by": chosen[1]}
     state = _read_state() or {}
     running = bool(state) and _healthy(state["api_url"])
     return {"running": running, "api_url": state.get("api_url") if running else None,
             "ui_url": state.get("ui_url") if running else None, "prefect_home": str(prefect_home()),
-            "warm_process": running and warm.running()}
+            "warm_process": running and warm.serving() == state["api_url"]}
 
 
 def cmd_server(args) -> int:
@@ -160,6 +177,10 @@ def cmd_server(args) -> int:
         out = _status()
         if args.json:
             output.print_json(out)
+        elif out.get("chosen_by"):
+            print(f"{out['chosen_by']} names the Prefect API {out['api_url']}: "
+                  f"{'answering' if out['running'] else 'not answering'}, warm process "
+                  f"{'ready' if out['warm_process'] else 'not running'}")
         elif out["running"]:
             print(f"running: API {out['api_url']}, UI {out['ui_url']}, warm process "
                   f"{'ready' if out['warm_process'] else 'not running'}")
@@ -167,7 +188,8 @@ def cmd_server(args) -> int:
             print("not running; `keepflow server start` starts one")
         return 0 if out["running"] else 3
     if action == "stop":
-        was = _status()
+        state = _read_state()
+        was_running = bool(state) and _healthy(state["api_url"])   # keepflow's own server, not a chosen one
         warm.stop()
         proc = subprocess.run([_prefect(), "server", "stop"], capture_output=True, text=True,
                               env=_server_env(None))
@@ -175,14 +197,23 @@ def cmd_server(args) -> int:
             state_file().unlink()
         except FileNotFoundError:
             pass
-        out = {"stopped": was["running"], "api_url": was["api_url"]}
+        out = {"stopped": was_running, "api_url": state["api_url"] if was_running else None}
         if args.json:
             output.print_json(out)
         else:
-            print("stopped" if was["running"] or proc.returncode == 0 else "no server was running")
+            print("stopped" if was_running or proc.returncode == 0 else "no server was running")
         return 0
     current = _status()
-    if current["running"]:
+    if current.get("chosen_by"):
+        # The user's own server (a team's, Prefect Cloud): keepflow starts none beside it, only
+        # the warm process for it, so commands there skip the imports too.
+        if not _healthy(current["api_url"], timeout=5.0):
+            raise KeepflowError(f"the Prefect API {current['api_url']} ({current['chosen_by']}) does not answer; "
+                                + ("start that server, or unset PREFECT_API_URL to start keepflow's own"
+                                   if current["chosen_by"] == "PREFECT_API_URL" else "start that server, or "
+                                   "`prefect config unset PREFECT_API_URL` to start keepflow's own"))
+        out = {**current, "running": True, "started": False}
+    elif current["running"]:
         out = {**current, "started": False}
     else:
         port = _free_port(args.port or DEFAULT_PORT) if not args.port else args.port
@@ -211,9 +242,15 @@ def cmd_server(args) -> int:
     if args.json:
         output.print_json(out)
     else:
-        verb = "started" if out["started"] else "already running"
         warm_note = "" if out["warm_process"] else f" (no warm process: see {warm.log_path()})"
-        print(f"{verb}: API {out['api_url']}, UI {out['ui_url']}; keepflow commands use it from now on{warm_note}")
+        if out.get("chosen_by"):
+            print(f"{out['chosen_by']} names the Prefect API {out['api_url']}: keepflow starts no server of its "
+                  f"own; {'the warm process for it is ready' if out['warm_process'] else 'no warm process'}"
+                  + ("" if out["warm_process"] else f" (see {warm.log_path()})"))
+        else:
+            verb = "started" if out["started"] else "already running"
+            print(f"{verb}: API {out['api_url']}, UI {out['ui_url']}; keepflow commands use it from now "
+                  f"on{warm_note}")
     return 0
 
 

@@ -151,7 +151,7 @@ def start(api_url: str, env: dict[str, str] | None = None) -> bool:
         proc = subprocess.Popen([sys.executable, "-P", "-c", "import sys; from keepflow.flows.cli import warm_process; "
                                  "sys.exit(warm_process.serve())"], env=env, cwd="/", stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True, close_fds=True)
-    path.with_name("warm.pid").write_text(f"{proc.pid}\n")
+    state_path().write_text(json.dumps({"pid": proc.pid, "api_url": api_url}) + "\n")
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if running():
@@ -160,6 +160,20 @@ def start(api_url: str, env: dict[str, str] | None = None) -> bool:
             return False
         time.sleep(0.1)
     return False
+
+
+def state_path() -> Path:
+    """``{"pid", "api_url"}`` of the warm process ``start`` started."""
+    return socket_path().with_name("warm.json")
+
+
+def serving() -> str | None:
+    """The Prefect API URL the running warm process imported with, or None when none listens."""
+    try:
+        api_url = json.loads(state_path().read_text())["api_url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return api_url if running() else None
 
 
 def running() -> bool:
@@ -176,12 +190,12 @@ def running() -> bool:
 
 def stop() -> None:
     """End the warm process, if one runs (its children, running commands, finish)."""
-    pid_file = socket_path().with_name("warm.pid")
+    pid_file = state_path()
     try:
-        pid = int(pid_file.read_text())
+        pid = int(json.loads(pid_file.read_text())["pid"])
         if b"warm_process.serve()" not in Path(f"/proc/{pid}/cmdline").read_bytes():
             raise ValueError("another process has that pid now")
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError, TypeError):
         with contextlib.suppress(FileNotFoundError):
             pid_file.unlink()
         return

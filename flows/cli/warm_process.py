@@ -26,18 +26,19 @@ def _send(conn: socket.socket, message: dict) -> None:
 
 def relevant_environment(env: dict[str, str]) -> dict[str, str]:
     """What of ``env`` Prefect and the flow modules read at import, after prepare_prefect's defaults
-    (with no ``PREFECT_API_URL``: the persistent server's, if it runs, as ``use_running_server`` sets)."""
+    (with no ``PREFECT_API_URL``: the active Prefect profile's, else the persistent server's if it
+    runs, as ``use_running_server`` decides)."""
     from keepflow.flows.cli import server, startup
 
     env = {**startup.PREFECT_DEFAULTS, **startup.QUIET_CONSOLE, server.VERSION_CHECK: "false", **env}
     if not env.get("PREFECT_API_URL"):
-        env["PREFECT_API_URL"] = server.api_url_if_running() or ""
+        env["PREFECT_API_URL"] = server.profile_api_url() or server.api_url_if_running() or ""
     return {k: v for k, v in env.items()
             if k.startswith("PREFECT_") or k in ("DO_NOT_TRACK", "KEEPFLOW_BATCH_PROCESSES")}
 
 
 def code_fingerprint() -> tuple:
-    """Size and mtime of every installed source file of keepflow, and Prefect's build info."""
+    """Size and mtime of every installed source file of keepflow, Prefect's build info and its profiles file."""
     import importlib.util
 
     import keepflow
@@ -51,6 +52,12 @@ def code_fingerprint() -> tuple:
             except OSError:
                 continue
             seen.append((str(path), st.st_size, st.st_mtime_ns))
+    from keepflow.flows.cli import server
+
+    with contextlib.suppress(OSError):       # Prefect reads its profile at import: a changed one is stale too
+        profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or server.prefect_home() / "profiles.toml")
+        st = profiles.stat()
+        seen.append(("profiles", st.st_size, st.st_mtime_ns))
     spec = importlib.util.find_spec("prefect")
     if spec and spec.origin:
         st = (Path(spec.origin).parent / "_build_info.py").stat()
