@@ -1,7 +1,7 @@
 """The fixed cost of everyday commands: a no-change backup of a 20-file folder, and `snapshots`.
 
     python -m bench.fixed_cost [--repeats 7] [--build NAME=REV ...] [--tool NAME=COMMAND ...]
-                               [--modes embedded,persistent,running]
+                               [--modes embedded,persistent,running,running-warm]
 
 A no-change backup of a tiny folder reads nothing and stores nothing: what it
 costs is the command's fixed part (interpreter and imports, the password KDF,
@@ -17,7 +17,9 @@ source) reaches the figures) on each kind of Prefect API:
   starts a temporary server for the command and stops it after);
 - ``persistent``: ``keepflow server start`` in the tool's PREFECT_HOME, then plain
   commands (they find it with no variable set);
-- ``running``: a ``prefect server start --host 127.0.0.1`` and PREFECT_API_URL.
+- ``running``: a ``prefect server start --host 127.0.0.1`` and PREFECT_API_URL;
+- ``running-warm``: the same, after ``keepflow server start`` with that PREFECT_API_URL
+  (which then starts only the warm process for it).
 
 and restic 0.14 (``restic backup`` of the same folder into a repository v2 with
 its default compression) as the yardstick. Every mode has its own PREFECT_HOME
@@ -49,7 +51,7 @@ from pathlib import Path
 
 from bench.run import RESTIC_PASSWORD, cpu_busy, free_port, log
 
-MODES = ("embedded", "persistent", "running")
+MODES = ("embedded", "persistent", "running", "running-warm")
 
 
 @dataclass
@@ -139,7 +141,7 @@ class FixedCost:
 
     def env(self, tool: str, mode: str) -> dict:
         env = dict(self.base, PREFECT_HOME=str(self.work / f"home-{tool}-{mode}"))
-        if mode == "running":
+        if mode.startswith("running"):
             env["PREFECT_API_URL"] = self.running_url
         return env
 
@@ -163,12 +165,12 @@ class FixedCost:
 
     def prepare(self) -> None:
         make_tree(self.src)
-        if "running" in self.modes:
+        if any(m.startswith("running") for m in self.modes):
             self.start_running_server()
         for tool, command in self.tools.items():
             for mode in self.modes:
                 env = self.env(tool, mode)
-                if mode == "persistent":
+                if mode in ("persistent", "running-warm"):
                     subprocess.run([*shlex.split(command), "server", "start"], env=env, check=True,
                                    capture_output=True, timeout=180)
                     self.stop.append(([*shlex.split(command), "server", "stop"], env))

@@ -79,6 +79,13 @@ def test_usage_errors_exit_2(cli, tmp_path, args, fragment):
     assert os.listdir(tmp_path) == []  # nothing was created by a refused command
 
 
+def test_version_is_the_installed_package_version(cli):
+    from importlib import metadata
+
+    proc = cli("--version")
+    assert proc.returncode == 0 and proc.stdout == f"keepflow {metadata.version('keepflow')}\n", proc
+
+
 def test_no_command_prints_help_and_exits_2(cli):
     proc = cli()
     assert proc.returncode == EXIT_USAGE

@@ -22,8 +22,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"keepflow: error: {message}; see `{self.prog} --help`\n")
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed package's version, looked up only when asked (importlib.metadata ~50 ms)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print keepflow's version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import sys
+
+        import keepflow
+
+        print(f"keepflow {keepflow.__version__}", file=sys.stdout)
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="keepflow", description="Backup and restore as Prefect flows.")
+    p.add_argument("--version", action=_Version)
     p.add_argument("--verbose", "-v", action="store_true", help="show Prefect's log lines on stderr")
     p.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
