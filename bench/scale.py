@@ -51,12 +51,15 @@ before/after comparison on the same machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import json
 import os
 import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -90,17 +93,14 @@ def dask_workers_of(tool: str) -> int | None:
 
 
 def is_keepflow(tool: str) -> bool:
-    return tool == "keepflow" or workers_of(tool) is not None or dask_workers_of(tool) is not None
+    return tool in ("keepflow", WARM) or workers_of(tool) is not None or dask_workers_of(tool) is not None
 
 
-def _tree_memory(skip: set[int]) -> tuple[int, int]:
-    """Bytes of RSS and of PSS summed over each child process tree of this process (but the ``skip`` pids).
+WARM = "keepflow-warm"     # commands run in the warm process of `keepflow server start` (for the bench's API)
 
-    RSS counts a page shared by several processes (libraries, and what forked batch processes share
-    with the process they were forked from) once per process; PSS (``/proc/PID/smaps_rollup``)
-    splits it between them, so the PSS sum is what the tree holds of the machine's memory.
-    """
-    me = os.getpid()
+
+def _processes() -> dict[int, list[int]]:
+    """Parent pid -> child pids, for every process."""
     kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -111,22 +111,48 @@ def _tree_memory(skip: set[int]) -> tuple[int, int]:
         except (OSError, IndexError, ValueError):
             continue
         kids.setdefault(ppid, []).append(int(d))
-    rss = pss = 0
-    todo = [p for p in kids.get(me, []) if p not in skip]
+    return kids
+
+
+def _pss(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_memory(skip: set[int], roots: list[int] = (), cpu: dict[int, float] | None = None
+                 ) -> tuple[int, int, int]:
+    """Bytes of RSS and of PSS summed over each child process tree of this process (but the ``skip``
+    pids) and the trees of ``roots`` (the warm process's children), and the largest single RSS.
+
+    RSS counts a page shared by several processes (libraries, and what forked batch processes share
+    with the process they were forked from) once per process; PSS (``/proc/PID/smaps_rollup``)
+    splits it between them, so the PSS sum is what the tree holds of the machine's memory.
+    ``cpu``: filled with each ``roots`` descendant's own user+system CPU seconds so far.
+    """
+    kids = _processes()
+    rss = pss = largest = 0
+    todo = [(p, False) for p in kids.get(os.getpid(), []) if p not in skip] + [(p, True) for p in roots]
     while todo:
-        pid = todo.pop()
+        pid, warm = todo.pop()
         try:
             with open(f"/proc/{pid}/statm") as f:
-                rss += int(f.read().split()[1]) * PAGE
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
-                        break
+                one = int(f.read().split()[1]) * PAGE
+            rss, largest = rss + one, max(largest, one)
+            pss += _pss(pid)
+            if warm and cpu is not None:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                cpu[pid] = (int(fields[11]) + int(fields[12])) / TICK
         except (OSError, IndexError, ValueError):
             pass
-        todo.extend(kids.get(pid, []))
-    return rss, pss
+        todo.extend((k, warm) for k in kids.get(pid, []))
+    return rss, pss, largest
 
 
 def newest_mtime(root: str) -> tuple[float, int, int]:
@@ -254,6 +280,9 @@ class Scale(Bench):
         self.cluster: Cluster | None = None
         self.cluster_cpu: dict[tuple[str, str], float] = {}   # (scenario, tool) -> CPU-s of the dask workers
         self.ran_on: dict[tuple[str, str], dict[str, int]] = {}
+        self.warm_env = dict(self.kf_env, PREFECT_HOME=str(self.work / "prefect-home-warm"))
+        self.warm_pid: int | None = None
+        self.warm_cpu: dict[tuple[str, str], float] = {}      # (scenario, tool) -> CPU-s in the warm process
 
     # ------------------------------------------------------------------ commands
     def keepflow(self, *args: str) -> list[str]:
@@ -280,8 +309,29 @@ class Scale(Bench):
             extra = ["--dask", self.cluster.address]
         if scenario == "restore":
             return self.keepflow("restore", str(repo), str(self.restore_dir(tree.kind, tool, r)), "--json",
-                                 *extra), str(self.work), self.kf_env
-        return self.keepflow("backup", str(tree.src), str(repo), "--json", *extra), str(self.work), self.kf_env
+                                 *extra), str(self.work), self.env_of(tool)
+        return self.keepflow("backup", str(tree.src), str(repo), "--json", *extra), str(self.work), self.env_of(tool)
+
+    def env_of(self, tool: str) -> dict[str, str]:
+        return self.warm_env if tool == WARM else self.kf_env
+
+    def start_warm(self) -> str:
+        """``keepflow server start`` with the bench's PREFECT_API_URL: only the warm process for it."""
+        self.warm_env["PREFECT_API_URL"] = self.kf_env["PREFECT_API_URL"]
+        Path(self.warm_env["PREFECT_HOME"]).mkdir(exist_ok=True)
+        p = subprocess.run(self.keepflow("server", "start", "--json"), env=self.warm_env, capture_output=True,
+                           text=True, timeout=300)
+        state = Path(self.warm_env["PREFECT_HOME"]) / "keepflow" / "warm.json"
+        if p.returncode or not state.exists() or not json.loads(p.stdout).get("warm_process"):
+            return f"`keepflow server start` gave no warm process (rc={p.returncode}): {p.stderr[-400:]}"
+        self.warm_pid = int(json.loads(state.read_text())["pid"])
+        log(f"warm process {self.warm_pid} for {self.warm_env['PREFECT_API_URL']}")
+        return ""
+
+    def stop_warm(self) -> None:
+        if self.warm_pid:
+            subprocess.run(self.keepflow("server", "stop"), env=self.warm_env, capture_output=True, timeout=120)
+            self.warm_pid = None
 
     def prepare(self, tree: str, tool: str, r: int) -> str:
         if not is_keepflow(tool):
@@ -290,22 +340,30 @@ class Scale(Bench):
         repo.parent.mkdir(parents=True, exist_ok=True)
         run = self.timed(Run(tree, "init", tool, 1), self.keepflow("init", str(repo), "--format",
                                                                   str(self.a.format), "--json"),
-                         cwd=str(self.work), env=self.kf_env)
+                         cwd=str(self.work), env=self.env_of(tool))
         return "" if run.ok else f"keepflow init failed (rc={run.rc}): {run.err_tail}"
 
     def timed(self, run: Run, cmd: list[str], *, cwd=None, env=None) -> Run:
         """Bench.timed, with the peak RSS of the command's whole process tree sampled alongside."""
-        peak = [0, 0]
+        peak = [0, 0, 0]
         done = threading.Event()
         skip = {self.server.pid} if self.server else set()
+        warm_cpu: dict[int, float] = {}
+        warm = run.tool == WARM and self.warm_pid is not None
         cluster = self.cluster
         if cluster and not dask_workers_of(run.tool):
             skip |= set(cluster.pids())
 
         def sample():
             while not done.wait(SAMPLE_EVERY):
-                rss, pss = _tree_memory(skip)
-                peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+                # The warm tool: the warm process's children (the command's forked child and what it
+                # starts) and the warm process itself, counted in full as if it were the command's.
+                roots = ([self.warm_pid, *_processes().get(self.warm_pid, [])] if warm else [])
+                rss, pss, largest = _tree_memory(skip, roots[1:], warm_cpu)
+                if warm:
+                    with contextlib.suppress(OSError, ValueError):
+                        pss += _pss(self.warm_pid)
+                peak[0], peak[1], peak[2] = max(peak[0], rss), max(peak[1], pss), max(peak[2], largest)
         t = threading.Thread(target=sample, daemon=True)
         t.start()
         cpu0 = cluster.cpu() if cluster else 0.0
@@ -316,6 +374,11 @@ class Scale(Bench):
             t.join()
             self.tree_peak[(run.scenario, run.tool)] = peak[0] / 2**20
             self.tree_pss[(run.scenario, run.tool)] = peak[1] / 2**20
+            if warm:            # the work ran in the warm process's child: its CPU and its RSS are the command's
+                used = sum(warm_cpu.values())
+                self.warm_cpu[(run.scenario, run.tool)] = used
+                run.other_cpu = max(0.0, run.other_cpu - used)
+                run.maxrss_mib = max(run.maxrss_mib, peak[2] / 2**20)
             if cluster:     # the workers' CPU is the command's work for a dask tool, nobody's otherwise
                 used = max(0.0, cluster.cpu() - cpu0)
                 run.other_cpu = max(0.0, run.other_cpu - used)
@@ -403,6 +466,11 @@ class Scale(Bench):
                 if self.server_error:
                     log(f"Prefect server did not start: {self.server_error}")
                     return 1
+            if WARM in self.tools:
+                err = self.start_warm()
+                if err:
+                    log(err)
+                    return 1
             n_dask = max((dask_workers_of(t) or 0 for t in self.tools), default=0)
             if n_dask:
                 dask = str(Path(self.python).parent / "dask")
@@ -442,6 +510,7 @@ class Scale(Bench):
         finally:
             if self.cluster:
                 self.cluster.stop()
+            self.stop_warm()
             self.stop_server()
         out = Path(self.a.out)
         write_section(out, f"scale-{self.a.label}", self.section())
@@ -478,7 +547,7 @@ class Scale(Bench):
                 elif not x.ok:
                     cells = [f"FAILED ({x.rc}) {x.note}", "", "", "", ""]
                 else:
-                    cpu = x.user + x.sys + self.cluster_cpu.get((sc, tool), 0.0)
+                    cpu = x.user + x.sys + self.cluster_cpu.get((sc, tool), 0.0) + self.warm_cpu.get((sc, tool), 0.0)
                     cells = [f"{x.seconds:.1f} s", f"{cpu:.1f} s", f"{x.maxrss_mib:.0f} MiB",
                              f"{self.tree_peak.get((sc, tool), 0):.0f} MiB",
                              f"{self.tree_pss.get((sc, tool), 0):.0f} MiB"]
@@ -516,7 +585,16 @@ class Scale(Bench):
         if self.a.no_warm:
             L += ["- **Cache not warmed** (`--no-warm`): the tree does not fit in the page cache, so each command "
                   "found it as the step before left it; the first backup read most files from disk."]
-        L += ["- Tools: `keepflow` is the default thread pool in one process; `keepflow-wN` adds `--workers N` "
+        if WARM in self.tools:
+            L += [f"- `{WARM}`: the same commands after `keepflow server start` with the bench's PREFECT_API_URL "
+                  "(which starts only the warm process for that API, flows/cli/warm.py), so each runs in a child "
+                  "forked from a process that has Prefect and the flows imported. Its CPU is the command's "
+                  "rusage plus the warm process's descendants' own CPU, sampled every "
+                  f"{SAMPLE_EVERY} s (a process that exits between samples loses at most that much); its "
+                  "\"largest process\" is the largest RSS sampled; its PSS adds the warm process's own PSS "
+                  "(counted in full, as if it were the command's)."]
+        L += ["- Tools: `keepflow` is the command in a process of its own (batches in forked batch processes "
+              "when there are two or more: tasks/core/batch_processes.py); `keepflow-wN` adds `--workers N` "
               "(a local Dask cluster of N single-threaded worker processes for the batches; its RSS target is "
               "judged on the process-tree figure); restic 0.14 repository version 2 (encrypted, compression "
               "\"auto\"), keepflow format 2 (encrypted, zstd \"auto\", chunked). Each tool has its own repository.",
