@@ -1,7 +1,7 @@
 """Scale scenario: time and peak memory of keepflow and restic on a tree of a million small files.
 
     python -m bench.scale [--files 1000000] [--sizes MIN:MAX] [--format 2] [--label NAME]
-                          [--tools keepflow,keepflow-w1,keepflow-w2,restic] [--src DIR]
+                          [--tools keepflow,keepflow-warm,keepflow-w1,keepflow-w2,restic] [--src DIR]
                           [--code DIR] [--out bench/RESULTS.md] [--keep]
 
 What it does (the method of bench/run.py, at scale; see bench/README.md):
@@ -18,8 +18,11 @@ What it does (the method of bench/run.py, at scale; see bench/README.md):
 3. per scenario, every tool in turn, with the input read once and ``sync`` run
    first (warm cache, untimed): first backup -> no-change backup -> the 1%
    change (``gentree.apply_change``) -> changed backup -> full restore of the
-   latest snapshot into a fresh folder. The tools are ``keepflow`` (the
-   default thread pool), ``keepflow-wN`` (``--workers N``: a local Dask
+   latest snapshot into a fresh folder. The tools are ``keepflow`` (a
+   process of its own per command), ``keepflow-warm`` (the same commands
+   after ``keepflow server start`` for the bench's API: each runs in the warm
+   process's forked child; its memory and CPU are sampled there),
+   ``keepflow-wN`` (``--workers N``: a local Dask
    cluster of N worker processes for the batches), ``keepflow-daskN``
    (``--dask ADDRESS`` of a cluster started beforehand, untimed, as a user
    starts one: a ``dask scheduler`` and N ``dask worker`` processes of one
