@@ -38,6 +38,13 @@ def _runs(api_url: str) -> list[str]:
     return [r["name"] for r in resp.json()]
 
 
+def _count_runs(api_url: str, name_like: str) -> int:
+    """Flow runs whose name contains ``name_like`` (a count: the session's server holds more runs than a page)."""
+    resp = httpx.post(f"{api_url}/flow_runs/count", json={"flow_runs": {"name": {"like_": name_like}}}, timeout=30)
+    resp.raise_for_status()
+    return int(resp.json())
+
+
 def test_server_start_is_used_by_later_commands_and_stop_ends_it(tmp_path, prefect_api_url):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
@@ -140,11 +147,11 @@ def test_server_start_with_a_chosen_api_starts_only_the_warm_process(tmp_path, p
         assert status["chosen_by"] == "the Prefect profile" and status["warm_process"] is True
         warm_log = home / "keepflow" / "warm.log"
 
-        before = len([n for n in _runs(prefect_api_url) if n.startswith("backup-src")])
+        before = _count_runs(prefect_api_url, "backup-src-")
         run_cli(["backup", src, tmp_path / "repo"], env=env, check=True)
         run_cli(["backup", src, tmp_path / "repo"], env={**env, "PREFECT_API_URL": prefect_api_url}, check=True)
         assert _warm_lines(warm_log, "backup in pid") == 2 and _warm_lines(warm_log, "declined") == 0
-        assert len([n for n in _runs(prefect_api_url) if n.startswith("backup-src")]) == before + 2
+        assert _count_runs(prefect_api_url, "backup-src-") == before + 2
         run_cli(["restore", tmp_path / "repo", tmp_path / "restored"], env=env, check=True)
         diffs = compare(src, tmp_path / "restored")
         assert not diffs, format_differences(diffs)
