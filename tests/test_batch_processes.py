@@ -172,3 +172,47 @@ def test_a_bad_process_count_is_one_line(monkeypatch):
     with pytest.raises(UsageError, match="KEEPFLOW_BATCH_PROCESSES='many' is not a number of processes"):
         batch_processes.configured()
     assert batch_processes.threads_for_batches() == 2
+
+
+def test_an_incremental_backup_maps_one_known_blob_set_for_all_its_processes(tmp_path, flows, in_children,
+                                                                              monkeypatch):
+    """The plan writes the known-blob set it loaded to the run folder (known_blobs.share) and the
+    children map it instead of loading the index each: contents already stored are found known
+    in the children (not stored again), new ones are stored once, and the repository verifies."""
+    from keepflow.flows.verify import verify
+    from keepflow.tasks.core import index, known_blobs
+    from keepflow.tasks.core.repository import Repository
+
+    backup, restore = flows
+    src = _real_tree(tmp_path / "src")
+    repo = str(tmp_path / "repo")
+    first = backup(str(src), repo)
+    assert first["exit_code"] == 0
+    for i in range(120):        # 60 files with contents the repository has, 60 with new contents
+        text = f"same contents {i % 25}\n" * (1 + i % 5) if i % 2 else f"new contents {i}\n"
+        (src / "added" / f"g{i:03d}.txt").parent.mkdir(exist_ok=True)
+        (src / "added" / f"g{i:03d}.txt").write_text(text)
+    age_tree(src / "added")
+
+    shared: list[tuple[str, int]] = []
+    real_share = known_blobs.share
+
+    def spy(known, path):
+        done = real_share(known, path)
+        shared.append((path, len(known) if done else 0))
+        return done
+
+    monkeypatch.setattr(known_blobs, "SHARE_MIN", 1)         # the test repository is far below 32k blobs
+    monkeypatch.setattr(index, "share", spy)                 # what core.backup calls (re-exported there)
+    second = backup(str(src), repo)
+    assert second["exit_code"] == 0 and second["files_new"] == 120 and second["batches"] >= 3
+    indexed = len(known_blobs.indexed_now(Repository.open(repo, None, create=False)))
+    assert len(shared) == 1 and shared[0][1] == indexed - 60          # the whole set before it, shared once
+    assert not Path(shared[0][0]).exists()                                    # gone with the run folder
+    assert os.getpid() not in {int(where.rsplit(":", 1)[1]) for where in second["ran_on"]}
+    assert second["blobs_stored"] == 60           # the 60 known contents were found in the shared set
+    assert verify(repo, return_state=True).is_completed()
+    state = restore(repo, str(tmp_path / "out"), return_state=True)
+    assert state.is_completed(), state.message
+    diffs = compare(src, tmp_path / "out")
+    assert not diffs, format_differences(diffs)

@@ -487,3 +487,44 @@ def test_blob_locations_answer_like_the_first_index_row_of_each_hash(tmp_path):
     found = locations.locate(pa.array(asked, pa.string()))
     got = list(zip(found["key"].to_pylist(), found["offset"].to_pylist(), found["length"].to_pylist(), strict=True))
     assert got == [expected.get(h, (None, None, None)) for h in asked]
+
+
+def test_a_shared_known_blob_set_answers_as_its_source(tmp_path, monkeypatch):
+    """known_blobs.share writes the sorted digests and maps them back; attach maps them in another
+    process's place; both answer every question as the set they came from, a fold past the map
+    still works, and a file of the wrong size is not used."""
+    import secrets
+
+    from keepflow.tasks.core import known_blobs
+
+    ids = [secrets.token_hex(32) for _ in range(40_000)]
+    source = known_blobs.KnownBlobs(ids)
+    path = str(tmp_path / "known-blobs.bin")
+    twin = known_blobs.KnownBlobs(ids)
+    assert known_blobs.share(twin, path)
+    assert os.path.getsize(path) == 32 * len(ids)
+    attached = known_blobs.attach(path, len(ids))
+    assert attached is not None and known_blobs.attach(path, len(ids) + 1) is None
+    others = [secrets.token_hex(32) for _ in range(1_000)]
+    probe = pa.array(ids[::97] + others)
+    for known in (twin, attached):
+        assert len(known) == len(source)
+        assert all(known.contains(h) for h in ids[::101]) and not any(known.contains(h) for h in others)
+        assert known.contains_many(probe).to_pylist() == source.contains_many(probe).to_pylist()
+    # A process that stores enough folds its additions into the mapped part (a private copy).
+    added = [secrets.token_hex(32) for _ in range(70_000)]
+    attached.add(added)
+    assert all(attached.contains(h) for h in added[::503] + ids[::503]) and len(attached) == 110_000
+
+    # In a process of the run, the shared file is used and the index never read.
+    def no_index(repo):
+        raise AssertionError("the index was read although the run shared its set")
+
+    monkeypatch.setattr(known_blobs, "indexed_now", no_index)
+
+    class Repo:
+        url = "file:///nowhere"
+
+    got = known_blobs.known_blobs(Repo(), "run-shared", (path, len(ids)))   # type: ignore[arg-type]
+    known_blobs.forget_run(Repo.url, "run-shared")
+    assert len(got) == len(ids) and got.contains(ids[7])

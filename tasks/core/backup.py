@@ -79,6 +79,10 @@ class BackupPlan:
     dry_run: bool = False
     repo_config: dict | None = None     # keepflow.json as read by the plan (None: dry run, no repository yet)
     compression: str | None = None      # format 2: this backup's zstd mode (None: the repository's default)
+    # The known-blob set the plan loaded, as a local file of the run folder that the run's other
+    # processes map instead of loading their own copy (known_blobs.share); None: each loads the index.
+    known_blobs_file: str | None = None
+    known_blobs_count: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,6 +184,10 @@ def prepare(source: str, repo_url: str, *, excludes: Sequence[str] = (), tags: S
         # paths at a time (diff.diff_stream), and the plan and the work lists
         # are written as they come: no whole-tree table exists at any moment.
         scratch = scratch_io.create("backup", run_id, work_dir)
+        shared_file = scratch_io.local_file(scratch, "known-blobs.bin") if known is not None else None
+        if shared_file is not None and known is not None and not indexmod.share(known, shared_file):
+            shared_file = None
+        shared_count = len(known) if shared_file is not None and known is not None else 0
         counts = {"new": 0, "changed": 0, "unchanged": 0, "deleted": 0}
         files = dirs = 0
         try:
@@ -231,6 +239,7 @@ def prepare(source: str, repo_url: str, *, excludes: Sequence[str] = (), tags: S
         new=counts["new"], changed=counts["changed"], unchanged=counts["unchanged"], deleted=counts["deleted"],
         skipped=list(scanned.skipped), tags=list(tags), dry_run=dry_run,
         repo_config=repo.config.to_plan() if repo is not None else None, compression=compression,
+        known_blobs_file=shared_file, known_blobs_count=shared_count,
     )
 
 
@@ -330,7 +339,8 @@ def store_range(plan: dict, batch_no: int, storage_options: dict[str, Any] | Non
     if plan.get("repo_config") is not None:
         # The plan read keepflow.json already: a batch on any machine reuses it.
         repo = Repository.attach(plan["repo_url"], plan["repo_config"], storage_options)
-        known = indexmod.known_blobs(repo, plan["run_id"])
+        shared = (plan["known_blobs_file"], plan["known_blobs_count"]) if plan.get("known_blobs_file") else None
+        known = indexmod.known_blobs(repo, plan["run_id"], shared)
     elif dry_run:                          # nothing stored yet: plan against an empty repository
         repo = cast("Repository", _DryRunRepo(plan["repo_url"]))     # what a dry run's batch reads of one
         known = indexmod.KnownBlobs()

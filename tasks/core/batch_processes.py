@@ -28,9 +28,11 @@ plan: never a client object) to a child and waits, the GIL released. So:
   for its batches), and die with the fork server (``PR_SET_PDEATHSIG``), which
   exits when the flow process does: nothing is left running.
 
-Each child keeps its own known-blob set for the run (index.known_blobs), so
-a content first met by two batches in two children at once is stored twice;
-the index then holds two locations and the first wins (as with ``--dask``).
+Each child maps the known-blob set the plan shared (known_blobs.share: one
+copy in the page cache for every process of the run) but keeps its own
+additions and claims, so a content first met by two batches in two children
+at once is stored twice; the index then holds two locations and the first
+wins (as with ``--dask``).
 
 Used only when it can pay: ``session()`` is entered by the flows' batch phase
 on this machine (not on a Dask cluster), and a run of one batch still runs in

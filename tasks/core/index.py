@@ -28,7 +28,14 @@ import pyarrow.parquet as pq
 
 from . import crypto, ids, parquet_io, storage
 from .errors import BlobFormatError, UnindexedBlobsError
-from .known_blobs import CACHED_RUNS, KnownBlobs, cached_runs, forget_run, known_blobs  # noqa: F401  (re-exported)
+from .known_blobs import (  # noqa: F401  (re-exported)
+    CACHED_RUNS,
+    KnownBlobs,
+    cached_runs,
+    forget_run,
+    known_blobs,
+    share,
+)
 from .store import INDEX2_SCHEMA, INDEX_SCHEMA
 
 if TYPE_CHECKING:

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import array
 import binascii
+import mmap
+import os
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -58,6 +60,8 @@ HEX = 2 * DIGEST
 # max(FOLD_MIN, len(sorted) // FOLD_DIVISOR).
 FOLD_MIN = 65_536
 FOLD_DIVISOR = 8
+# A set smaller than this is not worth a shared file (1 MiB of digests).
+SHARE_MIN = 32_768
 # Bulk questions are answered this many hashes at a time (bounded temporaries).
 BULK_CHUNK = 262_144
 
@@ -79,9 +83,9 @@ class _Sorted:
 
     __slots__ = ("raw", "digests", "directory", "shift")
 
-    def __init__(self, raw: bytearray) -> None:
-        # ``raw``: sorted, unique 32-byte digests, concatenated (``_sorted_buffer``);
-        # kept as it is, ``bytearray.find`` serves the scalar lookups.
+    def __init__(self, raw: bytearray | mmap.mmap) -> None:
+        # ``raw``: sorted, unique 32-byte digests, concatenated (``_sorted_buffer``), or a read-only
+        # map of a file of them (``share``); kept as it is, its ``find`` serves the scalar lookups.
         self.raw = raw
         self.digests = np.frombuffer(raw, dtype="S32") if raw else np.zeros(0, "S32")
         n = len(self.digests)
@@ -342,7 +346,7 @@ class KnownBlobs:
         """Move the run's additions into the sorted part (under the lock)."""
         new, _ = _digests_of(self._added)
         np.frombuffer(new, dtype="S32").sort()
-        self._sorted = _Sorted(_sorted_buffer(self._sorted.raw + new))     # published first ...
+        self._sorted = _Sorted(_sorted_buffer(_joined(self._sorted.raw, new)))     # published first ...
         self._added = set()                                 # ... then the run's set goes
 
     def settle(self, packer: PackWriter, stored: bool) -> None:
@@ -354,6 +358,55 @@ class KnownBlobs:
             if stored:
                 self._add_locked(packer.claimed)
         packer.claimed = set()
+
+
+def _joined(raw: bytearray | mmap.mmap, new: bytearray) -> bytearray:
+    """``raw`` (a bytearray, or a shared read-only mmap) followed by ``new``, in a new bytearray."""
+    out = bytearray(len(raw) + len(new))
+    out[:len(raw)] = raw
+    out[len(raw):] = new
+    return out
+
+
+# -- one copy for the processes of a run ---------------------------------------------------------
+#
+# A run's batch processes (batch_processes.py) each need the known-blob set; each loading it from the
+# index would hold its own copy (32 bytes per blob: 160 MB each for 5M blobs, on top of the flow
+# process's). Instead the plan writes the sorted digests the flow process loaded once to a local
+# file of the run folder, and every process of the run maps that file read-only: the page cache
+# holds one copy, shared by all of them (bench/RESULTS.md, "One known-blob set per run").
+
+def share(known: KnownBlobs, path: str) -> bool:
+    """Write ``known``'s sorted digests to the new local file ``path`` and map them back in place
+    of ``known``'s own copy; False (nothing written) when there is nothing worth sharing."""
+    with known._lock:
+        if known._odd or known._added or len(known._sorted) < SHARE_MIN:
+            return False
+        raw = known._sorted.raw
+        with open(path, "xb") as f:
+            f.write(raw)
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if len(mapped) != len(raw) or mapped[-DIGEST:] != raw[-DIGEST:]:
+            mapped.close()
+            raise OSError(f"{path} does not hold the known-blob set just written to it")
+        known._sorted = _Sorted(mapped)
+    return True
+
+
+def attach(path: str, count: int) -> KnownBlobs | None:
+    """The known-blob set another process of this run shared at ``path`` (``count`` digests), mapped
+    read-only; None when the file is not there or not of that size (the caller loads the index)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != count * DIGEST or count == 0:
+                return None
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError:
+        return None
+    known = KnownBlobs()
+    known._sorted = _Sorted(mapped)
+    return known
 
 
 def indexed_now(repo: Repository) -> KnownBlobs:
@@ -375,11 +428,14 @@ _known_cache: dict[tuple[str, str], KnownBlobs] = {}
 _cache_lock = threading.Lock()
 
 
-def known_blobs(repo: Repository, run_id: str) -> KnownBlobs:
-    """The run's shared KnownBlobs, loaded from the index once per process."""
+def known_blobs(repo: Repository, run_id: str, shared: tuple[str, int] | None = None) -> KnownBlobs:
+    """The run's shared KnownBlobs, loaded once per process: from ``shared`` (the local file and digest
+    count ``share`` wrote for the run, when this process can read it), else from the index."""
     key = (repo.url, run_id)
     with _cache_lock:
         known = _known_cache.pop(key, None)
+        if known is None and shared is not None:
+            known = attach(*shared)
         if known is None:
             # Every location (unique=False): deduplicating is the sort's job here,
             # cheaper than load_index's group-by over the strings.

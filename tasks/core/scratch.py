@@ -10,6 +10,8 @@ lives here, in one folder per run at a URL:
                                 the folders, symlinks and special files)
         batch-<NNNNN>.parquet   one work list per batch, written by the plan
         result-<NNNNN>.parquet  what a backup batch read (hash, size, times)
+        known-blobs.bin         local folders: the known-blob set the run's processes map
+                                (known_blobs.share; the one file not read through fsspec)
 
 Every read, write and removal goes through fsspec (``storage.open_url``),
 so the folder can be on local disk or on shared storage that every worker
@@ -234,6 +236,13 @@ def remove(folder: str | None) -> bool:
     except Exception:
         return False
     return True
+
+
+def local_file(folder: str, name: str) -> str | None:
+    """The local path of the file ``name`` in the run folder, for what only a local file allows
+    (``mmap``: known_blobs.share); None when the folder is not on local disk."""
+    fs, path = storage.open_url(folder)
+    return os.path.join(path, name) if storage.is_local(fs) else None
 
 
 def exists(folder: str) -> bool:
