@@ -173,9 +173,10 @@ class Batches:
     busy; the overlap pays where a core is idle during the scan.
     """
 
-    def __init__(self, runner=None, dask=None):
+    def __init__(self, runner=None, dask=None, local=None):
         self._runner = runner      # a runner the flow entered itself (deployments), else None
         self._dask = dask          # the DaskTaskRunner in use, if any
+        self._local = local        # this machine's batch processes (batch_processes.Session), if used
         self.submitted = 0
         self._warm_error: BaseException | None = None
         self._warming: threading.Thread | None = None
@@ -205,6 +206,11 @@ class Batches:
         if self._runner is None:
             return task.submit(**parameters)
         return self._runner.submit(task, parameters=parameters)
+
+    def done(self) -> None:
+        """Every batch has ended: this machine's batch processes can go (see batch_processes.Session.end)."""
+        if self._local is not None:
+            self._local.end()
 
     @staticmethod
     def settle(futures) -> None:
@@ -282,8 +288,8 @@ def batches(dask_address: str | None, workers: int | None, *, work_dir: str | No
     if not dask_address and workers is None:
         from keepflow.tasks.core import batch_processes
 
-        with batch_processes.session():     # this machine's cores, for runs of several batches
-            yield Batches()
+        with batch_processes.session() as local:     # this machine's cores, for runs of several batches
+            yield Batches(local=local)
         return
     check(dask_address, workers, work_dir=work_dir, uses_work_dir=uses_work_dir, api_url=api_url())
     with task_runner(dask_address, workers) as runner:

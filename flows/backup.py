@@ -75,6 +75,7 @@ def backup(source: str, repo: str, tags: list[str] | None = None, excludes: list
                        for i in range(len(plan["batches"]))]
             track(futures, "backup-progress", f"storing {plan['to_read']} files")
             summaries = [f.result() for f in futures]
+            batches.done()          # the batch processes go before the commit's peak, not after it
             committed = commit_snapshot(plan, summaries, storage_options)
         finally:
             # Whatever happened: release the lease, remove the run folder, and

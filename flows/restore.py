@@ -55,6 +55,7 @@ def restore(repo: str, target: str, snapshot: str = "latest", as_of: str | None 
                                       target_options=target_options)
                        for i in range(len(plan["batches"]))]
             results = [f.result() for f in futures]
+            batches.done()          # the batch processes go before the finish (folders, links, times)
             errors = [e for r in results for e in r.errors] + list(plan["missing"])
             errors += finish_restore(plan, target_options)
         finally:

@@ -216,3 +216,30 @@ def test_an_incremental_backup_maps_one_known_blob_set_for_all_its_processes(tmp
     assert state.is_completed(), state.message
     diffs = compare(src, tmp_path / "out")
     assert not diffs, format_differences(diffs)
+
+
+def test_children_build_arrow_tables_without_importing_pandas(monkeypatch):
+    """pyarrow's "is this a pandas object?" check would import pandas (23 MiB per child; pandas_probe.py)."""
+    from tests.child_calls import arrow_table_from_lists_imports_pandas
+
+    monkeypatch.setenv(batch_processes.ENV, "2")
+    with batch_processes.session():
+        pid, imported = batch_processes.call(arrow_table_from_lists_imports_pandas, batches=2)
+    assert pid != os.getpid() and imported is False
+
+
+def test_a_run_that_ends_its_session_early_lets_the_children_go_unless_another_run_uses_them(monkeypatch):
+    """A backup ends its session before the commit (flows/backup.py): the children must be gone then,
+    but not while another run in this process still has batches in them."""
+    monkeypatch.setenv(batch_processes.ENV, "2")
+    with batch_processes.session() as first, batch_processes.session() as second:
+        child = batch_processes.call(os.getpid, batches=2)
+        assert child != os.getpid()
+        first.end()
+        first.end()                                   # once only: the second run's claim stays
+        assert batch_processes.call(os.getpid, batches=2) != os.getpid()
+        assert psutil.pid_exists(child)
+        second.end()
+        assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        assert batch_processes.call(os.getpid, batches=2) == os.getpid()     # no session left: here
+    assert batch_processes.call(os.getpid, batches=2) == os.getpid()

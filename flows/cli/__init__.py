@@ -27,8 +27,8 @@ import sys
 from keepflow.flows.cli import commands, readonly, server, warm
 from keepflow.flows.cli.errors import run
 from keepflow.flows.cli.parser import build_parser
-from keepflow.flows.cli.startup import skip_pyarrow_pandas_probe
 from keepflow.tasks.core.errors import EXIT_USAGE
+from keepflow.tasks.core.pandas_probe import skip_pyarrow_pandas_probe
 
 __all__ = ["main", "console", "shut_down", "build_parser"]
 

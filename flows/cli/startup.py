@@ -36,34 +36,6 @@ PREFECT_DEFAULTS = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "fa
 QUIET_CONSOLE = {"PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL"}
 
 
-def skip_pyarrow_pandas_probe() -> None:
-    """Save ~0.3 s per command: keep pyarrow from importing pandas.
-
-    pyarrow imports pandas the first time it converts Python objects, only to
-    check whether they are pandas objects. The command line never hands it
-    any, so for that one probe we show pyarrow a stand-in module reporting an
-    unsupported pandas version: pyarrow then skips its pandas integration
-    (quietly, we silence its warning) and the stand-in is removed at once.
-    Limited to this CLI process; a later real ``import pandas`` still works.
-    """
-    if "pandas" in sys.modules:
-        return
-    import types
-    import warnings
-
-    stand_in = types.ModuleType("pandas")
-    stand_in.__version__ = "0.0.0"
-    sys.modules["pandas"] = stand_in
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pyarrow as pa
-
-            pa.array([0])
-    finally:
-        del sys.modules["pandas"]
-
-
 def skip_httpx_cli() -> None:
     """Save ~0.02 s per flow command: keep ``import httpx`` from importing httpx's own command line.
 

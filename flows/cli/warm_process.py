@@ -70,8 +70,9 @@ def serve() -> int:
     # numpy's OpenBLAS would start a thread pool at import; keepflow does no linear algebra.
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from keepflow.flows.cli import startup
+    from keepflow.tasks.core.pandas_probe import skip_pyarrow_pandas_probe
 
-    startup.skip_pyarrow_pandas_probe()
+    skip_pyarrow_pandas_probe()
     startup.prepare_prefect(verbose=False)
     api_url = os.environ.get("PREFECT_API_URL")
     imported_with = relevant_environment(dict(os.environ))

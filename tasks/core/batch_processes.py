@@ -55,7 +55,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from . import progress
+from . import pandas_probe, progress
 from .errors import UsageError
 
 ENV = "KEEPFLOW_BATCH_PROCESSES"
@@ -126,22 +126,44 @@ _sessions = 0
 _pool: _Pool | None = None
 
 
-@contextlib.contextmanager
-def session() -> Iterator[None]:
-    """Let batch calls in this process run in children until the block ends (nested and concurrent: counted)."""
-    global _sessions, _pool
-    with _lock:
-        _sessions += 1
-    try:
-        yield
-    finally:
+class Session:
+    """One run's claim on the pool; ``end`` gives it up (once), and the last claim's end closes the pool."""
+
+    def __init__(self) -> None:
+        self._open = True
+
+    def end(self) -> None:
+        """No more batches of this run: the children go now if no other run uses them.
+
+        A backup ends its session when its last batch is done, before the
+        commit: the commit's own peak (the merged results of every file) must
+        not add to the ~110 MiB each idle child still holds.
+        """
+        global _sessions, _pool
         with _lock:
+            if not self._open:
+                return
+            self._open = False
             _sessions -= 1
             pool = _pool if _sessions == 0 else None
             if pool is not None:
                 _pool = None
         if pool is not None:
             pool.close()
+
+
+@contextlib.contextmanager
+def session() -> Iterator[Session]:
+    """Let batch calls in this process run in children until the block ends or the
+    session's ``end`` (nested and concurrent: counted)."""
+    global _sessions
+    with _lock:
+        _sessions += 1
+    claim = Session()
+    try:
+        yield claim
+    finally:
+        claim.end()
 
 
 def active() -> bool:
@@ -242,6 +264,7 @@ def _child_init(queue) -> None:
     global _forwarder
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
+    pandas_probe.skip_pyarrow_pandas_probe()       # 23 MiB and ~0.3 s per child otherwise
     _forwarder = _Forwarder(queue)
     progress.set_sink(_forwarder)
 
