@@ -136,7 +136,8 @@ def test_a_killed_batch_process_is_survived(tmp_path, flows, in_children, monkey
 
 def test_the_keepflow_command_runs_its_batches_in_children(tmp_path, cli_env):
     """The default for the command: no setting needed (cli_env leaves KEEPFLOW_BATCH_PROCESSES unset)."""
-    src = make_tree(tmp_path / "src", {f"d{i % 10}/f{i}": f"file {i}" for i in range(9000)})
+    files = core_backup.MAX_BATCH_FILES + 1000          # two batches at the default size
+    src = make_tree(tmp_path / "src", {f"d{i % 10}/f{i}": f"file {i}" for i in range(files)})
     age_tree(src)
     repo = tmp_path / "repo"
     subprocess.run([KEEPFLOW, "init", str(repo)], env=cli_env, check=True, capture_output=True)

@@ -352,7 +352,7 @@ def test_a_worker_killed_mid_run_is_survived(cluster, s3_server, s3_config, smal
 def test_cli_workers_2_backs_up_restores_and_verifies_a_local_tree(tmp_path, cli):
     import json
 
-    # Three batches of at most 4,096 files: enough for both workers.
+    # Three batches of at most MAX_BATCH_FILES files: enough for both workers.
     src = make_tree(tmp_path / "src", {f"d{i % 40:02d}/f{i:05d}.txt": f"file {i}\n" * (i % 9 + 1)
                                        for i in range(core_backup.MAX_BATCH_FILES * 2 + 300)})
     age_tree(src)      # out of the racy window, or the second backup re-reads files at random

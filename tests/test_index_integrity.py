@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from keepflow.tasks.core import backup as core_backup
 from keepflow.tasks.core import index as indexmod
 from keepflow.tasks.core import store, treeinfo
 from keepflow.tasks.core import verify as verifymod
-from keepflow.tasks.core.backup import MAX_BATCH_FILES, commit
+from keepflow.tasks.core.backup import commit
 from keepflow.tasks.core.errors import EXIT_FAILED, UnindexedBlobsError
 from keepflow.tasks.core.known_blobs import KnownBlobs
 from keepflow.tasks.core.repository import RepoConfig, Repository
@@ -28,6 +29,7 @@ from tests.conftest import age_tree, make_tree
 N_FILES = 20_000
 SHARED_EVERY = 10      # every tenth file ...
 SHARED_DISTANCE = 5_000   # ... has the content of the file 5,000 paths further on
+BATCH_FILES = 4096        # files per batch here (the default is larger): copies land in different batches
 
 
 def _shared_tree(root):
@@ -97,16 +99,18 @@ def test_unique_hashes_keeps_every_hash_once_at_its_first_location():
     assert reordered["offset"].to_pylist()[:3] == [1000, 1001, 1002]
 
 
-def test_shared_contents_in_concurrent_batches_all_restore_and_survive_compaction(tmp_path, prefect_api_url):
+def test_shared_contents_in_concurrent_batches_all_restore_and_survive_compaction(tmp_path, prefect_api_url,
+                                                                                  monkeypatch):
     from keepflow.flows.backup import backup
     from keepflow.flows.prune import prune
     from keepflow.flows.restore import restore
 
+    monkeypatch.setattr(core_backup, "MAX_BATCH_FILES", BATCH_FILES)
     src = _shared_tree(tmp_path / "src")
     repo_url = str(tmp_path / "repo")
     first = backup(str(src), repo_url)
     assert first["exit_code"] == 0 and first["files_new"] == N_FILES + 2
-    assert first["batches"] >= 4 and MAX_BATCH_FILES < SHARED_DISTANCE
+    assert first["batches"] >= 4 and BATCH_FILES < SHARED_DISTANCE
 
     repo = Repository.open(repo_url)
     idx = indexmod.load_index(repo, unique=False)

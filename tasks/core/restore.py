@@ -66,7 +66,7 @@ COALESCE_GAP = 1024 * 1024
 # overlapping their reads.
 _LOCAL_WRITES = threading.Lock()
 CHUNK = 4 * 1024 * 1024
-MAX_BATCH_FILES = 4096
+MAX_BATCH_FILES = 16384                # as backup.MAX_BATCH_FILES (Prefect's cost per task run)
 MAX_BATCH_BYTES = 256 * 1024 * 1024
 OVERWRITE_MODES = ("never", "if-changed", "always")
 _BATCH_COLUMNS = ["path", "hash", "key", "offset", "length", "mode", "mtime_ns", "mtime_ns_exact", "uid", "gid", "size",
