@@ -47,6 +47,48 @@ def test_scan_records_fifos_reports_sockets_and_never_follows_links(tmp_path):
     assert result.skipped == [("sock", "a socket is not backed up (it belongs to a running program)")]
 
 
+def test_folders_listed_ahead_on_threads_keep_walk_order_and_stay_bounded(tmp_path, monkeypatch):
+    """scan._ReadAhead: folders are listed on its threads, at most AHEAD ahead, and what they
+    report reaches ``skipped`` in path order, as a walk in one thread gives it."""
+    import socket
+    import threading
+
+    from keepflow.tasks.core import scan as scanmod
+
+    spec = {f"d{i:02d}/s{j}/f{k}": f"{i} {j} {k}" for i in range(12) for j in range(3) for k in range(5)}
+    src = make_tree(tmp_path / "src", spec)
+    socks = []
+    for i in range(12):                     # a socket in every top folder: one report each
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(src / f"d{i:02d}" / "sock"))
+        socks.append(sock)
+    readers: list[str] = []
+    most = [0]
+    read, prefetch = scanmod._FolderReader.read, scanmod._ReadAhead.prefetch
+
+    def recording_read(self, where, skipped):
+        readers.append(threading.current_thread().name)
+        return read(self, where, skipped)
+
+    def recording_prefetch(self, folder):
+        prefetch(self, folder)
+        most[0] = max(most[0], len(self.pending))
+
+    monkeypatch.setattr(scanmod._FolderReader, "read", recording_read)
+    monkeypatch.setattr(scanmod._ReadAhead, "prefetch", recording_prefetch)
+    try:
+        result = scan(str(src))
+    finally:
+        for sock in socks:
+            sock.close()
+    assert _paths(result.table) == sorted(_paths(result.table))
+    assert len(readers) == 1 + 12 + 36                                  # every folder listed once
+    assert sum(name.startswith("keepflow-scan") for name in readers) >= 12
+    assert 1 <= most[0] <= scanmod._ReadAhead.AHEAD
+    assert [path for path, _ in result.skipped] == [f"d{i:02d}/sock" for i in range(12)]
+    assert not any(t.name.startswith("keepflow-scan") for t in threading.enumerate())    # the pool is gone
+
+
 def test_excludes_and_nested_ignore_files(tmp_path):
     src = make_tree(tmp_path / "src", {
         "keep.txt": "k", "drop.log": "d", "build/out.o": "o",

@@ -36,6 +36,7 @@ import decimal
 import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice, pairwise
 from operator import attrgetter, itemgetter
@@ -253,35 +254,90 @@ class _Chunks:
 
 def _walk_local(root: str, root_spec, exclude_paths: set[str], with_xattrs: bool,
                 skipped: list[tuple[str, str]]) -> Iterator[pa.Table]:
-    reader = _FolderReader(exclude_paths, xattrs.read if with_xattrs else None, skipped)
+    ahead = _ReadAhead(_FolderReader(exclude_paths, xattrs.read if with_xattrs else None), skipped)
     leaders: dict[tuple[int, int], str] = {}     # (device, inode) -> its first name; only files with several names
     out = _Chunks()
-    top = reader.read(_Subfolder("", root, "", [("", root_spec)] if root_spec else [], False))
-    stack = [top] if top is not None else []
-    while stack:
-        folder = stack[-1]
-        if folder.subfolders:
-            sub = folder.subfolders.pop()
-            folder.upto(sub.key, out, leaders)
-            child = reader.read(sub)
-            if child is not None:
-                stack.append(child)
-        else:
-            folder.upto(None, out, leaders)
-            stack.pop()
-        yield from out.take()
-    yield from out.finish()
+    try:
+        top = ahead.read(_Subfolder("", root, "", [("", root_spec)] if root_spec else [], False))
+        stack = [top] if top is not None else []
+        while stack:
+            folder = stack[-1]
+            if folder.subfolders:
+                sub = folder.subfolders.pop()
+                folder.upto(sub.key, out, leaders)
+                child = ahead.read(sub)
+                if child is not None:
+                    stack.append(child)
+                    ahead.prefetch(child)       # its sub-folders come next ...
+                ahead.prefetch(folder)          # ... then this one's next ones
+            else:
+                folder.upto(None, out, leaders)
+                stack.pop()
+            yield from out.take()
+        yield from out.finish()
+    finally:
+        ahead.close()
+
+
+class _ReadAhead:
+    """Lists the folders the walk reaches next on a thread while it gives out this one.
+
+    Listing a folder is mostly system calls that release the GIL (``scandir``,
+    one ``lstat`` and one ``listxattr`` per entry: 7 of the 19 s a 1M-file
+    scan took in one thread), so a thread listing the next folders overlaps
+    them with the walk's Python work. The plan of a 1M-file first backup
+    (``backup.prepare``, 1,000 folders of 1,000 files, warm cache) took 18.8 s
+    without it; 16.4 s with one thread, 15.7-16.5 s with two (and 45% more
+    system time: the GIL hand-offs), 20.6 s with three. At most ``AHEAD`` folders are listed
+    ahead (memory: ``AHEAD`` listings of up to FLUSH_ROWS rows as Python
+    tuples, a larger folder as Arrow), the walk's next ones first. What a
+    listing reports (unreadable entries...) is added to ``skipped`` when the
+    walk reaches that folder, so the report keeps walk order.
+    """
+
+    THREADS = 1
+    AHEAD = 4
+
+    def __init__(self, reader: _FolderReader, skipped: list[tuple[str, str]]) -> None:
+        self.reader, self.skipped = reader, skipped
+        self.pending: dict[int, Future] = {}     # id(_Subfolder) -> its listing; the walk holds the _Subfolder
+        self.pool: ThreadPoolExecutor | None = None
+
+    def _list(self, where: _Subfolder) -> tuple[_Folder | None, list[tuple[str, str]]]:
+        found: list[tuple[str, str]] = []
+        return self.reader.read(where, found), found
+
+    def read(self, where: _Subfolder) -> _Folder | None:
+        pending = self.pending.pop(id(where), None)
+        folder, found = pending.result() if pending is not None else self._list(where)
+        self.skipped.extend(found)
+        return folder
+
+    def prefetch(self, folder: _Folder) -> None:
+        """Start listing the next of ``folder``'s sub-folders (the last in its list is next)."""
+        for sub in reversed(folder.subfolders[-self.AHEAD:]):
+            if len(self.pending) >= self.AHEAD:
+                return
+            if id(sub) not in self.pending:
+                if self.pool is None:
+                    self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="keepflow-scan")
+                self.pending[id(sub)] = self.pool.submit(self._list, sub)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
 
 
 class _FolderReader:
-    """Lists and lstat()s one folder into a sorted ``_Folder``."""
+    """Lists and lstat()s one folder into a sorted ``_Folder`` (thread-safe: it keeps no state)."""
 
-    def __init__(self, exclude_paths: set[str], read_xattrs, skipped: list[tuple[str, str]]) -> None:
-        self.exclude_paths, self.read_xattrs, self.skipped = exclude_paths, read_xattrs, skipped
+    def __init__(self, exclude_paths: set[str], read_xattrs) -> None:
+        self.exclude_paths, self.read_xattrs = exclude_paths, read_xattrs
 
-    def read(self, where: _Subfolder) -> _Folder | None:
+    def read(self, where: _Subfolder, skipped: list[tuple[str, str]]) -> _Folder | None:
+        """``where`` listed; what cannot be read is reported in ``skipped``."""
         abs_dir, rel_dir, specs, raw_dir = where.abs_dir, where.rel_dir, where.specs, where.raw
-        skipped = self.skipped
         try:
             listing = os.scandir(abs_dir)
         except OSError as exc:
@@ -306,7 +362,7 @@ class _FolderReader:
             ignorer = _Ignorer(specs) if specs else None
             while entries:
                 for entry in entries:
-                    row = self._row(entry, rel_dir, raw_dir, ignorer)
+                    row = self._row(entry, rel_dir, raw_dir, ignorer, skipped)
                     if row is None:
                         continue
                     row, st = row
@@ -350,9 +406,9 @@ class _FolderReader:
         folder.links.sort()
         return folder
 
-    def _row(self, entry: os.DirEntry, rel_dir: str, raw_dir: bool, ignorer: _Ignorer | None):
+    def _row(self, entry: os.DirEntry, rel_dir: str, raw_dir: bool, ignorer: _Ignorer | None,
+             skipped: list[tuple[str, str]]):
         """``(row, stat)`` of one entry, or None when it is left out (ignored, excluded, or reported)."""
-        skipped = self.skipped
         name = entry.name
         rel = f"{rel_dir}/{name}" if rel_dir else name
         # `path` is UTF-8 text (readable by any Parquet tool); a name that
