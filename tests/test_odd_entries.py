@@ -254,6 +254,58 @@ def test_xattrs_on_files_and_folders_round_trip(tmp_path):
     assert os.listxattr(bare / "doc.txt") == [] and os.listxattr(bare / "dir") == []
 
 
+def test_an_incremental_backup_reads_the_xattrs_of_changed_entries_only_and_keeps_the_others(tmp_path,
+                                                                                               monkeypatch):
+    """diff.py, "Extended attributes": an entry whose inode and ctime match its parent row keeps the
+    parent's attributes without a listxattr; one whose attributes changed (ctime moved) is read again."""
+    import time
+
+    from keepflow.tasks.core import xattrs as xattrsmod
+
+    src = make_tree(tmp_path / "src", {"a.txt": "a", "b.txt": "b", "sub/c.txt": "c", "gone.txt": "g"})
+    os.setxattr(src / "a.txt", "user.note", b"one")
+    os.setxattr(src / "gone.txt", "user.old", b"x")
+    os.setxattr(src / "sub", "user.dir", b"d")
+    age_tree(src)
+    time.sleep(2.5)                 # every ctime out of the first backup's racy window (ctime cannot be aged)
+    repo_url = str(tmp_path / "repo")
+    first, _, _ = core_helpers.backup(src, repo_url)
+    assert first.info.xattrs is True
+    repo = Repository.open(repo_url)
+
+    def attrs_of(committed) -> dict:
+        table = manifest.read_manifest(repo, committed.info)
+        return {r["path"]: {a["name"]: a["value"] for a in r["xattrs"] or []} for r in table.to_pylist()}
+
+    read: list[str] = []
+    real = xattrsmod.read
+
+    def counting(path):
+        read.append(os.path.relpath(path, src))
+        return real(path)
+
+    monkeypatch.setattr(xattrsmod, "read", counting)
+    os.setxattr(src / "b.txt", "user.new", b"two")            # b's ctime moves
+    os.removexattr(src / "gone.txt", "user.old")
+    (src / "d.txt").write_text("new file")
+    os.setxattr(src / "d.txt", "user.fresh", b"f")
+    second, _, _ = core_helpers.backup(src, repo_url)
+    assert sorted(read) == ["b.txt", "d.txt", "gone.txt"]       # not a.txt, sub nor sub/c.txt
+    got = attrs_of(second)
+    assert got["a.txt"] == {"user.note": b"one"} and got["sub"] == {"user.dir": b"d"}
+    assert got["b.txt"] == {"user.new": b"two"} and got["d.txt"] == {"user.fresh": b"f"}
+    assert got["gone.txt"] == {} and got["sub/c.txt"] == {}
+
+    # A parent that did not read attributes (--no-xattrs) is no source for them: all are read.
+    core_helpers.backup(src, repo_url, xattrs=False)
+    read.clear()
+    fourth, _, _ = core_helpers.backup(src, repo_url)
+    assert len(read) == fourth.info.files + fourth.info.dirs and attrs_of(fourth) == got
+    out = tmp_path / "out"
+    assert core_helpers.restore(repo_url, out)[2] == []
+    assert os.getxattr(out / "a.txt", "user.note") == b"one" and os.getxattr(out / "sub", "user.dir") == b"d"
+
+
 def test_cli_no_xattrs_and_no_sparse(tmp_path, cli):
     src = make_tree(tmp_path / "src", {"doc": "d"})
     os.setxattr(src / "doc", "user.tag", b"t")

@@ -46,7 +46,7 @@ from .columns import share_nulls
 from .errors import SnapshotNotFoundError, UsageError
 from .known_blobs import KnownBlobs, indexed_now
 from .repository import COMPRESSIONS, Repository
-from .scan import scan_stream
+from .scan import read_xattrs_of, scan_stream
 from .store import store_batch
 
 # Files per batch task run. Each task run costs the Prefect server ~75 ms of CPU (SQLite, on the
@@ -86,6 +86,7 @@ class BackupPlan:
     # processes map instead of loading their own copy (known_blobs.share); None: each loads the index.
     known_blobs_file: str | None = None
     known_blobs_count: int = 0
+    xattrs: bool = False                # the entries' extended attributes were read (SnapshotInfo.xattrs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,8 +182,12 @@ def prepare(source: str, repo_url: str, *, excludes: Sequence[str] = (), tags: S
             exclude_paths.append(repo.root)
         elif repo is None and "://" not in repo_url:
             exclude_paths.append(os.path.abspath(repo_url))
+        # An unchanged entry's extended attributes are its parent's (diff.py,
+        # "Extended attributes"): the scan reads none, the diff says which to read.
+        inherit = bool(xattrs and not rehash and parent_info is not None and parent_info.xattrs)
         scanned = scan_stream(source, excludes=excludes, exclude_paths=exclude_paths,
-                              storage_options=source_options, with_xattrs=xattrs)
+                              storage_options=source_options, with_xattrs=xattrs and not inherit)
+        xattrs_root = scanned.local_root if xattrs else None
         # The scan, the parent and the diff stream through together, a slice of
         # paths at a time (diff.diff_stream), and the plan and the work lists
         # are written as they come: no whole-tree table exists at any moment.
@@ -197,21 +202,24 @@ def prepare(source: str, repo_url: str, *, excludes: Sequence[str] = (), tags: S
             with contextlib.ExitStack() as stack:
                 parent_rows = None
                 if repo is not None and parent_info is not None:
-                    reader = stack.enter_context(manifest.ManifestRows(repo, parent_info, diffmod.PARENT_COLUMNS))
+                    wanted = diffmod.PARENT_COLUMNS + (["xattrs"] if inherit else [])
+                    reader = stack.enter_context(manifest.ManifestRows(repo, parent_info, wanted))
                     parent_rows = (reader.groups() if reader.sorted_by_path() else
-                                   [diffmod.sorted_parent(manifest.read_manifest(repo, parent_info,
-                                                                                 diffmod.PARENT_COLUMNS))])
+                                   [diffmod.sorted_parent(manifest.read_manifest(repo, parent_info, wanted))])
                 plan_writer = scratch_io.TableWriter(scratch, "plan")
                 work_lists = _WorkLists(scratch)
                 stack.callback(work_lists.shutdown)
                 offset = 0
                 for part in diffmod.diff_stream(scanned.chunks, parent_rows,
-                                                parent_info.start_ns if parent_info else 0, rehash=rehash):
+                                                parent_info.start_ns if parent_info else 0, rehash=rehash,
+                                                inherit_xattrs=inherit):
                     if known is not None and part.unchanged:
                         part = diffmod.distrust_unindexed(part, known)
                     for key in counts:
                         counts[key] += getattr(part, key)
                     table = part.table
+                    if part.xattrs_to_read is not None and xattrs_root is not None:
+                        table = read_xattrs_of(table, part.xattrs_to_read, xattrs_root, scanned.skipped)
                     types = table["type"]
                     files += pc.sum(pc.equal(types, "file")).as_py() or 0
                     dirs += pc.sum(pc.equal(types, "dir")).as_py() or 0
@@ -242,7 +250,7 @@ def prepare(source: str, repo_url: str, *, excludes: Sequence[str] = (), tags: S
         new=counts["new"], changed=counts["changed"], unchanged=counts["unchanged"], deleted=counts["deleted"],
         skipped=list(scanned.skipped), tags=list(tags), dry_run=dry_run,
         repo_config=repo.config.to_plan() if repo is not None else None, compression=compression,
-        known_blobs_file=shared_file, known_blobs_count=shared_count,
+        known_blobs_file=shared_file, known_blobs_count=shared_count, xattrs=xattrs_root is not None,
     )
 
 
@@ -455,6 +463,7 @@ def commit(plan: dict, summaries: list[BatchSummary], storage_options: dict[str,
         bytes_read=sum(b.bytes_read for b in summaries), bytes_stored=sum(b.bytes_stored for b in summaries),
         bytes_written=sum(b.bytes_written for b in summaries),
         skipped=len(skipped), start_ns=plan["start_ns"], keepflow_version=KEEPFLOW_VERSION,
+        xattrs=bool(plan.get("xattrs")),
     )
     if writer is not None:
         writer.close(info)          # the commit point

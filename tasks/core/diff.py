@@ -14,6 +14,16 @@ its mtime moving. Such parent entries are not trusted: the file is read again.
 
 ``--rehash`` (a "full" backup) trusts nothing and reads every file.
 
+Extended attributes (``inherit_xattrs``). Setting or removing one changes
+the entry's ctime, so an entry whose type, inode and ctime match its parent
+row has the parent's attributes: the diff takes them from the parent (by the
+parent row's number: Arrow's join carries no nested column) and lists the
+rows whose attributes must still be read (``DiffResult.xattrs_to_read``:
+new entries, changed ones, and those whose parent ctime is within the racy
+window). The scan then skips ``listxattr`` for unchanged entries: one system
+call per entry, 2-3 s of a 1M-file no-change backup. Only for a local
+source whose parent read attributes (``SnapshotInfo.xattrs``).
+
 Memory. Both sides are sorted by path (the scan sorts; a manifest is a
 sorted scan, and is sorted here if it is not), so the join runs on
 ``CHUNK_ROWS`` scan rows at a time against the parent rows of the same path
@@ -60,6 +70,7 @@ class DiffResult:
     changed: int
     unchanged: int
     deleted: int
+    xattrs_to_read: np.ndarray | None = None    # with inherit_xattrs: rows whose attributes the parent lacks
 
     @property
     def to_read(self) -> pa.Table:
@@ -102,7 +113,8 @@ def diff_parts(scan: pa.Table, parent: pa.Table | None, parent_start_ns: int = 0
 
 
 def diff_stream(scan_chunks: Iterable[pa.Table], parent_groups: Iterable[pa.Table] | None,
-                parent_start_ns: int = 0, rehash: bool = False) -> Iterator[DiffResult]:
+                parent_start_ns: int = 0, rehash: bool = False,
+                inherit_xattrs: bool = False) -> Iterator[DiffResult]:
     """The diff of a scan given in path order (``scan.scan_stream``'s chunks)
     against the parent's rows in path order (``PARENT_COLUMNS``, e.g. the row
     groups of a manifest whose ``ManifestRows.sorted_by_path`` holds; see
@@ -112,6 +124,9 @@ def diff_stream(scan_chunks: Iterable[pa.Table], parent_groups: Iterable[pa.Tabl
     a row group at a time as the scan advances: neither side is ever whole in
     memory. A scan chunk out of path order is a bug, not a state of the
     source: it raises rather than pair the wrong rows.
+
+    ``inherit_xattrs``: the scan left extended attributes out; take them from
+    the parent where its row still describes the entry (module docstring).
     """
     if parent_groups is None:
         for piece in scan_chunks:
@@ -119,9 +134,11 @@ def diff_stream(scan_chunks: Iterable[pa.Table], parent_groups: Iterable[pa.Tabl
             piece = piece.append_column("hash", nulls(pa.string(), piece.num_rows))
             piece = piece.append_column("needs_read", is_file)
             piece = piece.append_column("parent_hash", nulls(pa.string(), piece.num_rows))
-            yield DiffResult(piece, new=pc.sum(is_file).as_py() or 0, changed=0, unchanged=0, deleted=0)
+            every = np.arange(piece.num_rows, dtype=np.int64) if inherit_xattrs else None
+            yield DiffResult(piece, new=pc.sum(is_file).as_py() or 0, changed=0, unchanged=0, deleted=0,
+                             xattrs_to_read=every)
         return
-    parent = _ParentRows(_prefixed(g) for g in parent_groups)
+    parent = _ParentRows((_prefixed(g, inherit_xattrs) for g in parent_groups), inherit_xattrs)
     last: str | None = None
     chunks = iter(scan_chunks)
     chunk = next(chunks, None)
@@ -134,9 +151,10 @@ def diff_stream(scan_chunks: Iterable[pa.Table], parent_groups: Iterable[pa.Tabl
                 raise RuntimeError("the scan came out of path order (a bug in keepflow's scan); nothing was stored")
             last = paths[n - 1].as_py()
         if following is None:
-            yield _diff_piece(chunk, parent.rest(), parent_start_ns, rehash)
+            yield _diff_piece(chunk, parent.rest(), parent_start_ns, rehash, inherit_xattrs)
         elif n:
-            yield _diff_piece(chunk, parent.upto(last), parent_start_ns, rehash)   # type: ignore[arg-type]
+            yield _diff_piece(chunk, parent.upto(last), parent_start_ns, rehash,   # type: ignore[arg-type]
+                              inherit_xattrs)
         chunk = following
 
 
@@ -156,16 +174,31 @@ def sorted_parent(parent: pa.Table) -> pa.Table:
     return parent
 
 
-def _prefixed(parent: pa.Table) -> pa.Table:
-    return parent.select(PARENT_COLUMNS).rename_columns([f"p_{c}" if c != "path" else "path" for c in PARENT_COLUMNS])
+def _prefixed(parent: pa.Table, xattrs: bool = False) -> pa.Table:
+    columns = PARENT_COLUMNS + (["xattrs"] if xattrs else [])
+    return parent.select(columns).rename_columns([f"p_{c}" if c != "path" else "path" for c in columns])
 
 
-def _diff_piece(piece: pa.Table, parent_slice: pa.Table, parent_start_ns: int, rehash: bool) -> DiffResult:
+def _diff_piece(piece: pa.Table, parent_slice: pa.Table, parent_start_ns: int, rehash: bool,
+                inherit_xattrs: bool = False) -> DiffResult:
     """One scan piece against the (prefixed) parent rows of its path range."""
     # Join only the columns compared: Arrow's hash join carries no nested
-    # columns (xattrs), and narrower is faster.
+    # columns (xattrs: the parent row's number instead), and narrower is faster.
     narrow = piece.select(["path", "type", "size", "mtime_ns", "ctime_ns", "inode"])
+    parent_xattrs = None
+    if inherit_xattrs:
+        parent_xattrs = parent_slice["p_xattrs"]
+        rows = np.arange(parent_slice.num_rows, dtype=np.int64)
+        parent_slice = parent_slice.drop_columns(["p_xattrs"]).append_column(
+            "p_row", pa.Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)]))
     part = _diff_slice(narrow, parent_slice, parent_start_ns, rehash)
+    to_read = None
+    if parent_xattrs is not None:
+        source_row = part["xattrs_from"]
+        at = piece.schema.get_field_index("xattrs")
+        piece = piece.set_column(at, piece.schema.field(at),
+                                 parent_xattrs.take(source_row).cast(piece.schema.field(at).type))
+        to_read = np.flatnonzero(pc.is_null(source_row).to_numpy(zero_copy_only=False))
     piece = piece.append_column("hash", part["hash"])
     piece = piece.append_column("needs_read", part["needs_read"])
     # Kept so the final report can classify re-read files by content.
@@ -173,7 +206,8 @@ def _diff_piece(piece: pa.Table, parent_slice: pa.Table, parent_start_ns: int, r
     files = pc.sum(pc.equal(piece["type"], "file")).as_py() or 0
     parent_files = pc.sum(pc.equal(parent_slice["p_type"], "file")).as_py() or 0
     return DiffResult(piece, new=part["new"], changed=files - part["new"] - part["unchanged"],
-                      unchanged=part["unchanged"], deleted=parent_files - part["matched_parent_files"])
+                      unchanged=part["unchanged"], deleted=parent_files - part["matched_parent_files"],
+                      xattrs_to_read=to_read)
 
 
 class _ParentRows:
@@ -182,10 +216,11 @@ class _ParentRows:
     most ``path``; only the last table pulled can hold rows beyond it, and
     those wait for the next call."""
 
-    def __init__(self, tables: Iterable[pa.Table]) -> None:
+    def __init__(self, tables: Iterable[pa.Table], xattrs: bool = False) -> None:
         self._tables = iter(tables)
         self._held: list[pa.Table] = []
         self._schema: pa.Schema | None = None
+        self._xattrs = xattrs
 
     def _pull(self) -> bool:
         table = next(self._tables, None)
@@ -216,7 +251,7 @@ class _ParentRows:
 
     def _empty(self) -> pa.Table:
         if self._schema is None:
-            return _prefixed(MANIFEST_SCHEMA.empty_table())
+            return _prefixed(MANIFEST_SCHEMA.empty_table(), self._xattrs)
         return self._schema.empty_table()
 
 
@@ -254,7 +289,22 @@ def _diff_slice(narrow: pa.Table, parent: pa.Table, parent_start_ns: int, rehash
         same = pc.and_(same, pa.scalar(False))
     needs_read = pc.and_(is_file, pc.invert(same))
     null = pa.scalar(None, pa.string())
+    xattrs_from = None
+    if "p_row" in joined.column_names:
+        # The parent row still describes the entry's attributes: same type and
+        # inode, and a ctime that is known on both sides, equal, and older than
+        # the parent scan's racy window (an attribute set in the same granule
+        # after the parent read it would not have moved the ctime).
+        kept = pc.and_kleene(pc.equal(joined["type"], joined["p_type"]), pc.equal(joined["inode"], joined["p_inode"]))
+        kept = pc.and_kleene(kept, pc.equal(joined["ctime_ns"], joined["p_ctime_ns"]))
+        if parent_start_ns:
+            kept = pc.and_kleene(kept, pc.less(joined["p_ctime_ns"], parent_start_ns - RACY_WINDOW_NS))
+        if rehash:
+            kept = pc.and_(kept, pa.scalar(False))
+        kept = pc.fill_null(kept, False)
+        xattrs_from = _one_chunk(pc.if_else(kept, joined["p_row"], pa.scalar(None, pa.int64())))
     return {
+        "xattrs_from": xattrs_from,
         "hash": _one_chunk(pc.if_else(same, joined["p_hash"], null)),
         "needs_read": _one_chunk(needs_read),
         "parent_hash": _one_chunk(pc.if_else(needs_read, joined["p_hash"], null)),
@@ -299,7 +349,7 @@ def distrust_unindexed(result: DiffResult, indexed: KnownBlobs) -> DiffResult:
     table = table.set_column(table.schema.get_field_index("hash"), "hash",
                              pc.if_else(lost, pa.scalar(None, pa.string()), table["hash"]))
     return DiffResult(table, new=result.new, changed=result.changed + count, unchanged=result.unchanged - count,
-                      deleted=result.deleted)
+                      deleted=result.deleted, xattrs_to_read=result.xattrs_to_read)
 
 
 def final_counts(table: pa.Table) -> dict:

@@ -125,6 +125,7 @@ class SnapshotInfo:
     skipped: int = 0
     start_ns: int = 0              # scan start, for the racy-timestamp guard
     keepflow_version: str = ""
+    xattrs: bool = False           # its entries' extended attributes were read (absent: not known)
     key: str = ""                  # file name under snapshots/, filled on listing
 
     def to_json(self) -> str:

@@ -51,7 +51,7 @@ from . import storage, xattrs
 from .columns import lower_bound as _lower_bound
 from .columns import nulls
 from .errors import BadPatternError, SourceNotFoundError
-from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, is_utf8, readable_bytes, shown
+from .manifest import MANIFEST_SCHEMA, NS_MAX, NS_MIN, clamp_ns, fs_path, is_utf8, readable_bytes, shown
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -108,6 +108,7 @@ class ScanStream:
     chunks: Iterator[pa.Table]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     start_ns: int = 0
+    local_root: str | None = None      # the source's folder when it is on this machine's file system
 
 
 def scan_stream(source: str, excludes: Sequence[str] | None = None, exclude_paths: Iterable[str] = (),
@@ -129,7 +130,34 @@ def scan_stream(source: str, excludes: Sequence[str] | None = None, exclude_path
     else:
         # fs.find lists the whole tree at once (a dict per entry): sorted whole, then given out in slices.
         tables = iter([_scan_fsspec(fs, root, root_spec)])
-    return ScanStream(_rechunked(tables, chunk_rows or CHUNK_ROWS), skipped, start_ns)
+    return ScanStream(_rechunked(tables, chunk_rows or CHUNK_ROWS), skipped, start_ns,
+                      root if storage.is_local(fs) else None)
+
+
+def read_xattrs_of(table: pa.Table, rows: np.ndarray, root: str, skipped: list[tuple[str, str]]) -> pa.Table:
+    """``table`` (scan rows of the local source at ``root``) with the extended
+    attributes of its rows ``rows`` read now, as the scan reads them.
+
+    For an incremental backup that takes an unchanged entry's attributes from
+    its parent (diff.py, "Extended attributes") and reads only the others'.
+    """
+    if not len(rows):
+        return table
+    paths = table["path"].take(pa.array(rows)).to_pylist()
+    raws = table["path_bytes"].take(pa.array(rows)).to_pylist()
+    values: list[list[dict] | None] = []
+    for path, raw in zip(paths, raws, strict=True):
+        try:
+            values.append(xattrs.read(os.path.join(root, fs_path(path, raw))))
+        except OSError as exc:   # the entry is kept; only its attributes are lost (as in the scan)
+            values.append(None)
+            skipped.append((path, f"extended attributes not kept: {exc.strerror or exc}"))
+    at = table.schema.get_field_index("xattrs")
+    column = table.column(at)
+    order = np.arange(table.num_rows, dtype=np.int64)
+    order[rows] = table.num_rows + np.arange(len(rows), dtype=np.int64)
+    merged = pa.concat_arrays([column.combine_chunks(), pa.array(values, column.type)]).take(pa.array(order))
+    return table.set_column(at, table.schema.field(at), merged)
 
 
 def scan(source: str, excludes: Sequence[str] | None = None, exclude_paths: Iterable[str] = (),
