@@ -299,7 +299,8 @@ def snapshots_table(infos: list[SnapshotInfo]) -> pa.Table:
     fields = list(SnapshotInfo.__dataclass_fields__)
     cols: dict[str, Any] = {f: [getattr(i, f) for i in infos] for f in fields}
     types = {"id": pa.string(), "parent": pa.string(), "source": pa.string(), "host": pa.string(),
-             "tags": pa.list_(pa.string()), "keepflow_version": pa.string(), "key": pa.string()}
+             "tags": pa.list_(pa.string()), "keepflow_version": pa.string(), "key": pa.string(),
+             "xattrs": pa.bool_()}
     out = {}
     for f in fields:
         if f in ("time", "end_time"):
