@@ -73,3 +73,51 @@ def test_remote_parts_are_joined(tmp_path):
         assert storage.write_once_parts(fs, path, [b"x"]) is False
     finally:
         fs.rm(f"/kf-parts-{os.getpid()}", recursive=True)
+
+
+def _resident_pages(path: str) -> int:
+    """Pages of ``path`` in the page cache (mincore over a read-only mapping; maps nothing in)."""
+    import ctypes
+    import mmap
+
+    size = os.path.getsize(path)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(ctypes.c_void_p(addr), size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec.raw)
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+
+
+def test_local_pack_is_synced_before_its_name_and_left_out_of_the_cache(tmp_path, monkeypatch):
+    # The order is watched with a spy on os.link (the publish) around the real
+    # fdatasync: a power cut cannot be caused here. The page cache is the real one.
+    fs = fsspec.filesystem("file")
+    events: list[str] = []
+    real_sync, real_link = storage._fdatasync, os.link
+    monkeypatch.setattr(storage, "_fdatasync", lambda fd: (events.append("sync"), real_sync(fd))[1])
+    monkeypatch.setattr(os, "link", lambda a, b: (events.append("link"), real_link(a, b))[1])
+    big = str(tmp_path / "packs" / "ab" / "big")
+    parts = [os.urandom(3 * 1024 * 1024), os.urandom(1024 * 1024)]
+    assert storage.write_once_parts(fs, big, parts) is True
+    assert events == ["sync", "link"]
+    assert _resident_pages(big) <= 2             # dropped once on the disk (of 1,024 pages)
+    assert Path(big).read_bytes() == b"".join(parts)
+
+    events.clear()
+    small = str(tmp_path / "index" / "small")
+    assert storage.write_once(fs, small, b"x" * 1000) is True
+    assert events == ["sync", "link"]
+    assert _resident_pages(small) == 1           # small files (index, manifests) stay cached
