@@ -121,3 +121,75 @@ def test_local_pack_is_synced_before_its_name_and_left_out_of_the_cache(tmp_path
     assert storage.write_once(fs, small, b"x" * 1000) is True
     assert events == ["sync", "link"]
     assert _resident_pages(small) == 1           # small files (index, manifests) stay cached
+
+
+def _v2_repo(tmp_path, pack_size: int):
+    from keepflow.tasks.core.repository import RepoConfig, Repository
+
+    config = RepoConfig.new_v2()
+    config.pack_size = pack_size
+    return Repository.init(str(tmp_path / "repo"), config=config)
+
+
+def test_format_2_packs_are_written_while_the_batch_goes_on(tmp_path, monkeypatch):
+    # The first pack's write is held until the batch has filled the next pack:
+    # writing on the batch's own thread would never get there (the test would
+    # time out in the held write instead).
+    import threading
+
+    from keepflow.tasks.core import store
+    from keepflow.tasks.core.known_blobs import KnownBlobs
+    from tests import core_helpers
+
+    repo = _v2_repo(tmp_path, pack_size=64 * 1024)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i:02d}").write_bytes(os.urandom(20 * 1024))      # 3-4 files a pack
+    real = storage.write_once_parts
+    release, threads, sends = threading.Event(), [], []
+    real_send = store.PackWriter._send_v2
+
+    def held(fs, path, parts):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            assert release.wait(20), "the batch never filled a second pack while the first was written"
+        return real(fs, path, parts)
+
+    def releasing_send(self):
+        sends.append(self.size)
+        if len(sends) == 2:
+            release.set()         # the batch filled a second pack: the first is not written yet
+        real_send(self)
+
+    monkeypatch.setattr(storage, "write_once_parts", held)
+    monkeypatch.setattr(store.PackWriter, "_send_v2", releasing_send)
+    known = KnownBlobs()
+    result = core_helpers.store_files(repo, src, sorted(os.listdir(src)), known)
+    assert release.is_set()
+    assert threads and all(name.startswith("keepflow-pack") for name in threads)
+    assert result.packs_written == len(threads) >= 3
+    # every blob's index row names a pack that is on the disk
+    keys = set(result.index_rows["key"])
+    assert len(result.index_rows["hash"]) == 12 and all(os.path.exists(repo.path(k)) for k in keys)
+
+
+def test_a_failed_pack_write_on_a_pack_thread_fails_the_batch_and_indexes_nothing(tmp_path, monkeypatch):
+    from keepflow.tasks.core import store
+    from keepflow.tasks.core.known_blobs import KnownBlobs
+    from tests import core_helpers
+
+    repo = _v2_repo(tmp_path, pack_size=64 * 1024)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i:02d}").write_bytes(os.urandom(20 * 1024))
+    (tmp_path / "repo" / "packs").rmdir() if (tmp_path / "repo" / "packs").is_dir() else None
+    (tmp_path / "repo" / "packs").write_bytes(b"in the way")     # a real fault: no pack can be created
+    known = KnownBlobs()
+    with pytest.raises(store.RepositoryWriteError):
+        core_helpers.store_files(repo, src, sorted(os.listdir(src)), known)
+    assert len(known) == 0
+    (tmp_path / "repo" / "packs").unlink()
+    retried = core_helpers.store_files(repo, src, sorted(os.listdir(src)), known)
+    assert retried.blobs_stored == 12 and len(known) == 12

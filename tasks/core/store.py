@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -95,8 +96,38 @@ class ChangedWhileReading(Exception):
 _DEST_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
+# Format 2 packs are sealed (salt, AES-GCM, header, name) and written on these threads
+# while the batch goes on reading and chunking: the write waits for the disk
+# (storage.make_durable), and BLAKE3 and the write release the GIL. Each writer has at
+# most one pack in flight, so a batch holds at most two packs per writer.
+PACK_THREADS = 2
+_pack_pool: ThreadPoolExecutor | None = None
+
+
+def _pack_threads() -> ThreadPoolExecutor:
+    global _pack_pool
+    if _pack_pool is None:
+        _pack_pool = ThreadPoolExecutor(PACK_THREADS, thread_name_prefix="keepflow-pack")
+    return _pack_pool
+
+
+def _forget_pack_threads() -> None:       # a forked child has none of its parent's threads
+    global _pack_pool
+    _pack_pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pack_threads)
+
+
 class PackWriter:
-    """Concatenates small blobs (format 2: also chunks, or chunk lists) and writes full packs write-once."""
+    """Concatenates small blobs (format 2: also chunks, or chunk lists) and writes full packs write-once.
+
+    Format 2 hands each full pack to a pack thread and goes on; ``flush``
+    writes the open pack and returns once every pack is written and its index
+    rows are in the result (a failed write raises there, or at the next full
+    pack). ``abandon`` waits for a pack in flight without asking how it went.
+    """
 
     def __init__(self, repo: Repository, result: BatchResult, dry_run: bool = False,
                  kind: int = pack.KIND_DATA) -> None:
@@ -108,6 +139,7 @@ class PackWriter:
         self.blobs: list[tuple] = []     # format 2: (id, kind, payload, compressed, raw length)
         self.size = 0
         self.claimed: set[str] = set()   # hashes this batch has packed (see KnownBlobs)
+        self._writing: Future | None = None      # format 2: the pack on a pack thread
 
     def add(self, blob_hash: str, data: bytes | bytearray | memoryview, compressed: bool = False,
             raw_length: int | None = None) -> None:
@@ -115,7 +147,7 @@ class PackWriter:
             self.blobs.append((blob_hash, self.kind, data, compressed, len(data) if raw_length is None else raw_length))
             self.size += len(data)
             if self.size >= self.repo.config.pack_size:
-                self.flush()
+                self._send_v2()
             return
         self.entries.append((blob_hash, len(self.buffer), len(data)))
         self.buffer += data
@@ -124,7 +156,8 @@ class PackWriter:
 
     def flush(self) -> None:
         if self.v2:
-            self._flush_v2()
+            self._send_v2()
+            self._settle_v2()
             return
         if not self.entries:
             return
@@ -148,19 +181,27 @@ class PackWriter:
         self.buffer = bytearray()
         self.entries = []
 
-    def _flush_v2(self) -> None:
+    def abandon(self) -> None:
+        """The batch failed: let a pack in flight finish (its blobs stay unindexed), raise nothing."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            try:
+                writing.result()
+            except BaseException:
+                pass
+
+    def _send_v2(self) -> None:
         if not self.blobs:
             return
-        parts, salt, entries = pack.encode_pack2(self.repo.keys, self.blobs, self.repo.config.header_pad)
-        hasher = blake3.blake3()
-        for part in parts:
-            hasher.update(part)
-        key = self.repo.pack_key(hasher.hexdigest())
-        if not self.dry_run:
-            try:
-                storage.write_once_parts(self.repo.fs, self.repo.path(key), parts)
-            except Exception as exc:
-                raise storage.write_failure(f"cannot write {key} to {self.repo.url}: {exc}", exc) from exc
+        self._settle_v2()                      # one pack in flight per writer
+        blobs, self.blobs, self.size = self.blobs, [], 0
+        self._writing = _pack_threads().submit(self._write_v2, blobs)
+
+    def _settle_v2(self) -> None:
+        if self._writing is None:
+            return
+        writing, self._writing = self._writing, None
+        key, salt, entries, nbytes = writing.result()
         rows = self.result.index_rows
         for e in entries:
             rows["hash"].append(e.id)
@@ -173,9 +214,21 @@ class PackWriter:
             rows["raw_length"].append(e.raw_length)
             rows["compressed"].append(e.compressed)
         self.result.packs_written += 1
-        self.result.bytes_written += sum(len(p) for p in parts)
-        self.blobs = []
-        self.size = 0
+        self.result.bytes_written += nbytes
+
+    def _write_v2(self, blobs: list[tuple]) -> tuple[str, bytes, list, int]:
+        """Seal and write one pack (on a pack thread); (key, salt, entries, bytes written)."""
+        parts, salt, entries = pack.encode_pack2(self.repo.keys, blobs, self.repo.config.header_pad)
+        hasher = blake3.blake3()
+        for part in parts:
+            hasher.update(part)
+        key = self.repo.pack_key(hasher.hexdigest())
+        if not self.dry_run:
+            try:
+                storage.write_once_parts(self.repo.fs, self.repo.path(key), parts)
+            except Exception as exc:
+                raise storage.write_failure(f"cannot write {key} to {self.repo.url}: {exc}", exc) from exc
+        return key, salt, entries, sum(len(p) for p in parts)
 
 
 def store_batch(repo: Repository, source_fs: AbstractFileSystem, source_root: str, paths: list[str], rows: list[int],
@@ -197,6 +250,7 @@ def store_batch(repo: Repository, source_fs: AbstractFileSystem, source_root: st
             w.flush()
     except BaseException:
         for w in writers:
+            w.abandon()
             known.settle(w, stored=False)    # a retry must store these blobs itself
         raise
     known.add(result.index_rows["hash"])

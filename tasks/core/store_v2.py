@@ -9,8 +9,8 @@ pack, or the chunk itself when the file is a single chunk (ARCHITECTURE.md,
 "### Ids", "### Content-defined chunking").
 
 Chunks are hashed and compressed in a small thread pool (BLAKE3 and zstd
-release the GIL; ``cryptography``'s AES-GCM does not, so encryption happens at
-pack flush in the batch's own thread), at most ``IN_FLIGHT`` chunks ahead of
+release the GIL; ``cryptography``'s AES-GCM does not, so a full pack is
+encrypted and written by ``PackWriter`` on its pack thread), at most ``IN_FLIGHT`` chunks ahead of
 the reader, so memory stays around ``window + IN_FLIGHT * 8 MiB``. A local
 file is read with ``os.readv`` straight into the chunker's window (one copy
 per byte, by the kernel, GIL released); a worker hashes and compresses a view
