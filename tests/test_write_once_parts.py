@@ -7,13 +7,20 @@ parts than one call takes, short writes), with the same write-once rule as
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import threading
 from pathlib import Path
 
 import fsspec
 import pytest
 
-from keepflow.tasks.core import storage
+from keepflow.tasks.core import storage, store
+from keepflow.tasks.core.known_blobs import KnownBlobs
+from keepflow.tasks.core.repository import RepoConfig, Repository
+
+from tests import core_helpers
 
 
 def _parts(n: int) -> list:
@@ -77,9 +84,6 @@ def test_remote_parts_are_joined(tmp_path):
 
 def _resident_pages(path: str) -> int:
     """Pages of ``path`` in the page cache (mincore over a read-only mapping; maps nothing in)."""
-    import ctypes
-    import mmap
-
     size = os.path.getsize(path)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
@@ -124,8 +128,6 @@ def test_local_pack_is_synced_before_its_name_and_left_out_of_the_cache(tmp_path
 
 
 def _v2_repo(tmp_path, pack_size: int):
-    from keepflow.tasks.core.repository import RepoConfig, Repository
-
     config = RepoConfig.new_v2()
     config.pack_size = pack_size
     return Repository.init(str(tmp_path / "repo"), config=config)
@@ -135,12 +137,6 @@ def test_format_2_packs_are_written_while_the_batch_goes_on(tmp_path, monkeypatc
     # The first pack's write is held until the batch has filled the next pack:
     # writing on the batch's own thread would never get there (the test would
     # time out in the held write instead).
-    import threading
-
-    from keepflow.tasks.core import store
-    from keepflow.tasks.core.known_blobs import KnownBlobs
-    from tests import core_helpers
-
     repo = _v2_repo(tmp_path, pack_size=64 * 1024)
     src = tmp_path / "src"
     src.mkdir()
@@ -175,16 +171,13 @@ def test_format_2_packs_are_written_while_the_batch_goes_on(tmp_path, monkeypatc
 
 
 def test_a_failed_pack_write_on_a_pack_thread_fails_the_batch_and_indexes_nothing(tmp_path, monkeypatch):
-    from keepflow.tasks.core import store
-    from keepflow.tasks.core.known_blobs import KnownBlobs
-    from tests import core_helpers
-
     repo = _v2_repo(tmp_path, pack_size=64 * 1024)
     src = tmp_path / "src"
     src.mkdir()
     for i in range(12):
         (src / f"f{i:02d}").write_bytes(os.urandom(20 * 1024))
-    (tmp_path / "repo" / "packs").rmdir() if (tmp_path / "repo" / "packs").is_dir() else None
+    if (tmp_path / "repo" / "packs").is_dir():
+        (tmp_path / "repo" / "packs").rmdir()
     (tmp_path / "repo" / "packs").write_bytes(b"in the way")     # a real fault: no pack can be created
     known = KnownBlobs()
     with pytest.raises(store.RepositoryWriteError):
