@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 
@@ -9,9 +10,12 @@ import pyarrow as pa
 import pytest
 
 from keepflow.tasks.core import diff as diffmod
+from keepflow.tasks.core import memory
+from keepflow.tasks.core import scan as scanmod
 from keepflow.tasks.core.errors import BadPatternError, SourceNotFoundError
 from keepflow.tasks.core.scan import scan
 
+from tests import core_helpers
 from tests.conftest import age_tree, make_tree
 
 
@@ -194,3 +198,44 @@ def test_scan_memory_filesystem():
         assert rows["a.txt"]["inode"] is None
     finally:
         fs.rm("/kf-scan", recursive=True)
+
+
+def test_the_collector_is_paused_while_a_backup_plans_and_back_afterwards(tmp_path, monkeypatch):
+    """memory.gc_paused: the plan's scan runs without the cyclic collector (a spy on the
+    folder reader asks), and the collector is on again once the plan is made, failed or not."""
+    src = make_tree(tmp_path / "src", {f"d{i}/f{j}": f"{i} {j}" for i in range(3) for j in range(5)})
+    seen: list[bool] = []
+    read = scanmod._FolderReader.read
+
+    def spying_read(self, where, skipped):
+        seen.append(gc.isenabled())
+        return read(self, where, skipped)
+
+    monkeypatch.setattr(scanmod._FolderReader, "read", spying_read)
+    assert gc.isenabled()
+    plan = core_helpers.plan_backup(src, tmp_path / "repo")
+    assert seen and not any(seen)                  # every folder was listed with the collector off
+    assert gc.isenabled()
+    core_helpers.store_all(plan)
+
+    def failing_read(self, where, skipped):
+        raise RuntimeError("a fault in the scan")
+
+    monkeypatch.setattr(scanmod._FolderReader, "read", failing_read)
+    with pytest.raises(RuntimeError):
+        core_helpers.plan_backup(src, tmp_path / "repo2")
+    assert gc.isenabled()
+
+    # nested pauses, and a collector the caller had switched off stays off
+    with memory.gc_paused():
+        with memory.gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with memory.gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

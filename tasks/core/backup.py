@@ -200,6 +200,7 @@ def prepare(source: str, repo_url: str, *, excludes: Sequence[str] = (), tags: S
         files = dirs = 0
         try:
             with contextlib.ExitStack() as stack:
+                stack.enter_context(memory.gc_paused())       # a few objects per entry, none in cycles
                 parent_rows = None
                 if repo is not None and parent_info is not None:
                     wanted = diffmod.PARENT_COLUMNS + (["xattrs"] if inherit else [])

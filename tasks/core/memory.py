@@ -23,9 +23,13 @@ user's choice, not ours.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import os
+import threading
+from collections.abc import Iterator
 
 import pyarrow as pa
 
@@ -60,3 +64,36 @@ def use_lean_pool() -> None:
     except Exception:   # built without jemalloc (some platforms): keep the default
         pass
 
+
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0            # nested gc_paused() calls in force, any thread
+_gc_resume = False        # whether the collector was on when the first of them began
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a phase that makes objects per entry.
+
+    A scan makes a ``DirEntry``, a ``stat_result`` and a row tuple per entry
+    and keeps up to 8,192 rows per folder: every 700 new objects the collector
+    runs, and every tenth of those traverses what survived, so the walk pays
+    for the size of the heap again and again. None of these objects form
+    cycles (reference counting frees them), so nothing is lost by waiting.
+    Scan of 1M files in one process: 9.9-10.8 s with the collector, 7.2-8.7 s
+    without (user CPU 7.1-7.5 against 4.7-5.9 s). Nestable and thread-safe:
+    the collector comes back when the last pause ends, if it was on before.
+    """
+    global _gc_pauses, _gc_resume
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_resume = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_resume:
+                gc.enable()
